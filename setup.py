@@ -1,0 +1,44 @@
+"""megasynth: Megatron-style LLM pretraining on real and synthetic data (PyTorch + Triton)."""
+
+import sys
+
+from setuptools import setup
+
+# Install torch yourself first when you want a particular build (the Makefile installs the CPU build):
+# with no torch present, pip resolves `torch>=2.6` to the default CUDA wheel.
+install_requires = [
+    "torch>=2.6",
+    "numpy>=1.24",
+    "sentencepiece>=0.2",
+    "tokenizers>=0.19",
+    "safetensors>=0.4",
+    "zstandard>=0.22",
+    "pyarrow>=14",
+    "tqdm>=4.66",
+    "matplotlib>=3.7",
+]
+if sys.platform.startswith("linux"):
+    install_requires.append("triton>=3.0")
+
+setup(
+    name="megasynth",
+    version="0.1.0",
+    description="Megatron-style LLM pretraining with synthetic data (EntiGraph, SBP)",
+    python_requires=">=3.10",
+    # `kernels/` is importable only as `megasynth.kernels`: a top-level package named `kernels` would
+    # shadow Hugging Face's `kernels` package, which transformers probes for.
+    packages=[
+        "megasynth",
+        "megasynth.data",
+        "megasynth.eval",
+        "megasynth.synth",
+        "megasynth.kernels",
+    ],
+    package_dir={"megasynth.kernels": "kernels"},
+    install_requires=install_requires,
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "tomli-w>=1.0"],
+        "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'"],
+        "wandb": ["wandb>=0.17"],
+    },
+)
