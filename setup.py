@@ -37,7 +37,14 @@ setup(
     package_dir={"megasynth.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "tomli-w>=1.0"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "transformers>=4.51",
+            "tomli-w>=1.0",
+            # Megatron-LM's own indexed-dataset reader and writer, to prove byte compatibility in tests.
+            "megatron-core>=0.12",
+        ],
         "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'"],
         "wandb": ["wandb>=0.17"],
     },

@@ -1,0 +1,23 @@
+"""SwiGLU activation: silu(gate) * up (the Llama MLP's elementwise part).
+
+`swiglu_ref` is the PyTorch reference; `swiglu` dispatches (see _dispatch.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate, up):
+        from ._swiglu_triton import swiglu_triton  # noqa: PLC0415
+
+        return swiglu_triton(gate, up)
+    return swiglu_ref(gate, up)
