@@ -16,6 +16,8 @@ install_requires = [
     "pyarrow>=14",
     "tqdm>=4.66",
     "matplotlib>=3.7",
+    "tomli-w>=1.0",
+    "tomli>=2.0; python_version < '3.11'",
 ]
 if sys.platform.startswith("linux"):
     install_requires.append("triton>=3.0")
@@ -41,7 +43,6 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "transformers>=4.51",
-            "tomli-w>=1.0",
             # Megatron-LM's own indexed-dataset reader and writer, to prove byte compatibility in tests.
             "megatron-core>=0.12",
         ],

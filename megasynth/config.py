@@ -1,0 +1,440 @@
+"""The run configuration: a tree of dataclasses, loaded from TOML, with dotted command-line overrides.
+
+    cfg = load_config("examples/configs/tiny.toml", ["--train.steps=100", "--optim.lr", "3e-4"])
+
+Every field carries a docstring (the string literal under it); `describe_config()` turns them into `--help`.
+Unknown keys and values of the wrong type are errors that name the key, so a typo never silently becomes a
+default. `save_config()` writes the resolved tree back as TOML into the run directory.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file, when there is one)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    """Rows of the embedding and of the output head; at least the tokenizer's vocabulary size."""
+    dim: int = 768
+    """Hidden size of the residual stream."""
+    n_layers: int = 12
+    """Number of transformer blocks."""
+    n_heads: int = 12
+    """Query heads per attention layer."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention); 0 means n_heads. Must divide n_heads."""
+    head_dim: int = 0
+    """Dimension of each head; 0 means dim // n_heads (Qwen3 sets it explicitly, e.g. 128)."""
+    ffn_dim: int = 0
+    """Hidden size of the SwiGLU MLP; 0 means Llama's rule: 8/3 * dim rounded up to a multiple of 256."""
+    norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm (block norms, final norm, QK-norm)."""
+    rope_theta: float = 500000.0
+    """RoPE base frequency (Llama 3 uses 500000, Qwen3 1000000)."""
+    qk_norm: bool = True
+    """RMSNorm over head_dim on q and k per head, after the projection and before RoPE (Qwen3)."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output head."""
+    max_seq_len: int = 4096
+    """Longest position the RoPE table covers (training sequence length or generation limit)."""
+    attention: Literal["sdpa", "triton"] = "sdpa"
+    """Attention implementation: PyTorch SDPA (reference) or the fused QK-norm+RoPE Triton kernel."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2*n_layers)."""
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    """Dataset prefix (PREFIX.bin / PREFIX.idx / PREFIX.json)."""
+    weight: float = 1.0
+    """Share of the training tokens drawn from this source (weights are normalised over all sources)."""
+    name: str = ""
+    """Short name for logs and tables; defaults to the prefix's file name."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    """Training sources with weights (TOML: [[data.sources]] tables with path and weight)."""
+    data_path: str = ""
+    """Alternative to `sources` in Megatron's syntax: "0.3 /data/a 0.7 /data/b" (or a single prefix)."""
+    valid_paths: list[str] = field(default_factory=list)
+    """Held-out prefixes evaluated every train.eval_every steps (loss and perplexity, one line each)."""
+    seq_len: int = 1024
+    """Tokens per training sequence (each sample reads seq_len + 1 tokens)."""
+    document_masking: bool = True
+    """Attend only within each document and restart positions at document starts (from the sample index)."""
+    cache_dir: str = ""
+    """Where sample indices are cached; empty means RUN_DIR/index_cache."""
+    max_repetition: float = 8.0
+    """Warn when a source would be repeated more than this many epochs over the run."""
+    allow_blend_change: bool = False
+    """Resume even if the blend's fingerprint differs from the checkpoint's (otherwise an error)."""
+    num_workers: int = 0
+    """Background processes for batch assembly (0 reads in the training process; memory-mapped reads are cheap)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel degree (mesh dim `tp`); the data-parallel degree is world_size // tp (mesh dim `dp`)."""
+    activation_checkpoint: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in the backward: none, selective (every other block), or full (every block)."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after each block's forward (ZeRO-3) instead of keeping them (ZeRO-2)."""
+    param_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """FSDP2 mixed precision: dtype of gathered parameters for compute (reductions are always fp32). CPU runs use float32."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Learning-rate schedule after warmup: cosine decay, warmup-stable-decay, or constant."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak learning rate."""
+    decay_fraction: float = 0.2
+    """WSD only: the last fraction of the steps over which the rate decays linearly to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not to norms)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to run."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step across all data-parallel ranks (= micro_batch_size x dp x accumulation)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank."""
+    seed: int = 1234
+    """Seeds weights, data order and dropout-free sampling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: cuda when available under auto."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Compute dtype on CUDA (autocast); CPU runs always use float32."""
+    run_dir: str = "runs/default"
+    """Directory for the resolved config, metrics.jsonl, checkpoints and caches."""
+    resume: str = "auto"
+    """'auto' resumes from the newest complete checkpoint in run_dir, 'none' starts fresh, or a checkpoint path."""
+    init_from: str = ""
+    """Initialise weights (only) from this checkpoint directory, e.g. to fine-tune a pretrained model."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints; 0 keeps all."""
+    eval_every: int = 200
+    """Evaluate held-out loss every N steps (and at step 0 and the end); 0 disables."""
+    eval_batches: int = 8
+    """Micro-batches per held-out evaluation."""
+    log_every: int = 10
+    """Print a metrics line every N steps."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each such step is skipped)."""
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False
+    """Also log to Weights & Biases."""
+    wandb_project: str = "megasynth"
+    """W&B project name."""
+    wandb_mode: Literal["online", "offline"] = "offline"
+    """W&B mode; offline writes under run_dir/wandb and needs no network (sync later with `wandb sync`)."""
+    wandb_run_name: str = ""
+    """W&B run name; empty uses the run directory's name."""
+    all_ranks: bool = False
+    """Log from every rank (prefixed with the rank) instead of rank 0 only."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder's architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / data parallelism and memory savers."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: steps, batch sizes, checkpoints, evaluation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging sinks."""
+
+
+# ----------------------------------------------------------------------------------------------- docstrings
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass: {field name: the string literal right under it}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(cfg: Config | None = None) -> str:
+    """Every key with its type, current value and docstring: the body of `--help`."""
+    cfg = cfg or Config()
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        lines.append(f"[{section.name}]")
+        docs = field_docs(type(sub))
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            lines.append(f"  --{section.name}.{f.name}={_format_value(value)}  ({_type_name(hints[f.name])})")
+            lines.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _format_value(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        return "{" + ", ".join(f"{k}={_format_value(v)}" for k, v in dataclasses.asdict(value).items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (converting int -> float, tables -> dataclasses)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config schema")  # pragma: no cover
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}; known keys here: {', '.join(known)}")
+
+
+def _build(cls: type, table: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in names:
+            raise _unknown_key(f"{prefix}.{key}" if prefix else key, names)
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in table.items()}
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists, quoted strings), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """["--a.b=1", "--c.d", "x"] -> {"a.b": 1, "c.d": "x"}; anything else is an error naming the argument."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, raw = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {arg!r} has no value: write --{body}=VALUE")
+        out[key] = _parse_value(raw)
+        i += 1
+    return out
+
+
+def _set_dotted(table: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = table
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_override_key(key: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override '{key}': expected section.key (e.g. train.steps)")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if parts[0] not in sections:
+        raise _unknown_key(parts[0], list(sections))
+    sub = typing.get_type_hints(Config)[parts[0]]
+    names = [f.name for f in dataclasses.fields(sub)]
+    if parts[1] not in names:
+        raise _unknown_key(key, names)
+
+
+# ----------------------------------------------------------------------------------------------- load / save
+
+
+def config_from_dict(table: dict, source: str = "") -> Config:
+    try:
+        cfg = _build(Config, table, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- the TOML file (if any) <- dotted overrides; validated."""
+    table: dict = {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for key, value in parse_overrides(overrides or []).items():
+        _check_override_key(key)
+        _set_dotted(table, key, value)
+    return config_from_dict(table, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as TOML, atomically."""
+    import tomli_w  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(tomli_w.dumps(config_to_dict(cfg)))
+    os.replace(tmp, path)
+
+
+def validate_config(cfg: Config) -> None:
+    """Cross-field checks that a type check cannot make; each error names the keys involved."""
+    m = cfg.model
+    kv = m.n_kv_heads or m.n_heads
+    checks = [
+        (m.dim > 0 and m.n_layers > 0 and m.n_heads > 0, "model.dim, model.n_layers and model.n_heads must be positive"),
+        (m.n_heads % kv == 0, f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}"),
+        (m.head_dim > 0 or m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim"),
+        ((m.head_dim or m.dim // m.n_heads) % 2 == 0, "the head dimension must be even (RoPE rotates pairs)"),
+        (m.vocab_size > 0, "model.vocab_size must be positive"),
+        (m.attention != "triton" or m.qk_norm, "model.attention='triton' fuses QK-norm into attention: it needs model.qk_norm=true"),
+        (cfg.data.seq_len <= m.max_seq_len, f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
+        (cfg.train.micro_batch_size > 0 and cfg.train.global_batch_size > 0, "train.micro_batch_size and train.global_batch_size must be positive"),
+        (cfg.train.steps >= 0, "train.steps must be >= 0"),
+        (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
+        (0.0 <= cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction must be within [0, 1]"),
+        (not (cfg.data.sources and cfg.data.data_path), "set data.sources or data.data_path, not both"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for i, s in enumerate(cfg.data.sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path is empty")
+        if s.weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight must be >= 0, got {s.weight}")

@@ -1,0 +1,94 @@
+"""Process-group setup for torchrun (or a single plain process): device, backend, and the named (dp, tp) mesh.
+
+    dist_info = init_distributed(tp=2)          # reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun
+    ...
+    destroy_distributed()
+
+NCCL on CUDA, gloo on CPU, chosen from the device. A single process without torchrun's variables gets a 1x1
+mesh and no process group at all, so plain `python -m megasynth.train` needs no launcher.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh | None  # named dims ("dp", "tp"); None for a single process
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int = 1, device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise the process group (when launched by torchrun) and the (dp, tp) device mesh."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world_size % tp != 0:
+        raise ValueError(f"parallel.tp={tp} does not divide the world size {world_size}")
+    if world_size == 1 and tp == 1:
+        return DistInfo(0, 1, 0, dev, None, 0, 1, 0, 1)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    mesh = init_device_mesh(dev.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    return DistInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=dev,
+        mesh=mesh,
+        dp_rank=mesh["dp"].get_local_rank(),
+        dp_size=mesh["dp"].size(),
+        tp_rank=mesh["tp"].get_local_rank(),
+        tp_size=tp,
+    )
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo, group: str | None = None) -> torch.Tensor:
+    """Sum a tensor over all ranks (or over one mesh dim); a no-op in a single process."""
+    if info.mesh is None:
+        return value
+    pg = info.mesh[group].get_group() if group else None
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=pg)
+    return value
