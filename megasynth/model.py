@@ -166,16 +166,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         # Parallel code replaces the fused loss with one that accepts sharded logits (vocab-parallel loss).
         self.fused_loss = True
 
     # ------------------------------------------------------------------------------------------- init
 
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when configured. `Module.to_empty()` allocates each
+        module's parameters separately and so unties them; `init_weights` calls this again."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Initialise every parameter (after construction on the meta device and `to_empty`)."""
+        self.tie_weights()
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
