@@ -1,0 +1,199 @@
+"""GPT pretraining samples over an indexed dataset: fixed windows of seq_len + 1 tokens, Megatron's semantics.
+
+The selected documents are laid end to end in a seeded, per-epoch shuffled order; sample j is the window
+[j * seq_len, j * seq_len + seq_len + 1) of that token stream (consecutive samples share one token, so every
+token is a label exactly once), crossing document boundaries freely; as many epochs are concatenated as
+num_samples needs; finally the order of samples is shuffled. Three index arrays describe this and are built
+with vectorized numpy (cumsum + searchsorted), then cached under cache_dir/<cache_key>.npz:
+
+    doc_order       int32[E * D]   selected document ids, epoch after epoch, each epoch its own permutation
+    sample_doc      int64[N]       position in doc_order where sample j starts
+    sample_offset   int32[N]       token offset inside that document
+    shuffle         int64[N]       sample i of the dataset is sample shuffle[i] of the stream
+
+Each item is {"tokens": int64[seq_len + 1], "doc_ids": int32[seq_len + 1]}; doc_ids numbers the documents
+inside the window from 0 (so the model can build per-document causal masks and reset positions).
+
+    ds = GPTDataset(IndexedDataset("data/x"), seq_len=2048, num_samples=10_000, seed=1234, cache_dir="cache")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from megasynth.data.indexed import IndexedDataset
+
+# Bump when the index construction changes, so caches built by older code are never reused.
+INDEX_FORMAT_VERSION = 1
+_ARRAYS = ("doc_order", "sample_doc", "sample_offset", "shuffle")
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    # One independent, reproducible generator per purpose (epoch e's document order, the sample shuffle),
+    # so changing the number of epochs never changes the permutation of an earlier epoch.
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *stream])))
+
+
+def compute_num_epochs(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
+    """The fewest passes whose tokens cover num_samples windows: E * tokens_per_epoch >= num_samples * seq_len + 1."""
+    if tokens_per_epoch <= 0:
+        raise ValueError("the selected documents hold no tokens: cannot build samples")
+    needed = num_samples * seq_len + 1
+    return -(-needed // tokens_per_epoch)
+
+
+def build_sample_index(doc_lengths: np.ndarray, documents: np.ndarray, *, seq_len: int, num_samples: int,
+                       seed: int) -> dict[str, np.ndarray]:
+    """Build the index arrays (see the module docstring) for documents with the given lengths.
+
+    doc_lengths[k] is the length of document documents[k]. Vectorized: memory and time are O(E * D + N).
+    """
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    num_epochs = compute_num_epochs(int(lengths.sum()), seq_len, num_samples)
+    perms = [_rng(seed, 0, e).permutation(documents.size) for e in range(num_epochs)]
+    doc_order = np.concatenate([documents[p] for p in perms])
+    order_lengths = np.concatenate([lengths[p] for p in perms])
+    del perms
+    ends = np.cumsum(order_lengths)  # stream position one past each document in doc_order
+    starts = np.arange(num_samples, dtype=np.int64) * seq_len
+    # The document holding stream position s is the first whose end exceeds s; side="right" also steps over
+    # empty documents, whose end equals their start.
+    sample_doc = np.searchsorted(ends, starts, side="right")
+    sample_offset = starts - (ends[sample_doc] - order_lengths[sample_doc])
+    shuffle = _rng(seed, 1).permutation(num_samples)
+    return {
+        "doc_order": doc_order.astype(np.int32),
+        "sample_doc": sample_doc.astype(np.int64),
+        "sample_offset": sample_offset.astype(np.int32),
+        "shuffle": shuffle.astype(np.int64),
+    }
+
+
+def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class GPTDataset:
+    """num_samples windows of seq_len + 1 tokens over `dataset` (or its `documents` subset), seeded and cached."""
+
+    def __init__(self, dataset: IndexedDataset, *, seq_len: int, num_samples: int, seed: int,
+                 cache_dir: str | os.PathLike | None = None, documents: np.ndarray | None = None, name: str = ""):
+        for field, value, low in (("seq_len", seq_len, 1), ("num_samples", num_samples, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"GPTDataset {name!r}: {field} must be an integer >= {low}, got {value!r}")
+        self.dataset = dataset
+        self.seq_len = int(seq_len)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.name = name
+        self.documents = self._check_documents(documents)
+        doc_lengths = dataset.sequence_lengths[self.documents]
+        self.tokens_per_epoch = int(doc_lengths.sum(dtype=np.int64))
+        if self.tokens_per_epoch == 0:
+            raise ValueError(f"GPTDataset {name!r}: the selected documents of {dataset.prefix} hold no tokens")
+        self.num_epochs = compute_num_epochs(self.tokens_per_epoch, self.seq_len, self.num_samples)
+        self.cache_key = self._cache_key(doc_lengths)
+        self.cache_path = Path(cache_dir) / f"{self.cache_key}.npz" if cache_dir is not None else None
+        index = self._load_cache() if self.cache_path is not None else None
+        self.loaded_from_cache = index is not None
+        if index is None:
+            index = build_sample_index(doc_lengths, self.documents, seq_len=self.seq_len,
+                                       num_samples=self.num_samples, seed=self.seed)
+            if self.cache_path is not None:
+                _atomic_save_npz(self.cache_path, {**index, "description": np.array(self._description())})
+        self.doc_order = index["doc_order"]
+        self.sample_doc = index["sample_doc"]
+        self.sample_offset = index["sample_offset"]
+        self.shuffle = index["shuffle"]
+        self._token_start = None  # token offset of each sequence in the .bin, computed on first read
+
+    def _check_documents(self, documents) -> np.ndarray:
+        n = len(self.dataset)
+        if documents is None:
+            return np.arange(n, dtype=np.int64)
+        docs = np.asarray(documents)
+        if docs.ndim != 1 or (docs.size and docs.dtype.kind not in "iu"):
+            raise ValueError(f"GPTDataset {self.name!r}: documents must be a 1-D integer array, got {docs.dtype} {docs.shape}")
+        docs = docs.astype(np.int64)
+        if docs.size and (docs.min() < 0 or docs.max() >= n):
+            raise ValueError(f"GPTDataset {self.name!r}: document ids must be in [0, {n}) for {self.dataset.prefix}")
+        return docs
+
+    def _description(self) -> str:
+        return json.dumps({"name": self.name, "prefix": os.fspath(self.dataset.prefix), "seq_len": self.seq_len,
+                           "num_samples": self.num_samples, "seed": self.seed, "num_epochs": self.num_epochs,
+                           "num_documents": int(self.documents.size), "index_format_version": INDEX_FORMAT_VERSION})
+
+    def _cache_key(self, doc_lengths: np.ndarray) -> str:
+        # Everything the index content depends on, and nothing else (no paths, no mtimes): a copied or renamed
+        # prefix reuses its cache, a changed document selection or length gets a new one.
+        h = hashlib.sha256()
+        h.update(f"megasynth-gpt-index:{INDEX_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:{self.seed}:".encode())
+        h.update(self.documents.astype("<i8").tobytes())
+        h.update(np.asarray(doc_lengths).astype("<i8").tobytes())
+        return h.hexdigest()[:32]
+
+    def _load_cache(self) -> dict[str, np.ndarray] | None:
+        if not self.cache_path.is_file():
+            return None
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as z:
+                index = {k: z[k] for k in _ARRAYS}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
+            warnings.warn(f"{self.cache_path}: unreadable sample-index cache ({e}); rebuilding it", stacklevel=3)
+            return None
+        n = self.num_samples
+        if not (index["shuffle"].shape == index["sample_doc"].shape == index["sample_offset"].shape == (n,)
+                and index["doc_order"].shape == (self.num_epochs * self.documents.size,)):
+            warnings.warn(f"{self.cache_path}: sample-index cache has wrong shapes; rebuilding it", stacklevel=3)
+            return None
+        return index
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i) -> dict:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for GPTDataset {self.name!r} of {self.num_samples} samples")
+        j = int(self.shuffle[i])
+        pos, offset = int(self.sample_doc[j]), int(self.sample_offset[j])
+        if self._token_start is None:
+            self._token_start = self.dataset.sequence_pointers // self.dataset.dtype.itemsize
+        data, lengths = self.dataset.tokens, self.dataset.sequence_lengths
+        tokens = np.empty(self.seq_len + 1, dtype=np.int64)
+        doc_ids = np.empty(self.seq_len + 1, dtype=np.int32)
+        filled, segment = 0, 0
+        while filled < tokens.size:
+            doc = int(self.doc_order[pos])
+            take = min(int(lengths[doc]) - offset, tokens.size - filled)
+            if take > 0:  # empty documents contribute nothing and open no segment
+                start = int(self._token_start[doc]) + offset
+                tokens[filled : filled + take] = data[start : start + take]
+                doc_ids[filled : filled + take] = segment
+                filled += take
+                segment += 1
+            pos, offset = pos + 1, 0
+        return {"tokens": tokens, "doc_ids": doc_ids}
+
+    def __repr__(self) -> str:
+        return (f"GPTDataset({self.name!r}: {self.num_samples} x {self.seq_len + 1} tokens over "
+                f"{self.documents.size} documents of {self.dataset.prefix}, {self.num_epochs} epochs)")

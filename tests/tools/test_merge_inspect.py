@@ -1,0 +1,117 @@
+"""tools/merge_datasets.py and tools/inspect_dataset.py, run as a user runs them (subprocesses)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_tool(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def write(prefix, docs, dtype=np.uint16, metadata=None):
+    with IndexedDatasetWriter(prefix, dtype, metadata=metadata) as w:
+        w.add_documents([np.asarray(d) for d in docs])
+    return str(prefix)
+
+
+@pytest.mark.parametrize("tool, flags", [
+    ("merge_datasets.py", ["--inputs", "--input-dir", "--output", "--quiet"]),
+    ("inspect_dataset.py", ["--doc", "--tokenizer", "--max-tokens"]),
+])
+def test_help_lists_every_flag(tool, flags):
+    proc = run_tool(tool, "--help")
+    assert proc.returncode == 0
+    for flag in flags:
+        assert flag in proc.stdout
+
+
+def test_merge_inputs_and_input_dir(tmp_path):
+    shards = tmp_path / "shards"
+    meta = {"tokenizer": {"sha256": "t1"}, "vocab_size": 500}
+    # Named so that sorted order (a, b, c) differs from creation order.
+    write(shards / "b", [[4, 5], [6]], metadata=meta)
+    write(shards / "a", [[1, 2, 3]], metadata=meta)
+    write(shards / "c", [[], [7, 8, 9, 10]], metadata=meta)
+
+    proc = run_tool("merge_datasets.py", "--input-dir", shards, "--output", tmp_path / "all", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 3 prefixes" in proc.stdout and "5 documents, 10 tokens" in proc.stdout
+    merged = IndexedDataset(tmp_path / "all")
+    assert [merged[i].tolist() for i in range(len(merged))] == [[1, 2, 3], [4, 5], [6], [], [7, 8, 9, 10]]
+    assert [Path(e["prefix"]).name for e in merged.metadata["inputs"]] == ["a", "b", "c"]
+
+    proc = run_tool("merge_datasets.py", "--inputs", shards / "c", shards / "a", "--output", tmp_path / "ca")
+    assert proc.returncode == 0, proc.stderr
+    ca = IndexedDataset(tmp_path / "ca")
+    assert [ca[i].tolist() for i in range(len(ca))] == [[], [7, 8, 9, 10], [1, 2, 3]]
+
+    # Re-running with the output inside the input dir does not merge the output into itself.
+    proc = run_tool("merge_datasets.py", "--input-dir", shards, "--output", shards / "all", "--quiet")
+    assert proc.returncode == 0 and len(IndexedDataset(shards / "all")) == 5
+
+
+def test_merge_bad_inputs_exit_2(tmp_path):
+    a = write(tmp_path / "a", [[1]], metadata={"tokenizer": {"sha256": "t1"}})
+    b = write(tmp_path / "b", [[2]], metadata={"tokenizer": {"sha256": "t2"}})
+    proc = run_tool("merge_datasets.py", "--inputs", a, b, "--output", tmp_path / "o")
+    assert proc.returncode == 2 and "b.json: tokenizer hash 't2' differs" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_tool("merge_datasets.py", "--inputs", a, tmp_path / "missing", "--output", tmp_path / "o")
+    assert proc.returncode == 2 and "missing.idx: no such file" in proc.stderr
+    proc = run_tool("merge_datasets.py", "--input-dir", tmp_path / "nodir", "--output", tmp_path / "o")
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+    assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob(".o*"))
+
+
+def test_inspect_prints_header_sidecar_lengths_and_docs(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, size=n) for n in (1, 3, 3, 900, 40, 0)]
+    prefix = write(tmp_path / "x", docs, metadata={"vocab_size": 1000, "created_by": "test"})
+    proc = run_tool("inspect_dataset.py", prefix, "--doc", 1, "--doc", -3, "--max-tokens", 5)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "version:     1" in out and "dtype:       uint16 (code 8)" in out
+    assert "sequences:   6" in out and f"tokens:      {sum(d.size for d in docs):,}" in out
+    assert '"created_by": "test"' in out and '"vocab_size": 1000' in out
+    # lengths 0, 1, 3, 3, 40, 900: median (3 + 3) / 2, mean 947 / 6
+    assert "min 0  mean 157.8  median 3.0" in out and "max 900" in out
+    assert "[2, 4)" in out and "[512, 1,024)" in out
+    assert f"ids: {docs[1].tolist()}" in out
+    assert f"ids: {docs[3][:5].tolist()} ... (895 more)" in out
+    assert "ids only" in out  # no tokenizer recorded: a note, not a failure
+
+
+def test_inspect_megatron_style_prefix_without_sidecar(tmp_path):
+    prefix = write(tmp_path / "m", [[1, 2]])
+    os.remove(f"{prefix}.json")
+    proc = run_tool("inspect_dataset.py", prefix, "--doc", 0, "--tokenizer", tmp_path / "none.model")
+    assert proc.returncode == 0, proc.stderr
+    assert "sidecar: none" in proc.stdout and "ids: [1, 2]" in proc.stdout and "not found: ids only" in proc.stdout
+
+
+def test_inspect_bad_input_exit_2(tmp_path):
+    proc = run_tool("inspect_dataset.py", tmp_path / "missing")
+    assert proc.returncode == 2 and "missing.idx: no such file" in proc.stderr
+    prefix = write(tmp_path / "x", [[1, 2, 3]])
+    proc = run_tool("inspect_dataset.py", prefix, "--doc", 1)
+    assert proc.returncode == 2 and "--doc 1 out of range (1 documents)" in proc.stderr
+    good_sidecar = open(f"{prefix}.json").read()
+    open(f"{prefix}.json", "w").write('{\n  "format": "megasynth-indexed",\n  "num_tokens": 3,,\n}')
+    proc = run_tool("inspect_dataset.py", prefix)
+    assert proc.returncode == 2 and "x.json:3: invalid JSON" in proc.stderr  # FILE:LINE of the stray comma
+    open(f"{prefix}.json", "w").write(good_sidecar)
+    os.truncate(f"{prefix}.idx", 40)
+    proc = run_tool("inspect_dataset.py", prefix)
+    # one sequence: 34 header + 4 length + 8 pointer + 2 * 8 document indices = 62 bytes
+    assert proc.returncode == 2 and "x.idx: truncated: expected 62 bytes, found 40" in proc.stderr
+    assert "Traceback" not in proc.stderr
