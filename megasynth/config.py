@@ -123,7 +123,7 @@ class OptimConfig:
     decay_fraction: float = 0.2
     """WSD only: the last fraction of the steps over which the rate decays linearly to min_lr."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay, applied to matrices only (not to norms)."""
+    """AdamW decoupled weight decay, applied to parameters with 2+ dimensions (projections and the embedding), never to norms."""
     beta1: float = 0.9
     """AdamW first-moment decay."""
     beta2: float = 0.95
@@ -426,6 +426,10 @@ def validate_config(cfg: Config) -> None:
         (cfg.data.seq_len <= m.max_seq_len, f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
         (cfg.train.micro_batch_size > 0 and cfg.train.global_batch_size > 0, "train.micro_batch_size and train.global_batch_size must be positive"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),
+        (cfg.train.log_every >= 0 and cfg.train.eval_every >= 0 and cfg.train.checkpoint_every >= 0,
+         "train.log_every, train.eval_every and train.checkpoint_every must be >= 0"),
+        (cfg.train.eval_batches >= 1, "train.eval_batches must be >= 1"),
+        (cfg.train.keep_last >= 0, "train.keep_last must be >= 0"),
         (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
         (0.0 <= cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction must be within [0, 1]"),
         (not (cfg.data.sources and cfg.data.data_path), "set data.sources or data.data_path, not both"),

@@ -93,6 +93,8 @@ def test_file_errors_name_the_file_and_key(tmp_path):
         (["--model.attention=triton", "--model.qk_norm=false"], "needs model.qk_norm=true"),
         (["--data.seq_len=9000", "--model.max_seq_len=4096"], "data.seq_len=9000 exceeds model.max_seq_len=4096"),
         (["--data.data_path=a", '--data.sources=[{path="b", weight=1.0}]'], "not both"),
+        (["--train.eval_batches=0"], "train.eval_batches must be >= 1"),
+        (["--train.log_every=-1"], "must be >= 0"),
     ],
 )
 def test_cross_field_validation(args, fragment):
