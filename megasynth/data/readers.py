@@ -1,0 +1,576 @@
+"""Read text documents from JSONL, Parquet and plain-text files: the input side of the preprocessing tools.
+
+    reader = InputReader(["corpus/*.jsonl.zst"], ReaderOptions(json_key="text"))
+    for text, location in reader:             # location: "corpus/a.jsonl.zst:17" (or "FILE:row 3" for Parquet)
+        ...
+    reader.stats, reader.sources              # counts, and [{"path", "bytes", "sha256"}] of the files read
+
+Inputs: JSONL (`.jsonl`, `.json`, `.ndjson`, each optionally `.gz` or `.zst`) with the text under
+`json_key`; Parquet (`.parquet`) with the text in `text_column`, read one row batch at a time; plain text
+(`.txt`, `.text`, `.md`, `.rst`, optionally compressed) as one document per file, per line, or per
+blank-line-separated paragraph (`text_mode`). An input is a file, a directory (searched recursively for
+those suffixes, hidden files skipped), or a glob.
+
+Reading is split in two so the preprocessor can parallelise it: `InputReader.chunks()` streams raw chunks
+of up to `batch_size` records (cheap: no decoding, no JSON) in the main process, and `parse_chunk()` turns
+one chunk into texts anywhere (a worker process). Iterating the reader does both in-process. Files are
+hashed while they are read (Parquet, which is read by seeking, gets a second sequential pass).
+
+Bad input (invalid JSON, a missing key, a value that is not a string, bytes that are not UTF-8) raises
+`BadInputError`, whose message is `FILE:LINE: what is wrong`; with `skip_bad=True` such records are
+counted and skipped instead. Documents with no non-whitespace character are skipped and counted, not errors.
+Line numbers are 1-based; Parquet rows are numbered from 0, as Parquet tools do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("jsonl", "parquet", "text")
+TEXT_MODES = ("file", "line", "paragraph")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                  ".txt": "text", ".text": "text", ".md": "text", ".rst": "text"}
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_KNOWN = "JSONL (.jsonl/.json/.ndjson), Parquet (.parquet) or text (.txt/.text/.md/.rst), optionally .gz/.zst"
+_READ_BLOCK = 1 << 20
+
+
+class BadInputError(ValueError):
+    """A record (or a whole file) that cannot be read as a document: `FILE:LINE: what is wrong`."""
+
+    def __init__(self, location: str, problem: str):
+        super().__init__(location, problem)  # both in args, so the error pickles across processes
+        self.location = location
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.problem}"
+
+
+class InputError(ValueError):
+    """An input path that names nothing readable (missing, no match, unknown format)."""
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    json_key: str = "text"  # JSONL: the key holding each document's text
+    text_column: str = "text"  # Parquet: the column holding each document's text
+    text_mode: str = "file"  # plain text: one document per file, per line, or per blank-line-separated paragraph
+    input_format: str = "auto"  # "auto" (from the suffix) or one of FORMATS for every input
+    skip_bad: bool = False  # count and skip bad records instead of raising BadInputError
+    batch_size: int = 1024  # records per chunk (lines, rows; at least this many lines in paragraph mode)
+    max_bad_shown: int = 5  # how many bad locations ReadStats keeps for the report
+
+    def __post_init__(self):
+        if self.text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+        if self.input_format != "auto" and self.input_format not in FORMATS:
+            raise ValueError(f"input_format must be 'auto' or one of {FORMATS}, got {self.input_format!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    format: str  # one of FORMATS
+    compression: str | None  # "gzip", "zstd" or None
+    size: int  # bytes on disk
+
+
+@dataclass
+class Chunk:
+    """Raw records of one file, as read by the main process; parse_chunk() turns them into texts."""
+
+    file: str
+    kind: str  # "jsonl", "line", "paragraph", "file" or "rows"
+    first: int  # line number of the first record (1-based), or its row number for "rows" (0-based)
+    payload: object  # bytes of whole lines; for "rows" a pyarrow string array
+    done_bytes: int  # input bytes (as stored on disk) consumed over all files once this chunk was read
+
+
+@dataclass
+class Parsed:
+    """The documents of one chunk and what was skipped; `positions` are lines (or rows) in `file`."""
+
+    file: str
+    kind: str
+    texts: list[str]
+    positions: list[int]
+    empty: int
+    bad: list[BadInputError]
+    done_bytes: int
+
+    def locations(self) -> list[str]:
+        return [_location(self.file, self.kind, p) for p in self.positions]
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0
+    skipped_empty: int = 0
+    skipped_bad: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # messages of the first few bad records
+    max_examples: int = 5
+
+    def record(self, parsed: Parsed) -> None:
+        self.documents += len(parsed.positions)  # positions, not texts: a worker may drop the texts once encoded
+        self.skipped_empty += parsed.empty
+        self.skipped_bad += len(parsed.bad)
+        room = self.max_examples - len(self.bad_examples)
+        self.bad_examples.extend(str(e) for e in parsed.bad[: max(room, 0)])
+
+
+def _location(file: str, kind: str, position: int) -> str:
+    return f"{file}:row {position}" if kind == "rows" else f"{file}:{position}"
+
+
+# -- finding the input files ------------------------------------------------------------------------------------
+def detect_format(path: Path, input_format: str = "auto") -> tuple[str, str | None] | None:
+    """(format, compression) of a file from its suffixes, or None when the suffix names no format we read."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = _COMPRESSION.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    if input_format != "auto":
+        fmt = input_format
+    else:
+        fmt = _SUFFIX_FORMAT.get(suffixes[-1]) if suffixes else None
+        if fmt is None:
+            return None
+    if fmt == "parquet" and compression:
+        return None  # Parquet compresses inside the file; a compressed .parquet cannot be read by seeking
+    return fmt, compression
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike], input_format: str = "auto") -> list[InputFile]:
+    """The files named by paths, directories and globs, in the order given (a directory's and a glob's sorted)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for spec in inputs:
+        spec = os.fspath(spec)
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path)
+                           and detect_format(p, input_format) is not None)
+            if not files:
+                raise InputError(f"{spec}: directory holds no input files ({_KNOWN})")
+            found.extend(files)
+        elif path.is_file():
+            if detect_format(path, input_format) is None:
+                raise InputError(f"{spec}: unknown input format: expected {_KNOWN}, or pass --input-format")
+            found.append(path)
+        elif any(c in spec for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            files = [p for p in matches if p.is_file() and detect_format(p, input_format) is not None]
+            for d in (p for p in matches if p.is_dir()):
+                files.extend(sorted(p for p in d.rglob("*") if p.is_file() and not _is_hidden(p, d)
+                                    and detect_format(p, input_format) is not None))
+            if not files:
+                raise InputError(f"{spec}: no input file matches this pattern ({_KNOWN})")
+            found.extend(files)
+        else:
+            raise InputError(f"{spec}: no such file or directory")
+    unique: dict[Path, Path] = {}
+    for p in found:  # a file named twice (a glob and its directory) is read once
+        unique.setdefault(p.resolve(), p)
+    out = []
+    for p in unique.values():
+        fmt, compression = detect_format(p, input_format)
+        out.append(InputFile(p, fmt, compression, p.stat().st_size))
+    return out
+
+
+# -- streaming bytes, hashed as they are read ----------------------------------------------------------------------
+class _HashingRaw(io.RawIOBase):
+    """A raw file that feeds every byte it reads to sha256 and counts them."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        if n:
+            self.sha256.update(memoryview(b)[:n])
+            self.count += n
+        return n
+
+    def drain(self) -> None:
+        """Hash what the decompressor left unread (padding after the last frame), so the hash is the file's."""
+        while block := self._f.read(_READ_BLOCK):
+            self.sha256.update(block)
+            self.count += len(block)
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Zstandard frames, one after another, that raises on a truncated frame (zstandard's stream_reader
+    returns the truncated data silently)."""
+
+    def __init__(self, raw):
+        import zstandard  # noqa: PLC0415
+
+        self._zstd = zstandard
+        self._raw = raw
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False
+        self._out = memoryview(b"")  # decompressed bytes not yet handed out (a view: no copy per read)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._out):
+            data = self._raw.read(_READ_BLOCK)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
+                return 0
+            parts = []
+            while data:
+                self._in_frame = True
+                try:
+                    parts.append(self._d.decompress(data))
+                except self._zstd.ZstdError as e:
+                    raise ValueError(f"corrupt zstd data ({e})") from e
+                if not self._d.eof:
+                    break
+                data, self._in_frame = self._d.unused_data, False  # the next frame starts in the same block
+                self._d = self._zstd.ZstdDecompressor().decompressobj()
+            self._out = memoryview(b"".join(parts))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
+def _open_stream(file: InputFile) -> tuple[_HashingRaw, io.BufferedIOBase]:
+    try:
+        f = open(file.path, "rb", buffering=0)
+    except OSError as e:
+        raise InputError(f"{file.path}: cannot read ({e.strerror})") from e
+    raw = _HashingRaw(f)
+    if file.compression == "gzip":
+        stream = gzip.GzipFile(fileobj=io.BufferedReader(raw, _READ_BLOCK), mode="rb")
+    elif file.compression == "zstd":
+        stream = io.BufferedReader(_ZstdRaw(raw), _READ_BLOCK)
+    else:
+        stream = io.BufferedReader(raw, _READ_BLOCK)
+    return raw, stream
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- the reader ------------------------------------------------------------------------------------------------
+class InputReader:
+    """Documents from input files: iterate for `(text, location)`, or use chunks() + parse_chunk() + record()."""
+
+    def __init__(self, inputs: Sequence[str | os.PathLike], options: ReaderOptions | None = None):
+        self.options = options or ReaderOptions()
+        self.files = expand_inputs(inputs, self.options.input_format)
+        self.total_bytes = sum(f.size for f in self.files)
+        self.stats = ReadStats(max_examples=self.options.max_bad_shown)
+        self.sources: list[dict] = []  # one entry per file fully read: {"path", "bytes", "sha256"}
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for chunk in self.chunks():
+            parsed = parse_chunk(chunk, self.options)
+            self.record(parsed)
+            yield from zip(parsed.texts, parsed.locations())
+
+    def record(self, parsed: Parsed) -> None:
+        """Count a parsed chunk's documents and skips (the caller parses; see chunks())."""
+        self.stats.record(parsed)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Raw chunks of every file in order; a file's entry joins `sources` once its last chunk is out."""
+        done = 0
+        for file in self.files:
+            if file.format == "parquet":
+                yield from self._parquet_chunks(file, done)
+                sha = _sha256_file(file.path)
+            else:
+                raw, stream = _open_stream(file)
+                try:
+                    yield from self._line_chunks(file, raw, stream, done)
+                    raw.drain()
+                finally:
+                    stream.close()
+                sha = raw.sha256.hexdigest()
+            done += file.size
+            self.sources.append({"path": str(file.path.resolve()), "bytes": file.size, "sha256": sha})
+
+    def _line_chunks(self, file: InputFile, raw: _HashingRaw, stream, done: int) -> Iterator[Chunk]:
+        name = str(file.path)
+        kind = "jsonl" if file.format == "jsonl" else self.options.text_mode
+        line = 1
+        n = self.options.batch_size
+        try:
+            if kind == "file":
+                data = stream.read()
+                yield Chunk(name, kind, 1, data, done + raw.count)
+                return
+            while True:
+                lines = list(itertools.islice(stream, n))
+                if kind == "paragraph" and len(lines) == n:
+                    # End the chunk after a blank line so that no paragraph is split across two chunks.
+                    while lines[-1].strip():
+                        nxt = stream.readline()
+                        if not nxt:
+                            break
+                        lines.append(nxt)
+                if not lines:
+                    return
+                yield Chunk(name, kind, line, b"".join(lines), done + min(raw.count, file.size))
+                line += len(lines)
+        except (EOFError, OSError, zlib.error, ValueError) as e:  # gzip.BadGzipFile is an OSError
+            # The failing read was somewhere in the chunk that starts at `line`.
+            what = f"corrupt or truncated {file.compression} data" if file.compression else "read error"
+            raise BadInputError(f"{name}:{line}", f"{what} at or after this line ({e})") from e
+
+    def _parquet_chunks(self, file: InputFile, done: int) -> Iterator[Chunk]:
+        import pyarrow as pa  # noqa: PLC0415
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        name = str(file.path)
+        column = self.options.text_column
+        try:
+            pf = pq.ParquetFile(file.path)
+        except (pa.ArrowException, OSError) as e:
+            raise BadInputError(name, f"not a readable Parquet file ({e})") from e
+        schema = pf.schema_arrow
+        if column not in schema.names:
+            raise BadInputError(name, f"no column {column!r} (columns: {', '.join(schema.names)}); see --text-column")
+        col_type = schema.field(column).type
+        if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+            raise BadInputError(name, f"column {column!r} has type {col_type}, expected string")
+        total = max(pf.metadata.num_rows, 1)
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=self.options.batch_size, columns=[column]):
+                array = batch.column(0)
+                # Parquet is read by row group, not by byte offset: progress is the share of rows read.
+                yield Chunk(name, "rows", row, array, done + file.size * (row + len(array)) // total)
+                row += len(array)
+        except (pa.ArrowException, OSError) as e:
+            raise BadInputError(f"{name}:row {row}", f"cannot read Parquet data ({e})") from e
+
+
+# -- parsing a chunk ------------------------------------------------------------------------------------------------
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+class _Collector:
+    """Texts and skips of one chunk; a bad record raises at once unless skipping."""
+
+    def __init__(self, chunk: Chunk, skip_bad: bool):
+        self.chunk = chunk
+        self.skip_bad = skip_bad
+        self.texts: list[str] = []
+        self.positions: list[int] = []
+        self.empty = 0
+        self.bad: list[BadInputError] = []
+
+    def add(self, text: str, position: int) -> None:
+        if not text or text.isspace():
+            self.empty += 1
+        else:
+            self.texts.append(text)
+            self.positions.append(position)
+
+    def fail(self, position: int, problem: str) -> None:
+        err = BadInputError(_location(self.chunk.file, self.chunk.kind, position), problem)
+        if not self.skip_bad:
+            raise err
+        self.bad.append(err)
+
+    def parsed(self) -> Parsed:
+        c = self.chunk
+        return Parsed(c.file, c.kind, self.texts, self.positions, self.empty, self.bad, c.done_bytes)
+
+
+def _decoded_lines(chunk: Chunk, out: _Collector) -> Iterator[tuple[int, str | None]]:
+    """(line number, text without its newline) of each line; a line that is not UTF-8 goes to out.fail() and
+    comes out as None (so that paragraph mode can drop the paragraph it belongs to)."""
+    data: bytes = chunk.payload
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    try:
+        lines = data.decode("utf-8").split("\n")  # fast path: the whole chunk at once
+        pairs = enumerate(lines, chunk.first)
+    except UnicodeDecodeError:
+        pairs = _decode_each(data.split(b"\n"), chunk.first, out)
+    for number, line in pairs:
+        if number == 1 and line and line.startswith("\ufeff"):
+            line = line[1:]  # a byte-order mark opens some UTF-8 files; it is not text
+        yield number, line
+
+
+def _decode_each(raw_lines: list[bytes], first: int, out: _Collector) -> Iterator[tuple[int, str | None]]:
+    for number, raw in enumerate(raw_lines, first):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.fail(number, f"invalid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}")
+            text = None
+        yield number, text
+
+
+def _parse_jsonl(chunk: Chunk, key: str, out: _Collector) -> None:
+    loads = json.loads
+    for number, line in _decoded_lines(chunk, out):
+        if line is None:
+            continue
+        if not line or line.isspace():
+            out.empty += 1
+            continue
+        try:
+            obj = loads(line)
+        except json.JSONDecodeError as e:
+            out.fail(number, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        if type(obj) is not dict:
+            out.fail(number, f"expected a JSON object, got {_json_type(obj)}")
+            continue
+        try:
+            text = obj[key]
+        except KeyError:
+            keys = ", ".join(map(repr, list(obj)[:10])) or "none"
+            out.fail(number, f"no key {key!r} (keys: {keys}); see --json-key")
+            continue
+        if type(text) is not str:
+            out.fail(number, f"{key!r} is {_json_type(text)}, expected a string")
+            continue
+        if "\\ud" in line or "\\uD" in line:  # JSON escapes can spell lone surrogates, which are not text
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                out.fail(number, f"{key!r} holds a lone surrogate escape (\\u{ord(text[e.start]):04x}), not text")
+                continue
+        out.add(text, number)
+
+
+def _parse_paragraphs(chunk: Chunk, out: _Collector) -> None:
+    start, para, poisoned = 0, [], False
+    for number, line in _decoded_lines(chunk, out):
+        if line is None or line.strip():
+            if not para and not poisoned:
+                start = number
+            if line is None:
+                poisoned = True  # a paragraph with an unreadable line is skipped whole (counted at that line)
+            else:
+                para.append(line.removesuffix("\r"))
+            continue
+        if para and not poisoned:
+            out.add("\n".join(para), start)
+        para, poisoned = [], False
+    if para and not poisoned:
+        out.add("\n".join(para), start)
+
+
+def _parse_file(chunk: Chunk, out: _Collector) -> None:
+    data: bytes = chunk.payload
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        out.fail(line, f"invalid UTF-8: byte 0x{data[e.start]:02x} at column {column}")
+        return
+    out.add(text.removeprefix("\ufeff"), 1)
+
+
+def _parse_rows(chunk: Chunk, out: _Collector) -> None:
+    array = chunk.payload
+    try:
+        values = array.to_pylist()
+    except UnicodeDecodeError:  # Arrow does not validate UTF-8 on read; find the bad rows one by one
+        values = []
+        for i in range(len(array)):
+            try:
+                values.append(array[i].as_py())
+            except UnicodeDecodeError:
+                values.append(UnicodeDecodeError)
+    for row, value in enumerate(values, chunk.first):
+        if value is None:
+            out.fail(row, "null value, expected a string")
+        elif value is UnicodeDecodeError:
+            out.fail(row, "invalid UTF-8 in the string")
+        else:
+            out.add(value, row)
+
+
+def parse_chunk(chunk: Chunk, options: ReaderOptions) -> Parsed:
+    """Texts of a chunk's records; raises BadInputError on the first bad one unless options.skip_bad."""
+    out = _Collector(chunk, options.skip_bad)
+    if chunk.kind == "jsonl":
+        _parse_jsonl(chunk, options.json_key, out)
+    elif chunk.kind == "line":
+        for number, line in _decoded_lines(chunk, out):
+            if line is not None:
+                out.add(line.removesuffix("\r"), number)
+    elif chunk.kind == "paragraph":
+        _parse_paragraphs(chunk, out)
+    elif chunk.kind == "file":
+        _parse_file(chunk, out)
+    elif chunk.kind == "rows":
+        _parse_rows(chunk, out)
+    else:
+        raise ValueError(f"unknown chunk kind {chunk.kind!r}")
+    return out.parsed()
+
+
+# -- the command-line flags both tools share -----------------------------------------------------------------------
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input flags of tools/preprocess_data.py and tools/train_tokenizer.py."""
+    g = parser.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=f"input files, directories (searched recursively) or quoted globs; {_KNOWN}")
+    g.add_argument("--input-format", choices=("auto", *FORMATS), default="auto",
+                   help="read every input as this format instead of guessing from the suffix (default auto)")
+    g.add_argument("--json-key", default="text", help="JSONL: the key holding each document's text (default text)")
+    g.add_argument("--text-column", default="text", help="Parquet: the column holding the text (default text)")
+    g.add_argument("--text-mode", choices=TEXT_MODES, default="file",
+                   help="plain text: one document per file, per line, or per blank-line-separated paragraph "
+                        "(default file)")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count records that cannot be read (invalid JSON or UTF-8, missing key, "
+                        "non-string value) instead of stopping at the first one")
+    g.add_argument("--max-bad-lines-shown", type=int, default=5, metavar="N",
+                   help="with --skip-bad-lines, how many bad locations the final report lists (default 5)")
+
+
+def reader_options_from_args(args: argparse.Namespace, *, batch_size: int = 1024) -> ReaderOptions:
+    return ReaderOptions(json_key=args.json_key, text_column=args.text_column, text_mode=args.text_mode,
+                         input_format=args.input_format, skip_bad=args.skip_bad_lines, batch_size=batch_size,
+                         max_bad_shown=args.max_bad_lines_shown)
