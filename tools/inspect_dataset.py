@@ -17,15 +17,9 @@ import os
 import struct
 import sys
 
-from megasynth.data.indexed import (
-    DTYPE_CODES,
-    HEADER_SIZE,
-    IndexedDataset,
-    IndexedDatasetError,
-    idx_path,
-    length_histogram,
-    length_summary,
-)
+from megasynth.data.indexed import DTYPE_CODES, HEADER_SIZE, IndexedDataset, IndexedDatasetError, idx_path
+from megasynth.data.merge import length_histogram, length_summary
+from megasynth.tokenizer import load_tokenizer
 
 
 def load_decoder(path: str | None, prefix: str):
@@ -38,10 +32,6 @@ def load_decoder(path: str | None, prefix: str):
     found = next((p for p in candidates if os.path.exists(p)), None)
     if found is None:
         return None, f"tokenizer {path} not found: ids only"
-    try:
-        from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415 - optional at this point of the project
-    except ImportError as e:
-        return None, f"megasynth.tokenizer unavailable ({e}): ids only"
     try:
         return load_tokenizer(found), f"decoded with {found}"
     except Exception as e:  # any failure to load must still let the ids print

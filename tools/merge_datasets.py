@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from megasynth.data.indexed import IndexedDatasetError, bin_path, idx_path, merge_datasets, prefix_exists
+from megasynth.data.indexed import IndexedDatasetError, bin_path, idx_path, prefix_exists
+from megasynth.data.merge import merge_datasets
 
 
 def prefixes_in_dir(directory: str | os.PathLike) -> list[str]:

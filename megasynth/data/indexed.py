@@ -13,7 +13,10 @@ that are renamed into place last, so an interrupted write never leaves a prefix 
 
     with IndexedDatasetWriter("data/x", smallest_token_dtype(vocab_size), metadata={...}) as w:
         w.add_document([1, 2, 3])
+        w.add_flat(np.array([4, 5, 6]), np.array([2, 0, 1]))  # three documents [4, 5], [], [6] in one call
     ds = IndexedDataset("data/x"); ds[0]  # -> array([1, 2, 3], dtype=uint16), a view into the memory map
+
+Merging prefixes and length statistics live in megasynth/data/merge.py.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 # writer's and the validator's memory whatever the number of documents.
 _CHUNK = 1 << 20
 _BIN_BUFFER = 8 << 20
-_MERGE_TOKENS = 16 << 20
 
 
 class IndexedDatasetError(ValueError):
@@ -102,7 +104,8 @@ def _token_dtype(dtype) -> np.dtype:
 
 
 class IndexedDatasetWriter:
-    """Streams documents into PREFIX.bin/.idx/.json; one `add_document` call is one document (one sequence).
+    """Streams documents into PREFIX.bin/.idx/.json, one sequence per document: `add_document` appends one,
+    `add_documents` a list of arrays, `add_flat` a flat token array with per-document lengths.
 
     A context manager: leaving the block normally finalizes, leaving it by an exception aborts (removes every
     temp file and leaves any existing prefix untouched).
@@ -143,9 +146,12 @@ class IndexedDatasetWriter:
     # -- adding documents ---------------------------------------------------------------------------------------
     def add_document(self, tokens) -> None:
         """Append one document of token ids (a 1-D int array-like; may be empty)."""
-        arr = self._checked(tokens, what="document")
-        self._write_tokens(arr)
-        self._append_lengths(np.array([arr.size], dtype=np.int64))
+        self._require_open()
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"document must be a 1-D array of token ids, got shape {arr.shape}")
+        lengths = self._checked_lengths(np.array([arr.size], dtype=np.int64), what="document")
+        self._write(self._checked(arr, what="document"), lengths)
 
     def add_documents(self, docs: Sequence) -> None:
         """Append several documents at once: one range check and one write for the whole batch."""
@@ -156,15 +162,50 @@ class IndexedDatasetWriter:
         for i, a in enumerate(arrays):
             if a.ndim != 1:
                 raise ValueError(f"document {i} of the batch must be 1-D, got shape {a.shape}")
-        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        lengths = self._checked_lengths(np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays)))
         nonempty = [a for a in arrays if a.size]
         flat = np.concatenate(nonempty) if nonempty else np.empty(0, dtype=self.dtype)
-        flat = self._checked(flat, what="batch", lengths=lengths)
-        self._write_tokens(flat)
-        self._append_lengths(lengths)
+        self._write(self._checked(flat, what="batch", lengths=lengths), lengths)
+
+    def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append len(lengths) documents given as one flat array: document i is the next lengths[i] ids.
+
+        The same bytes as add_document on each slice, with array-wide checks and one write instead of Python
+        work per document (the preprocessor's path: its tokenizer already returns (tokens, lengths)). Memory
+        stays bounded as for add_document: lengths are copied into the writer's fixed-size chunk buffer.
+        Every check runs before anything is written, so a rejected batch leaves the writer as it was.
+        """
+        self._require_open()
+        ln = self._checked_lengths(lengths)
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D array of token ids, got shape {arr.shape}")
+        total = int(ln.sum())
+        if total != arr.size:
+            raise ValueError(f"lengths sum to {total} tokens but the flat tokens array holds {arr.size}")
+        self._write(self._checked(arr, what="batch", lengths=ln), ln)
+
+    def _checked_lengths(self, lengths, *, what: str = "batch") -> np.ndarray:
+        """lengths as int64, after checking they are integers in [0, 2**31) (the .idx stores them as int32)."""
+        ln = np.asarray(lengths)
+        if ln.ndim != 1:
+            raise ValueError(f"{what}: lengths must be a 1-D array, got shape {ln.shape}")
+        if ln.size == 0:
+            return np.empty(0, dtype=np.int64)  # an empty list arrives as float64; its dtype is irrelevant
+        if ln.dtype.kind not in "iu":
+            raise ValueError(f"{what}: lengths must be integers, got dtype {ln.dtype}")
+        # min/max reductions, not `ln < 0` masks: no temporary array as large as the batch on the happy path.
+        # Both compare in the caller's dtype, before any cast could wrap a huge unsigned value.
+        if ln.dtype.kind == "i" and int(ln.min()) < 0:
+            i = int(np.argmax(ln < 0))
+            raise ValueError(f"{what}: document {i} has negative length {int(ln[i])}")
+        if int(ln.max()) >= 2**31:
+            i = int(np.argmax(ln >= 2**31))
+            raise ValueError(f"{what}: document {i} has {int(ln[i])} tokens; the format's int32 length field "
+                             f"holds at most {2**31 - 1}")
+        return ln.astype(np.int64, copy=False)
 
     def _checked(self, tokens, *, what: str, lengths: np.ndarray | None = None) -> np.ndarray:
-        self._require_open()
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise ValueError(f"{what} must be a 1-D array of token ids, got shape {arr.shape}")
@@ -180,6 +221,7 @@ class IndexedDatasetWriter:
                     pos = int(np.argmax(arr == bad))
                     where = f"token {pos}"
                     if lengths is not None:  # name the document inside the batch, not the flat position
+                        # ends[d] is where document d stops; side="right" skips the empty documents ending at pos
                         doc = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
                         where = f"document {doc} of the batch"
                     raise ValueError(
@@ -189,15 +231,12 @@ class IndexedDatasetWriter:
             raise ValueError(f"{what}: expected numbers, got dtype {arr.dtype}")
         return arr.astype(self.dtype, copy=False)
 
-    def _write_tokens(self, arr: np.ndarray) -> None:
-        if arr.size:
-            self._bin.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
-
-    def _append_lengths(self, lengths: np.ndarray) -> None:
-        if lengths.size and int(lengths.max()) >= 2**31:
-            raise ValueError(f"a document of {int(lengths.max())} tokens exceeds the format's int32 length field")
+    def _write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append validated tokens (already in self.dtype) and their int64 lengths."""
+        if tokens.size:
+            self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
         self._num_documents += int(lengths.size)
-        self._num_tokens += int(lengths.sum())
+        self._num_tokens += int(tokens.size)
         start = 0
         while start < lengths.size:
             take = min(_CHUNK - self._pending, lengths.size - start)
@@ -206,12 +245,6 @@ class IndexedDatasetWriter:
             start += take
             if self._pending == _CHUNK:
                 self._flush_lengths()
-
-    def _append_raw(self, token_bytes, lengths: np.ndarray) -> None:
-        """Append already-validated token bytes of this dtype and their lengths (used by merge_datasets)."""
-        self._require_open()
-        self._bin.write(token_bytes)
-        self._append_lengths(lengths.astype(np.int64, copy=False))
 
     def _flush_lengths(self) -> None:
         if self._pending:
@@ -482,105 +515,3 @@ class IndexedDataset:
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}: {len(self)} sequences, {self.num_tokens} tokens, {self.dtype})"
-
-
-def _tokenizer_fingerprint(meta: dict | None):
-    tok = (meta or {}).get("tokenizer")
-    if not isinstance(tok, dict):
-        return None
-    return tok.get("sha256") or tok.get("hash")
-
-
-def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False) -> dict:
-    """Concatenate prefixes (in order) into output_prefix, streaming; return the new sidecar.
-
-    Every input must have the same dtype, and the same tokenizer hash, vocab size and EOD id where sidecars
-    record them. The sidecar lists the inputs and carries their sources.
-    """
-    if not prefixes:
-        raise ValueError("merge_datasets needs at least one input prefix")
-    out_abs = os.path.abspath(os.fspath(output_prefix))
-    datasets = []
-    for p in prefixes:
-        if os.path.abspath(os.fspath(p)) == out_abs:
-            raise ValueError(f"{output_prefix}: the output prefix is also an input")
-        datasets.append(IndexedDataset(p))
-    first = datasets[0]
-    for ds in datasets[1:]:
-        if ds.dtype != first.dtype:
-            raise IndexedDatasetError(f"{idx_path(ds.prefix)}: dtype {ds.dtype} differs from {first.prefix}'s {first.dtype}")
-        for key, value_of in (("tokenizer hash", _tokenizer_fingerprint),
-                              ("vocab_size", lambda m: (m or {}).get("vocab_size")),
-                              ("eod_id", lambda m: (m or {}).get("eod_id"))):
-            a, b = value_of(first.metadata), value_of(ds.metadata)
-            if a is not None and b is not None and a != b:
-                raise IndexedDatasetError(f"{sidecar_path(ds.prefix)}: {key} {b!r} differs from {first.prefix}'s {a!r}")
-    for ds in datasets:
-        if not np.array_equal(ds.document_indices, np.arange(len(ds) + 1)):
-            raise IndexedDatasetError(
-                f"{idx_path(ds.prefix)}: documents of several sequences cannot be merged (one sequence per document expected)"
-            )
-
-    metadata: dict = {"created_by": "merge_datasets"}
-    for key in ("tokenizer", "vocab_size", "eod_id"):
-        found = [ds.metadata[key] for ds in datasets if ds.metadata and key in ds.metadata]
-        if found:
-            metadata[key] = found[0]
-    metadata["inputs"] = [
-        {"prefix": os.fspath(ds.prefix), "num_documents": len(ds), "num_tokens": ds.num_tokens} for ds in datasets
-    ]
-    sources = [s for ds in datasets for s in (ds.metadata or {}).get("sources", [])]
-    if sources:
-        metadata["sources"] = sources
-
-    total_bytes = sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets)
-    bar = None
-    if progress:
-        from tqdm import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merge")
-    try:
-        with IndexedDatasetWriter(output_prefix, first.dtype, metadata=metadata) as writer:
-            for ds in datasets:
-                # Copy each input in runs of whole sequences (at most _CHUNK sequences and 16M tokens, or one longer
-                # sequence), so memory stays bounded for any input size.
-                lengths = ds.sequence_lengths
-                start = 0
-                while start < len(ds):
-                    stop = min(start + _CHUNK, len(ds))
-                    ln = lengths[start:stop].astype(np.int64)
-                    ends = np.cumsum(ln)
-                    cap = int(np.searchsorted(ends, max(int(ends[0]), _MERGE_TOKENS), side="right"))
-                    stop = start + max(1, cap)
-                    ln = ln[: stop - start]
-                    t0 = int(ds.sequence_pointers[start]) // ds.dtype.itemsize
-                    chunk = ds.tokens[t0 : t0 + int(ln.sum())]
-                    writer._append_raw(memoryview(chunk).cast("B"), ln)
-                    if bar is not None:
-                        bar.update(chunk.nbytes)
-                    start = stop
-            sidecar = writer.finalize()
-    finally:
-        if bar is not None:
-            bar.close()
-    return sidecar
-
-
-def length_summary(lengths: np.ndarray) -> dict:
-    """min / mean / median / p99 / max of document lengths (all 0 for an empty dataset)."""
-    ln = np.asarray(lengths, dtype=np.int64)
-    if ln.size == 0:
-        return {"count": 0, "min": 0, "mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0}
-    return {"count": int(ln.size), "min": int(ln.min()), "mean": float(ln.mean()), "median": float(np.median(ln)),
-            "p99": float(np.percentile(ln, 99)), "max": int(ln.max())}
-
-
-def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
-    """Counts of lengths in power-of-two buckets: [(0, 1, n0), (1, 2, n1), (2, 4, n2), ...], lo inclusive, hi exclusive."""
-    ln = np.asarray(lengths, dtype=np.int64)
-    if ln.size == 0:
-        return []
-    # Bucket 0 holds length 0, bucket k >= 1 holds [2**(k-1), 2**k): k is the bit length, which frexp's exponent
-    # gives exactly for integers below 2**53.
-    counts = np.bincount(np.frexp(ln.astype(np.float64))[1])
-    return [(0 if k == 0 else 2 ** (k - 1), 1 if k == 0 else 2**k, int(c)) for k, c in enumerate(counts)]

@@ -1,5 +1,5 @@
 """The indexed format: round trips, a hand-written golden .idx, validation errors, atomic and streaming writes,
-byte compatibility with Megatron-LM's reader and writer, and merging."""
+flat batches (add_flat), byte compatibility with Megatron-LM's reader and writer, merging and length statistics."""
 
 import json
 import os
@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 
 import megasynth.data.indexed as indexed
+import megasynth.data.merge as merge
 from megasynth.data.indexed import (
     DTYPE_CODES,
     IndexedDataset,
     IndexedDatasetError,
     IndexedDatasetWriter,
-    length_histogram,
-    length_summary,
-    merge_datasets,
     prefix_exists,
     smallest_token_dtype,
 )
+from megasynth.data.merge import length_histogram, length_summary, merge_datasets
 
 
 def write(prefix, docs, dtype=np.uint16, metadata=None):
@@ -147,6 +146,66 @@ def test_writer_rejects_ids_that_do_not_fit(tmp_path):
         IndexedDatasetWriter(tmp_path / "z", np.uint32)
 
 
+def _flat(docs):
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    return np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.empty(0, np.int64)]), lengths
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.uint8])
+def test_add_flat_is_byte_identical_to_add_document(tmp_path, dtype):
+    rng = np.random.default_rng(3)
+    hi = int(np.iinfo(dtype).max)
+    # Empty documents first, in a run in the middle and last: the places where offsets go wrong.
+    sizes = [0, 3, 1, 0, 0, 7, 2, 0, 5, 1, 0]
+    docs = [rng.integers(0, hi, size=n, endpoint=True) for n in sizes]
+    docs[1][0] = hi  # the largest id survives
+    meta = {"note": "same"}
+    write(tmp_path / "one_by_one", docs, dtype, metadata=meta)
+    with IndexedDatasetWriter(tmp_path / "flat", dtype, metadata=meta) as w:
+        # Batches of uneven size, an empty batch, and int64 ids that are cast on the way (the usual case).
+        for lo, hi_ in ((0, 4), (4, 4), (4, 5), (5, 11)):
+            tokens, lengths = _flat(docs[lo:hi_])
+            w.add_flat(tokens, lengths)
+        w.add_flat([], [])
+        assert (w.num_documents, w.num_tokens) == (len(docs), sum(sizes))
+    with IndexedDatasetWriter(tmp_path / "one_batch", dtype, metadata=meta) as w:
+        tokens, lengths = _flat(docs)
+        w.add_flat(tokens.astype(dtype), lengths.astype(np.int32))  # already the target dtype; int32 lengths
+    for other in ("flat", "one_batch"):
+        for ext in (".bin", ".idx", ".json"):
+            assert (tmp_path / f"one_by_one{ext}").read_bytes() == (tmp_path / f"{other}{ext}").read_bytes()
+    assert contents(IndexedDataset(tmp_path / "flat")) == [d.tolist() for d in docs]
+
+
+def test_add_flat_rejects_bad_batches_and_writes_nothing_for_them(tmp_path):
+    w = IndexedDatasetWriter(tmp_path / "x", np.uint16)
+    w.add_flat(np.array([1, 2, 3]), np.array([2, 1]))
+    bad = [
+        # (tokens, lengths, message)
+        (np.array([1, 2, 3]), np.array([2, 2]), "lengths sum to 4 tokens but the flat tokens array holds 3"),
+        (np.array([1, 2, 3]), np.array([1, 1]), "lengths sum to 2 tokens but the flat tokens array holds 3"),
+        (np.array([1, 2]), np.array([3, -1]), "document 1 has negative length -1"),
+        (np.array([1, 2]), np.array([1.0, 1.0]), "lengths must be integers, got dtype float64"),
+        (np.array([1, 2]), np.array([[1, 1]]), "lengths must be a 1-D array"),
+        (np.array([[1, 2]]), np.array([2]), "tokens must be a 1-D array"),
+        (np.array([1.0, 2.0]), np.array([2]), "token ids must be integers"),
+        # ids that do not fit: the message names the document in the batch, empty documents counted
+        (np.array([1, 2, 65536, 4]), np.array([2, 0, 2]), r"token id 65536 \(document 2 of the batch\) does not fit"),
+        (np.array([1, -7, 3]), np.array([2, 0, 1]), r"token id -7 \(document 0 of the batch\)"),
+        # the .idx stores lengths as int32; checked on the lengths alone, before any token is looked at
+        (np.empty(0, np.uint16), np.array([2**31], dtype=np.uint64), "document 0 has 2147483648 tokens"),
+    ]
+    for tokens, lengths, message in bad:
+        with pytest.raises(ValueError, match=message):
+            w.add_flat(tokens, lengths)
+        assert (w.num_documents, w.num_tokens) == (2, 3)
+    w.add_flat(np.array([9], dtype=np.uint16), np.array([1], dtype=np.uint8))
+    w.finalize()
+    assert contents(IndexedDataset(tmp_path / "x")) == [[1, 2], [3], [9]]  # only the accepted batches
+    with pytest.raises(RuntimeError, match="finalized"):
+        w.add_flat(np.array([1]), np.array([1]))
+
+
 def test_exception_aborts_and_keeps_existing_prefix(tmp_path):
     write(tmp_path / "x", [[1, 2]], metadata={"v": 1})
     with pytest.raises(ZeroDivisionError):
@@ -203,15 +262,20 @@ def test_sigkill_never_leaves_a_prefix_that_opens(tmp_path, when, existing):
             IndexedDataset(prefix)
 
 
-def test_writer_memory_does_not_grow_with_documents(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["add_documents", "add_flat"])
+def test_writer_memory_does_not_grow_with_documents(tmp_path, monkeypatch, method):
     # Smaller chunks keep the test fast; the writer's buffers are sized by _CHUNK, never by the document count.
     monkeypatch.setattr(indexed, "_CHUNK", 1 << 16)
     batch = [np.array([7], dtype=np.uint16)] * 20_000
+    flat, lengths = np.full(20_000, 7, dtype=np.uint16), np.ones(20_000, dtype=np.int64)
     tracemalloc.start()
     try:
         with IndexedDatasetWriter(tmp_path / "big", np.uint16) as w:
             for _ in range(100):
-                w.add_documents(batch)
+                if method == "add_flat":
+                    w.add_flat(flat, lengths)
+                else:
+                    w.add_documents(batch)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -368,8 +432,9 @@ def test_merge(tmp_path, monkeypatch):
     ]
     empty = write(tmp_path / "empty", [])
     # Tiny copy runs so the merge crosses run boundaries inside every input.
-    monkeypatch.setattr(indexed, "_MERGE_TOKENS", 7)
-    monkeypatch.setattr(indexed, "_CHUNK", 4)
+    monkeypatch.setattr(merge, "_MERGE_TOKENS", 7)
+    monkeypatch.setattr(merge, "_MERGE_SEQUENCES", 4)
+    monkeypatch.setattr(indexed, "_CHUNK", 4)  # and the writer's length buffer fills and flushes repeatedly
     sidecar = merge_datasets([parts[0], empty, parts[1], parts[2]], tmp_path / "m")
     ds = IndexedDataset(tmp_path / "m")
     assert contents(ds) == docs

@@ -1,5 +1,7 @@
 """tools/merge_datasets.py and tools/inspect_dataset.py, run as a user runs them (subprocesses)."""
 
+import ast
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,9 @@ import numpy as np
 import pytest
 
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megasynth.data.preprocess import preprocess
+from megasynth.data.readers import ReaderOptions
+from megasynth.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,3 +120,25 @@ def test_inspect_bad_input_exit_2(tmp_path):
     # one sequence: 34 header + 4 length + 8 pointer + 2 * 8 document indices = 62 bytes
     assert proc.returncode == 2 and "x.idx: truncated: expected 62 bytes, found 40" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_inspect_decodes_with_the_tokenizer_the_sidecar_records(tmp_path):
+    # A real pipeline in miniature: a byte-level BPE trained on a few KB, a JSONL corpus preprocessed with it,
+    # then inspect_dataset.py given only the prefix (no --tokenizer): it must find the tokenizer via the sidecar.
+    docs = [f"Document {i}: the quick brown fox jumps over the lazy dog, {i * 7} times.\n" * 3 for i in range(40)]
+    docs[0] = "First document.\n\tIndented line with  two spaces, ünïcödé and an emoji 🎉."
+    docs[-1] = "The last one: <not special>, 12345."
+    tok = train_bpe_tokenizer(docs, tmp_path / "tok", vocab_size=400)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    preprocess([corpus], tmp_path / "data" / "x", tmp_path / "tok", options=ReaderOptions(), workers=0, progress=False)
+
+    proc = run_tool("inspect_dataset.py", tmp_path / "data" / "x", "--doc", 0, "--doc", -1, "--max-tokens", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert f"tokenizer: decoded with {tok.path}" in proc.stdout  # the sidecar's tokenizer.path, absolute
+    texts = [ast.literal_eval(line.removeprefix("  text: ")) for line in proc.stdout.splitlines()
+             if line.startswith("  text: ")]
+    # Each document was stored with the EOD id appended; its decoded text is the end-of-text token.
+    eod_text = tok.decode([tok.eod_id])
+    assert eod_text == "<|endoftext|>"
+    assert texts == [docs[0] + eod_text, docs[-1] + eod_text]

@@ -1,4 +1,5 @@
-"""tools/preprocess_data.py run as a user runs it (subprocesses): round trip, determinism, bad input, sidecar."""
+"""tools/preprocess_data.py run as a user runs it (subprocesses): round trip, determinism, bad input, sidecar;
+and megasynth.data.preprocess.preprocess, the library call behind it."""
 
 import hashlib
 import json
@@ -11,6 +12,8 @@ import pytest
 from pydoc_data.topics import topics
 
 from megasynth.data.indexed import IndexedDataset
+from megasynth.data.preprocess import preprocess
+from megasynth.data.readers import ReaderOptions
 from megasynth.tokenizer import train_bpe_tokenizer, train_sentencepiece_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +59,7 @@ def test_help_explains_every_flag():
 
 def test_round_trip_and_sidecar(tmp_path, corpus, tokenizers):
     bpe, _ = tokenizers
-    out = tmp_path / "out" / "data"
-    out.parent.mkdir()
+    out = tmp_path / "out" / "nested" / "data"  # neither directory exists: the tool creates both
     proc = run_tool("--input", corpus, "--tokenizer", bpe.path, "--output-prefix", out, "--workers", 2,
                     "--batch-size", 7)
     assert proc.returncode == 0, proc.stderr
@@ -125,12 +127,13 @@ def test_bad_input_stops_with_file_line_and_leaves_nothing(tmp_path, tokenizers,
     src.write_text('{"text": "fine text"}\n' * 29 + line + "\n" + '{"text": "after"}\n' * 5)
     out = tmp_path / "out"
     out.mkdir()
-    proc = run_tool("--input", src, "--tokenizer", tokenizers[0].path, "--output-prefix", out / "x",
+    # out/new/deeper does not exist: the run creates it, and must remove it again when it fails.
+    proc = run_tool("--input", src, "--tokenizer", tokenizers[0].path, "--output-prefix", out / "new" / "deeper" / "x",
                     "--workers", workers, "--batch-size", 8)
     assert proc.returncode == 2
     assert f"{src}:30: {problem}" in proc.stderr.splitlines()  # a line of its own, after the progress bar
     assert "Traceback" not in proc.stderr
-    assert files_in(out) == []  # no partial prefix and no temp files
+    assert files_in(out) == []  # no partial prefix, no temp files, no directory left behind
 
 
 def test_invalid_utf8_stops_the_run(tmp_path, tokenizers):
@@ -188,17 +191,41 @@ def test_unusable_arguments_exit_2_without_traceback(tmp_path, corpus, tokenizer
          f"{tmp_path / 'missing.jsonl'}: no such file or directory"),
         (["--input", corpus, "--tokenizer", tmp_path / "no_tok", "--output-prefix", tmp_path / "x"],
          f"{tmp_path / 'no_tok'}: no such tokenizer file or directory"),
-        (["--input", corpus, "--tokenizer", tok, "--output-prefix", tmp_path / "no_dir" / "x"],
-         f"{tmp_path / 'no_dir' / 'x'}: output directory {tmp_path / 'no_dir'} does not exist"),
+        # A missing output directory is created (test_round_trip_and_sidecar), but not below a regular file.
+        (["--input", corpus, "--tokenizer", tok, "--output-prefix", tmp_path / "afile" / "x"],
+         f"{tmp_path / 'afile' / 'x'}: the output directory {tmp_path / 'afile'} is not a directory"),
+        (["--input", corpus, "--tokenizer", tok, "--output-prefix", tmp_path / "afile" / "sub" / "x"],
+         f"{tmp_path / 'afile' / 'sub' / 'x'}: cannot create the output directory {tmp_path / 'afile' / 'sub'}: "
+         f"{tmp_path / 'afile'} is not a directory"),
         (["--input", tmp_path / "in.json", "--tokenizer", tok, "--output-prefix", tmp_path / "in"],
          f"{tmp_path / 'in'}: the output would overwrite the input {tmp_path / 'in.json'}"),
     ]
     (tmp_path / "in.json").write_text('{"text": "JSONL named .json"}\n')
+    (tmp_path / "afile").write_text("a regular file where a directory is expected\n")
     for args, message in cases:
         proc = run_tool(*args)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr.splitlines()
         assert "Traceback" not in proc.stderr
-    assert files_in(tmp_path) == ["in.json"]
+    assert files_in(tmp_path) == ["afile", "in.json"]
     proc = run_tool("--input", corpus, "--tokenizer", tok, "--output-prefix", tmp_path / "x", "--workers", -1)
     assert proc.returncode == 2 and "--workers must be >= 0" in proc.stderr
+
+
+def test_library_call_matches_the_tool(tmp_path, corpus, tokenizers):
+    """preprocess() in-process (workers=0, other batches) writes the same bytes as the tool; returns its counts."""
+    bpe, _ = tokenizers
+    proc = run_tool("--input", corpus, "--tokenizer", bpe.path, "--output-prefix", tmp_path / "tool",
+                    "--batch-size", 5, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    summary = preprocess([corpus], tmp_path / "lib", bpe.path, options=ReaderOptions(batch_size=3), workers=0,
+                         progress=False)
+    for ext in ("bin", "idx", "json"):
+        assert (tmp_path / f"lib.{ext}").read_bytes() == (tmp_path / f"tool.{ext}").read_bytes()
+    ds = IndexedDataset(tmp_path / "lib")
+    assert (summary["documents"], summary["tokens"], summary["skipped_empty"], summary["skipped_bad"]) == \
+        (len(TEXTS), ds.num_tokens, 2, 0)
+    assert summary["input_bytes"] == corpus.stat().st_size
+    assert summary["output_bytes"] == sum((tmp_path / f"lib.{ext}").stat().st_size for ext in ("bin", "idx", "json"))
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        preprocess([corpus], tmp_path / "neg", bpe.path, workers=-1)

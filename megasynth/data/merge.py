@@ -1,0 +1,137 @@
+"""Operations over whole prefixes: concatenating prefixes into one, and summarising their document lengths.
+
+    from megasynth.data.merge import merge_datasets, length_summary, length_histogram
+    sidecar = merge_datasets(["data/a", "data/b"], "data/ab")         # streams; returns the new sidecar
+    length_summary(IndexedDataset("data/ab").sequence_lengths)         # {"count", "min", "mean", ..., "max"}
+
+tools/merge_datasets.py and tools/inspect_dataset.py are the command-line fronts; the format itself (writer,
+reader) is megasynth/data/indexed.py, and the sidecar keys merging writes are listed in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, idx_path, sidecar_path
+
+# One copy run is at most this many sequences and tokens (or a single longer sequence): bounds merge memory
+# (8 MiB of int64 lengths, 32 MiB of uint16 tokens) whatever the inputs' sizes.
+_MERGE_SEQUENCES = 1 << 20
+_MERGE_TOKENS = 16 << 20
+
+
+def _tokenizer_fingerprint(meta: dict | None):
+    tok = (meta or {}).get("tokenizer")
+    if not isinstance(tok, dict):
+        return None
+    return tok.get("sha256") or tok.get("hash")
+
+
+def _check_compatible(datasets: list[IndexedDataset]) -> None:
+    """Same dtype everywhere; the same tokenizer hash, vocab size and EOD id wherever sidecars record them."""
+    first = datasets[0]
+    for ds in datasets[1:]:
+        if ds.dtype != first.dtype:
+            raise IndexedDatasetError(f"{idx_path(ds.prefix)}: dtype {ds.dtype} differs from {first.prefix}'s {first.dtype}")
+        for key, value_of in (("tokenizer hash", _tokenizer_fingerprint),
+                              ("vocab_size", lambda m: (m or {}).get("vocab_size")),
+                              ("eod_id", lambda m: (m or {}).get("eod_id"))):
+            a, b = value_of(first.metadata), value_of(ds.metadata)
+            if a is not None and b is not None and a != b:
+                raise IndexedDatasetError(f"{sidecar_path(ds.prefix)}: {key} {b!r} differs from {first.prefix}'s {a!r}")
+    for ds in datasets:
+        if not np.array_equal(ds.document_indices, np.arange(len(ds) + 1)):
+            raise IndexedDatasetError(
+                f"{idx_path(ds.prefix)}: documents of several sequences cannot be merged (one sequence per document expected)"
+            )
+
+
+def _merged_metadata(datasets: list[IndexedDataset]) -> dict:
+    metadata: dict = {"created_by": "merge_datasets"}
+    for key in ("tokenizer", "vocab_size", "eod_id"):
+        found = [ds.metadata[key] for ds in datasets if ds.metadata and key in ds.metadata]
+        if found:
+            metadata[key] = found[0]
+    metadata["inputs"] = [
+        {"prefix": os.fspath(ds.prefix), "num_documents": len(ds), "num_tokens": ds.num_tokens} for ds in datasets
+    ]
+    sources = [s for ds in datasets for s in (ds.metadata or {}).get("sources", [])]
+    if sources:
+        metadata["sources"] = sources
+    return metadata
+
+
+def _copy_runs(ds: IndexedDataset):
+    """(tokens, lengths) of ds in runs of whole sequences, each a view into the memory map plus an int64 slice."""
+    lengths = ds.sequence_lengths
+    start = 0
+    while start < len(ds):
+        ln = lengths[start : min(start + _MERGE_SEQUENCES, len(ds))].astype(np.int64)
+        ends = np.cumsum(ln)
+        # As many sequences as fit in _MERGE_TOKENS, but at least one (a longer sequence goes alone).
+        take = max(1, int(np.searchsorted(ends, max(int(ends[0]), _MERGE_TOKENS), side="right")))
+        ln = ln[:take]
+        t0 = int(ds.sequence_pointers[start]) // ds.dtype.itemsize
+        yield ds.tokens[t0 : t0 + int(ends[take - 1])], ln
+        start += take
+
+
+def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False) -> dict:
+    """Concatenate prefixes (in order) into output_prefix, streaming; return the new sidecar.
+
+    Every input must have the same dtype, and the same tokenizer hash, vocab size and EOD id where sidecars
+    record them. The sidecar lists the inputs and carries their sources.
+    """
+    if not prefixes:
+        raise ValueError("merge_datasets needs at least one input prefix")
+    out_abs = os.path.abspath(os.fspath(output_prefix))
+    datasets = []
+    for p in prefixes:
+        if os.path.abspath(os.fspath(p)) == out_abs:
+            raise ValueError(f"{output_prefix}: the output prefix is also an input")
+        datasets.append(IndexedDataset(p))
+    _check_compatible(datasets)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets), unit="B", unit_scale=True,
+                   desc="merge")
+    try:
+        with IndexedDatasetWriter(output_prefix, datasets[0].dtype, metadata=_merged_metadata(datasets)) as writer:
+            for ds in datasets:
+                for tokens, lengths in _copy_runs(ds):
+                    # add_flat scans the ids only for signed dtypes, where a foreign or corrupt input can hold a
+                    # negative id: that stops the merge instead of propagating. Unsigned inputs are copied as is.
+                    writer.add_flat(tokens, lengths)
+                    if bar is not None:
+                        bar.update(tokens.nbytes)
+            sidecar = writer.finalize()
+    finally:
+        if bar is not None:
+            bar.close()
+    return sidecar
+
+
+def length_summary(lengths: np.ndarray) -> dict:
+    """min / mean / median / p99 / max of document lengths (all 0 for an empty dataset)."""
+    ln = np.asarray(lengths, dtype=np.int64)
+    if ln.size == 0:
+        return {"count": 0, "min": 0, "mean": 0.0, "median": 0.0, "p99": 0.0, "max": 0}
+    return {"count": int(ln.size), "min": int(ln.min()), "mean": float(ln.mean()), "median": float(np.median(ln)),
+            "p99": float(np.percentile(ln, 99)), "max": int(ln.max())}
+
+
+def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """Counts of lengths in power-of-two buckets: [(0, 1, n0), (1, 2, n1), (2, 4, n2), ...], lo inclusive, hi exclusive."""
+    ln = np.asarray(lengths, dtype=np.int64)
+    if ln.size == 0:
+        return []
+    # Bucket 0 holds length 0, bucket k >= 1 holds [2**(k-1), 2**k): k is the bit length, which frexp's exponent
+    # gives exactly for integers below 2**53.
+    counts = np.bincount(np.frexp(ln.astype(np.float64))[1])
+    return [(0 if k == 0 else 2 ** (k - 1), 1 if k == 0 else 2**k, int(c)) for k, c in enumerate(counts)]

@@ -1,0 +1,197 @@
+"""Tokenize input files into an indexed-dataset prefix: the library behind tools/preprocess_data.py.
+
+    from megasynth.data.preprocess import preprocess
+    from megasynth.data.readers import ReaderOptions
+    summary = preprocess(["corpus/*.jsonl.zst"], "data/web", "tok/", options=ReaderOptions(json_key="text"),
+                         workers=8)
+    summary["documents"], summary["tokens"]
+
+The main process reads raw chunks (megasynth.data.readers) and writes the prefix; `workers` processes parse and
+tokenize the chunks (ChunkEncoder), and their results are written in input order, so the output is
+byte-identical whatever the number of workers. Each chunk arrives as one flat token array plus per-document
+lengths and goes to the writer with IndexedDatasetWriter.add_flat. The output directory is created when
+missing (and removed again, if it is still empty, when the run fails). The sidecar keys written here are
+listed in docs/format.md.
+
+Bad input raises BadInputError (`FILE:LINE: what is wrong`), InputError (a path that names nothing usable)
+or TokenizerError, and leaves no output.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from megasynth.data.indexed import IndexedDatasetWriter, bin_path, idx_path, sidecar_path, smallest_token_dtype
+from megasynth.data.readers import Chunk, InputError, InputReader, Parsed, ReaderOptions, parse_chunk
+from megasynth.tokenizer import Tokenizer, TokenizerError, limit_tokenizer_threads, load_tokenizer
+
+
+# -- the work a worker does -----------------------------------------------------------------------------------------
+class ChunkEncoder:
+    """Parses a chunk and tokenizes its documents into (tokens, lengths, Parsed without the texts)."""
+
+    def __init__(self, tokenizer: Tokenizer, options: ReaderOptions, add_bos: bool, append_eod: bool, dtype):
+        self.tokenizer, self.options = tokenizer, options
+        self.add_bos, self.append_eod, self.dtype = add_bos, append_eod, np.dtype(dtype)
+
+    def __call__(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Parsed]:
+        parsed = parse_chunk(chunk, self.options)
+        tokens, lengths = self.tokenizer.encode_batch_array(
+            parsed.texts, add_bos=self.add_bos, append_eod=self.append_eod, dtype=self.dtype)
+        parsed.texts = []  # the texts need not travel back to the main process
+        return tokens, lengths, parsed
+
+
+_worker_encoder: ChunkEncoder | None = None
+
+
+def _init_worker(tokenizer_path: str, options: ReaderOptions, add_bos: bool, append_eod: bool, dtype: str) -> None:
+    global _worker_encoder
+    # Ctrl-C reaches the whole process group: the main process handles it (aborting the writer, stopping the
+    # pool); workers ignoring it spares the terminal one traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_tokenizer_threads(1)  # parallelism comes from the worker processes; threads would oversubscribe
+    _worker_encoder = ChunkEncoder(load_tokenizer(tokenizer_path), options, add_bos, append_eod, dtype)
+
+
+def _encode_in_worker(chunk: Chunk):
+    return _worker_encoder(chunk)
+
+
+def encoded_chunks(reader: InputReader, encoder: ChunkEncoder, tokenizer_path: str | os.PathLike, workers: int):
+    """(tokens, lengths, parsed) per chunk, in input order; with workers > 0 the encoding runs in a process pool.
+
+    At most 2 * workers + 2 chunks are in flight, so memory stays bounded however large the input is
+    (Pool.imap would read the whole input ahead into its task queue).
+    """
+    if workers == 0:
+        yield from map(encoder, reader.chunks())
+        return
+    # spawn, not fork: a forked child would inherit the parent's tokenizer thread pools in an unknown state.
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+        initargs=(os.fspath(tokenizer_path), encoder.options, encoder.add_bos, encoder.append_eod, encoder.dtype.name))
+    pending: deque = deque()
+    try:
+        for chunk in reader.chunks():
+            pending.append(executor.submit(_encode_in_worker, chunk))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the output -------------------------------------------------------------------------------------------------------
+def check_output_prefix(prefix: str | os.PathLike, reader: InputReader) -> list[Path]:
+    """Refuse an output that cannot be written or would overwrite one of the inputs, before any work.
+
+    Returns the output directory and those of its ancestors that do not exist yet, deepest first: the run
+    creates them, and removes them again if it fails.
+    """
+    prefix = os.fspath(prefix)
+    parent = Path(prefix).parent
+    missing, existing = [], parent
+    while not existing.exists():  # also false below a regular file ("file.txt/x"): the walk stops at that file
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == parent:
+            raise InputError(f"{prefix}: the output directory {parent} is not a directory")
+        raise InputError(f"{prefix}: cannot create the output directory {parent}: {existing} is not a directory")
+    if Path(prefix).is_dir():
+        raise InputError(f"{prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
+    outputs = {p.resolve() for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix))}
+    for f in reader.files:
+        if f.path.resolve() in outputs:
+            raise InputError(f"{prefix}: the output would overwrite the input {f.path}")
+    return missing
+
+
+def _remove_empty_dirs(dirs: list[Path]) -> None:
+    """Undo the directories a failed run created (deepest first); stop at one that is not empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+def preprocess(
+    inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike, tokenizer_path: str | os.PathLike, *,
+    options: ReaderOptions | None = None, add_bos: bool = False, append_eod: bool = True, workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Tokenize inputs into output_prefix (.bin/.idx/.json); return the run's summary.
+
+    options: how to read the inputs (format, JSON key, text mode, skip_bad, batch_size = records per chunk).
+    workers: tokenizing processes, each single-threaded; 0 tokenizes in this process with the tokenizer
+    library's own threads. The summary holds documents, tokens, skipped_empty, skipped_bad, bad_examples
+    (messages of the first skipped records), input_bytes, output_bytes and seconds.
+    Raises InputError, BadInputError or TokenizerError on bad input, leaving no output.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    started = time.perf_counter()
+    options = options or ReaderOptions()
+    output_prefix = os.fspath(output_prefix)
+    reader = InputReader(inputs, options)
+    missing_dirs = check_output_prefix(output_prefix, reader)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if add_bos and tokenizer.bos_id is None:
+        raise TokenizerError(f"{tokenizer_path}: add_bos (--add-bos) was asked for but this tokenizer has no BOS token")
+    dtype = smallest_token_dtype(tokenizer.vocab_size)
+    encoder = ChunkEncoder(tokenizer, options, add_bos, append_eod, dtype)
+    metadata = {
+        "tokenizer": tokenizer.identity(),
+        "vocab_size": tokenizer.vocab_size,
+        "eod_id": tokenizer.eod_id,
+        "append_eod": append_eod,
+        "add_bos": add_bos,
+        "created_by": "preprocess_data",
+    }
+    bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    tokens_total = 0
+    results = encoded_chunks(reader, encoder, tokenizer_path, workers)
+    try:
+        Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+        with IndexedDatasetWriter(output_prefix, dtype, metadata=metadata) as writer:
+            for tokens, lengths, parsed in results:
+                reader.record(parsed)
+                writer.add_flat(tokens, lengths)
+                tokens_total += int(tokens.size)
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{reader.stats.documents / elapsed:,.0f} docs/s, "
+                                    f"{tokens_total / elapsed:,.0f} tok/s", refresh=False)
+                bar.update(parsed.done_bytes - bar.n)
+            stats = reader.stats
+            writer.finalize(metadata={
+                "sources": reader.sources,
+                "stats": {"documents": stats.documents, "tokens": tokens_total,
+                          "skipped_empty": stats.skipped_empty, "skipped_bad": stats.skipped_bad},
+            })
+    except BaseException:
+        _remove_empty_dirs(missing_dirs)  # the writer has already removed its temp files
+        raise
+    finally:
+        results.close()  # on an error: stop the workers now, not when the generator is garbage-collected
+        bar.close()
+    out_bytes = sum(p.stat().st_size for p in (bin_path(output_prefix), idx_path(output_prefix),
+                                                sidecar_path(output_prefix)))
+    return {"documents": stats.documents, "tokens": tokens_total, "skipped_empty": stats.skipped_empty,
+            "skipped_bad": stats.skipped_bad, "bad_examples": stats.bad_examples, "input_bytes": reader.total_bytes,
+            "output_bytes": out_bytes, "seconds": time.perf_counter() - started}
