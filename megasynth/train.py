@@ -312,12 +312,10 @@ def _train(cfg: Config, info: DistInfo) -> int:
     log.open(resume_step=progress.step if resume_from is not None else None)
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {progress.step}")
-    table = getattr(dataset, "sources_table", None)
     horizon = t.steps * t.global_batch_size * cfg.data.seq_len
-    if table is not None:
-        log.info(table(horizon))
-        if dataset.max_repetition(horizon) > cfg.data.max_repetition:
-            log.info(f"warning: a source repeats more than data.max_repetition={cfg.data.max_repetition} times")
+    log.info(dataset.sources_table(horizon, max_repetition=cfg.data.max_repetition))
+    if dataset.max_repetition(horizon) > cfg.data.max_repetition:
+        log.info(f"warning: a source repeats more than data.max_repetition={cfg.data.max_repetition} times")
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"model: {n_params / 1e6:.2f}M parameters | dp={info.dp_size} tp={info.tp_size} | "
              f"{loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step | {device}")

@@ -23,14 +23,14 @@ loss_mask[j] == 0 means token j is not a prediction target, so the label predict
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from megasynth.data.blend import build_blended_dataset, parse_data_path
 
 IGNORE_INDEX = -100
 
@@ -188,47 +188,12 @@ class DistributedBatchLoader:
 # ----------------------------------------------------------------------------------------------- datasets
 
 
-def source_fingerprint(prefix: str | os.PathLike, *, seq_len: int, seed: int) -> str:
-    """A fingerprint of one prefix's content identity (sidecar counts and tokenizer, else index size) + sampling."""
-    from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
-
-    ds = IndexedDataset(prefix)
-    meta = ds.metadata or {}
-    identity = {"num_tokens": int(ds.num_tokens), "num_documents": len(ds),
-                "tokenizer": (meta.get("tokenizer") or {}).get("sha256"), "seq_len": seq_len, "seed": seed}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def build_train_dataset(data_cfg, *, num_samples: int, seed: int, cache_dir: str | os.PathLike):
     """The training dataset of `data_cfg` (a DataConfig): the weighted blend of its sources, with `.fingerprint`."""
     sources = list(data_cfg.sources)
-    try:
-        from megasynth.data.blend import build_blended_dataset, parse_data_path  # noqa: PLC0415
-    except ImportError:  # blend.py not landed yet: one source, read directly
-        build_blended_dataset = parse_data_path = None
     if not sources and data_cfg.data_path:
-        if parse_data_path is None:
-            from megasynth.config import DataSource  # noqa: PLC0415
-
-            sources = [DataSource(path=data_cfg.data_path.strip())]
-        else:
-            sources = parse_data_path(data_cfg.data_path)
+        sources = parse_data_path(data_cfg.data_path)
     if not sources:
         raise ValueError("no training data: set data.data_path (or [[data.sources]]) to a dataset prefix")
-    if build_blended_dataset is not None:
-        return build_blended_dataset(sources, seq_len=data_cfg.seq_len, num_samples=num_samples, seed=seed,
-                                     cache_dir=cache_dir)
-    if len(sources) != 1:
-        raise ValueError("blending several sources needs megasynth/data/blend.py, which is not installed")
-    return _single_source(sources[0].path, seq_len=data_cfg.seq_len, num_samples=num_samples, seed=seed,
-                          cache_dir=cache_dir)
-
-
-def _single_source(prefix: str, *, seq_len: int, num_samples: int, seed: int, cache_dir):
-    from megasynth.data.gpt_dataset import GPTDataset  # noqa: PLC0415
-    from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
-
-    ds = GPTDataset(IndexedDataset(prefix), seq_len=seq_len, num_samples=num_samples, seed=seed,
-                    cache_dir=cache_dir, name=os.path.basename(prefix))
-    ds.fingerprint = source_fingerprint(prefix, seq_len=seq_len, seed=seed)
-    return ds
+    return build_blended_dataset(sources, seq_len=data_cfg.seq_len, num_samples=num_samples, seed=seed,
+                                 cache_dir=cache_dir)
