@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from megasynth.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -55,8 +57,11 @@ def init_distributed(tp: int = 1, device: str = "auto", timeout_minutes: float =
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world_size % tp != 0:
-        raise ValueError(f"parallel.tp={tp} does not divide the world size {world_size}")
+    if tp < 1 or world_size % tp != 0:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the world size {world_size} (WORLD_SIZE from torchrun: nodes x "
+            "processes per node); the data-parallel degree is world_size / tp"
+        )
     if world_size == 1 and tp == 1:
         return DistInfo(0, 1, 0, dev, None, 0, 1, 0, 1)
     if not dist.is_initialized():
@@ -67,6 +72,11 @@ def init_distributed(tp: int = 1, device: str = "auto", timeout_minutes: float =
             device_id=dev if dev.type == "cuda" else None,
         )
     mesh = init_device_mesh(dev.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    if 1 < tp < world_size:
+        # A flattened ("dp", "tp") view lets DTensor reduce a value sharded or partial over both dims (the
+        # gradient norm under FSDP + TP) with one collective instead of one per dim (torchtitan does the same;
+        # `_flatten` is the mesh API for it, still underscored).
+        mesh["dp", "tp"]._flatten("dp_tp")
     return DistInfo(
         rank=rank,
         world_size=world_size,

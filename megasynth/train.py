@@ -44,16 +44,7 @@ from megasynth.metrics import MetricsLogger, ThroughputMeter, memory_gb, peak_fl
 from megasynth.model import Transformer, flops_per_token
 from megasynth.schedule import build_lr_scheduler
 
-try:
-    from megasynth.parallelize import parallelize_model
-except ImportError as e:  # parallelize.py not landed yet: single-process training only
-    if e.name != "megasynth.parallelize":
-        raise
-
-    def parallelize_model(model, dist_info, parallel_cfg, compute_dtype):
-        if dist_info.world_size > 1:
-            raise RuntimeError("multi-process training needs megasynth/parallelize.py")
-        return model
+from megasynth.parallelize import loss_parallel_context, parallelize_model
 
 
 EVAL_SEED = 0  # held-out samples are the same at every evaluation and in every run
@@ -108,15 +99,17 @@ def train_step(model, optimizer, batches, *, info: DistInfo, grad_clip: float, d
     # FSDP averages gradients over dp ranks; scaling by dp turns that average into the sum the weights need.
     grad_scale = info.dp_size
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    for batch, count in zip(batches, counts):
-        with autocast_context(device, dtype):
-            mean = model(batch.input_ids, batch.labels, doc_ids=batch.doc_ids)
-        if inject_nan:
-            mean = mean * float("nan")
-        weight = count / total if total > 0 else 0.0
-        (mean * (weight * grad_scale)).backward()
-        if count:  # a micro-batch without targets has a NaN mean and contributes nothing
-            loss_sum += _full(mean.detach()).float() * weight
+    # Under tensor parallelism the loss of vocab-sharded logits needs its forward and backward in this context.
+    with loss_parallel_context(info):
+        for batch, count in zip(batches, counts):
+            with autocast_context(device, dtype):
+                mean = model(batch.input_ids, batch.labels, doc_ids=batch.doc_ids)
+            if inject_nan:
+                mean = mean * float("nan")
+            weight = count / total if total > 0 else 0.0
+            (mean * (weight * grad_scale)).backward()
+            if count:  # a micro-batch without targets has a NaN mean and contributes nothing
+                loss_sum += _full(mean.detach()).float() * weight
     loss = all_reduce_sum(loss_sum, info, "dp").item() if total > 0 else float("nan")
     max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure the norm, scale by exactly 1
     grad_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
@@ -132,11 +125,12 @@ def evaluate(model, batches, *, info: DistInfo, dtype: str = "float32") -> float
     model.eval()
     device = batches[0].input_ids.device
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # (loss x tokens, tokens)
-    for batch in batches:
-        with autocast_context(device, dtype):
-            mean = model(batch.input_ids, batch.labels, doc_ids=batch.doc_ids)
-        if batch.num_targets:
-            sums += torch.stack([mean.double() * batch.num_targets, torch.tensor(batch.num_targets, device=device)])
+    with loss_parallel_context(info):
+        for batch in batches:
+            with autocast_context(device, dtype):
+                mean = model(batch.input_ids, batch.labels, doc_ids=batch.doc_ids)
+            if batch.num_targets:
+                sums += torch.stack([mean.double() * batch.num_targets, torch.tensor(batch.num_targets, device=device)])
     model.train()
     loss_x_tokens, tokens = all_reduce_sum(sums, info, "dp").tolist()
     return loss_x_tokens / tokens if tokens else float("nan")
@@ -246,7 +240,12 @@ def check_same_model(ckpt: Path, cfg: Config) -> None:
 
 
 def train(cfg: Config) -> int:
-    info = init_distributed(cfg.parallel.tp, cfg.train.device)
+    try:
+        info = init_distributed(cfg.parallel.tp, cfg.train.device)
+    except (ConfigError, ValueError, RuntimeError) as e:  # e.g. parallel.tp does not divide the world size
+        print(f"error: {e}", file=sys.stderr)
+        destroy_distributed()
+        return EXIT_BAD_INPUT
     try:
         return _train(cfg, info)
     finally:
