@@ -1,0 +1,106 @@
+"""Multiple-choice evaluation by log-likelihood (lm-evaluation-harness style), including closed-book QuALITY.
+
+For each example, every choice is scored as the continuation " " + choice after the prompt, all choices of all
+examples in one batched pass (megasynth.eval.loglik). Per example:
+    acc       1 if the choice with the highest summed log-likelihood is the gold one
+    acc_norm  the same after dividing each choice's log-likelihood by len(choice) in characters (the choice
+              text itself, without the leading space), which removes the bias towards short answers
+Ties go to the lower index. Metrics are sums over examples divided by their count (see harness.py).
+
+Prompts (docs/eval.md has examples):
+    multiple_choice  the example's "context" verbatim
+    quality          closed-book: the article is NOT shown, only its title (unless include_title=False)
+                     "Title: {title}\nQuestion: {question}\nAnswer:" and the choices are the option texts;
+                     with answer_format="letter" the options are listed as "A. ...", "B. ..." and the choices
+                     scored are the letters " A", " B", ...
+Few-shot (k > 0): k examples drawn without replacement from the file's "fewshot" pool with a generator seeded
+by (seed, example index), each rendered as its prompt + " " + its gold choice, joined with blank lines
+("\n\n") in front of the prompt. Every context starts with the start token (BOS, else EOD). Context and
+continuation are tokenised separately, so a choice's scored tokens never depend on the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from megasynth.eval.loglik import score_continuations
+from megasynth.eval.tasks import MultipleChoiceExample, QualityExample, TaskError
+
+TARGET_DELIMITER = " "
+FEWSHOT_DELIMITER = "\n\n"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class PromptOptions:
+    quality_title: bool = True  # show the article's title in closed-book QuALITY prompts
+    quality_answer: str = "text"  # "text": score option texts; "letter": list options, score their letters
+
+
+def render(example, options: PromptOptions) -> tuple[str, list[str], int]:
+    """(prompt, choices as scored without the delimiter, gold index) of one example."""
+    if isinstance(example, MultipleChoiceExample):
+        return example.context, example.choices, example.gold
+    if isinstance(example, QualityExample):
+        head = f"Title: {example.title}\n" if options.quality_title and example.title else ""
+        if options.quality_answer == "letter":
+            if len(example.options) > len(LETTERS):
+                raise TaskError(f"line {example.line}: {len(example.options)} options, "
+                                f"more than {len(LETTERS)} letters")
+            listed = "".join(f"\n{LETTERS[i]}. {opt}" for i, opt in enumerate(example.options))
+            letters = list(LETTERS[: len(example.options)])
+            return f"{head}Question: {example.question}{listed}\nAnswer:", letters, example.gold
+        if options.quality_answer != "text":
+            raise ValueError(f"quality_answer must be 'text' or 'letter', got {options.quality_answer!r}")
+        return f"{head}Question: {example.question}\nAnswer:", example.options, example.gold
+    raise TypeError(f"not a multiple-choice example: {type(example).__name__}")
+
+
+def draw_fewshot(pool: Sequence, k: int, seed: int, index: int) -> list:
+    """k distinct pool examples, a function of (seed, index) only, so sharding never changes a prompt."""
+    if k == 0:
+        return []
+    if k > len(pool):
+        raise ValueError(f"{k}-shot needs at least {k} examples with \"split\": \"fewshot\", the file has {len(pool)}")
+    rng = np.random.default_rng([seed, index])
+    return [pool[int(j)] for j in rng.choice(len(pool), size=k, replace=False)]
+
+
+def fewshot_prefix(shots: Sequence, options: PromptOptions) -> str:
+    parts = []
+    for shot in shots:
+        prompt, choices, gold = render(shot, options)
+        parts.append(prompt + TARGET_DELIMITER + choices[gold])
+    return "".join(p + FEWSHOT_DELIMITER for p in parts)
+
+
+def evaluate_multiple_choice(model, tokenizer, examples: Sequence, indices: Sequence[int], *, fewshot_pool=(),
+                             num_fewshot: int = 0, seed: int = 1234, batch_size: int = 16,
+                             start_ids: Sequence[int] = (), options: PromptOptions | None = None) -> list[dict]:
+    """Per-example records {"index", "id", "gold", "pred", "pred_norm", "acc", "acc_norm", "logliks"} for
+    examples[i] (i in `indices`: this rank's share; `indices` also seed the few-shot draws)."""
+    options = options or PromptOptions()
+    requests, spans, meta = [], [], []
+    for i in indices:
+        ex = examples[i]
+        prompt, choices, gold = render(ex, options)
+        text = fewshot_prefix(draw_fewshot(fewshot_pool, num_fewshot, seed, i), options) + prompt
+        ctx = list(start_ids) + tokenizer.encode(text)
+        first = len(requests)
+        for choice in choices:
+            requests.append((ctx, tokenizer.encode(TARGET_DELIMITER + choice)))
+        spans.append((first, len(requests)))
+        meta.append((i, ex, choices, gold))
+    scores = score_continuations(model, requests, batch_size=batch_size)
+    records = []
+    for (first, end), (i, ex, choices, gold) in zip(spans, meta):
+        ll = np.array([s.logprob for s in scores[first:end]])
+        lengths = np.array([float(len(c)) for c in choices])
+        pred, pred_norm = int(np.argmax(ll)), int(np.argmax(ll / lengths))  # argmax: first index on ties
+        records.append({"index": i, "id": ex.id, "gold": gold, "pred": pred, "pred_norm": pred_norm,
+                        "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
+                        "logliks": [round(float(x), 6) for x in ll]})
+    return records

@@ -1,0 +1,110 @@
+"""tools/generate.py end to end: a run directory in, JSONL out; equal to the no-cache reference; the torchrun
+path with 2 CPU ranks writes the same file; bad input exits 2 naming FILE:LINE."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megasynth.checkpoint import save_model_checkpoint
+from megasynth.config import ModelConfig
+from megasynth.generate import sample_without_cache
+from megasynth.hf import config_for_model
+from megasynth.model import Transformer
+from megasynth.tokenizer import train_bpe_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["Once upon a time", "The capital of", "x", "Two plus two is four and", "Hello"]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """RUN_DIR/checkpoints/step_00000007 (weights + config) and RUN_DIR/tokenizer, as the trainer lays them out."""
+    root = tmp_path_factory.mktemp("run")
+    tok = train_bpe_tokenizer(["Once upon a time there was a capital. Two plus two is four."] * 30,
+                              root / "tokenizer", vocab_size=300)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                      max_seq_len=64, rope_theta=10000.0, init_std=0.3)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=1)
+    save_model_checkpoint(model, config_for_model(cfg), root / "checkpoints" / "step_00000007", meta={"step": 7})
+    return root, model.eval(), tok
+
+
+def write_prompts(path):
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path
+
+
+ARGS = ["--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "40", "--seed", "11"]
+
+
+def test_output_matches_the_reference_sampler(run_dir, tmp_path):
+    root, model, tok = run_dir
+    out = tmp_path / "out.jsonl"
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    rc = load_tool("generate").main(["--checkpoint", str(root), "--prompts-file", str(prompts), "--output", str(out),
+                                     "--batch-size", "2", *ARGS])
+    assert rc == 0
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [l["id"] for l in lines] == [f"p{i}" for i in range(5)] and [l["prompt"] for l in lines] == PROMPTS
+    for i, line in enumerate(lines):
+        ref = sample_without_cache(model, [[tok.eod_id] + tok.encode(PROMPTS[i])], max_new_tokens=6, temperature=1.0,
+                                   top_k=40, eod_id=tok.eod_id, seed=11, row_ids=[i])[0]
+        ended = ref[-1] == tok.eod_id
+        assert line["num_tokens"] == len(ref) and line["finish_reason"] == ("eod" if ended else "length")
+        assert line["text"] == tok.decode(ref[:-1] if ended else ref)
+
+
+def test_torchrun_two_ranks_write_the_same_file(run_dir, tmp_path):
+    root, _, _ = run_dir
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    single, double = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    common = ["--checkpoint", str(root), "--prompts-file", str(prompts), *ARGS]
+    assert load_tool("generate").main([*common, "--output", str(single), "--batch-size", "4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tools" / "generate.py"), *common, "--output", str(double), "--batch-size", "1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert double.read_text() == single.read_text()
+
+
+def test_bad_input_exits_2_with_file_and_line(run_dir, tmp_path, capsys):
+    root, _, _ = run_dir
+    gen = load_tool("generate")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    assert gen.main(["--checkpoint", str(root), "--prompts-file", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert f'{bad}:2: field "prompt"' in capsys.readouterr().err
+    assert gen.main(["--checkpoint", str(root), "--prompt", "hi", "--output", str(tmp_path / "o"),
+                     "--max-new-tokens", "100"]) == 2
+    assert "exceeds the model's max_seq_len 64" in capsys.readouterr().err
+    assert gen.main(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", "--output", str(tmp_path / "o")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("generate").main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--tokenizer", "--prompt", "--prompts-file", "--output", "--max-new-tokens",
+                 "--temperature", "--top-k", "--top-p", "--seed", "--batch-size", "--no-start-token", "--device",
+                 "--dtype", "--cuda-graph"):
+        assert flag in text

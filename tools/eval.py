@@ -1,0 +1,145 @@
+"""Evaluate a checkpoint: multiple-choice, generative and closed-book QuALITY tasks, and perplexity.
+
+    python tools/eval.py --checkpoint runs/tiny --tasks examples/eval/*.jsonl --out eval/tiny
+    python tools/eval.py --checkpoint runs/tiny --perplexity data/valid --out eval/tiny-ppl
+    torchrun --nproc_per_node=8 tools/eval.py --checkpoint runs/big --tasks qa.jsonl --num-fewshot 5 --out eval/big
+
+Task files are JSONL, one task per file, named by the file (schemas: docs/eval.md). Writes OUT/results.json
+(per task: metrics, n, config), OUT/results.md (a Markdown table, also printed) and OUT/predictions/TASK.jsonl
+(per-example predictions). Under torchrun each rank scores its share and the sums are reduced exactly.
+Task files are checked before the model loads; exit code 2 with FILE:LINE: message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megasynth.checkpoint import CheckpointError, read_meta
+from megasynth.data.indexed import IndexedDatasetError, prefix_exists
+from megasynth.distributed import destroy_distributed, init_distributed
+from megasynth.eval.harness import EvalSettings, run_perplexity, run_task
+from megasynth.eval.report import markdown_table, write_report
+from megasynth.eval.tasks import TASK_TYPES, TaskError, load_task
+from megasynth.generate import load_model_and_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
+                   help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="task files (JSONL, see docs/eval.md)")
+    p.add_argument("--task-type", choices=TASK_TYPES,
+                   help="task type for lines without a \"type\" field (applies to every --tasks file)")
+    p.add_argument("--perplexity", nargs="+", default=[], metavar="PREFIX",
+                   help="indexed-dataset prefixes (PREFIX.bin/.idx) to measure loss and perplexity on")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for results and predictions")
+    p.add_argument("--num-fewshot", type=int, default=0,
+                   help="few-shot examples per prompt, drawn from each file's \"split\": \"fewshot\" lines (default 0)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws and of sampling (default 1234)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generative tasks: longest answer (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="generative tasks: 0 = greedy (default)")
+    p.add_argument("--quality-answer", choices=["text", "letter"], default="text",
+                   help="QuALITY: score the option texts (default) or list the options and score their letters")
+    p.add_argument("--quality-no-title", action="store_true", help="QuALITY: leave the article title out of the prompt")
+    p.add_argument("--no-start-token", action="store_true",
+                   help="do not start contexts with BOS (or EOD when the tokenizer has no BOS)")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="perplexity window length (default: the checkpoint's data.seq_len)")
+    p.add_argument("--perplexity-windows", type=int, default=0,
+                   help="perplexity on the first N windows of each prefix (default 0: the whole prefix)")
+    p.add_argument("--no-document-masking", action="store_true",
+                   help="perplexity: let windows attend across document boundaries (training masks them by default)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (default float32)")
+    return p
+
+
+def check_inputs(args) -> list:
+    """Parse every task file and check every prefix before anything heavy happens."""
+    tasks = [load_task(path, args.task_type) for path in args.tasks]
+    names = [t.name for t in tasks] + [Path(p).name for p in args.perplexity]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TaskError(f"two tasks or prefixes share the name(s) {', '.join(dupes)} (results are keyed by file name)")
+    for t in tasks:
+        if args.num_fewshot > len(t.fewshot):
+            raise TaskError(f"{t.path}: --num-fewshot {args.num_fewshot} needs that many \"split\": \"fewshot\" lines, "
+                            f"the file has {len(t.fewshot)}")
+    for prefix in args.perplexity:
+        if not prefix_exists(prefix):
+            raise TaskError(f"{prefix}: no such indexed dataset (expected {prefix}.bin and {prefix}.idx)")
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.tasks and not args.perplexity:
+        parser.error("give --tasks FILE ... and/or --perplexity PREFIX ...")
+    if args.num_fewshot < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        parser.error("need --num-fewshot >= 0, --batch-size >= 1, --max-new-tokens >= 1 and --temperature >= 0")
+    try:
+        tasks = check_inputs(args)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = init_distributed(tp=1, device=args.device)
+    try:
+        return _run(args, tasks, info)
+    finally:
+        destroy_distributed()
+
+
+def _run(args, tasks, info) -> int:
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    try:
+        model, cfg, tok, step_dir = load_model_and_tokenizer(args.checkpoint, args.tokenizer, info.device, dtype,
+                                                             require_tokenizer=bool(tasks))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = EvalSettings(num_fewshot=args.num_fewshot, seed=args.seed, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            quality_title=not args.quality_no_title, quality_answer=args.quality_answer,
+                            start_token=not args.no_start_token, document_masking=not args.no_document_masking)
+    seq_len = args.seq_len or cfg.data.seq_len
+    results = {"checkpoint": str(step_dir), "step": read_meta(step_dir).get("step"), "settings": asdict(settings),
+               "world_size": info.world_size, "tasks": {}}
+    predictions = {}
+    work = [("task", t) for t in tasks] + [("perplexity", p) for p in args.perplexity]
+    bar = tqdm(work, unit="task", disable=not info.is_main, desc="eval")
+    try:
+        for kind, item in bar:
+            if kind == "task":
+                bar.set_postfix_str(item.name)
+                result, records = run_task(model, tok, item, settings)
+                results["tasks"][item.name] = result
+                if records is not None:
+                    predictions[item.name] = records
+            else:
+                bar.set_postfix_str(Path(item).name)
+                results["tasks"][Path(item).name] = run_perplexity(model, item, settings, seq_len=seq_len,
+                                                                   num_windows=args.perplexity_windows or None)
+    except (ValueError, IndexedDatasetError) as e:  # e.g. a prompt too long for the model, too few windows
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    if info.is_main:
+        write_report(args.out, results, predictions)
+        print(markdown_table(results), end="")
+        print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""Sample continuations of text prompts from a checkpoint, batched with a KV cache; one JSONL line per prompt.
+
+    python tools/generate.py --checkpoint runs/tiny --prompt "Once upon a time" --output out.jsonl
+    python tools/generate.py --checkpoint runs/tiny --prompts-file prompts.jsonl --output out.jsonl --temperature 0.8
+    torchrun --nproc_per_node=8 tools/generate.py --checkpoint runs/big --prompts-file p.jsonl --output out.jsonl
+
+--prompts-file lines are {"id": ..., "prompt": "..."} ("id" optional: the line number by default). Output
+lines, in input order: {"id", "prompt", "text", "num_tokens", "finish_reason"}: "text" is the continuation
+without the end-of-document token, "num_tokens" counts the generated tokens (EOD included), finish_reason is
+"eod" or "length". Under torchrun each rank takes prompts rank::world_size and rank 0 writes the one output
+file. Every prompt has its own random stream, seeded by (--seed, its index), so the output does not depend on
+the batch size or the number of ranks. Exit code 2 with FILE:LINE: message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megasynth.checkpoint import CheckpointError
+from megasynth.distributed import destroy_distributed, init_distributed
+from megasynth.generate import default_start_ids, generate, load_model_and_tokenizer
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_prompts(args) -> list[tuple[str, str]]:
+    """[(id, prompt text)] from --prompt or --prompts-file; errors name FILE:LINE."""
+    if args.prompt:
+        return [(str(i), p) for i, p in enumerate(args.prompt)]
+    path = args.prompts_file
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    prompts, seen = [], {}
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise InputError(f"{path}:{lineno}: field \"prompt\": expected a string in a JSON object")
+        pid = obj.get("id", lineno)
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise InputError(f"{path}:{lineno}: field \"id\": expected a string or an integer, got {pid!r}")
+        if str(pid) in seen:
+            raise InputError(f"{path}:{lineno}: field \"id\": {pid!r} repeats line {seen[str(pid)]}")
+        seen[str(pid)] = lineno
+        prompts.append((str(pid), obj["prompt"]))
+    if not prompts:
+        raise InputError(f"{path}: no prompts")
+    return prompts
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist  # noqa: PLC0415
+
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
+                        help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="tokenizer directory (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", nargs="+", metavar="TEXT", help="one or more prompts given on the command line")
+    source.add_argument("--prompts-file", metavar="FILE.jsonl", help='JSONL of {"id": ..., "prompt": "..."}')
+    parser.add_argument("--output", required=True, metavar="OUT.jsonl", help="where the continuations go")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-prompt random streams (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    parser.add_argument("--no-start-token", action="store_true",
+                        help="do not put BOS (or EOD when the tokenizer has no BOS) in front of each prompt")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to run (auto: CUDA when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA only: static KV cache with each decoding step replayed as a CUDA graph")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        parser.error("--max-new-tokens and --batch-size must be >= 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    try:
+        prompts = read_prompts(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = init_distributed(tp=1, device=args.device)
+    try:
+        return _run(args, prompts, info)
+    finally:
+        destroy_distributed()
+
+
+def _run(args, prompts: list[tuple[str, str]], info) -> int:
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    try:
+        model, cfg, tok, _ = load_model_and_tokenizer(args.checkpoint, args.tokenizer, info.device, dtype)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = [] if args.no_start_token else default_start_ids(tok)
+    mine = list(range(info.rank, len(prompts), info.world_size))
+    encoded = {i: start + tok.encode(prompts[i][1]) for i in mine}
+    where = args.prompts_file or "--prompt"
+    errors = []
+    for i in mine:
+        n = len(encoded[i])
+        if n == 0:
+            errors.append(f"{where}: prompt {prompts[i][0]!r} is empty (and --no-start-token leaves nothing)")
+        elif n + args.max_new_tokens > cfg.model.max_seq_len:
+            errors.append(f"{where}: prompt {prompts[i][0]!r} has {n} tokens; with --max-new-tokens "
+                          f"{args.max_new_tokens} that exceeds the model's max_seq_len {cfg.model.max_seq_len}")
+    # Every rank learns of every rank's errors, so all of them stop together (none hangs in a collective).
+    errors = [e for part in _gather(errors, info.world_size) for e in part]
+    if errors:
+        if info.is_main:
+            print("\n".join(f"error: {e}" for e in errors[:20]), file=sys.stderr)
+        return 2
+    order = sorted(mine, key=lambda i: len(encoded[i]))  # similar lengths batch together: less padding
+    results = {}
+    bar = tqdm(total=len(mine), unit="prompt", disable=not info.is_main, desc=f"generate (rank 0 of {info.world_size})")
+    t0, produced = time.perf_counter(), 0
+    decode = "cuda_graph" if args.cuda_graph else "dynamic"
+    for b in range(0, len(order), args.batch_size):
+        batch = order[b : b + args.batch_size]
+        outs = generate(model, [encoded[i] for i in batch], max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id,
+                        seed=args.seed, row_ids=batch, decode=decode)
+        for i, out in zip(batch, outs):
+            ended = bool(out) and out[-1] == tok.eod_id
+            text = tok.decode(out[:-1] if ended else out)
+            results[i] = {"id": prompts[i][0], "prompt": prompts[i][1], "text": text, "num_tokens": len(out),
+                          "finish_reason": "eod" if ended else "length"}
+            produced += len(out)
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{produced / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    gathered = _gather(results, info.world_size)
+    if info.is_main:
+        merged = {i: r for part in gathered for i, r in part.items()}
+        _write_jsonl_atomic(Path(args.output), [merged[i] for i in range(len(prompts))])
+        total = sum(r["num_tokens"] for r in merged.values())
+        print(f"wrote {len(merged)} continuations ({total} tokens) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
