@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", nargs="+", metavar="TEXT", help="one or more prompts given on the command line")
+    source.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT",
+                        help="one or more prompts given on the command line (the flag may repeat)")
     source.add_argument("--prompts-file", metavar="FILE.jsonl", help='JSONL of {"id": ..., "prompt": "..."}')
     parser.add_argument("--output", required=True, metavar="OUT.jsonl", help="where the continuations go")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt at most")

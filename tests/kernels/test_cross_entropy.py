@@ -28,16 +28,8 @@ IMPLS = {"triton": linear_cross_entropy_triton, "chunked": linear_cross_entropy_
 # scale or skipped chunk is O(1) off.
 RTOL = {torch.float32: 3e-5, torch.float16: 2e-3}
 
-# GPU machines run the compiled kernels on CUDA tensors; elsewhere tests/conftest.py sets TRITON_INTERPRET=1 and
-# the same kernels run on the CPU through the interpreter.
+# Where the kernels run: see tests/kernels/conftest.py (its autouse fixture makes DEVICE the default device).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(autouse=True)
-def on_device():
-    with torch.device(DEVICE):  # tensor factories without an explicit device allocate on DEVICE
-        yield
-
 
 
 def ce_float64(hidden, weight, targets, ignore_index=-100):
@@ -52,18 +44,6 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
     # ||got - want|| <= rtol * ||want||; where want is exactly 0 (V = 1, all ignored) got must be exactly 0 too.
     err = (got.double() - want).norm().item()
     assert err <= rtol * want.norm().item(), f"error {err:.3g} vs norm {want.norm().item():.3g}"
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty / empty_like return NaN-filled float tensors, so an element a kernel forgets to write fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def make_inputs(n, h, v, dtype, seed, ignored=(), ignore_index=-100):

@@ -17,34 +17,14 @@ from megasynth.kernels._rms_norm_triton import _rows_2d, rms_norm_triton
 # what a wrong formula gives (O(1)).
 RTOL = {torch.float32: 2e-6, torch.float16: 2e-3}
 
-# GPU machines run the compiled kernels on CUDA tensors; elsewhere tests/conftest.py sets TRITON_INTERPRET=1 and
-# the same kernels run on the CPU through the interpreter.
+# Where the kernels run: see tests/kernels/conftest.py (its autouse fixture makes DEVICE the default device).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(autouse=True)
-def on_device():
-    with torch.device(DEVICE):  # tensor factories without an explicit device allocate on DEVICE
-        yield
-
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | None = None) -> float:
     """||got - want|| / ||scale|| (scale defaults to want)."""
     scale = want if scale is None else scale
     return ((got.double() - want).norm() / scale.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty / empty_like return NaN-filled float tensors, so an element a kernel forgets to write fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def check_against_float64(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> None:

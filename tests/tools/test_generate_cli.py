@@ -108,3 +108,9 @@ def test_help_lists_every_flag(capsys):
                  "--temperature", "--top-k", "--top-p", "--seed", "--batch-size", "--no-start-token", "--device",
                  "--dtype", "--cuda-graph"):
         assert flag in text
+
+
+def test_prompt_flag_takes_several_values_and_may_repeat():
+    parser = load_tool("generate").build_parser()
+    args = parser.parse_args(["--checkpoint", "c", "--output", "o", "--prompt", "a", "b", "--prompt", "c"])
+    assert args.prompt == ["a", "b", "c"]
