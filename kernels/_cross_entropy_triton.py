@@ -24,7 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import CUDA_CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS, check_linear_ce_inputs, chunk_rows_for
+from .cross_entropy import (
+    CPU_CHUNK_ELEMENTS,
+    CUDA_CHUNK_ELEMENTS,
+    check_linear_ce_inputs,
+    chunk_rows_for,
+    scale_saved_gradients,
+)
 
 # Vocabulary tile per loop step: 8192 fp32 over 16 warps = 16 values per thread.
 _MAX_BLOCK_V = 8192
@@ -119,11 +125,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # Out of place: a second backward (retain_graph) must see the saved gradients unscaled.
-        dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-        dw = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None
+        return scale_saved_gradients(ctx, grad_loss)
 
 
 def linear_cross_entropy_triton(

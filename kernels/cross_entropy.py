@@ -84,6 +84,15 @@ def linear_cross_entropy_ref(
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / num_valid
 
 
+def scale_saved_gradients(ctx, grad_loss):
+    """Backward of a fused linear CE whose forward already computed d(loss)/d(hidden, weight): scale them by the
+    upstream gradient. Out of place, so a second backward (retain_graph) sees the saved gradients unscaled."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+    dw = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
+    return dh, dw, None, None, None
+
+
 class _LinearCrossEntropyChunked(torch.autograd.Function):
     """Loss and both gradients in one chunked pass; the backward only scales by the upstream gradient."""
 
@@ -122,10 +131,7 @@ class _LinearCrossEntropyChunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-        dw = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None
+        return scale_saved_gradients(ctx, grad_loss)
 
 
 def linear_cross_entropy_chunked(

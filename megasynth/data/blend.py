@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shlex
-import uuid
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.config import DataSource
-from megasynth.data.gpt_dataset import GPTDataset
+from megasynth.data.gpt_dataset import GPTDataset, atomic_save_npz
 from megasynth.data.indexed import IndexedDataset, idx_path, sidecar_path
 from megasynth.mixture import MixtureSource, max_epochs, render_repetition_table, repetition_rows
 
@@ -312,20 +311,6 @@ def _load_cached_order(path: Path, num_samples: int, num_sources: int):
     return ids, samples
 
 
-def _atomic_save_npz(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_samples: int, seed: int,
                           cache_dir: str | os.PathLike | None) -> BlendedDataset:
     """The blend of `sources` (objects with .path, .weight and optionally .name); one source is a blend of one."""
@@ -347,7 +332,7 @@ def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_sa
         if cache_path is not None:
             description = json.dumps({"fingerprint": fingerprint, "num_samples": num_samples, "seq_len": seq_len,
                                       "seed": seed, "sources": [[n, p, w] for (n, p, _), w in zip(checked, weights)]})
-            _atomic_save_npz(cache_path, {"source_ids": ids, "source_samples": samples,
+            atomic_save_npz(cache_path, {"source_ids": ids, "source_samples": samples,
                                           "description": np.array(description)})
     else:
         ids, samples = cached

@@ -78,7 +78,8 @@ def build_sample_index(doc_lengths: np.ndarray, documents: np.ndarray, *, seq_le
     }
 
 
-def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temp file beside `path`, fsync, rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
@@ -119,7 +120,7 @@ class GPTDataset:
             index = build_sample_index(doc_lengths, self.documents, seq_len=self.seq_len,
                                        num_samples=self.num_samples, seed=self.seed)
             if self.cache_path is not None:
-                _atomic_save_npz(self.cache_path, {**index, "description": np.array(self._description())})
+                atomic_save_npz(self.cache_path, {**index, "description": np.array(self._description())})
         self.doc_order = index["doc_order"]
         self.sample_doc = index["sample_doc"]
         self.sample_offset = index["sample_offset"]
