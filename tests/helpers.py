@@ -11,7 +11,9 @@ is a real signal. Deterministic given the seed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +66,15 @@ def tiny_config(run_dir: str | os.PathLike, data_prefix: str | os.PathLike, *,
         section, name = key.split(".")
         table[section][name] = value
     return config_from_dict(config_to_dict(config_from_dict(table)))
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a fresh module, so its main(argv) runs in-process (no interpreter start-up). It is
+    registered in sys.modules because dataclasses defined in a tool look their module up there."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

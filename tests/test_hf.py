@@ -1,10 +1,10 @@
 """Hugging Face interop: logit parity with transformers both ways, weight round trips, clear errors, the CLIs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_tool
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -17,15 +17,8 @@ from megasynth.model import Transformer
 from megasynth.tokenizer import train_bpe_tokenizer
 
 transformers.logging.set_verbosity_error()
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def load_tool(name):
-    """A tools/*.py script as a module, so its main(argv) runs in-process (no interpreter start-up)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 # fp32 both sides; the only differences are summation orders and RoPE tables (ours float64-rounded, HF fp32
 # products): measured <= 6e-6 on logits of magnitude ~4 at 200 tokens, so 1e-4 (the issue's bar) has margin.

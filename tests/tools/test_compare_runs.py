@@ -1,6 +1,5 @@
 """tools/compare_runs.py on metrics files written by real training runs (megasynth.train), and on bad files."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,14 +8,12 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from helpers import tiny_config, write_pattern_corpus
+from helpers import load_tool, tiny_config, write_pattern_corpus
 from megasynth.config import save_config
 from megasynth.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "tools" / "compare_runs.py")
-compare_runs = sys.modules["compare_runs"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare_runs)
+compare_runs = load_tool("compare_runs")
 
 
 @pytest.fixture(scope="module")

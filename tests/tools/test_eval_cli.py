@@ -1,7 +1,6 @@
 """tools/eval.py end to end on the example task files and a perplexity prefix; 2 torchrun CPU ranks give the
 same results as one process; malformed inputs exit 2 naming FILE:LINE before the model loads."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tool
 import torch
 
 from megasynth.checkpoint import save_model_checkpoint
@@ -24,11 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TASKS = [ROOT / "examples" / "eval" / f for f in ("capitals.jsonl", "arithmetic_qa.jsonl", "quality_closed_book.jsonl")]
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

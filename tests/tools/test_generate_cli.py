@@ -1,7 +1,6 @@
 """tools/generate.py end to end: a run directory in, JSONL out; equal to the no-cache reference; the torchrun
 path with 2 CPU ranks writes the same file; bad input exits 2 naming FILE:LINE."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_tool
 import torch
 
 from megasynth.checkpoint import save_model_checkpoint
@@ -22,11 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The capital of", "x", "Two plus two is four and", "Hello"]
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """megasynth/mixture.py and tools/plan_mixture.py: the repetition calculus, horizons, and compute-matched configs."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tool
 import torch
 
 from megasynth.config import load_config
@@ -21,9 +21,7 @@ from megasynth.mixture import (
 from megasynth.model import Transformer, flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("plan_mixture", ROOT / "tools" / "plan_mixture.py")
-plan_mixture = sys.modules["plan_mixture"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan_mixture)
+plan_mixture = load_tool("plan_mixture")
 BASE = ROOT / "examples" / "configs" / "tiny.toml"
 
 
