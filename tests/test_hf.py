@@ -1,7 +1,6 @@
 """Hugging Face interop: logit parity with transformers both ways, weight round trips, clear errors, the CLIs."""
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import load_tool
