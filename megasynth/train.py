@@ -38,13 +38,13 @@ import torch
 
 from megasynth import checkpoint
 from megasynth.config import Config, ConfigError, config_to_dict, describe_config, load_config, save_config
-from megasynth.data.loader import DistributedBatchLoader, accumulation_steps, build_train_dataset
+from megasynth.data.loader import DistributedBatchLoader, accumulation_steps, build_train_dataset, data_sources
 from megasynth.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
 from megasynth.metrics import MetricsLogger, ThroughputMeter, memory_gb, peak_flops
 from megasynth.model import Transformer, flops_per_token
-from megasynth.schedule import build_lr_scheduler
-
 from megasynth.parallelize import loss_parallel_context, parallelize_model
+from megasynth.schedule import build_lr_scheduler
+from megasynth.tokenizer import load_tokenizer
 
 
 EVAL_SEED = 0  # held-out samples are the same at every evaluation and in every run
@@ -166,8 +166,6 @@ def copy_tokenizer(first_prefix: str, run_dir: Path) -> dict | None:
     if not isinstance(tok, dict):
         return None
     try:
-        from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
-
         tokenizer = load_tokenizer(tok["path"])
         tmp = run_dir / f".tokenizer.tmp-{uuid.uuid4().hex[:8]}"  # complete before it takes the final name
         tmp.mkdir(parents=True)
@@ -179,15 +177,6 @@ def copy_tokenizer(first_prefix: str, run_dir: Path) -> dict | None:
         print(f"warning: could not copy the tokenizer named in {sidecar} ({e}); RUN_DIR/tokenizer is absent",
               file=sys.stderr)
         return tok
-
-
-def first_source_prefix(data) -> str:
-    if data.sources:
-        return data.sources[0].path
-    words = data.data_path.split()
-    if len(words) > 1:  # "w1 prefix1 w2 prefix2 ..."
-        return words[1]
-    return words[0] if words else ""
 
 
 def _fault_steps(name: str) -> set[int]:
@@ -307,7 +296,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
     tokenizer_identity = None
     if info.is_main:
         save_config(cfg, run_dir / "config.toml")
-        tokenizer_identity = copy_tokenizer(first_source_prefix(cfg.data), run_dir)
+        tokenizer_identity = copy_tokenizer(data_sources(cfg.data)[0].path, run_dir)
     log.open(resume_step=progress.step if resume_from is not None else None)
     if resume_from is not None:
         log.info(f"resumed from {resume_from} at step {progress.step}")

@@ -23,6 +23,7 @@ from megasynth.data.loader import IGNORE_INDEX, Batch
 from megasynth.distributed import DistInfo
 from megasynth.metrics import read_metrics
 from megasynth.model import Transformer
+from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megasynth.train import copy_tokenizer, main, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,29 +205,20 @@ def test_resume_refuses_another_model_or_other_data(tmp_path, corpus):
     assert code == 2  # 'none' will not mix a fresh run into an old run's checkpoints
 
 
-class FakeTokenizer:
-    def __init__(self, path):
-        self.path = path
-
-    def save(self, directory):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "tokenizer.json").write_text("{}")
-
-    def identity(self):
-        return {"type": "fake", "path": self.path, "sha256": "abc"}
-
-
-def test_the_tokenizer_named_by_the_sidecar_is_copied(tmp_path, monkeypatch, capsys):
+def test_the_tokenizer_named_by_the_sidecar_is_copied(tmp_path, capsys):
+    tok = train_bpe_tokenizer(["the tokenizer the run was made with"] * 20, tmp_path / "tok", vocab_size=300)
     prefix = tmp_path / "data"
-    Path(f"{prefix}.json").write_text(json.dumps({"tokenizer": {"type": "bpe", "path": "/tok", "sha256": "abc"}}))
-    monkeypatch.setitem(sys.modules, "megasynth.tokenizer", type(sys)("megasynth.tokenizer"))
-    sys.modules["megasynth.tokenizer"].load_tokenizer = FakeTokenizer
-    assert copy_tokenizer(str(prefix), tmp_path) == {"type": "fake", "path": "/tok", "sha256": "abc"}
-    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    Path(f"{prefix}.json").write_text(json.dumps({"tokenizer": tok.identity()}))
+    assert copy_tokenizer(str(prefix), tmp_path / "run") == tok.identity()
+    copied = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert copied.identity()["sha256"] == tok.identity()["sha256"]
+    assert copied.encode("the run") == tok.encode("the run")
     # An unloadable tokenizer is a warning, not a failed run; the sidecar's identity is kept for meta.json.
-    sys.modules["megasynth.tokenizer"].load_tokenizer = lambda path: 1 / 0
-    assert copy_tokenizer(str(prefix), tmp_path / "other") == {"type": "bpe", "path": "/tok", "sha256": "abc"}
+    missing = {"type": "huggingface", "path": str(tmp_path / "gone"), "sha256": "abc"}
+    Path(f"{prefix}.json").write_text(json.dumps({"tokenizer": missing}))
+    assert copy_tokenizer(str(prefix), tmp_path / "other") == missing
     assert "could not copy the tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "tokenizer").exists()
     assert copy_tokenizer(str(tmp_path / "no_sidecar"), tmp_path) is None
 
 

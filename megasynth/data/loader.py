@@ -188,12 +188,17 @@ class DistributedBatchLoader:
 # ----------------------------------------------------------------------------------------------- datasets
 
 
-def build_train_dataset(data_cfg, *, num_samples: int, seed: int, cache_dir: str | os.PathLike):
-    """The training dataset of `data_cfg` (a DataConfig): the weighted blend of its sources, with `.fingerprint`."""
+def data_sources(data_cfg) -> list:
+    """The training sources of `data_cfg` (a DataConfig): its [[data.sources]], else its data.data_path parsed."""
     sources = list(data_cfg.sources)
     if not sources and data_cfg.data_path:
         sources = parse_data_path(data_cfg.data_path)
     if not sources:
         raise ValueError("no training data: set data.data_path (or [[data.sources]]) to a dataset prefix")
-    return build_blended_dataset(sources, seq_len=data_cfg.seq_len, num_samples=num_samples, seed=seed,
-                                 cache_dir=cache_dir)
+    return sources
+
+
+def build_train_dataset(data_cfg, *, num_samples: int, seed: int, cache_dir: str | os.PathLike):
+    """The training dataset of `data_cfg` (a DataConfig): the weighted blend of its sources, with `.fingerprint`."""
+    return build_blended_dataset(data_sources(data_cfg), seq_len=data_cfg.seq_len, num_samples=num_samples,
+                                 seed=seed, cache_dir=cache_dir)
