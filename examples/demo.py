@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from megasynth.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Return a new list containing",
@@ -38,11 +40,6 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     if result.returncode != 0:
         sys.exit(f"demo: step failed with exit code {result.returncode}: {shown}")
     print(f"  ({time.time() - started:.0f} s)", flush=True)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> int:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megasynth.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
     for path in ("corpus/train.jsonl", "tokenizer/tokenizer.json", "data/train.bin", "data/valid.idx",
                  "run/config.toml", "run/metrics.jsonl", "samples.jsonl"):
         assert (out / path).exists(), path
-    evals = [json.loads(line) for line in open(out / "run" / "metrics.jsonl") if '"eval"' in line]
+    evals = [r for r in read_metrics(out / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
     # From a uniform guess over 4096 ids (ln 4096 = 8.3) 20 steps of real text must already help.
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5
