@@ -59,7 +59,6 @@ class AttentionInputs:
     sin: torch.Tensor
     sdpa_mask: torch.Tensor | None = None  # [B, 1, S, S] bool, None = plain causal
     cu_seqlens: torch.Tensor | None = None  # int32 [N+1] over the flattened B*S tokens (triton backend)
-    max_seqlen: int = 0
     kv_cache: KVCacheLike | None = None
 
 
@@ -111,7 +110,7 @@ class Attention(nn.Module):
         out = qknorm_rope_attention(
             q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.q_norm.weight, self.k_norm.weight,
             inputs.cos.flatten(0, 1), inputs.sin.flatten(0, 1),
-            cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen, eps=self.eps,
+            cu_seqlens=inputs.cu_seqlens, eps=self.eps,
         )
         return out.view(bsz, seq, *out.shape[1:])
 
@@ -222,7 +221,7 @@ class Transformer(nn.Module):
         inputs = AttentionInputs(cos=cos, sin=sin, kv_cache=kv_cache)
         if doc_ids is not None and kv_cache is None:
             if self.cfg.attention == "triton":
-                inputs.cu_seqlens, inputs.max_seqlen = cu_seqlens_from_doc_ids(doc_ids)
+                inputs.cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
             else:
                 inputs.sdpa_mask = document_causal_mask(doc_ids)
         return inputs
@@ -283,13 +282,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> floa
 # ----------------------------------------------------------------------------------------------- documents
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[..., S] segment ids -> bool [..., S], True at the first token of each document (and of each row)."""
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    return is_start
+
+
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] non-decreasing segment ids -> position of each token within its document."""
     seq = doc_ids.shape[-1]
     idx = torch.arange(seq, device=doc_ids.device).expand_as(doc_ids)
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
-    start = torch.where(is_start, idx, torch.zeros_like(idx))
+    start = torch.where(document_starts(doc_ids), idx, torch.zeros_like(idx))
     return idx - torch.cummax(start, dim=-1).values
 
 
@@ -301,15 +305,13 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[B, S] -> (int32 cumulative document lengths over the flattened B*S tokens, longest document).
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] -> int32 cumulative document lengths over the flattened B*S tokens. (No max_seqlen: the fused
+    kernel bounds its tile schedule on the host without it, so computing it would only add a device sync.)
 
     Each row starts a new document, so documents never span two batch rows.
     """
     bsz, seq = doc_ids.shape
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    starts = torch.nonzero(is_start.flatten(), as_tuple=False).flatten()
+    starts = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
     total = torch.tensor([bsz * seq], device=doc_ids.device)
-    cu = torch.cat([starts, total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max().item())
+    return torch.cat([starts, total]).to(torch.int32)
