@@ -17,6 +17,8 @@ install_requires = [
     "tqdm>=4.66",
     "matplotlib>=3.7",
     "tomli-w>=1.0",
+    "xxhash>=3.0",  # checkpoint file checksums (megasynth/checkpoint.py)
+    "jinja2>=3.1",  # chat templates (megasynth/chat.py)
     "tomli>=2.0; python_version < '3.11'",
 ]
 if sys.platform.startswith("linux"):
@@ -45,6 +47,8 @@ setup(
             "transformers>=4.51",
             # Megatron-LM's own indexed-dataset reader and writer, to prove byte compatibility in tests.
             "megatron-core>=0.12",
+            # W&B offline runs are tested end to end.
+            "wandb>=0.17",
         ],
         "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'"],
         "wandb": ["wandb>=0.17"],

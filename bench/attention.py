@@ -29,11 +29,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
 # The public kernel modules do not import the @triton.jit files, so TRITON_INTERPRET can still be set in main().
 from megasynth.kernels import apply_rope_ref, rms_norm_ref, rope_cos_sin
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 EPS = 1e-6
 # Targets for D = 128 at S >= 4096 on an H100 (issue 4).

@@ -23,17 +23,14 @@ import torch
 from megasynth.config import ModelConfig
 from megasynth.generate import generate
 from megasynth.hf import config_for_model, export_hf
-from megasynth.model import Transformer
+from megasynth.model import Transformer, build_model
 
 
-def build_model(args, dtype: torch.dtype, device: torch.device) -> Transformer:
+def build_bench_model(args, dtype: torch.dtype, device: torch.device) -> Transformer:
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                       n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=args.prompt_len + args.new_tokens,
                       rope_theta=10000.0, init_std=0.05)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights(seed=0)
+    model = build_model(cfg, device, seed=0)
     return model.to(dtype).eval()
 
 
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ours = build_model(args, dtype, device)
+    ours = build_bench_model(args, dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(ours, config_for_model(ours.cfg), f"{tmp}/hf", dtype=dtype, eos_id=None)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", dtype=dtype).to(device).eval()

@@ -34,7 +34,7 @@ from megasynth.config import ConfigError, load_config
 from megasynth.data.loader import IGNORE_INDEX, Batch
 from megasynth.distributed import DistInfo
 from megasynth.metrics import peak_flops
-from megasynth.model import Transformer, flops_per_token
+from megasynth.model import build_model, flops_per_token
 from megasynth.parallelize import parallelize_model
 from megasynth.train import build_optimizer, train_step
 
@@ -62,10 +62,7 @@ def measure(cfg, device: torch.device, *, steps: int, warmup: int, accum: int, c
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None, dp_rank=0, dp_size=1, tp_rank=0,
                     tp_size=1)
     dtype = cfg.train.dtype if device.type == "cuda" else "float32"
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights(cfg.train.seed)
+    model = build_model(cfg.model, device, seed=cfg.train.seed)
     model = parallelize_model(model, info, cfg.parallel, torch.bfloat16 if dtype == "bfloat16" else torch.float32,
                               compile_backend=compile_backend)
     model.train()

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from megasynth.io import atomic_open
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "preprocess_data.py"
 
@@ -44,15 +46,13 @@ def build_corpus(path: Path, size_mb: float, seed: int = 0) -> None:
     paragraphs = [p.strip() for _, text in iter_stdlib_documents() for p in text.split("\n\n") if len(p.strip()) > 40]
     rng = random.Random(seed)
     target = int(size_mb * 1e6)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     written = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         while written < target:
             doc = "\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 8)))
             line = json.dumps({"text": doc}) + "\n"
             f.write(line)
             written += len(line.encode())
-    os.replace(tmp, path)
 
 
 def head_file(src: Path, dst: Path, size_mb: float) -> None:

@@ -26,7 +26,7 @@ from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, smalles
 from megasynth.data.loader import DistributedBatchLoader
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.metrics import memory_gb, peak_flops
-from megasynth.model import Transformer, flops_per_token
+from megasynth.model import build_model, flops_per_token
 from megasynth.train import build_optimizer, parallelize_model, train_step
 
 
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                         micro_batch_size=t.micro_batch_size, dp_rank=info.dp_rank,
                                         dp_size=info.dp_size, document_masking=cfg.data.document_masking,
                                         device=device)
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        model.to_empty(device=device)
-        model.init_weights(t.seed)
+        model = build_model(cfg.model, device, seed=t.seed)
         n_params = sum(p.numel() for p in model.parameters())
         model = parallelize_model(model, info, cfg.parallel,
                                   torch.bfloat16 if dtype == "bfloat16" else torch.float32)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
 from megasynth.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
-from megasynth.model import Transformer, resolved_dims
+from megasynth.io import atomic_dir, atomic_write_json
+from megasynth.model import Transformer, build_model, resolved_dims
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -43,10 +42,6 @@ class HFError(ValueError):
 def to_hf_name(name: str) -> str:
     """Our parameter name -> the Hugging Face name (lm_head stays, everything else gains "model.")."""
     return name if name.startswith("lm_head.") else f"model.{name}"
-
-
-def from_hf_name(name: str) -> str:
-    return name[len("model."):] if name.startswith("model.") else name
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -201,7 +196,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    atomic_write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return [*names, SAFETENSORS_INDEX]
 
 
@@ -268,12 +263,6 @@ def load_hf_weights(model: Transformer, tensors: dict[str, torch.Tensor], source
 # ------------------------------------------------------------------------------------------- export / import
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -284,22 +273,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise HFError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _temp_beside(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temp directory to its final name (replacing an old one only when asked)."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out}: already exists (pass overwrite / --overwrite to replace it)")
-        doomed = out.with_name(f".{out.name}.tmp-deleting-{uuid.uuid4().hex[:8]}")
-        os.replace(out, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, tokenizer=None,
@@ -314,18 +287,13 @@ def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, to
         raise FileExistsError(f"{out}: already exists (pass overwrite / --overwrite to replace it)")
     if tokenizer is not None:
         bos_id, eos_id = tokenizer.bos_id, tokenizer.eod_id
-    tmp = _temp_beside(out)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, replace=overwrite) as tmp:
         write_safetensors(hf_state_dict(model, dtype), tmp, max_shard_bytes)
-        _write_json(tmp / "config.json", hf_config(cfg.model, dtype=dtype, bos_id=bos_id, eos_id=eos_id))
+        atomic_write_json(tmp / "config.json", hf_config(cfg.model, dtype=dtype, bos_id=bos_id, eos_id=eos_id))
         generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": eos_id}
-        _write_json(tmp / "generation_config.json", generation)
+        atomic_write_json(tmp / "generation_config.json", generation)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _install(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -335,10 +303,7 @@ def import_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     config_path = hf_dir / "config.json"
     cfg = config_for_model(model_config_from_hf(_read_json(config_path), str(config_path)))
     tensors = read_safetensors(hf_dir)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
-    model.tie_weights()
+    model = build_model(cfg.model, "cpu", seed=None)  # every weight is overwritten next
     load_hf_weights(model, tensors, str(hf_dir))
     return model.to(dtype).eval(), cfg
 
@@ -364,12 +329,8 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         warning = f"{hf_dir} holds no tokenizer.json or tokenizer.model: the checkpoint has no tokenizer/"
     meta = {"source": {"huggingface": str(hf_dir.resolve())},
             "tokenizer": tokenizer.identity() if tokenizer is not None else None}
-    tmp = _temp_beside(out)
-    try:
+    with atomic_dir(out, replace=overwrite) as tmp:
         save_model_checkpoint(model, cfg, tmp, meta=meta)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
-        _install(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, warning

@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megasynth.config import Config, config_from_dict, config_to_dict
+from megasynth.io import atomic_write_text
 
 # Decimal suffixes (token counts are quoted in powers of ten: "a 10T-token horizon"). Upper or lower case.
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12, "P": 10**15}
@@ -309,12 +309,6 @@ def write_run_config(run: PlannedRun, path: str | os.PathLike) -> Path:
                 for r in run.rows()),
               *(f"# NOTE: {n}" for n in run.notes)]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps(config_to_dict(run.config))
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 

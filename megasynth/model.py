@@ -1,9 +1,6 @@
 """The Llama-3 decoder with QK-norm (exactly Hugging Face's Qwen3ForCausalLM layout). No parallel code here.
 
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cuda")
-    model.init_weights()
+    model = build_model(cfg.model, device="cuda", seed=0)       # meta-device construction, then init
     loss = model(input_ids, labels=labels, doc_ids=doc_ids)      # [B, S] -> scalar mean loss
     logits = model(input_ids)                                    # [B, S] -> [B, S, V]
 
@@ -261,8 +258,19 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- FLOPs
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return flops_per_token(self.cfg, seq_len)
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
+    """The one way to make a model: construct on the meta device (no memory, no init cost), allocate on
+    `device`, then `init_weights(seed)`. `seed=None` leaves the storage uninitialised for a caller that
+    overwrites every weight next (loading a checkpoint or Hugging Face weights); embeddings are tied either way."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if seed is None:
+        model.tie_weights()  # to_empty unties them
+    else:
+        model.init_weights(seed)
+    return model
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:

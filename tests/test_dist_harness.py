@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist import DistributedTestError, run_on_ranks
 
 MARKER = "as imported"  # the parent changes it before launching; a forked child would inherit the change

@@ -5,7 +5,7 @@ import torch
 
 from megasynth.config import ModelConfig
 from megasynth.generate import KVCache, filter_logits, generate, sample_next, sample_without_cache
-from megasynth.model import Transformer
+from megasynth.model import Transformer, build_model
 
 
 def build(seed: int = 0, **overrides) -> Transformer:
@@ -13,10 +13,7 @@ def build(seed: int = 0, **overrides) -> Transformer:
     base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64,
                 rope_theta=10000.0, init_std=0.3)
     base.update(overrides)
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**base))
-    model.to_empty(device="cpu")
-    model.init_weights(seed=seed)
+    model = build_model(ModelConfig(**base), "cpu", seed=seed)
     return model.eval()
 
 

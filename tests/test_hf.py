@@ -3,16 +3,23 @@
 import json
 
 import pytest
-from helpers import load_tool
 import torch
 import transformers
+from helpers import load_tool
 from safetensors.torch import load_file, save_file
 
 from megasynth.checkpoint import load_for_inference, save_model_checkpoint
 from megasynth.config import ModelConfig
-from megasynth.hf import (HFError, config_for_model, export_hf, import_hf, model_config_from_hf, read_safetensors,
-                          write_safetensors)
-from megasynth.model import Transformer
+from megasynth.hf import (
+    HFError,
+    config_for_model,
+    export_hf,
+    import_hf,
+    model_config_from_hf,
+    read_safetensors,
+    write_safetensors,
+)
+from megasynth.model import Transformer, build_model
 from megasynth.tokenizer import train_bpe_tokenizer
 
 transformers.logging.set_verbosity_error()
@@ -28,10 +35,7 @@ SEQ = 200
 def build_ours(qk_norm=True, tie=False, seed=0) -> Transformer:
     cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=96,
                       max_seq_len=256, rope_theta=10000.0, qk_norm=qk_norm, tie_embeddings=tie, init_std=0.1)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights(seed=seed)
+    model = build_model(cfg, "cpu", seed=seed)
     with torch.no_grad():  # norms away from 1, so a missing or misplaced norm weight changes the logits
         gen = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megasynth.config import ModelConfig
 from megasynth.model import (
     Transformer,
+    build_model,
     cu_seqlens_from_doc_ids,
     document_causal_mask,
     flops_per_token,
@@ -24,10 +25,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
 
 
 def build(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights(seed=seed)
+    model = build_model(cfg, "cpu", seed=seed)
     return model.to(dtype)
 
 

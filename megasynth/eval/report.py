@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
+from megasynth.io import atomic_write_text
+
 COLUMNS = ("acc", "acc_norm", "exact_match", "f1", "loss", "ppl")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(results: dict) -> str:
@@ -39,10 +32,10 @@ def markdown_table(results: dict) -> str:
 
 def write_report(out_dir: str | os.PathLike, results: dict, predictions: dict[str, list[dict]] | None = None) -> Path:
     out = Path(out_dir)
-    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     header = f"Checkpoint: `{results.get('checkpoint')}` (step {results.get('step')})\n\n"
-    _atomic_write(out / "results.md", header + markdown_table(results))
+    atomic_write_text(out / "results.md", header + markdown_table(results))
     for name, records in (predictions or {}).items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        _atomic_write(out / "predictions" / f"{name}.jsonl", text)
+        atomic_write_text(out / "predictions" / f"{name}.jsonl", text)
     return out

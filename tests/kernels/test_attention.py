@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import megasynth.kernels._attention_triton as attention_triton
 import pytest
 import torch
-
-import megasynth.kernels._attention_triton as attention_triton
 from megasynth.kernels import qknorm_rope_attention, qknorm_rope_attention_ref, rope_cos_sin
 from megasynth.kernels._attention_triton import qknorm_rope_attention_triton
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from megasynth.kernels._cross_entropy_triton import linear_cross_entropy_triton
 from megasynth.kernels.cross_entropy import (
     chunk_rows_for,
     linear_cross_entropy_chunked,
     linear_cross_entropy_ref,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 IMPLS = {"triton": linear_cross_entropy_triton, "chunked": linear_cross_entropy_chunked}
 

@@ -9,7 +9,6 @@ import importlib
 
 import pytest
 import torch
-
 from megasynth.kernels import linear_cross_entropy, rms_norm, swiglu
 from megasynth.kernels._dispatch import kernel_mode, use_triton
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megasynth.kernels import rms_norm_ref
 from megasynth.kernels._rms_norm_triton import _rows_2d, rms_norm_triton
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megasynth.kernels import swiglu_ref
 from megasynth.kernels._swiglu_triton import swiglu_triton
 

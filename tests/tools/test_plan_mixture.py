@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import load_tool
 import torch
+from helpers import load_tool
 
 from megasynth.config import load_config
 from megasynth.data.indexed import IndexedDatasetWriter

@@ -1,0 +1,195 @@
+"""The one home for durable file writes and line-numbered JSONL reading.
+
+Every file the project publishes (configs, sidecars, caches, reports, checkpoints' run files, tokenizers,
+metrics rewrites) goes through `atomic_write*` or `atomic_dir`: the bytes are written to a temp name beside
+the destination (same directory, so the final rename is atomic on one filesystem), flushed and fsynced, then
+renamed over the destination, and the directory entry is fsynced. A reader therefore sees the old file or the
+whole new one, never a torn one; a crash leaves at most a temp file, which `remove_stale_temps` recognises by
+its name (`.NAME.tmp-PID-HEX`) and removes.
+
+    atomic_write_text(path, "...")           # str; also atomic_write_bytes / atomic_write_json
+    with atomic_open(path, "wb") as f: ...   # stream into a file that appears only on success
+    with atomic_dir(final) as tmp: ...       # build a directory that appears only on success
+    for line_no, obj in read_jsonl(path): ...  # JsonlError("FILE:LINE: ...") on bad input
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+TEMP_TAG = ".tmp-"
+
+
+class JsonlError(ValueError):
+    """A JSONL line that is not valid JSON or not an object; the message starts with FILE:LINE."""
+
+
+def temp_path_beside(path: str | os.PathLike, token: str | None = None) -> Path:
+    """A hidden temp name in `path`'s directory: `.NAME.tmp-PID-HEX` (`token` replaces PID-HEX when given,
+    so that several processes can agree on one name)."""
+    path = Path(path)
+    token = token or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return path.with_name(f".{path.name}{TEMP_TAG}{token}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names made by `temp_path_beside` (what a crashed write leaves behind)."""
+    return name.startswith(".") and TEMP_TAG in name
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it survives a power loss (a no-op where the OS refuses)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO]:
+    """Open a temp file beside `path`; on a clean exit fsync it and rename it to `path`, else delete it."""
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"atomic_open: mode must be 'w', 'wt' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(path)
+    if "b" not in mode and encoding is None:
+        encoding = "utf-8"
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """JSON (UTF-8, not ASCII-escaped) with a trailing newline."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    with atomic_open(dst, "wb") as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 1 << 20)
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory by renaming it to a temp name first, so it never looks half-present."""
+    path = Path(path)
+    doomed = temp_path_beside(path, f"deleting-{uuid.uuid4().hex[:12]}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, token: str | None = None, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temp directory beside `final`; on a clean exit fsync its files and rename it to `final`
+    (an existing `final` is an error unless `replace`, which removes it just before the rename). On an
+    exception the temp directory is removed. `token` names the temp directory deterministically."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(final, token)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(root)
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final}: already exists")
+            remove_dir(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def remove_stale_temps(directory: str | os.PathLike, *, older_than_s: float = 0.0) -> list[Path]:
+    """Remove what crashed writes left in `directory` (files or directories with temp names); return them.
+    Only entries not modified for `older_than_s` seconds are touched, so a live writer elsewhere is safe."""
+    import time  # noqa: PLC0415
+
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    now = time.time()
+    for entry in directory.iterdir():
+        if not is_temp_name(entry.name):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_object: bool = True,
+               text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based line number, parsed value) for each line of a JSONL file. A line that is not JSON (or
+    not an object, with `require_object`) raises JsonlError naming FILE:LINE and what was expected. `text`
+    parses that string instead of reading `path` (which then only names the source in errors)."""
+    source = str(path)
+    lines = text.splitlines() if text is not None else None
+    if lines is None:
+        try:
+            f = open(path, encoding="utf-8")
+        except OSError as e:
+            raise JsonlError(f"{source}: cannot read ({e.strerror or e})") from None
+        with f:
+            yield from _parse_lines(source, f, skip_blank, require_object)
+    else:
+        yield from _parse_lines(source, lines, skip_blank, require_object)
+
+
+def _parse_lines(source: str, lines, skip_blank: bool, require_object: bool) -> Iterator[tuple[int, Any]]:
+    line_no = 0
+    try:
+        for line_no, line in enumerate(lines, 1):
+            if skip_blank and not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JsonlError(f"{source}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if require_object and not isinstance(obj, dict):
+                raise JsonlError(f"{source}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
+    except UnicodeDecodeError as e:
+        raise JsonlError(f"{source}:{line_no + 1}: not UTF-8 ({e.reason})") from None
