@@ -166,30 +166,33 @@ def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_obje
     not an object, with `require_object`) raises JsonlError naming FILE:LINE and what was expected. `text`
     parses that string instead of reading `path` (which then only names the source in errors)."""
     source = str(path)
-    lines = text.splitlines() if text is not None else None
-    if lines is None:
-        try:
-            f = open(path, encoding="utf-8")
-        except OSError as e:
-            raise JsonlError(f"{source}: cannot read ({e.strerror or e})") from None
-        with f:
-            yield from _parse_lines(source, f, skip_blank, require_object)
-    else:
-        yield from _parse_lines(source, lines, skip_blank, require_object)
-
-
-def _parse_lines(source: str, lines, skip_blank: bool, require_object: bool) -> Iterator[tuple[int, Any]]:
-    line_no = 0
+    if text is not None:
+        yield from _parse_lines(source, enumerate(text.splitlines(), 1), skip_blank, require_object)
+        return
     try:
-        for line_no, line in enumerate(lines, 1):
-            if skip_blank and not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JsonlError(f"{source}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if require_object and not isinstance(obj, dict):
-                raise JsonlError(f"{source}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
-    except UnicodeDecodeError as e:
-        raise JsonlError(f"{source}:{line_no + 1}: not UTF-8 ({e.reason})") from None
+        f = open(path, "rb")  # bytes, decoded per line, so a bad byte is reported on its own line
+    except OSError as e:
+        raise JsonlError(f"{source}: cannot read ({e.strerror or e})") from None
+    with f:
+        yield from _parse_lines(source, _decoded_lines(source, f), skip_blank, require_object)
+
+
+def _decoded_lines(source: str, f) -> Iterator[tuple[int, str]]:
+    for line_no, raw in enumerate(f, 1):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JsonlError(f"{source}:{line_no}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _parse_lines(source: str, numbered_lines, skip_blank: bool, require_object: bool) -> Iterator[tuple[int, Any]]:
+    for line_no, line in numbered_lines:
+        if skip_blank and not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JsonlError(f"{source}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if require_object and not isinstance(obj, dict):
+            raise JsonlError(f"{source}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield line_no, obj

@@ -1,0 +1,114 @@
+"""megasynth.io: atomic writes leave the old file or the whole new one; JSONL errors name FILE:LINE."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from megasynth.io import (
+    JsonlError,
+    atomic_dir,
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    is_temp_name,
+    read_jsonl,
+    remove_stale_temps,
+    temp_path_beside,
+)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "a.json"
+    atomic_write_json(path, {"x": "é"})
+    atomic_write_json(path, {"x": 2})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"x": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "old\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_open(path, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_killed_writer_leaves_old_file_and_a_removable_temp(tmp_path):
+    """A SIGKILL in the middle of a write: the destination still holds the old bytes; the temp it left is
+    recognised as one and removed by remove_stale_temps."""
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "old\n")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from megasynth.io import atomic_open
+        with atomic_open({str(path)!r}, "w") as f:
+            f.write("new" * 1000)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    assert path.read_text() == "old\n"
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "a.txt"]
+    assert len(leftovers) == 1 and is_temp_name(leftovers[0].name)
+    assert remove_stale_temps(tmp_path) == leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_remove_stale_temps_spares_recent_entries_and_normal_files(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    fresh = temp_path_beside(tmp_path / "b.txt")
+    fresh.write_text("y")
+    assert remove_stale_temps(tmp_path, older_than_s=3600) == []
+    old = temp_path_beside(tmp_path / "c")
+    old.mkdir()
+    (old / "inner").write_text("z")
+    past = os.path.getmtime(old) - 7200
+    os.utime(old, (past, past))
+    assert remove_stale_temps(tmp_path, older_than_s=3600) == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["keep.txt", fresh.name])
+
+
+def test_atomic_dir_publishes_only_on_success(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(ValueError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a").write_text("1")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(final) as tmp:
+        (tmp / "a").write_text("1")
+    assert (final / "a").read_text() == "1"
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_dir(final) as tmp:
+            (tmp / "b").write_text("2")
+    assert sorted(p.name for p in final.iterdir()) == ["a"]  # untouched
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_read_jsonl_line_numbers_and_errors(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+    assert list(read_jsonl(path)) == [(1, {"a": 1}), (3, {"a": 2})]
+    path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(JsonlError, match=rf"^{path}:2: not valid JSON"):
+        list(read_jsonl(path))
+    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(JsonlError, match=rf"^{path}:2: expected a JSON object, got list"):
+        list(read_jsonl(path))
+    assert list(read_jsonl(path, require_object=False)) == [(1, {"a": 1}), (2, [1, 2])]
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(JsonlError, match=rf"^{path}:2: not UTF-8"):
+        list(read_jsonl(path))
+    with pytest.raises(JsonlError, match="cannot read"):
+        list(read_jsonl(tmp_path / "missing.jsonl"))
