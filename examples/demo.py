@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from megasynth.io import read_jsonl
 from megasynth.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,12 +63,12 @@ def main() -> int:
 
     print("\n== 2. tokenizer: byte-level BPE, 4096 ids, trained on the training split")
     run([py, "tools/train_tokenizer.py", "--input", corpus / "train.jsonl", "--output", tokenizer,
-         "--type", "bpe", "--vocab-size", "4096"], env)
+         "--type", "bpe", "--vocab-size", "4096", "--chat-tokens"], env)  # chat tokens: examples/sft fine-tunes this
 
     print("\n== 3. preprocessing into .bin/.idx prefixes")
     for split in ("train", "valid"):
         run([py, "tools/preprocess_data.py", "--input", corpus / f"{split}.jsonl", "--output-prefix", data / split,
-             "--tokenizer", tokenizer, "--workers", "2"], env)
+             "--tokenizer", tokenizer, "--workers", "2", "--overwrite"], env)  # a rerun rebuilds the data
     sidecar = json.loads((data / "train.json").read_text())
 
     print("\n== 4. training (CPU, float32)")
@@ -89,10 +90,8 @@ def main() -> int:
     gen_cmd = [py, "tools/generate.py", "--checkpoint", run_dir, "--output", samples,
                "--max-new-tokens", "40", "--temperature", "0.8", "--top-k", "40", "--seed", "0", "--prompt", *PROMPTS]
     run(gen_cmd, env)
-    with open(samples) as f:
-        for line in f:
-            row = json.loads(line)
-            print(f"\n  > {row['prompt']}\u2026\n    {row['text'].strip()[:300]!r}")
+    for _, row in read_jsonl(samples):
+        print(f"\n  > {row['prompt']}\u2026\n    {row['text'].strip()[:300]!r}")
 
     print("\n== done in {:.0f} s".format(time.time() - started))
     print(f"  held-out perplexity: {first['ppl']:.1f} at step {first['step']}  ->  {last['ppl']:.1f} at step {last['step']}"

@@ -1,21 +1,39 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, reshardable, weights-only to read.
+"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, verified, resumable, reshardable, no code run.
 
 Layout of RUN_DIR/checkpoints/step_00000100/:
     *.distcp, .metadata   DCP shards of {"model", "optim", "scheduler", "data", "rng", "progress"}
     config.toml           the resolved Config of the run
-    meta.json             {"step", "tokens", "flops", "blend_fingerprint", "tokenizer", "complete": true, ...}
+    meta.json             {"step", "tokens", "flops", "blend_fingerprint", "tokenizer", "files", "complete": true}
 
 "model" and "optim" come from `torch.distributed.checkpoint.state_dict.get_state_dict`, so FSDP2/TP DTensor
 shards and plain modules save the same keys and a checkpoint written at one (dp, tp) shape loads at another.
-"scheduler", "data", "rng" and "progress" are JSON strings: nothing in a checkpoint needs unpickling, and every
-non-tensor value DCP stores is read back with `torch.load(..., weights_only=True)`.
+"scheduler", "data", "rng" and "progress" are JSON strings.
 
-A save writes into `step_XXXXXXXX.tmp-<id>/` and renames it to its final name only after every rank's shards,
-config.toml and meta.json are on disk, so a checkpoint is visible under its final name only when complete; a
-crash mid-save leaves a .tmp directory that `find_latest` never returns and the next save removes.
+What is atomic. A save writes into a hidden temp directory beside its final name (`.step_00000100.tmp-PID-HEX`,
+megasynth.io's naming) and renames it only after every rank's shards, config.toml and meta.json are written and
+fsynced, so a checkpoint is visible under its final name only when complete. A save that fails (disk full,
+file too large, ...) removes its temp directory and raises CheckpointSaveError, one line naming the path, the
+error, and the space needed against the space free; the earlier checkpoints are untouched. Temp directories
+left by a crashed process are removed at the trainer's start-up (`remove_stale_saves`) and by pruning.
+
+What is verified. meta.json lists every other file of the checkpoint with its size and xxh3_64 checksum
+("files", computed after the shards are on disk; under several ranks each rank hashes a share). Every load
+(resume, train.init_from, load_for_inference for tools/generate.py, eval.py and export_hf.py) first checks
+each file's presence, size and checksum and refuses a damaged checkpoint with DamagedCheckpointError naming
+the file and what is wrong (missing, truncated, bytes changed). `find_latest_intact` (train.resume=auto) skips
+damaged checkpoints, saying so, and returns the newest intact one; an explicit path never falls back.
+Pruning (`keep_last`) never removes the checkpoint just saved, so the newest verified checkpoint survives even
+when newer-numbered ones are damaged. Checkpoints saved before checksums existed load with a warning.
+
+What is refused. Nothing in a checkpoint is unpickled with the full pickle machinery: `.metadata` goes through
+megasynth.safe_unpickle's allow-list of DCP metadata classes ("refusing to unpickle MODULE.NAME from FILE"
+otherwise), tensors through `torch.load(weights_only=True)`, and the other parts are JSON. A checkpoint whose
+model shapes do not fit the model fails with CheckpointError naming the first mismatch.
 
 Other tools use:
-    find_latest(checkpoints_dir) -> Path | None
+    find_latest(checkpoints_dir) -> Path | None              newest complete checkpoint (not verified)
+    find_latest_intact(checkpoints_dir, say) -> Path | None  newest verified one, reporting the damaged ones
+    verify_checkpoint(path) -> Path                          raises DamagedCheckpointError
     load_for_inference(path, device="cpu", dtype=torch.float32) -> (Transformer, Config)
     save_model_checkpoint(model, cfg, path, meta=None)       a weights-only checkpoint in the same layout
     load_model_weights(model, path)                          weights only (train.init_from)
@@ -24,14 +42,18 @@ Other tools use:
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,42 +69,70 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from megasynth.checkpoint_verify import (
+    ALGORITHM,
+    CheckpointError,
+    DamagedCheckpointError,
+    checksum_files,
+    file_checksum,
+    find_problems,
+)
 from megasynth.config import Config, load_config, save_config
+from megasynth.io import (
+    atomic_write_text,
+    fsync_dir,
+    remove_dir,
+    remove_stale_temps,
+    temp_path_beside,
+)
+from megasynth.safe_unpickle import (
+    SafeFileSystemReader,
+    UnsafePickleError,
+    load_metadata,
+)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+LEGACY_TEMP = re.compile(r"^step_\d{8}\.tmp-")  # temp directories named by saves before megasynth.io's naming
 JSON_PARTS = ("scheduler", "data", "rng", "progress")
+METADATA = ".metadata"  # DCP's metadata file
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model; the message names the path."""
+class CheckpointSaveError(CheckpointError):
+    """A save failed (disk full, file too large, ...); its temp directory is gone, earlier checkpoints intact."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _is_complete(path: Path) -> bool:
+def _read_meta_or_none(path: Path) -> dict | None:
     try:
-        return json.loads((path / "meta.json").read_text()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_complete(path: Path) -> bool:
+    meta = _read_meta_or_none(path)
+    return meta is not None and meta.get("complete") is True
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), child) for child in root.iterdir()
+                  if (m := STEP_DIR.match(child.name)) and child.is_dir())
 
 
 def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints (step, path), oldest first; .tmp directories and incomplete ones are ignored."""
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and child.is_dir() and _is_complete(child):
-            found.append((int(m.group(1)), child))
-    return sorted(found)
+    """Complete checkpoints (step, path), oldest first; temp directories and incomplete ones are ignored.
+    Complete means meta.json says so; whether the files are intact is `verify_checkpoint`'s question."""
+    return [(step, path) for step, path in _step_dirs(Path(checkpoints_dir)) if _is_complete(path)]
 
 
 def find_latest(checkpoints_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `checkpoints_dir`, or None."""
+    """The newest complete checkpoint under `checkpoints_dir`, or None (not verified: see find_latest_intact)."""
     found = list_checkpoints(checkpoints_dir)
     return found[-1][1] if found else None
 
@@ -91,6 +141,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory from a step directory, a checkpoints directory or a run directory."""
     path = Path(path)
     if (path / "meta.json").is_file():
+        if _read_meta_or_none(path) is None:
+            raise DamagedCheckpointError(path, ["meta.json: not a JSON object (unreadable or damaged)"])
         if not _is_complete(path):
             raise CheckpointError(f"{path}: incomplete checkpoint (meta.json lacks \"complete\": true)")
         return path
@@ -104,6 +156,74 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_meta(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- verification
+
+
+def _to_stderr(message: str) -> None:
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Path:
+    """Check every file listed in meta.json (presence, size, xxh3_64) and that .metadata exists; return the
+    path, or raise DamagedCheckpointError naming the first bad file. A checkpoint saved before checksums were
+    recorded is accepted with a warning. Under torch.distributed every rank must call this together."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        _to_stderr(f"warning: {path}: meta.json records no checksums (saved by an older megasynth); loading it unverified")
+        problems = [] if (path / METADATA).is_file() else [f"{METADATA}: missing"]
+    else:
+        problems = find_problems(path, files)
+        if METADATA not in files and not (path / METADATA).is_file():
+            problems.append(f"{METADATA}: missing")
+    if problems:
+        raise DamagedCheckpointError(path, problems)
+    return path
+
+
+def find_latest_intact(checkpoints_dir: str | os.PathLike, say: Callable[[str], None] = _to_stderr) -> Path | None:
+    """The newest checkpoint under `checkpoints_dir` that passes `verify_checkpoint`, or None if there is no
+    checkpoint at all. Each damaged one passed over is reported through `say` (one line naming the file), and
+    so is the fallback. Raises CheckpointError when checkpoints exist but none is intact."""
+    root = Path(checkpoints_dir)
+    skipped: list[Path] = []
+    for _, path in reversed(_step_dirs(root)):
+        if _read_meta_or_none(path) is None and (path / "meta.json").exists():
+            say(f"warning: {path}: damaged checkpoint: meta.json is not readable JSON; skipping it")
+            skipped.append(path)
+            continue
+        if not _is_complete(path):
+            continue  # not a checkpoint (no meta.json, or not marked complete)
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpointError as e:
+            say(f"warning: {e}; skipping it")
+            skipped.append(path)
+            continue
+        if skipped:
+            say(f"warning: falling back to {path}, the newest intact checkpoint (skipped damaged: "
+                f"{', '.join(p.name for p in skipped)})")
+        return path
+    if skipped:
+        raise CheckpointError(f"{root}: every checkpoint is damaged ({', '.join(p.name for p in skipped)}); "
+                              "move them away to start fresh")
+    return None
+
+
+def _read_dcp_metadata(path: Path):
+    """.metadata through the restricted unpickler, every failure a CheckpointError naming the file."""
+    try:
+        return load_metadata(path / METADATA)
+    except UnsafePickleError as e:
+        raise CheckpointError(str(e)) from None
+    except FileNotFoundError:
+        raise DamagedCheckpointError(path, [f"{METADATA}: missing"]) from None
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpointError(path, [f"{METADATA}: unreadable ({type(e).__name__}: {e})"]) from None
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -153,60 +273,128 @@ def _dcp_save(state: dict, path: Path) -> None:
 def _dcp_load(state: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner(), no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path),
+                 planner=_WeightsOnlyLoadPlanner(), no_dist=not _distributed())
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------- saving
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a directory so that it never looks like a complete checkpoint halfway through."""
-    doomed = path.with_name(f"{path.name}.tmp-deleting-{uuid.uuid4().hex[:8]}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _write_run_files(tmp: Path, cfg: Config | None, meta: dict) -> None:
-    """config.toml, then meta.json (marked complete) into the not-yet-visible checkpoint directory."""
+def _write_run_files(tmp: Path, cfg: Config | None, meta: dict, files: dict) -> None:
+    """config.toml, then meta.json (with every file's checksum, marked complete) into the temp directory."""
     if cfg is not None:
         save_config(cfg, tmp / "config.toml")
-    _atomic_write_text(tmp / "meta.json", json.dumps({**meta, "complete": True}, indent=2) + "\n")
+        size, digest = file_checksum(tmp / "config.toml")  # rank 0 alone: not checksum_files, a collective
+        files = {**files, "config.toml": {"bytes": size, ALGORITHM: digest}}
+    record = {**meta, "checksum": ALGORITHM, "files": dict(sorted(files.items())), "complete": True}
+    atomic_write_text(tmp / "meta.json", json.dumps(record, indent=2) + "\n")
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes DCP writes for `state` (global tensor sizes, so the same on every rank), ignoring small extras."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()  # a DTensor's numel is the global one
+        elif isinstance(value, str):
+            total += len(value.encode())
+    return total
+
+
+def _root_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed save: DCP wraps each rank's exception in a CheckpointException."""
+    seen = set()
+    todo = [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            return cur
+        if isinstance(cur, CheckpointException):
+            todo.extend(exc for exc, _tb in cur.failures.values())
+        todo.extend([cur.__cause__, cur.__context__])
+    return None
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _describe_failure(final: Path, error: BaseException, needed: int) -> str:
+    """One line: which checkpoint, the OS error (and its file), the space needed against the space free."""
+    cause = _root_os_error(error)
+    if cause is None:
+        return f"cannot save checkpoint {final}: {_error_line(error)}"
+    where = f" ({cause.filename})" if cause.filename else ""
+    try:
+        free = f"{_mb(shutil.disk_usage(final.parent).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    space = f"; it needs about {_mb(needed)}, {free}"
+    if cause.errno == errno.EFBIG:
+        space += " (a file size limit, e.g. ulimit -f, may be what was hit)"
+    return f"cannot save checkpoint {final}: {cause.strerror or cause}{where}{space}; its temp directory was removed"
 
 
 def _publish(state: dict, final: Path, cfg: Config | None, meta: dict) -> Path:
-    """DCP-save `state` into a temp directory beside `final`, then (rank 0) add the run files and rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    token = _broadcast_str(uuid.uuid4().hex[:12])  # one temp directory shared by every rank
-    tmp = final.with_name(f"{final.name}.tmp-{token}")
-    _dcp_save(state, tmp)
-    _barrier()  # every rank's shards are written
+    """DCP-save `state` into a temp directory beside `final`, checksum its files, then (rank 0) add the run
+    files and rename it to `final`. Every rank calls this; when the save fails (an OSError such as ENOSPC or
+    EFBIG anywhere) every rank raises CheckpointSaveError with rank 0's one-line description, after rank 0
+    removed the temp directory.
+
+    (megasynth.io.atomic_dir is for one writer; here every rank writes shards into the directory, so the steps
+    are spelled out, with rank 0's verdict broadcast after each step that can fail on rank 0 alone.)"""
+    needed = _state_bytes(state)
+    token = _broadcast_str(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")  # one temp directory shared by every rank
+    tmp = temp_path_beside(final, token)
+    failure: BaseException | None = None
     if _rank() == 0:
-        _write_run_files(tmp, cfg, meta)
-        if final.exists():  # the same step saved again (e.g. an overwritten run): replace it
-            _remove_dir(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failure = e
+    if not _broadcast_str("failed" if failure is not None else ""):
+        try:
+            _dcp_save(state, tmp)  # a failure on any rank raises a CheckpointException on every rank
+            # Rank 0 lists the files (shards and .metadata, on the shared filesystem DCP requires) for all.
+            names = json.loads(_broadcast_str(json.dumps(
+                sorted(p.name for p in tmp.iterdir() if p.is_file()) if _rank() == 0 else [])))
+            files = checksum_files(tmp, names)  # every rank hashes a share; raises on every rank alike
+            if _rank() == 0:
+                _write_run_files(tmp, cfg, meta, files)
+                if final.exists():  # the same step saved again (e.g. after falling back from a damaged one)
+                    remove_dir(final)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (described below, then re-raised)
+            failure = e
+    if _rank() == 0 and failure is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what is really free
+    message = _broadcast_str(_describe_failure(final, failure, needed) if failure is not None else "")
+    if message:
+        if failure is not None and _root_os_error(failure) is None:
+            raise failure  # a bug rather than a full disk: keep its traceback
+        raise CheckpointSaveError(message)
     _barrier()
     return final
+
+
+def remove_stale_saves(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Remove temp directories left in `checkpoints_dir` by crashed saves or prunes (megasynth.io's
+    `.NAME.tmp-*` names and the older `step_XXXXXXXX.tmp-*` ones). Call it only while no save can be running
+    (the trainer holds the run directory's lock)."""
+    root = Path(checkpoints_dir)
+    removed = remove_stale_temps(root)
+    if root.is_dir():
+        for child in root.iterdir():
+            if LEGACY_TEMP.match(child.name) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------- RNG
@@ -262,7 +450,8 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, *, model: tor
                     keep_last: int = 0) -> Path:
     """Save model, optimizer and the JSON `parts` (scheduler, data, rng, progress) as step_XXXXXXXX; prune.
 
-    Every rank calls this. Returns the final directory, which exists (complete) when the call returns.
+    Every rank calls this. Returns the final directory, which exists (complete) when the call returns; raises
+    CheckpointSaveError (one line, temp directory removed, nothing pruned) when the save fails.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -270,32 +459,32 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, *, model: tor
         state[name] = json.dumps(parts.get(name))
     final = _publish(state, Path(checkpoints_dir) / step_dir_name(step), cfg, {**meta, "step": step})
     if _rank() == 0:
-        prune_checkpoints(checkpoints_dir, keep_last)
+        prune_checkpoints(checkpoints_dir, keep_last, keep=final)
     _barrier()
     return final
 
 
-def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Keep the newest `keep_last` complete checkpoints (0 keeps all); remove stale .tmp directories."""
+def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Keep the newest `keep_last` complete checkpoints (0 keeps all) and `keep` (the checkpoint just saved, so
+    the newest verified one survives even when newer-numbered damaged ones exist); remove stale temp dirs."""
     root = Path(checkpoints_dir)
     removed = []
     complete = list_checkpoints(root)
     if keep_last > 0:
         for _, path in complete[:-keep_last]:
-            _remove_dir(path)
+            if keep is not None and path == Path(keep):
+                continue
+            remove_dir(path)
             removed.append(path)
-    for child in root.iterdir():
-        if ".tmp-" in child.name and child.is_dir():  # left by a crashed save (or a crashed prune)
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-    return removed
+    return removed + remove_stale_saves(root)
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict[str, dict | None]:
-    """Load model and optimizer in place from a checkpoint; return its JSON parts {name: value or None}."""
-    path = resolve_checkpoint(path)
-    saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    verify: bool = True) -> dict[str, dict | None]:
+    """Load model and optimizer in place from a checkpoint; return its JSON parts {name: value or None}.
+    The files are verified first unless the caller just did (`verify=False` after verify_checkpoint)."""
+    path = verify_checkpoint(path) if verify else resolve_checkpoint(path)
+    saved = set(_read_dcp_metadata(path).state_dict_metadata)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state: dict = {"model": model_sd, "optim": optim_sd}
     for name in JSON_PARTS:
@@ -322,9 +511,11 @@ def _error_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------- weights only
 
 
-def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Load only the model weights of a (full or weights-only) checkpoint into `model`, in place."""
-    path = resolve_checkpoint(path)
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, verify: bool = True) -> Path:
+    """Load only the model weights of a (full or weights-only) checkpoint into `model`, in place; the files
+    are verified first unless the caller just did."""
+    path = verify_checkpoint(path) if verify else resolve_checkpoint(path)
+    _read_dcp_metadata(path)  # refuses a .metadata that names anything but DCP metadata classes
     model_sd = get_model_state_dict(model)
     state = {"model": model_sd}
     try:
@@ -346,16 +537,13 @@ def save_model_checkpoint(model: torch.nn.Module, cfg: Config, path: str | os.Pa
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32):
     """(Transformer in eval mode on `device` in `dtype`, Config) from a step directory or a run directory."""
-    from megasynth.model import Transformer  # noqa: PLC0415
+    from megasynth.model import build_model  # noqa: PLC0415
 
-    path = resolve_checkpoint(path)
+    path = verify_checkpoint(path)  # config.toml is among the verified files
     config_path = path / "config.toml"
     if not config_path.is_file():
         raise CheckpointError(f"{path}: no config.toml beside the weights")
     cfg = load_config(config_path)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty unties them; every weight is then overwritten by the checkpoint
-    load_model_weights(model, path)
+    model = build_model(cfg.model, device, seed=None)  # every weight is overwritten by the checkpoint
+    load_model_weights(model, path, verify=False)
     return model.to(dtype=dtype).eval(), cfg

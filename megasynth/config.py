@@ -13,14 +13,17 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import sys
 import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+from megasynth.io import atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,6 +75,10 @@ class DataSource:
     """Share of the training tokens drawn from this source (weights are normalised over all sources)."""
     name: str = ""
     """Short name for logs and tables; defaults to the prefix's file name."""
+    packing: Literal["concat", "pack"] = "concat"
+    """How samples are cut: 'concat' lays documents end to end and cuts windows anywhere (pretraining);
+    'pack' places whole examples into windows without splitting one, pads the rest, masks padding and
+    attention across examples (SFT / pair data; examples longer than the window are truncated and counted)."""
 
 
 @dataclass
@@ -82,6 +89,9 @@ class DataConfig:
     """Alternative to `sources` in Megatron's syntax: "0.3 /data/a 0.7 /data/b" (or a single prefix)."""
     valid_paths: list[str] = field(default_factory=list)
     """Held-out prefixes evaluated every train.eval_every steps (loss and perplexity, one line each)."""
+    valid_packing: Literal["auto", "concat", "pack"] = "auto"
+    """How held-out samples are cut (see DataSource.packing); 'auto' packs prefixes that carry a loss mask
+    (their loss is then the masked loss over whole examples) and concatenates the others."""
     seq_len: int = 1024
     """Tokens per training sequence (each sample reads seq_len + 1 tokens)."""
     document_masking: bool = True
@@ -405,40 +415,105 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as TOML, atomically."""
     import tomli_w  # noqa: PLC0415
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(tomli_w.dumps(config_to_dict(cfg)))
-    os.replace(tmp, path)
+    atomic_write_text(path, tomli_w.dumps(config_to_dict(cfg)))
 
 
 def validate_config(cfg: Config) -> None:
-    """Cross-field checks that a type check cannot make; each error names the keys involved."""
-    m = cfg.model
+    """Range and cross-field checks that a type check cannot make. The first problem found is raised as one
+    ConfigError naming the key, its value and what is expected."""
+    problem = next(_config_problems(cfg), None)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def _config_problems(cfg: Config) -> Iterator[str]:
+    """Every check in order, lazily: a generator stops at the first problem its consumer takes, so a check runs
+    only after the checks it depends on have passed (model.dim % model.n_heads only once model.n_heads >= 1)."""
+    m, d, par, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.train
+
+    def at_least(key: str, value: int, low: int) -> Iterator[str]:
+        if value < low:
+            yield f"{key} must be >= {low}, got {value}"
+
+    def positive_number(key: str, value: float) -> Iterator[str]:
+        if not (math.isfinite(value) and value > 0):
+            yield f"{key} must be a finite number > 0, got {value}"
+
+    def number_in(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> Iterator[str]:
+        if not (low <= value and (value < high if high_open else value <= high)):  # NaN fails every comparison
+            yield f"{key} must be within [{low}, {high}{')' if high_open else ']'}, got {value}"
+
+    # ---- model
+    yield from at_least("model.vocab_size", m.vocab_size, 1)
+    yield from at_least("model.dim", m.dim, 1)
+    yield from at_least("model.n_layers", m.n_layers, 1)
+    yield from at_least("model.n_heads", m.n_heads, 1)
+    yield from at_least("model.n_kv_heads", m.n_kv_heads, 0)
     kv = m.n_kv_heads or m.n_heads
-    checks = [
-        (m.dim > 0 and m.n_layers > 0 and m.n_heads > 0, "model.dim, model.n_layers and model.n_heads must be positive"),
-        (m.n_heads % kv == 0, f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}"),
-        (m.head_dim > 0 or m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim"),
-        ((m.head_dim or m.dim // m.n_heads) % 2 == 0, "the head dimension must be even (RoPE rotates pairs)"),
-        (m.vocab_size > 0, "model.vocab_size must be positive"),
-        (m.attention != "triton" or m.qk_norm, "model.attention='triton' fuses QK-norm into attention: it needs model.qk_norm=true"),
-        (cfg.data.seq_len <= m.max_seq_len, f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
-        (cfg.train.micro_batch_size > 0 and cfg.train.global_batch_size > 0, "train.micro_batch_size and train.global_batch_size must be positive"),
-        (cfg.train.steps >= 0, "train.steps must be >= 0"),
-        (cfg.train.log_every >= 0 and cfg.train.eval_every >= 0 and cfg.train.checkpoint_every >= 0,
-         "train.log_every, train.eval_every and train.checkpoint_every must be >= 0"),
-        (cfg.train.eval_batches >= 1, "train.eval_batches must be >= 1"),
-        (cfg.train.keep_last >= 0, "train.keep_last must be >= 0"),
-        (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
-        (0.0 <= cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction must be within [0, 1]"),
-        (not (cfg.data.sources and cfg.data.data_path), "set data.sources or data.data_path, not both"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    for i, s in enumerate(cfg.data.sources):
+    if m.n_heads % kv:
+        yield f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}"
+    yield from at_least("model.head_dim", m.head_dim, 0)
+    if m.head_dim == 0 and m.dim % m.n_heads:
+        yield f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim"
+    if m.head_dim % 2:
+        yield f"model.head_dim must be even (RoPE rotates pairs), got {m.head_dim}"
+    if m.head_dim == 0 and (m.dim // m.n_heads) % 2:
+        yield (f"the head dimension model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates "
+               "pairs); change model.dim or model.n_heads, or set model.head_dim")
+    yield from at_least("model.ffn_dim", m.ffn_dim, 0)
+    yield from positive_number("model.norm_eps", m.norm_eps)
+    yield from positive_number("model.rope_theta", m.rope_theta)
+    yield from at_least("model.max_seq_len", m.max_seq_len, 1)
+    yield from positive_number("model.init_std", m.init_std)
+    if m.attention == "triton" and not m.qk_norm:
+        yield "model.attention='triton' fuses QK-norm into attention: it needs model.qk_norm=true"
+
+    # ---- data
+    if d.sources and d.data_path:
+        yield "set data.sources or data.data_path, not both"
+    for i, s in enumerate(d.sources):
         if not s.path:
-            raise ConfigError(f"data.sources[{i}].path is empty")
-        if s.weight < 0:
-            raise ConfigError(f"data.sources[{i}].weight must be >= 0, got {s.weight}")
+            yield f"data.sources[{i}].path is empty"
+        if not (math.isfinite(s.weight) and s.weight >= 0):
+            yield f"data.sources[{i}].weight must be a finite number >= 0, got {s.weight}"
+    if d.sources and sum(s.weight for s in d.sources) <= 0:
+        yield "data.sources: at least one weight must be > 0"
+    for i, path in enumerate(d.valid_paths):
+        if not path:
+            yield f"data.valid_paths[{i}] is empty"
+    yield from at_least("data.seq_len", d.seq_len, 1)
+    if d.seq_len > m.max_seq_len:
+        yield f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
+    if not d.max_repetition > 0:  # inf is allowed: never warn
+        yield f"data.max_repetition must be > 0, got {d.max_repetition}"
+    yield from at_least("data.num_workers", d.num_workers, 0)
+
+    # ---- parallel
+    yield from at_least("parallel.tp", par.tp, 1)
+
+    # ---- optim
+    yield from positive_number("optim.lr", o.lr)
+    yield from number_in("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    yield from at_least("optim.warmup_steps", o.warmup_steps, 0)
+    yield from number_in("optim.decay_fraction", o.decay_fraction, 0.0, 1.0)
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        yield f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}"
+    yield from number_in("optim.beta1", o.beta1, 0.0, 1.0, high_open=True)
+    yield from number_in("optim.beta2", o.beta2, 0.0, 1.0, high_open=True)
+    yield from positive_number("optim.eps", o.eps)
+    if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):
+        yield f"optim.grad_clip must be a finite number >= 0 (0 disables clipping), got {o.grad_clip}"
+
+    # ---- train
+    yield from at_least("train.steps", t.steps, 0)
+    yield from at_least("train.global_batch_size", t.global_batch_size, 1)
+    yield from at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    yield from at_least("train.seed", t.seed, 0)  # numpy's generators refuse negative seeds
+    if not t.run_dir:
+        yield "train.run_dir is empty"
+    yield from at_least("train.checkpoint_every", t.checkpoint_every, 0)
+    yield from at_least("train.keep_last", t.keep_last, 0)
+    yield from at_least("train.eval_every", t.eval_every, 0)
+    yield from at_least("train.eval_batches", t.eval_batches, 1)
+    yield from at_least("train.log_every", t.log_every, 0)
+    yield from at_least("train.max_nonfinite_steps", t.max_nonfinite_steps, 1)

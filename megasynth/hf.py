@@ -294,7 +294,20 @@ def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, to
         atomic_write_json(tmp / "generation_config.json", generation)
         if tokenizer is not None:
             tokenizer.save(tmp)
+            _clear_length_limits(tmp / "tokenizer.json")
     return out
+
+
+def _clear_length_limits(path: Path) -> None:
+    """Drop truncation and padding saved in an exported tokenizer.json: we tokenize whole texts (see
+    megasynth.tokenizer), and transformers or vLLM loading the export would otherwise cut and pad prompts."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("truncation") is None and data.get("padding") is None:
+        return
+    data["truncation"] = data["padding"] = None
+    atomic_write_json(path, data)
 
 
 def import_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Config]:

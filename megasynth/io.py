@@ -167,7 +167,12 @@ def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_obje
     parses that string instead of reading `path` (which then only names the source in errors)."""
     source = str(path)
     if text is not None:
-        yield from _parse_lines(source, enumerate(text.splitlines(), 1), skip_blank, require_object)
+        # Only "\n" ends a line: str.splitlines() would also split on U+2028 and the like, which JSON writers
+        # (ensure_ascii=False) leave raw inside strings.
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        yield from _parse_lines(source, enumerate(lines, 1), skip_blank, require_object)
         return
     try:
         f = open(path, "rb")  # bytes, decoded per line, so a bad byte is reported on its own line
@@ -180,7 +185,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_obje
 def _decoded_lines(source: str, f) -> Iterator[tuple[int, str]]:
     for line_no, raw in enumerate(f, 1):
         try:
-            yield line_no, raw.decode("utf-8")
+            yield line_no, raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise JsonlError(f"{source}:{line_no}: not UTF-8 ({e.reason} at byte {e.start})") from None
 

@@ -7,11 +7,12 @@
     logger.log_eval({"step": 10, "name": "valid", "loss": 3.1, ...})
 
 RUN_DIR/metrics.jsonl holds one JSON object per line, written by rank 0 and flushed per line:
-    {"kind": "train", "step", "loss", "grad_norm", "lr", "tokens", "flops", "tokens_per_s", "tflops", "mfu",
-     "mem_gb", "time", "data_wait", "nonfinite"}
+    {"kind": "train", "step", "loss", "grad_norm", "lr", "tokens", "targets", "flops", "tokens_per_s", "tflops",
+     "mfu", "mem_gb", "time", "data_wait", "nonfinite"}
     {"kind": "eval", "step", "tokens", "flops", "name", "loss", "ppl", "time"}
 "tokens" and "flops" are totals consumed so far, "tflops" is achieved TFLOP/s per device, "mfu" a fraction of
-the device's peak (null where the peak is unknown, e.g. on the CPU), "time" the Unix time of the line.
+the device's peak (null where the peak is unknown, e.g. on the CPU), "time" the Unix time of the line;
+"targets" is the number of tokens the step's loss averages over (all ranks; loss masks and padding excluded).
 A resumed run first drops the lines past its checkpoint's step (`truncate_metrics`) so no step appears twice.
 """
 
@@ -21,12 +22,14 @@ import json
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megasynth.config import ConfigError, LogConfig
+from megasynth.io import atomic_write_text
 
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity). Matched as substrings
 # of torch.cuda.get_device_name(), most specific first.
@@ -102,6 +105,7 @@ def format_train_line(rec: dict, total_steps: int, eta_s: float) -> str:
         f"loss {rec['loss']:.4f}",
         f"gnorm {rec['grad_norm']:.3f}",
         f"lr {rec['lr']:.2e}",
+        *([f"{rec['targets']:,} targets"] if rec.get("targets") is not None else []),
         f"{rec['tokens_per_s']:,.0f} tok/s",
         f"{rec['tflops']:.3g} TFLOP/s",
         f"MFU {mfu}",
@@ -149,9 +153,7 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> int:
             kept.append(line)
     if len(kept) == len(lines):
         return 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 
@@ -196,7 +198,8 @@ class MetricsLogger:
             self._file.flush()
         if self._wandb is not None:
             prefix = "train" if rec["kind"] == "train" else f"eval/{rec['name']}"
-            numbers = {f"{prefix}/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+            numbers = {f"{prefix}/{k}": v for k, v in rec.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "time")}  # W&B has its own clock
             self._wandb.log(numbers, step=rec["step"])
 
     def log_train(self, rec: dict, eta_s: float = float("nan")) -> None:
@@ -224,11 +227,11 @@ def _init_wandb(run_dir: Path, log_cfg: LogConfig, config: dict):
     except ImportError:
         raise ConfigError("log.wandb=true but the wandb package is not installed: `pip install wandb`, "
                            "or set --log.wandb=false") from None
-    # A stable id kept in the run directory lets a resumed run continue the same W&B run.
+    # A stable id kept in the run directory lets a resumed run continue the same W&B run. We make it ourselves
+    # (wandb.util.generate_id is not public API and is gone from current releases); W&B accepts any id of
+    # letters, digits, '-' and '_'.
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
-    tmp = id_file.with_name(f".{id_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, id_file)
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    atomic_write_text(id_file, run_id + "\n")
     return wandb.init(project=log_cfg.wandb_project, name=log_cfg.wandb_run_name or run_dir.name, id=run_id,
                       resume="allow", dir=str(run_dir), mode=log_cfg.wandb_mode, config=config)

@@ -9,24 +9,33 @@ with `append_eod=True` (a Hugging Face post-processor such as Llama 3's BOS temp
 preprocessor decides exactly which specials land in a dataset. Every tokenizer must have an end-of-document
 id; loading one without fails with a message saying how to add one.
 
+Encoding is always of the whole text: a tokenizer.json saved after enable_truncation/enable_padding (common
+for BERT-family files prepared for fixed-length batches) keeps those settings, which would silently cut long
+documents and pad short ones with [PAD] ids (issue 10). They are switched off at load, for every caller; `identity()` says so
+(`"whole_text": true`) and records the settings it dropped under `"ignored_from_file"`.
+
 `identity()["sha256"]` hashes the defining file's bytes together with the EOD and BOS ids (the only thing we
 read from a tokenizer_config.json), so it does not depend on the path, on mtimes, or on `save()` rewriting
-the config: a dataset made with a tokenizer and one made with its saved copy carry the same hash.
+the config: a dataset made with a tokenizer and one made with its saved copy carry the same hash. (The dropped
+truncation and padding settings stay in the hashed bytes: they no longer change any id, and leaving the hash
+alone keeps existing datasets and blends consistent.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from megasynth.io import atomic_copy, atomic_dir, atomic_write_json, fsync_dir, temp_path_beside
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -69,29 +78,6 @@ def _sha256_of(paths: Sequence[Path], extra: dict) -> str:
     return h.hexdigest()
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(obj: dict, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Tokenizer(ABC):
     """What the rest of megasynth needs from a tokenizer; see load_tokenizer()."""
 
@@ -100,6 +86,12 @@ class Tokenizer(ABC):
     vocab_size: int  # rows the model's embedding needs: every id, special tokens included, is below it
     eod_id: int
     bos_id: int | None
+    ignored_from_file: dict = {}  # settings of the file that would cut or pad texts, switched off at load
+    # The jinja2 chat template of a Hugging Face tokenizer directory (chat_template.jinja, else tokenizer_config's
+    # "chat_template"), None without one; megasynth.chat renders it, or its built-in template when None.
+    chat_template: str | None = None
+    # The special-token strings a chat template may use, as transformers passes them (bos_token, eos_token, ...).
+    template_tokens: dict = {}
 
     @abstractmethod
     def _encode_batch_raw(self, texts: list[str]) -> list[list[int]]:
@@ -147,14 +139,21 @@ class Tokenizer(ABC):
         return flat, lengths
 
     def identity(self) -> dict:
+        """What a dataset's sidecar records about the tokenizer that made it. "whole_text": every text is
+        encoded whole (never truncated or padded); "ignored_from_file" (only when there was something to
+        ignore) holds the truncation/padding settings of a tokenizer.json that loading switched off."""
         specials = {"eod_id": self.eod_id, "bos_id": self.bos_id}
-        return {
+        ident = {
             "type": self.type,
             "path": self.path,
             "sha256": _sha256_of(self._defining_files(), specials),
             "vocab_size": self.vocab_size,
             **specials,
+            "whole_text": True,
         }
+        if self.ignored_from_file:
+            ident["ignored_from_file"] = json.loads(json.dumps(self.ignored_from_file))  # a copy callers may keep
+        return ident
 
     def _require_bos(self) -> int:
         if self.bos_id is None:
@@ -186,6 +185,12 @@ class HFTokenizer(Tokenizer):
             self._tok = tokenizers.Tokenizer.from_file(str(json_path))
         except Exception as e:  # the Rust loader raises a bare Exception with its parse error
             raise TokenizerError(f"{json_path}: not a Hugging Face tokenizer.json ({e})") from e
+        # Truncation and padding saved in the file would apply to every encode (and to encode_batch_fast):
+        # long documents cut to max_length, short ones filled with pad ids. We always tokenize the whole text.
+        ignored = {"truncation": self._tok.truncation, "padding": self._tok.padding}
+        self.ignored_from_file = {k: v for k, v in ignored.items() if v is not None}
+        self._tok.no_truncation()
+        self._tok.no_padding()
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Added tokens may leave holes above the base vocabulary: the embedding needs max id + 1 rows.
         self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
@@ -196,6 +201,13 @@ class HFTokenizer(Tokenizer):
         self.bos_id = None if self.bos_token is None else self._tok.token_to_id(self.bos_token)
         self._config = config
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets: faster
+        self.chat_template = _read_chat_template(json_path.parent, config)
+        self.template_tokens = {"bos_token": self.bos_token, "eos_token": self.eod_token}
+        for key in ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                self.template_tokens[key] = value
 
     @staticmethod
     def _read_config(directory: Path) -> dict:
@@ -246,13 +258,35 @@ class HFTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(self._json_path, out / HF_FILE)
+        atomic_copy(self._json_path, out / HF_FILE)
         # Everything lives in tokenizer.json, so the generic fast class reproduces it exactly; a model-specific
         # class from the original config could expect files we do not copy (a slow tokenizer's vocab files).
         config = {k: v for k, v in self._config.items() if k not in ("auto_map", "tokenizer_file")}
         config.update(tokenizer_class="PreTrainedTokenizerFast", eos_token=self.eod_token, bos_token=self.bos_token)
         config.setdefault("clean_up_tokenization_spaces", False)  # decoding must give back the text, spaces included
-        _write_json_atomic(config, out / HF_CONFIG)
+        if self.chat_template is not None:  # it may have come from a chat_template.jinja that is not copied
+            config["chat_template"] = self.chat_template
+        atomic_write_json(out / HF_CONFIG, config)
+
+
+def _read_chat_template(directory: Path, config: dict) -> str | None:
+    """The chat template as transformers finds it: chat_template.jinja beside the config, else its
+    "chat_template" (a string, or a list of {"name", "template"} of which "default" is the one used)."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{jinja_file}: not readable ({e})") from e
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise TokenizerError(f"{directory / HF_CONFIG}: \"chat_template\" must be a string or a list of "
+                         f"{{\"name\", \"template\"}} with a \"default\" one, got {value!r:.80}")
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -304,10 +338,10 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(self._model_path, out / SP_FILE)
+        atomic_copy(self._model_path, out / SP_FILE)
         vocab = self._model_path.with_suffix(".vocab")
         if vocab.is_file():  # a human-readable listing, not needed to load; kept for people reading the folder
-            _copy_atomic(vocab, out / "tokenizer.vocab")
+            atomic_copy(vocab, out / "tokenizer.vocab")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -344,25 +378,36 @@ BPE_EOD = "<|endoftext|>"
 MAX_SP_LINE_BYTES = 16384  # SentencePiece skips longer training sentences; documents are fed line by line
 
 
-def _install_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp directory's files into `out` (created when absent), one atomic rename per file."""
+_TOKENIZER_FILES = (HF_FILE, HF_CONFIG, HF_SPECIAL_MAP, SP_FILE, "tokenizer.vocab", "chat_template.jinja")
+
+
+@contextlib.contextmanager
+def _training_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temp directory beside `out` to train into; on success its files become `out`'s.
+
+    A new `out` appears whole (megasynth.io.atomic_dir). An existing directory may hold other files, so only
+    the tokenizer files are replaced, each atomically, and those of the other tokenizer type are removed (a
+    tokenizer.json left from an earlier BPE would shadow a new tokenizer.model). On an error nothing changes.
+    """
     if not out.exists():
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            yield tmp
         return
     if not out.is_dir():
         raise TokenizerError(f"{out}: exists and is not a directory")
-    new = {f.name for f in tmp.iterdir()}
-    for name in (HF_FILE, HF_CONFIG, HF_SPECIAL_MAP, SP_FILE, "tokenizer.vocab"):
-        if name not in new:  # a tokenizer of the other type trained here before would shadow the new one
-            (out / name).unlink(missing_ok=True)
-    for name in new:
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
-
-
-def _temp_dir_beside(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_path_beside(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        new = {f.name for f in tmp.iterdir()}
+        for name in _TOKENIZER_FILES:
+            if name not in new:
+                (out / name).unlink(missing_ok=True)
+        for name in sorted(new):
+            atomic_copy(tmp / name, out / name)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_bpe_tokenizer(
@@ -389,19 +434,15 @@ def train_bpe_tokenizer(
                                   initial_alphabet=alphabet, show_progress=progress)
     core.train_from_iterator(texts, trainer)
     out = Path(output_dir)
-    tmp = _temp_dir_beside(out)
-    try:
+    with _training_dir(out) as tmp:
         core.save(str(tmp / HF_FILE))
-        _write_json_atomic({
+        atomic_write_json(tmp / HF_CONFIG, {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": BPE_EOD,
             "bos_token": None,
             "clean_up_tokenization_spaces": False,  # decoding must give the text back, spaces included
             "model_max_length": 2**60,  # no length limit of its own: the model's sequence length decides
-        }, tmp / HF_CONFIG)
-        _install_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        })
     return load_tokenizer(out)
 
 
@@ -425,8 +466,7 @@ def train_sentencepiece_tokenizer(
                     yield line
 
     out = Path(output_dir)
-    tmp = _temp_dir_beside(out)
-    try:
+    with _training_dir(out) as tmp:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines(), model_prefix=str(tmp / "tokenizer"), vocab_size=vocab_size,
@@ -438,7 +478,4 @@ def train_sentencepiece_tokenizer(
             )
         except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a small corpus
             raise TokenizerError(f"{out}: SentencePiece training failed: {e}") from e
-        _install_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(out)

@@ -15,8 +15,19 @@ Decisions worth knowing:
 - A step whose loss or gradient norm is not finite is skipped: gradients are dropped, the optimizer does not
   move, but the step number, the data position and the LR schedule advance (the LR stays a pure function of the
   step, and the offending batch is not retried). `train.max_nonfinite_steps` such steps in a row stop the run
-  with exit code 3; a checkpoint is never written right after a skipped step.
-- Exit codes: 0 done, 2 bad configuration or input (one line, no traceback), 3 too many non-finite steps.
+  with exit code 3. A periodic checkpoint is never written right after a skipped step; the end-of-run one is
+  written whenever progress is unsaved, skipped last step or not (the weights are then those of the last good
+  update), so a finished run is finished and a rerun does not repeat its tail.
+- One trainer per run directory: rank 0 holds an exclusive lock on RUN_DIR/.lock for the whole run
+  (megasynth/run_lock.py); a second trainer is refused before it touches anything, naming the holder.
+- Before any step, every training and held-out prefix's largest token id, and the tokenizer named by the first
+  source's sidecar, must fit model.vocab_size (an id past the embedding would otherwise kill the run when first
+  reached: an IndexError on the CPU, a device-side assert on a GPU).
+- Exit codes: 0 done, 2 bad configuration or input, or a run directory in use (one line, no traceback),
+  3 too many non-finite steps, 4 a checkpoint could not be saved (e.g. disk full: one line; the temp
+  directory is removed and the last good checkpoint stays the newest).
+- Checkpoints are verified against their checksums before loading; train.resume=auto skips damaged ones
+  (saying so) for the newest intact one. Temp directories of crashed saves are removed at start-up.
 - Test-only fault injection: MEGASYNTH_FAULT_NAN_AT_STEP="5,7-9" makes those steps' losses NaN.
 """
 
@@ -27,10 +38,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,15 +49,16 @@ from megasynth import checkpoint
 from megasynth.config import Config, ConfigError, config_to_dict, describe_config, load_config, save_config
 from megasynth.data.loader import DistributedBatchLoader, accumulation_steps, build_train_dataset, data_sources
 from megasynth.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
+from megasynth.io import atomic_dir
 from megasynth.metrics import MetricsLogger, ThroughputMeter, memory_gb, peak_flops
-from megasynth.model import Transformer, flops_per_token
+from megasynth.model import build_model, flops_per_token
 from megasynth.parallelize import loss_parallel_context, parallelize_model
+from megasynth.run_lock import RunDirBusy, RunLock, acquire_run_lock
 from megasynth.schedule import build_lr_scheduler
 from megasynth.tokenizer import load_tokenizer
 
-
 EVAL_SEED = 0  # held-out samples are the same at every evaluation and in every run
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SAVE_FAILED = 2, 3, 4
 
 
 class SetupError(ValueError):
@@ -88,14 +98,17 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model, optimizer, batches, *, info: DistInfo, grad_clip: float, dtype: str = "float32",
-               inject_nan: bool = False) -> tuple[float, float]:
+               inject_nan: bool = False, stats: dict | None = None) -> tuple[float, float]:
     """Accumulated forward/backward over this rank's micro-batches, clip, and step unless non-finite.
 
-    Returns (loss, grad_norm): the global token-mean loss of the step and the pre-clip gradient norm.
+    Returns (loss, grad_norm): the global token-mean loss of the step and the pre-clip gradient norm. When
+    `stats` is a dict, stats["targets"] is set to the step's target tokens over all dp ranks.
     """
     device = batches[0].input_ids.device
     counts = [b.num_targets for b in batches]
     total = all_reduce_sum(torch.tensor(float(sum(counts)), device=device, dtype=torch.float64), info, "dp").item()
+    if stats is not None:
+        stats["targets"] = int(total)
     # FSDP averages gradients over dp ranks; scaling by dp turns that average into the sum the weights need.
     grad_scale = info.dp_size
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -138,7 +151,7 @@ def evaluate(model, batches, *, info: DistInfo, dtype: str = "float32") -> float
 
 def build_eval_sets(cfg: Config, info: DistInfo, cache_dir: Path) -> list[tuple[str, list]]:
     """[(name, this rank's micro-batches)] per data.valid_paths prefix, read once: the same samples every eval."""
-    from megasynth.data.gpt_dataset import GPTDataset  # noqa: PLC0415
+    from megasynth.data.blend import build_source_dataset  # noqa: PLC0415
     from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
 
     sets, mb = [], cfg.train.micro_batch_size
@@ -147,8 +160,12 @@ def build_eval_sets(cfg: Config, info: DistInfo, cache_dir: Path) -> list[tuple[
         name = Path(prefix).name
         if any(name == other for other, _ in sets):
             name = f"{name}_{len(sets)}"
-        ds = GPTDataset(IndexedDataset(prefix), seq_len=cfg.data.seq_len, num_samples=n, seed=EVAL_SEED,
-                        cache_dir=cache_dir, name=name)
+        indexed = IndexedDataset(prefix)
+        packing = cfg.data.valid_packing
+        if packing == "auto":  # masked prefixes hold independent examples: evaluate each whole, masked
+            packing = "pack" if getattr(indexed, "has_loss_mask", False) else "concat"
+        ds = build_source_dataset(indexed, packing, seq_len=cfg.data.seq_len, num_samples=n, seed=EVAL_SEED,
+                                  cache_dir=cache_dir, name=name)
         loader = DistributedBatchLoader(ds, global_batch_size=n, micro_batch_size=mb, dp_rank=info.dp_rank,
                                         dp_size=info.dp_size, document_masking=cfg.data.document_masking,
                                         device=info.device)
@@ -167,11 +184,8 @@ def copy_tokenizer(first_prefix: str, run_dir: Path) -> dict | None:
         return None
     try:
         tokenizer = load_tokenizer(tok["path"])
-        tmp = run_dir / f".tokenizer.tmp-{uuid.uuid4().hex[:8]}"  # complete before it takes the final name
-        tmp.mkdir(parents=True)
-        tokenizer.save(tmp)
-        shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
-        os.replace(tmp, run_dir / "tokenizer")
+        with atomic_dir(run_dir / "tokenizer", replace=True) as tmp:  # complete before it takes the final name
+            tokenizer.save(tmp)
         return tokenizer.identity()
     except Exception as e:  # the run does not need the tokenizer; tools that sample from it will say so
         print(f"warning: could not copy the tokenizer named in {sidecar} ({e}); RUN_DIR/tokenizer is absent",
@@ -204,17 +218,67 @@ def _rank0_first(info: DistInfo, fn):
     return fn() if info.rank != 0 else result
 
 
-def find_resume_checkpoint(cfg: Config, checkpoints_dir: Path) -> Path | None:
+def lock_run_dir(run_dir: Path, info: DistInfo) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (see megasynth/run_lock.py) and tells every rank whether it got
+    it, so that all ranks stop together (SetupError, the same message) instead of waiting for rank 0 in a
+    collective. Returns the lock on rank 0, None elsewhere."""
+    lock, refusal = None, None
+    if info.is_main:
+        try:
+            lock = acquire_run_lock(run_dir)
+        except (RunDirBusy, OSError) as e:
+            refusal = str(e)
+    if info.distributed:
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise SetupError(refusal)
+    return lock
+
+
+def tokenizer_vocab_size(metadata: dict | None) -> int | None:
+    """The vocabulary size a prefix's sidecar records for its tokenizer (None when it records none)."""
+    meta = metadata or {}
+    tok = meta.get("tokenizer")
+    size = tok.get("vocab_size") if isinstance(tok, dict) else None
+    size = meta.get("vocab_size") if size is None else size
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_vocabulary(cfg: Config, cache_dir: Path) -> None:
+    """Refuse data or a tokenizer that does not fit model.vocab_size, naming the prefix, the id and the key.
+    A prefix whose sidecar does not record its largest id (Megatron's files) is scanned once; the result is
+    cached in `cache_dir` beside the sample indices."""
+    from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
+
+    vocab = cfg.model.vocab_size
+    prefixes = [s.path for s in data_sources(cfg.data)] + list(cfg.data.valid_paths)
+    for i, prefix in enumerate(prefixes):
+        ds = IndexedDataset(prefix, cache_dir=cache_dir)
+        tok_vocab = tokenizer_vocab_size(ds.metadata) if i == 0 else None
+        if tok_vocab is not None and tok_vocab > vocab:
+            raise SetupError(f"{prefix}: its tokenizer has {tok_vocab} ids (sidecar {prefix}.json) but "
+                             f"model.vocab_size={vocab}; set --model.vocab_size={tok_vocab} (or more)")
+        top = ds.max_token_id  # -1 for an empty prefix
+        if top >= vocab:
+            raise SetupError(f"{prefix}: its largest token id is {top} but model.vocab_size={vocab} (ids must be "
+                             f"below it); set --model.vocab_size={top + 1} (or more), or re-tokenize the data")
+
+
+def find_resume_checkpoint(cfg: Config, checkpoints_dir: Path, say=print) -> Path | None:
+    """The verified checkpoint to resume from, or None. 'auto' passes over damaged checkpoints (saying so
+    through `say`) to the newest intact one; an explicit path is verified and never falls back."""
     resume = cfg.train.resume
     if resume == "auto":
-        return checkpoint.find_latest(checkpoints_dir)
+        return checkpoint.find_latest_intact(checkpoints_dir, say=say)
     if resume == "none":
         existing = checkpoint.find_latest(checkpoints_dir)
         if existing is not None:
             raise SetupError(f"train.resume='none' but {checkpoints_dir} holds checkpoints of an earlier run (newest "
                              f"{existing.name}); use --train.resume=auto to continue it, or another train.run_dir")
         return None
-    return checkpoint.resolve_checkpoint(resume)
+    return checkpoint.verify_checkpoint(resume)
 
 
 def check_same_model(ckpt: Path, cfg: Config) -> None:
@@ -235,9 +299,20 @@ def train(cfg: Config) -> int:
         print(f"error: {e}", file=sys.stderr)
         destroy_distributed()
         return EXIT_BAD_INPUT
+    lock = None
     try:
+        lock = lock_run_dir(Path(cfg.train.run_dir), info)  # before anything reads or writes the run directory
         return _train(cfg, info)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except checkpoint.CheckpointSaveError as e:  # raised on every rank alike; one line, from rank 0
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
 
 
@@ -249,6 +324,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
     nan_steps = _fault_steps("MEGASYNTH_FAULT_NAN_AT_STEP")
 
     # ---- setup: everything here is input checking; its errors are one line and exit code 2
+    log = None
     try:
         log = MetricsLogger(run_dir, rank=info.rank, log_cfg=cfg.log, total_steps=t.steps,
                             config=config_to_dict(cfg))
@@ -256,14 +332,15 @@ def _train(cfg: Config, info: DistInfo) -> int:
             accumulation_steps(t.global_batch_size, t.micro_batch_size, info.dp_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        resume_from = find_resume_checkpoint(cfg, ckpt_dir)
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "index_cache"
+        _rank0_first(info, lambda: check_vocabulary(cfg, cache_dir))  # rank 0 first: it may cache largest ids
+        if info.is_main:  # the run directory is locked: no save of ours is in flight
+            checkpoint.remove_stale_saves(ckpt_dir)
+        resume_from = find_resume_checkpoint(cfg, ckpt_dir, say=log.info)
         if resume_from is not None:
             check_same_model(resume_from, cfg)
 
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        model.to_empty(device=device)
-        model.init_weights(t.seed)  # the same seed on every rank: identical weights before sharding
+        model = build_model(cfg.model, device, seed=t.seed)  # the same seed on every rank: identical weights before sharding
         if t.init_from and resume_from is None:
             log.info(f"initial weights from {checkpoint.load_model_weights(model, t.init_from)}")
         model = parallelize_model(model, info, cfg.parallel, compute_dtype)
@@ -271,7 +348,6 @@ def _train(cfg: Config, info: DistInfo) -> int:
         optimizer = build_optimizer(model, cfg.optim, device)
         scheduler = build_lr_scheduler(optimizer, cfg.optim, t.steps)
 
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "index_cache"
         dataset = _rank0_first(info, lambda: build_train_dataset(
             cfg.data, num_samples=max(1, t.steps * t.global_batch_size), seed=t.seed, cache_dir=cache_dir))
         loader = DistributedBatchLoader(
@@ -282,7 +358,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
 
         progress = Progress()
         if resume_from is not None:
-            parts = checkpoint.load_checkpoint(resume_from, model=model, optimizer=optimizer)
+            parts = checkpoint.load_checkpoint(resume_from, model=model, optimizer=optimizer, verify=False)
             scheduler.load_state_dict(parts["scheduler"])
             loader.load_state_dict(parts["data"], allow_fingerprint_change=cfg.data.allow_blend_change)
             rng = (parts["rng"] or {}).get(f"rank_{info.rank}")
@@ -291,6 +367,8 @@ def _train(cfg: Config, info: DistInfo) -> int:
             progress = Progress(**parts["progress"])
     except (ConfigError, SetupError, ValueError, OSError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if log is not None:
+            log.close()  # finishes a W&B run it may have started
         return EXIT_BAD_INPUT
 
     tokenizer_identity = None
@@ -302,6 +380,8 @@ def _train(cfg: Config, info: DistInfo) -> int:
         log.info(f"resumed from {resume_from} at step {progress.step}")
     horizon = t.steps * t.global_batch_size * cfg.data.seq_len
     log.info(dataset.sources_table(horizon, max_repetition=cfg.data.max_repetition))
+    for line in getattr(dataset, "packing_summaries", list)():
+        log.info(line)
     if dataset.max_repetition(horizon) > cfg.data.max_repetition:
         log.info(f"warning: a source repeats more than data.max_repetition={cfg.data.max_repetition} times")
     n_params = sum(p.numel() for p in model.parameters())
@@ -338,8 +418,9 @@ def _train(cfg: Config, info: DistInfo) -> int:
         data_seconds = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
         step = progress.step + 1
+        stats: dict = {}
         loss, grad_norm = train_step(model, optimizer, batches, info=info, grad_clip=cfg.optim.grad_clip,
-                                     dtype=dtype, inject_nan=step in nan_steps)
+                                     dtype=dtype, inject_nan=step in nan_steps, stats=stats)
         scheduler.step()
         progress.step = step
         progress.tokens += tokens_per_step
@@ -354,6 +435,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
             tflops = flops_per_step / tokens_per_step * tokens_per_s / info.world_size
             log.log_train({
                 "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": progress.tokens,
+                "targets": stats["targets"],  # tokens the loss of this step averages over (masks, padding out)
                 "flops": progress.flops, "tokens_per_s": tokens_per_s, "tflops": tflops / 1e12,
                 "mfu": tflops / peak if peak else None, "mem_gb": memory_gb(device), "data_wait": data_share,
                 "nonfinite": in_a_row, "nonfinite_total": progress.nonfinite_total,
@@ -369,7 +451,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
         if t.eval_every > 0 and step % t.eval_every == 0:
             run_evals()
             last_eval = step
-        if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or step == t.steps:
+        if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < t.steps:  # the last: after the loop
             if finite:
                 log.info(f"checkpoint {save()}")
                 last_save = step
@@ -378,7 +460,9 @@ def _train(cfg: Config, info: DistInfo) -> int:
 
     if t.eval_every > 0 and last_eval != progress.step:
         run_evals()
-    if last_save != progress.step and in_a_row == 0:
+    # Even right after a skipped step: it left weights and optimizer as the last good update did, and without
+    # this save every rerun would resume from an older checkpoint and repeat the tail.
+    if last_save != progress.step:
         log.info(f"checkpoint {save()}")
     log.info(f"done: {progress.step} steps, {progress.tokens:,} tokens, {progress.nonfinite_total} skipped")
     log.close()

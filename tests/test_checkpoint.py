@@ -2,12 +2,16 @@
 
 import json
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from megasynth import checkpoint as ck
 from megasynth.model import Transformer
 
@@ -86,25 +90,41 @@ def test_weights_only_checkpoint_round_trip(cfg, tmp_path):
     assert torch.equal(ck.load_for_inference(path)[0](x), model(x))
 
 
-def test_crash_after_dcp_write_leaves_the_previous_checkpoint_latest(cfg, tmp_path, monkeypatch):
+SAVE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, sys, torch
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config
+from megasynth import checkpoint as ck
+from megasynth.model import Transformer
+cfg = tiny_config({run!r}, "unused")
+model = Transformer(cfg.model)
+model.init_weights(0)
+opt = torch.optim.AdamW(model.parameters())
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))  # shards are ~80 KB: they fail
+try:
+    ck.save_checkpoint({root!r}, 8, model=model, optimizer=opt, parts={{}}, cfg=cfg, meta={{}})
+except ck.CheckpointSaveError as e:
+    print(e)
+    sys.exit(4)
+"""
+
+
+def test_a_failed_save_removes_its_temp_dir_and_leaves_the_previous_checkpoint_latest(cfg, tmp_path):
     root = tmp_path / "ckpt"
     model, opt = trained(cfg)
     first = save(cfg, root, 4, model, opt)
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full while writing meta.json")
-
-    monkeypatch.setattr(ck, "_write_run_files", crash)
-    with pytest.raises(OSError, match="disk full"):
-        save(cfg, root, 8, model, opt)
-    leftovers = [p.name for p in root.iterdir() if p.name.startswith("step_00000008")]
-    assert len(leftovers) == 1 and ".tmp-" in leftovers[0]  # the shards were written, under a temp name
-    assert (root / leftovers[0] / ".metadata").is_file()
-    assert ck.find_latest(root) == first
-    monkeypatch.undo()
-    # The next successful save publishes its step and removes the stale temp directory.
-    assert save(cfg, root, 12, model, opt) == ck.find_latest(root)
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000012"]
+    # A real write failure, not a mock: the shard write hits the process's file size limit (EFBIG, the
+    # stand-in for ENOSPC that needs no root and no small filesystem).
+    script = SAVE_UNDER_A_FILE_SIZE_LIMIT.format(tests=str(Path(__file__).parent), run=str(tmp_path / "run"),
+                                                root=str(root))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 4, proc.stderr
+    line = proc.stdout.strip()
+    assert "\n" not in line
+    assert line.startswith(f"cannot save checkpoint {root / 'step_00000008'}: File too large")
+    assert re.search(r"it needs about [\d.]+ MB, [\d.]+ [MG]B free there", line), line
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]  # no temp directory left
+    assert ck.find_latest(root) == first and ck.verify_checkpoint(first) == first
 
 
 def test_incomplete_and_temp_directories_are_never_latest(cfg, tmp_path):

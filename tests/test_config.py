@@ -1,6 +1,8 @@
 """Config parsing: TOML, dotted overrides, errors that name the key, docstrings, saving."""
 
 import dataclasses
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +139,83 @@ def test_parse_overrides_values():
         "a.d": [1, 2],
         "a.e": "text",
     }
+
+
+# Every numeric key with a value outside its range: (overrides, the one error line expected). Issue 10: these
+# were accepted (negative warmup or clipping) or crashed (model.n_heads=0: ZeroDivisionError while building
+# the list of checks).
+BAD_VALUES = [
+    (["--model.vocab_size=0"], "model.vocab_size must be >= 1, got 0"),
+    (["--model.dim=0"], "model.dim must be >= 1, got 0"),
+    (["--model.n_layers=-1"], "model.n_layers must be >= 1, got -1"),
+    (["--model.n_heads=0"], "model.n_heads must be >= 1, got 0"),
+    (["--model.n_heads=0", "--model.dim=100"], "model.n_heads must be >= 1, got 0"),  # the first problem only
+    (["--model.n_heads=-4"], "model.n_heads must be >= 1, got -4"),
+    (["--model.n_kv_heads=-1"], "model.n_kv_heads must be >= 0, got -1"),
+    (["--model.head_dim=-8"], "model.head_dim must be >= 0, got -8"),
+    (["--model.head_dim=7"], "model.head_dim must be even (RoPE rotates pairs), got 7"),
+    (["--model.dim=100", "--model.n_heads=4"], ("the head dimension model.dim / model.n_heads = 25 must be even "
+                                               "(RoPE rotates pairs); change model.dim or model.n_heads, or set "
+                                               "model.head_dim")),
+    (["--model.dim=100", "--model.n_heads=3"], "model.dim=100 is not divisible by model.n_heads=3; set model.head_dim"),
+    (["--model.ffn_dim=-1"], "model.ffn_dim must be >= 0, got -1"),
+    (["--model.norm_eps=0"], "model.norm_eps must be a finite number > 0, got 0.0"),
+    (["--model.rope_theta=-1"], "model.rope_theta must be a finite number > 0, got -1.0"),
+    (["--model.max_seq_len=0"], "model.max_seq_len must be >= 1, got 0"),
+    (["--model.init_std=inf"], "model.init_std must be a finite number > 0, got inf"),
+    (["--data.seq_len=0"], "data.seq_len must be >= 1, got 0"),
+    (['--data.sources=[{path="a", weight=-1.0}]'], "data.sources[0].weight must be a finite number >= 0, got -1.0"),
+    (['--data.sources=[{path="a", weight=0.0}]'], "data.sources: at least one weight must be > 0"),
+    (['--data.valid_paths=[""]'], "data.valid_paths[0] is empty"),
+    (["--data.max_repetition=0"], "data.max_repetition must be > 0, got 0.0"),
+    (["--data.max_repetition=nan"], "data.max_repetition must be > 0, got nan"),
+    (["--data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),
+    (["--parallel.tp=0"], "parallel.tp must be >= 1, got 0"),
+    (["--optim.lr=-0.001"], "optim.lr must be a finite number > 0, got -0.001"),
+    (["--optim.lr=0"], "optim.lr must be a finite number > 0, got 0.0"),
+    (["--optim.lr=nan"], "optim.lr must be a finite number > 0, got nan"),
+    (["--optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be within [0.0, 1.0], got 1.5"),
+    (["--optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0, got -1"),
+    (["--optim.decay_fraction=-0.1"], "optim.decay_fraction must be within [0.0, 1.0], got -0.1"),
+    (["--optim.weight_decay=-0.1"], "optim.weight_decay must be a finite number >= 0, got -0.1"),
+    (["--optim.beta1=1.0"], "optim.beta1 must be within [0.0, 1.0), got 1.0"),
+    (["--optim.beta2=-0.5"], "optim.beta2 must be within [0.0, 1.0), got -0.5"),
+    (["--optim.eps=0"], "optim.eps must be a finite number > 0, got 0.0"),
+    (["--optim.eps=-1e-8"], "optim.eps must be a finite number > 0, got -1e-08"),
+    (["--optim.grad_clip=-1"], "optim.grad_clip must be a finite number >= 0 (0 disables clipping), got -1.0"),
+    (["--optim.grad_clip=inf"], "optim.grad_clip must be a finite number >= 0 (0 disables clipping), got inf"),
+    (["--train.steps=-1"], "train.steps must be >= 0, got -1"),
+    (["--train.global_batch_size=0"], "train.global_batch_size must be >= 1, got 0"),
+    (["--train.micro_batch_size=0"], "train.micro_batch_size must be >= 1, got 0"),
+    (["--train.seed=-1"], "train.seed must be >= 0, got -1"),
+    (['--train.run_dir=""'], "train.run_dir is empty"),
+    (["--train.checkpoint_every=-1"], "train.checkpoint_every must be >= 0, got -1"),
+    (["--train.keep_last=-1"], "train.keep_last must be >= 0, got -1"),
+    (["--train.eval_every=-5"], "train.eval_every must be >= 0, got -5"),
+    (["--train.eval_batches=0"], "train.eval_batches must be >= 1, got 0"),
+    (["--train.log_every=-1"], "train.log_every must be >= 0, got -1"),
+    (["--train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("args, line", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_each_bad_value_is_one_line_and_exit_2(args, line, capsys):
+    from megasynth.train import main  # noqa: PLC0415
+
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {line}\n" and captured.out == ""
+
+
+def test_n_heads_zero_on_the_command_line_is_one_line_not_a_traceback():
+    done = subprocess.run([sys.executable, "-m", "megasynth.train", "--model.n_heads=0"], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "error: model.n_heads must be >= 1, got 0\n" and done.stdout == ""
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["--optim.warmup_steps=0", "--optim.grad_clip=0", "--optim.weight_decay=0",
+                             "--optim.beta1=0", "--optim.min_lr_ratio=1", "--train.steps=0", "--model.n_kv_heads=0",
+                             "--data.max_repetition=inf", "--train.seed=0", "--train.keep_last=0"])
+    assert cfg.optim.grad_clip == 0.0 and cfg.data.max_repetition == float("inf")

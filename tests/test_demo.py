@@ -1,10 +1,10 @@
 """`make demo` end to end, shortened (--quick): every stage runs the real tools and the held-out loss falls."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from megasynth.io import read_jsonl
 from megasynth.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +24,6 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
     # From a uniform guess over 4096 ids (ln 4096 = 8.3) 20 steps of real text must already help.
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5
-    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    samples = [row for _, row in read_jsonl(out / "samples.jsonl")]
     assert len(samples) == 3 and all(s["num_tokens"] > 0 for s in samples)
     assert "held-out perplexity:" in result.stdout

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import transformers
+from bert_tokenizer import MAX_LENGTH, reference_ids, write_bert_checkpoint
 from helpers import load_tool
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +21,7 @@ from megasynth.hf import (
     write_safetensors,
 )
 from megasynth.model import Transformer, build_model
-from megasynth.tokenizer import train_bpe_tokenizer
+from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 transformers.logging.set_verbosity_error()
 
@@ -196,3 +197,17 @@ def test_export_cli_errors_exit_2(tmp_path, capsys):
                                         "--no-tokenizer", "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert load_file(str(tmp_path / "hf" / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_export_drops_truncation_and_padding_from_the_tokenizer(tmp_path):
+    """A tokenizer.json with truncation/padding saved in it must not reach the export with them: transformers
+    (and vLLM) would cut and pad every prompt of the exported model."""
+    ckpt, _ = write_bert_checkpoint(tmp_path)
+    model, cfg = load_for_inference(ckpt)
+    out = export_hf(model, cfg, tmp_path / "hf", tokenizer=load_tokenizer(ckpt / "tokenizer"))
+    saved = json.loads((out / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    text = " ".join(["the module provides functions"] * 10)
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > MAX_LENGTH and ids == reference_ids(ckpt / "tokenizer", text)

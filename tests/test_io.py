@@ -101,8 +101,12 @@ def test_read_jsonl_line_numbers_and_errors(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
     assert list(read_jsonl(path)) == [(1, {"a": 1}), (3, {"a": 2})]
     path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
-    with pytest.raises(JsonlError, match=rf"^{path}:2: not valid JSON"):
+    with pytest.raises(JsonlError, match=rf"^{path}:2: not valid JSON \(Expecting value at column 7\)"):
         list(read_jsonl(path))
+    # U+2028 inside a string is valid JSON on one line (json.dumps(ensure_ascii=False) writes it raw)
+    text = json.dumps({"a": "x\u2028y"}, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+    assert list(read_jsonl(path)) == list(read_jsonl("named", text=text)) == [(1, {"a": "x\u2028y"})]
     path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(JsonlError, match=rf"^{path}:2: expected a JSON object, got list"):
         list(read_jsonl(path))

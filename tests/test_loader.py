@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers import write_pattern_corpus
+
 from megasynth.config import DataConfig
 from megasynth.data.loader import (
     IGNORE_INDEX,

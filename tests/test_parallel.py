@@ -26,14 +26,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist import run_on_ranks
 from helpers import TINY_VOCAB, tiny_config, write_pattern_corpus
+
 from megasynth import checkpoint
 from megasynth.config import ConfigError, save_config
 from megasynth.distributed import DistInfo, init_distributed
 from megasynth.metrics import read_metrics
-from megasynth.model import Transformer
+from megasynth.model import Transformer, build_model
 from megasynth.parallelize import check_parallel_shape, loss_parallel_context, parallelize_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,19 +116,15 @@ def grad_probe_batch():
     return ids, labels, doc_ids
 
 
-def build_model(cfg) -> Transformer:
-    """The trainer's recipe: meta-device construction, then to_empty and seeded init."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_weights(cfg.train.seed)
-    return model
+def build_seeded_model(cfg) -> Transformer:
+    """The trainer's recipe: megasynth.model.build_model with the run's seed."""
+    return build_model(cfg.model, "cpu", seed=cfg.train.seed)
 
 
 def _tp_probe(cfg, info) -> dict | None:
     """Full gradients of one forward/backward at this layout (every dp rank gets the same batch: the dp
     average is then the single-batch gradient), the logits, and the errors of misuse. Rank 0 returns them."""
-    model = parallelize_model(build_model(cfg), info, cfg.parallel, torch.float32)
+    model = parallelize_model(build_seeded_model(cfg), info, cfg.parallel, torch.float32)
     ids, labels, doc_ids = grad_probe_batch()
     with loss_parallel_context(info):
         model(ids, labels, doc_ids=doc_ids).backward()
@@ -272,7 +268,7 @@ def test_tp_gradients_and_logits_match_a_single_process(runs, corpus, tmp_path):
     _, reports = runs
     probe = reports[0]["probe"]
     cfg = layout_config(tmp_path, corpus, 1, **{"model.tie_embeddings": False})
-    model = build_model(cfg)
+    model = build_seeded_model(cfg)
     ids, labels, doc_ids = grad_probe_batch()
     model(ids, labels, doc_ids=doc_ids).backward()
     grads = probe["grads"]
@@ -433,7 +429,7 @@ def test_checkpointing_and_compile_keep_the_numbers_and_the_names(tmp_path, corp
     from megasynth.parallelize import apply_activation_checkpointing, apply_compile  # noqa: PLC0415
 
     cfg = layout_config(tmp_path, corpus, 1)
-    plain, wrapped = build_model(cfg), build_model(cfg)
+    plain, wrapped = build_seeded_model(cfg), build_seeded_model(cfg)
     if mode == "compile":
         apply_compile(wrapped, backend="aot_eager")  # inductor needs minutes of C++ compiles on this CPU
     else:

@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer as HFCore
 from tokenizers import models, pre_tokenizers, processors
 
@@ -162,7 +162,8 @@ def test_sentencepiece_without_eos_is_an_error(tmp_path):
 
 def test_identity_is_stable_across_copies_and_saves_and_changes_with_the_files(tok, tmp_path):
     ident = tok.identity()
-    assert set(ident) == {"type", "path", "sha256", "vocab_size", "eod_id", "bos_id"}
+    assert set(ident) == {"type", "path", "sha256", "vocab_size", "eod_id", "bos_id", "whole_text"}
+    assert ident["whole_text"] is True  # no truncation or padding configured here: nothing ignored
     assert ident["path"] == tok.path and os.path.isabs(tok.path)
     copy = shutil.copytree(tok.path, tmp_path / "copy")
     for f in Path(copy).iterdir():
@@ -235,8 +236,39 @@ def test_training_into_an_existing_directory_replaces_the_other_type(tmp_path):
     assert train_sentencepiece_tokenizer(CORPUS[:10], out, vocab_size=500, threads=1).type == "sentencepiece"
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer.vocab"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left
+    # And back: the SentencePiece files go, a file of the user's in the directory stays.
+    (out / "notes.txt").write_text("mine")
+    assert train_bpe_tokenizer(CORPUS[:10], out, vocab_size=300).type == "huggingface"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "tokenizer.json", "tokenizer_config.json"]
+    assert not [p for p in [*tmp_path.iterdir(), *out.iterdir()] if p.name.startswith(".")]
     with pytest.raises(TokenizerError, match="below the 256 byte symbols"):
         train_bpe_tokenizer(CORPUS[:1], tmp_path / "small", vocab_size=200)
     with pytest.raises(TokenizerError, match="SentencePiece training failed"):
         train_sentencepiece_tokenizer(["tiny text"], tmp_path / "sp", vocab_size=5000, threads=1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_truncation_and_padding_saved_in_tokenizer_json_are_ignored(tmp_path):
+    # A BERT-style tokenizer.json saved with truncation to 16 and fixed padding to 16 (issue 10): every encode
+    # path must give the whole text's ids, neither cut nor padded, equal to an independent whole-text encode.
+    from bert_tokenizer import MAX_LENGTH, reference_ids, write_bert_tokenizer
+
+    directory = write_bert_tokenizer(tmp_path / "bert")
+    tok = load_tokenizer(directory)
+    texts = ["x", CORPUS[1][:2000], "two words", CORPUS[2][:500]]
+    refs = [reference_ids(directory, t) for t in texts]
+    assert len(refs[0]) == 1 and len(refs[1]) > 10 * MAX_LENGTH  # one short text and one long one
+    assert [tok.encode(t) for t in texts] == refs
+    assert tok.encode_batch(texts, append_eod=True) == [r + [tok.eod_id] for r in refs]
+    flat, lengths = tok.encode_batch_array(texts, append_eod=True, dtype=np.uint16)
+    assert lengths.tolist() == [len(r) + 1 for r in refs]
+    assert flat.tolist() == [i for r in refs for i in r + [tok.eod_id]]
+    # The identity says the texts are whole and which settings of the file were switched off.
+    ident = tok.identity()
+    assert ident["whole_text"] is True
+    assert ident["ignored_from_file"]["truncation"]["max_length"] == MAX_LENGTH
+    assert ident["ignored_from_file"]["padding"]["length"] == MAX_LENGTH
+    # save() keeps the file's bytes (same hash); the copy loads with the same whole-text behaviour.
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.identity()["sha256"] == ident["sha256"] and again.encode(texts[1]) == refs[1]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import TINY_VOCAB, tiny_config, write_pattern_corpus
+
 from megasynth import checkpoint
 from megasynth.config import save_config
 from megasynth.data.loader import IGNORE_INDEX, Batch

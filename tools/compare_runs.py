@@ -18,9 +18,10 @@ import json
 import math
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megasynth.io import JsonlError, atomic_open, atomic_write_text, read_jsonl
 
 EXIT_BAD_INPUT = 2
 _TRAIN_KEYS = {"step": int, "tokens": int, "flops": float}
@@ -87,6 +88,19 @@ def metrics_path(arg: str | os.PathLike) -> Path:
     return path
 
 
+def _drop_torn_last_line(path: Path, text: str) -> str:
+    """`text` without its last line when that line has no newline and is not JSON: a writer killed mid-line."""
+    last = text.rpartition("\n")[2]  # "" when the text ends with a newline
+    if not last.strip():
+        return text
+    try:
+        json.loads(last)
+    except json.JSONDecodeError:
+        print(f"warning: {path}:{text.count(chr(10)) + 1}: skipping a torn last line", file=sys.stderr)
+        return text[: len(text) - len(last)]
+    return text
+
+
 def load_run(arg: str | os.PathLike, label: str = "") -> RunMetrics:
     """Read and validate one metrics.jsonl; later records of a step replace earlier ones (a resumed run)."""
     path = metrics_path(arg)
@@ -95,21 +109,14 @@ def load_run(arg: str | os.PathLike, label: str = "") -> RunMetrics:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise MetricsFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.split("\n")
+    text = _drop_torn_last_line(path, text)
     evals: dict[str, dict[int, dict]] = {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    try:
+        records = list(read_jsonl(path, text=text))
+    except JsonlError as e:  # strict: only a torn *last* line is forgiven, any other bad line is an error
+        raise MetricsFileError(str(e)) from None
+    for lineno, rec in records:
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):  # no newline after it: the writer died mid-line
-                print(f"warning: {where}: skipping a torn last line", file=sys.stderr)
-                continue
-            raise MetricsFileError(f"{where}: invalid JSON: {e.msg}") from None
-        if not isinstance(rec, dict):
-            raise MetricsFileError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         kind = rec.get("kind")
         if kind == "train":
             rec = _checked(rec, _TRAIN_KEYS, where)
@@ -191,23 +198,12 @@ def plot_heldout(runs: list[RunMetrics], path: Path, x_axis: str = "tokens") -> 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return plotted
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table = markdown_table(runs)
-        _write_text(out / "comparison.md", "# Run comparison\n\n" + table)
+        atomic_write_text(out / "comparison.md", "# Run comparison\n\n" + table)
         print(table)
         print(f"-> {out / 'comparison.md'}")
         if eval_names(runs):

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megasynth.chat import ChatTemplateError, load_chat_template
 from megasynth.checkpoint import CheckpointError, read_meta
-from megasynth.data.indexed import IndexedDatasetError, prefix_exists
+from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, prefix_exists
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.eval.harness import EvalSettings, run_perplexity, run_task
 from megasynth.eval.report import markdown_table, write_report
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity on the first N windows of each prefix (default 0: the whole prefix)")
     p.add_argument("--no-document-masking", action="store_true",
                    help="perplexity: let windows attend across document boundaries (training masks them by default)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each task prompt (few-shot examples included) as a user turn in the tokenizer's chat "
+                        "template with its generation prompt, as tools/generate.py --chat does (the built-in "
+                        "ChatML one when the tokenizer has none); no start token; choices are scored as the "
+                        "assistant's answer without the leading space; generation also stops at end of turn")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (default float32)")
     return p
@@ -77,6 +83,13 @@ def check_inputs(args) -> list:
     for prefix in args.perplexity:
         if not prefix_exists(prefix):
             raise TaskError(f"{prefix}: no such indexed dataset (expected {prefix}.bin and {prefix}.idx)")
+        try:
+            num_tokens = IndexedDataset(prefix).num_tokens
+        except IndexedDatasetError as e:
+            raise TaskError(str(e)) from None
+        if num_tokens < 2:  # nothing to predict: a perplexity of exp(0 / 0) would read as a perfect 1.00
+            raise TaskError(f"{prefix}: {num_tokens} tokens; perplexity needs at least 2 (a token to predict "
+                            "and one before it)")
     return tasks
 
 
@@ -110,7 +123,13 @@ def _run(args, tasks, info) -> int:
     settings = EvalSettings(num_fewshot=args.num_fewshot, seed=args.seed, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             quality_title=not args.quality_no_title, quality_answer=args.quality_answer,
-                            start_token=not args.no_start_token, document_masking=not args.no_document_masking)
+                            start_token=not args.no_start_token, document_masking=not args.no_document_masking,
+                            chat=args.chat)
+    try:
+        template = load_chat_template(tok) if args.chat and tasks else None
+    except ChatTemplateError as e:
+        print(f"error: --chat: {e}", file=sys.stderr)
+        return 2
     seq_len = args.seq_len or cfg.data.seq_len
     results = {"checkpoint": str(step_dir), "step": read_meta(step_dir).get("step"), "settings": asdict(settings),
                "world_size": info.world_size, "tasks": {}}
@@ -121,7 +140,7 @@ def _run(args, tasks, info) -> int:
         for kind, item in bar:
             if kind == "task":
                 bar.set_postfix_str(item.name)
-                result, records = run_task(model, tok, item, settings)
+                result, records = run_task(model, tok, item, settings, template)
                 results["tasks"][item.name] = result
                 if records is not None:
                     predictions[item.name] = records

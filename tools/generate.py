@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from megasynth.chat import ChatTemplateError, ConversationError, load_chat_template
 from megasynth.checkpoint import CheckpointError
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.generate import default_start_ids, generate, load_model_and_tokenizer
+from megasynth.io import JsonlError, atomic_write_text, read_jsonl
 
 
 class InputError(ValueError):
@@ -39,27 +39,20 @@ def read_prompts(args) -> list[tuple[str, str]]:
     if args.prompt:
         return [(str(i), p) for i, p in enumerate(args.prompt)]
     path = args.prompts_file
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
     prompts, seen = [], {}
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise InputError(f"{path}:{lineno}: field \"prompt\": expected a string in a JSON object")
-        pid = obj.get("id", lineno)
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-            raise InputError(f"{path}:{lineno}: field \"id\": expected a string or an integer, got {pid!r}")
-        if str(pid) in seen:
-            raise InputError(f"{path}:{lineno}: field \"id\": {pid!r} repeats line {seen[str(pid)]}")
-        seen[str(pid)] = lineno
-        prompts.append((str(pid), obj["prompt"]))
+    try:
+        for lineno, obj in read_jsonl(path):
+            if not isinstance(obj.get("prompt"), str):
+                raise InputError(f"{path}:{lineno}: field \"prompt\": expected a string")
+            pid = obj.get("id", lineno)
+            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+                raise InputError(f"{path}:{lineno}: field \"id\": expected a string or an integer, got {pid!r}")
+            if str(pid) in seen:
+                raise InputError(f"{path}:{lineno}: field \"id\": {pid!r} repeats line {seen[str(pid)]}")
+            seen[str(pid)] = lineno
+            prompts.append((str(pid), obj["prompt"]))
+    except JsonlError as e:  # not JSON, not an object, not UTF-8, unreadable: already "FILE[:LINE]: ..."
+        raise InputError(str(e)) from None
     if not prompts:
         raise InputError(f"{path}: no prompts")
     return prompts
@@ -76,12 +69,7 @@ def _gather(obj, world: int) -> list:
 
 
 def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-prompt random streams (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    parser.add_argument("--chat", action="store_true",
+                        help="each prompt is a user message: format it with the tokenizer's chat template (the one "
+                             "tools/preprocess_sft.py used; the built-in ChatML one when the tokenizer has none), "
+                             "add no start token, and stop at the template's end-of-turn token")
     parser.add_argument("--no-start-token", action="store_true",
                         help="do not put BOS (or EOD when the tokenizer has no BOS) in front of each prompt")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -137,9 +129,18 @@ def _run(args, prompts: list[tuple[str, str]], info) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    start = [] if args.no_start_token else default_start_ids(tok)
+    try:
+        template = load_chat_template(tok) if args.chat else None
+        texts = {i: template.prompt([{"role": "user", "content": prompts[i][1]}]) if template else prompts[i][1]
+                 for i in range(info.rank, len(prompts), info.world_size)}
+    except (ChatTemplateError, ConversationError) as e:
+        print(f"error: --chat: {e}", file=sys.stderr)
+        return 2
+    # A chat template writes its own opening tokens; its turns end with the end-of-turn token, not EOD.
+    stop_id = template.end_of_turn_id if template and template.end_of_turn_id is not None else tok.eod_id
+    start = [] if args.no_start_token or template else default_start_ids(tok)
     mine = list(range(info.rank, len(prompts), info.world_size))
-    encoded = {i: start + tok.encode(prompts[i][1]) for i in mine}
+    encoded = {i: start + tok.encode(texts[i]) for i in mine}
     where = args.prompts_file or "--prompt"
     errors = []
     for i in mine:
@@ -163,10 +164,10 @@ def _run(args, prompts: list[tuple[str, str]], info) -> int:
     for b in range(0, len(order), args.batch_size):
         batch = order[b : b + args.batch_size]
         outs = generate(model, [encoded[i] for i in batch], max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eod_id=tok.eod_id,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eod_id=stop_id,
                         seed=args.seed, row_ids=batch, decode=decode)
         for i, out in zip(batch, outs):
-            ended = bool(out) and out[-1] == tok.eod_id
+            ended = bool(out) and out[-1] == stop_id
             text = tok.decode(out[:-1] if ended else out)
             results[i] = {"id": prompts[i][0], "prompt": prompts[i][1], "text": text, "num_tokens": len(out),
                           "finish_reason": "eod" if ended else "length"}

@@ -3,10 +3,13 @@
     python tools/inspect_dataset.py data/x                         # header, sidecar, length summary
     python tools/inspect_dataset.py data/x --doc 0 --doc -1        # plus those documents' ids and text
     python tools/inspect_dataset.py data/x --doc 3 --tokenizer tok.model
+    python tools/inspect_dataset.py data/sft --doc 0 --verify      # also read every byte: largest id, mask sha256
 
 Text is decoded with megasynth.tokenizer.load_tokenizer, from --tokenizer or else the sidecar's
-tokenizer.path; when no tokenizer loads, ids are printed alone with a note. Exit code 2 when the prefix is
-missing or corrupt, or a --doc index is out of range.
+tokenizer.path; when no tokenizer loads, ids are printed alone with a note. For a prefix with a loss mask
+(PREFIX.mask), each shown document also prints its target tokens (the ones the loss is computed on) inside
+[[ ]]: ids, and decoded text when a tokenizer loads. Exit code 2 when the prefix is missing or corrupt, a
+--doc index is out of range, or --verify finds a mismatch.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import os
 import struct
 import sys
 
-from megasynth.data.indexed import DTYPE_CODES, HEADER_SIZE, IndexedDataset, IndexedDatasetError, idx_path
+import numpy as np
+
+from megasynth.data.indexed import (
+    DTYPE_CODES,
+    HEADER_SIZE,
+    IndexedDataset,
+    IndexedDatasetError,
+    idx_path,
+)
 from megasynth.data.merge import length_histogram, length_summary
 from megasynth.tokenizer import load_tokenizer
 
@@ -38,6 +49,16 @@ def load_decoder(path: str | None, prefix: str):
         return None, f"could not load tokenizer {found} ({type(e).__name__}: {e}): ids only"
 
 
+def target_runs(mask) -> list[tuple[int, int, bool]]:
+    """(start, end, is_target) for each maximal run of equal mask values."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
+        return []
+    edges = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    bounds = [0, *edges.tolist(), mask.size]
+    return [(a, b, bool(mask[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def print_header(ds: IndexedDataset) -> None:
     with open(idx_path(ds.prefix), "rb") as f:
         version, code, num_seq, num_doc_idx = struct.unpack("<QBQQ", f.read(HEADER_SIZE)[9:])
@@ -47,6 +68,13 @@ def print_header(ds: IndexedDataset) -> None:
     print(f"sequences:   {num_seq:,}")
     print(f"documents:   {num_doc_idx - 1:,} (document index entries: {num_doc_idx:,})")
     print(f"tokens:      {ds.num_tokens:,}")
+    if ds.dtype.kind in "iu":
+        source = "sidecar" if (ds.metadata or {}).get("max_token_id") is not None else "scanned, cached"
+        print(f"max id:      {ds.max_token_id:,} ({source})")
+    if ds.has_loss_mask:
+        targets = ds.metadata["loss_mask"].get("num_targets")
+        share = f" ({100 * targets / ds.num_tokens:.1f}% of tokens)" if ds.num_tokens and targets is not None else ""
+        print(f"loss mask:   {ds.metadata['loss_mask']['file']}, {targets:,} target tokens{share}")
 
 
 def print_lengths(ds: IndexedDataset) -> None:
@@ -71,6 +99,16 @@ def print_document(ds: IndexedDataset, i: int, tokenizer, max_tokens: int) -> No
     print(f"  ids: {shown}{more}")
     if tokenizer is not None:
         print(f"  text: {tokenizer.decode(shown)!r}{more}")
+    if ds.has_loss_mask:
+        mask = ds.loss_mask(i)
+        runs = target_runs(mask[: len(shown)])
+        print(f"  targets: {int(mask.sum()):,} of {len(ids):,} tokens, inside [[ ]]")
+        print("  target ids: " + " ".join(
+            f"[[{' '.join(map(str, shown[a:b]))}]]" if t else " ".join(map(str, shown[a:b])) for a, b, t in runs) + more)
+        if tokenizer is not None:
+            print("  target text: " + " ".join(
+                f"[[{tokenizer.decode(shown[a:b])!r}]]" if t else repr(tokenizer.decode(shown[a:b])) for a, b, t in runs)
+                + more)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokenizer to decode with (default: the sidecar's tokenizer.path)")
     parser.add_argument("--max-tokens", type=int, default=256, metavar="N",
                         help="print at most N ids per document, 0 for all (default 256)")
+    parser.add_argument("--verify", action="store_true",
+                        help="also run the checks that read every byte: the .bin's largest id against the sidecar, "
+                             "the loss mask's sha256")
     args = parser.parse_args(argv)
 
     try:
@@ -93,12 +134,21 @@ def main(argv: list[str] | None = None) -> int:
         if not -len(ds) <= i < len(ds):
             print(f"{idx_path(args.prefix)}: --doc {i} out of range ({len(ds)} documents)", file=sys.stderr)
             return 2
+    checked = []
+    if args.verify:
+        try:
+            checked = ds.verify()
+        except IndexedDatasetError as e:
+            print(f"{e}", file=sys.stderr)
+            return 2
 
     print_header(ds)
     print("\nsidecar:" if ds.metadata is not None else "\nsidecar: none (a Megatron-written prefix, or written without one)")
     if ds.metadata is not None:
         print("  " + json.dumps(ds.metadata, indent=2).replace("\n", "\n  "))
     print_lengths(ds)
+    if args.verify:
+        print("\nverified: " + ("; ".join(checked) if checked else "nothing to verify (no sidecar records checksums)"))
     if args.doc:
         path = args.tokenizer or ((ds.metadata or {}).get("tokenizer") or {}).get("path")
         tokenizer, note = load_decoder(path, args.prefix)

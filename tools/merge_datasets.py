@@ -4,7 +4,10 @@
     python tools/merge_datasets.py --input-dir data/shards --output data/all
 
 Documents keep their order: every document of the first input, then the second's, and so on. The output's
-sidecar (OUTPUT.json) lists the inputs and carries their source files. Exit code 2 on a missing or corrupt input.
+sidecar (OUTPUT.json) lists the inputs and carries their source files. Loss masks (PREFIX.mask) are carried;
+merging masked with unmasked inputs needs --unmasked-as-all-true. An existing output prefix is refused unless
+--overwrite, an output of no documents unless --allow-empty. Exit code 2, with one line, on a missing or corrupt
+input or a refused output; the output is published atomically (docs/format.md, "Publishing a prefix").
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import os
 import sys
 from pathlib import Path
 
-from megasynth.data.indexed import IndexedDatasetError, bin_path, idx_path, prefix_exists
+from megasynth.data.indexed import (
+    IndexedDatasetError,
+    PrefixOutputError,
+    bin_path,
+    idx_path,
+    prefix_exists,
+)
 from megasynth.data.merge import merge_datasets
 
 
@@ -29,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--inputs", nargs="+", metavar="PREFIX", help="input prefixes (PREFIX.bin + PREFIX.idx), merged in this order")
     source.add_argument("--input-dir", metavar="DIR", help="merge every prefix found in DIR, in sorted order")
     parser.add_argument("--output", required=True, metavar="PREFIX", help="output prefix; writes PREFIX.bin, .idx and .json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output prefix (default: refuse it); the old prefix stays whole "
+                             "until the new one is complete")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the output even when the inputs hold no documents (default: an error)")
+    parser.add_argument("--unmasked-as-all-true", action="store_true",
+                        help="when some inputs have a loss mask and others do not, treat every token of the "
+                             "unmasked ones as a target (default: refuse to mix them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -44,14 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         inputs = args.inputs
     try:
-        sidecar = merge_datasets(inputs, args.output, progress=not args.quiet)
-    except (IndexedDatasetError, ValueError) as e:
+        sidecar = merge_datasets(inputs, args.output, progress=not args.quiet, overwrite=args.overwrite,
+                                 allow_empty=args.allow_empty, unmasked_as_all_true=args.unmasked_as_all_true)
+    except (IndexedDatasetError, PrefixOutputError, ValueError) as e:
         print(f"{e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the output directory is not writable, the disk is full
+        print(f"{e.filename or args.output}: {e.strerror or e}; no output written", file=sys.stderr)
         return 2
     for entry in sidecar["inputs"]:
         print(f"  {entry['prefix']}: {entry['num_documents']:,} documents, {entry['num_tokens']:,} tokens")
+    mask = f", loss mask {sidecar['loss_mask']['num_targets']:,} targets" if "loss_mask" in sidecar else ""
     print(f"merged {len(inputs)} prefixes -> {bin_path(args.output)}, {idx_path(args.output)}: "
-          f"{sidecar['num_documents']:,} documents, {sidecar['num_tokens']:,} tokens ({sidecar['dtype']})")
+          f"{sidecar['num_documents']:,} documents, {sidecar['num_tokens']:,} tokens ({sidecar['dtype']}{mask})")
     return 0
 
 

@@ -7,7 +7,9 @@ One document per JSONL line / Parquet row / text file, line or paragraph (see --
 id is appended to each (--no-append-eod to leave it out). The main process reads the input and writes the
 output; --workers processes parse and tokenize batches of --batch-size records, and their results are
 written in input order, so the output is byte-identical whatever the number of workers. The output
-directory is created when it does not exist.
+directory is created when it does not exist. An existing output prefix is refused unless --overwrite, and an
+input that yields no document unless --allow-empty; the prefix is published atomically (the old one stays whole
+until the new one is complete; docs/format.md, "Publishing a prefix").
 
 Bad input (invalid JSON or UTF-8, a missing key, a value that is not a string) stops the run with
 `FILE:LINE: what is wrong` and exit code 2, and leaves no output; --skip-bad-lines skips such records and
@@ -20,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from concurrent.futures.process import BrokenProcessPool
 
-from megasynth.data.indexed import IndexedDatasetError
-from megasynth.data.preprocess import preprocess
-from megasynth.data.readers import BadInputError, InputError, add_input_arguments, reader_options_from_args
-from megasynth.tokenizer import TokenizerError
+from megasynth.data.preprocess import preprocess, print_skipped, run_for_cli
+from megasynth.data.readers import add_input_arguments, reader_options_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "process with the tokenizer library's own threads")
     parser.add_argument("--batch-size", type=int, default=1024, metavar="N",
                         help="records per batch handed to a worker (default 1024)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output prefix (default: refuse it, exit 2); the old prefix stays "
+                             "whole until the new one is complete")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the prefix even when the input yields no document (default: an error, exit 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -67,31 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0 or args.batch_size < 1 or args.max_bad_lines_shown < 0:
         print("--workers must be >= 0, --batch-size >= 1 and --max-bad-lines-shown >= 0", file=sys.stderr)
         return 2
-    try:
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer,
-                             options=reader_options_from_args(args, batch_size=args.batch_size),
-                             add_bos=args.add_bos, append_eod=args.append_eod, workers=args.workers,
-                             progress=not args.no_progress)
-    except (BadInputError, InputError, TokenizerError, IndexedDatasetError) as e:
-        print(f"{e}", file=sys.stderr)
-        print(f"no output written to {args.output_prefix}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the output directory is not writable, the disk is full
-        print(f"{e.filename or args.output_prefix}: {e.strerror or e}", file=sys.stderr)
-        print(f"no output written to {args.output_prefix}", file=sys.stderr)
-        return 2
-    except BrokenProcessPool:
-        print("a worker process died (out of memory?); no output written", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; no output written to {args.output_prefix}", file=sys.stderr)
-        return 130
-    if summary["skipped_bad"]:
-        shown = summary["bad_examples"]
-        print(f"skipped {summary['skipped_bad']:,} bad records (--skip-bad-lines); the first {len(shown)}:",
-              file=sys.stderr)
-        for message in shown:
-            print(f"  {message}", file=sys.stderr)
+    code, summary = run_for_cli(args.output_prefix, lambda: preprocess(
+        args.input, args.output_prefix, args.tokenizer,
+        options=reader_options_from_args(args, batch_size=args.batch_size), add_bos=args.add_bos,
+        append_eod=args.append_eod, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite,
+        allow_empty=args.allow_empty))
+    if code:
+        return code
+    print_skipped(summary)
     print(f"wrote {args.output_prefix}.bin/.idx/.json: {summary_line(summary)}")
     return 0
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
+from megasynth.chat import BUILTIN_TEMPLATE, TRAINING_SPECIAL_TOKENS
 from megasynth.data.readers import BadInputError, InputError, InputReader, add_input_arguments, reader_options_from_args
-from megasynth.tokenizer import TokenizerError, train_bpe_tokenizer, train_sentencepiece_tokenizer
+from megasynth.io import atomic_write_json
+from megasynth.tokenizer import HF_CONFIG, TokenizerError, load_tokenizer, train_bpe_tokenizer, train_sentencepiece_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--special-tokens", nargs="*", default=[], metavar="TOKEN",
                         help="extra special tokens that are never split (bpe: after <|endoftext|>; "
                              "sentencepiece: user-defined symbols)")
+    parser.add_argument("--chat-tokens", action="store_true",
+                        help="add the special tokens of the built-in chat template and of pair records "
+                             f"({', '.join(TRAINING_SPECIAL_TOKENS)}; see megasynth/chat.py) for "
+                             "tools/preprocess_sft.py; bpe also writes that template as chat_template in "
+                             "tokenizer_config.json, so transformers' apply_chat_template formats chats the same way")
     parser.add_argument("--sentencepiece-model-type", choices=("unigram", "bpe"), default="unigram",
                         help="sentencepiece: the segmentation model (default unigram)")
     parser.add_argument("--max-documents", type=int, default=0, metavar="N",
@@ -57,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--vocab-size must be >= 1, --max-documents and --min-frequency >= 0", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    specials = list(dict.fromkeys([*args.special_tokens, *(TRAINING_SPECIAL_TOKENS if args.chat_tokens else ())]))
     used = [0]  # documents the trainer took (reader.stats counts whole chunks, past --max-documents)
     try:
         reader = InputReader(args.input, reader_options_from_args(args))
@@ -66,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         texts = tqdm(counted(texts, used), unit=" docs", desc="reading", disable=args.no_progress, file=sys.stderr)
         if args.type == "bpe":
             tok = train_bpe_tokenizer(texts, args.output, vocab_size=args.vocab_size,
-                                      min_frequency=args.min_frequency, special_tokens=args.special_tokens)
+                                      min_frequency=args.min_frequency, special_tokens=specials)
+            if args.chat_tokens:  # the built-in template, where transformers (and megasynth.chat) look for one
+                config_path = Path(args.output) / HF_CONFIG
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+                atomic_write_json(config_path, {**config, "chat_template": BUILTIN_TEMPLATE})
+                tok = load_tokenizer(args.output)
         else:
             tok = train_sentencepiece_tokenizer(texts, args.output, vocab_size=args.vocab_size,
                                                 model_type=args.sentencepiece_model_type,
-                                                special_tokens=args.special_tokens)
+                                                special_tokens=specials)
         texts.close()
     except (BadInputError, InputError, TokenizerError) as e:
         print(f"{e}", file=sys.stderr)

@@ -8,7 +8,9 @@
 
 Weights are shares of the TRAINING TOKENS, normalised to sum to 1. Every sample holds the same seq_len + 1
 tokens (seq_len of them new: consecutive windows share one), so a share of samples is the same share of
-tokens, and the blend assigns samples. Source k is a GPTDataset of exactly the samples the blend takes from
+tokens, and the blend assigns samples. A source with `packing = "pack"` (SFT examples, whole, per window:
+megasynth.data.packed_dataset) gets its share of windows, padding included; a blend may mix packed masked
+sources with concatenated unmasked ones (instruction data plus pretraining replay). Source k is a GPTDataset of exactly the samples the blend takes from
 it; a small source therefore runs over several epochs, and its repetition is horizon x share / unique tokens
 (megasynth.mixture, printed by `sources_table`).
 
@@ -32,13 +34,11 @@ blend_<fingerprint>_<num_samples>.npz (written atomically); each source's GPTDat
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import shlex
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +46,16 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.config import DataSource
-from megasynth.data.gpt_dataset import GPTDataset, atomic_save_npz
+from megasynth.data.gpt_dataset import GPTDataset
+from megasynth.data.index_cache import load_npz, save_npz
 from megasynth.data.indexed import IndexedDataset, idx_path, sidecar_path
-from megasynth.mixture import MixtureSource, max_epochs, render_repetition_table, repetition_rows
+from megasynth.data.packed_dataset import PackedDataset
+from megasynth.mixture import (
+    MixtureSource,
+    max_epochs,
+    render_repetition_table,
+    repetition_rows,
+)
 
 # Bump when the blend order or the fingerprint's content changes, so old caches and checkpoints are not mixed.
 BLEND_FORMAT_VERSION = 1
@@ -178,7 +185,8 @@ class BlendSource:
     weight: float
     indexed: IndexedDataset
     num_samples: int
-    dataset: GPTDataset | None  # None when the blend takes no sample from it
+    dataset: GPTDataset | PackedDataset | None  # None when the blend takes no sample from it
+    packing: str = "concat"  # DataSource.packing
 
 
 def _tokenizer_hash(meta: dict | None) -> str | None:
@@ -196,16 +204,23 @@ def _file_sha256(path: Path) -> str:
 
 def source_identity(indexed: IndexedDataset) -> dict:
     """What identifies a prefix's content cheaply: counts, tokenizer hash and the .idx's sha256 (not the .bin)."""
-    return {"num_tokens": int(indexed.num_tokens), "num_documents": len(indexed),
-            "tokenizer_sha256": _tokenizer_hash(indexed.metadata), "idx_sha256": _file_sha256(idx_path(indexed.prefix))}
+    ident = {"num_tokens": int(indexed.num_tokens), "num_documents": len(indexed),
+             "tokenizer_sha256": _tokenizer_hash(indexed.metadata), "idx_sha256": _file_sha256(idx_path(indexed.prefix))}
+    if getattr(indexed, "has_loss_mask", False):  # only when present: unmasked prefixes keep their old fingerprint
+        ident["loss_mask"] = True
+    return ident
 
 
-def blend_fingerprint(identities: Sequence[dict], weights: Sequence[float], *, seq_len: int, seed: int) -> str:
-    """sha256 over the sources' identities (in order), normalised weights, seq_len and seed; no paths, so a moved
-    dataset keeps its fingerprint."""
-    payload = {"blend_format": BLEND_FORMAT_VERSION, "seq_len": int(seq_len), "seed": int(seed),
-               # 12 significant digits: "0.3 a 0.7 b" and "3 a 7 b" normalise to the same blend
-               "sources": [{**ident, "weight": f"{w:.12g}"} for ident, w in zip(identities, weights)]}
+def blend_fingerprint(identities: Sequence[dict], weights: Sequence[float], *, seq_len: int, seed: int,
+                      packings: Sequence[str] | None = None) -> str:
+    """sha256 over the sources' identities (in order), normalised weights, packing modes, seq_len and seed; no
+    paths, so a moved dataset keeps its fingerprint."""
+    packings = packings or ["concat"] * len(identities)
+    # 12 significant digits: "0.3 a 0.7 b" and "3 a 7 b" normalise to the same blend. The packing mode enters
+    # only when it is not the default, so the fingerprints of concatenated blends (and their checkpoints) stay.
+    sources = [{**ident, "weight": f"{w:.12g}", **({"packing": p} if p != "concat" else {})}
+               for ident, w, p in zip(identities, weights, packings)]
+    payload = {"blend_format": BLEND_FORMAT_VERSION, "seq_len": int(seq_len), "seed": int(seed), "sources": sources}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -247,6 +262,10 @@ class BlendedDataset:
         return render_repetition_table(self._rows(horizon_tokens), horizon_tokens, max_repetition=max_repetition,
                                        title=f"blend {self.fingerprint[:12]}")
 
+    def packing_summaries(self) -> list[str]:
+        """One line per packed source: windows, packing efficiency (share of real tokens), truncated examples."""
+        return [s.dataset.summary() for s in self.sources if isinstance(s.dataset, PackedDataset)]
+
     def max_repetition(self, horizon_tokens: float) -> float:
         """The largest number of epochs any source is read over the horizon."""
         return max_epochs(self._rows(horizon_tokens))
@@ -257,7 +276,7 @@ class BlendedDataset:
 
 
 def _check_sources(sources: Sequence) -> list[tuple[str, str, float]]:
-    """(name, prefix, raw weight) per source; errors name the source."""
+    """(name, prefix, raw weight) per source; errors name the source (the packing mode: _packing)."""
     if not sources:
         raise BlendError("a blend needs at least one source (data.sources or data.data_path)")
     out, seen = [], {}
@@ -279,6 +298,24 @@ def _check_sources(sources: Sequence) -> list[tuple[str, str, float]]:
     return out
 
 
+PACKING_MODES = ("concat", "pack")
+
+
+def _packing(source, i: int) -> str:
+    mode = getattr(source, "packing", "concat") or "concat"
+    if mode not in PACKING_MODES:
+        raise BlendError(f"source {i} ({getattr(source, 'path', '')}): packing must be one of {list(PACKING_MODES)}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def build_source_dataset(indexed: IndexedDataset, packing: str, *, seq_len: int, num_samples: int, seed: int,
+                         cache_dir, name: str = "") -> GPTDataset | PackedDataset:
+    """The sample dataset of one prefix: concatenated windows (GPTDataset) or packed examples (PackedDataset)."""
+    cls = PackedDataset if packing == "pack" else GPTDataset
+    return cls(indexed, seq_len=seq_len, num_samples=num_samples, seed=seed, cache_dir=cache_dir, name=name)
+
+
 def _check_tokenizers(indexed: list[IndexedDataset]) -> None:
     """Sources must share one tokenizer (sidecar hash) and vocab size wherever their sidecars record them."""
     for key, value_of in (("tokenizer sha256", lambda ds: _tokenizer_hash(ds.metadata)),
@@ -297,14 +334,10 @@ def _check_tokenizers(indexed: list[IndexedDataset]) -> None:
 
 
 def _load_cached_order(path: Path, num_samples: int, num_sources: int):
-    if not path.is_file():
+    arrays = load_npz(path, ("source_ids", "source_samples"), "blend-index")
+    if arrays is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ids, samples = z["source_ids"], z["source_samples"]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
-        warnings.warn(f"{path}: unreadable blend-index cache ({e}); rebuilding it", stacklevel=3)
-        return None
+    ids, samples = arrays["source_ids"], arrays["source_samples"]
     if ids.shape != (num_samples,) or samples.shape != (num_samples,) or (ids.size and ids.max() >= num_sources):
         warnings.warn(f"{path}: blend-index cache has the wrong shape; rebuilding it", stacklevel=3)
         return None
@@ -318,12 +351,14 @@ def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_sa
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise BlendError(f"build_blended_dataset: {field_name} must be an integer >= {low}, got {value!r}")
     checked = _check_sources(sources)
+    packings = [_packing(s, i) for i, s in enumerate(sources)]
     weights = [w / math.fsum(w for _, _, w in checked) for _, _, w in checked]
     if len(checked) > np.iinfo(np.int16).max:
         raise BlendError(f"a blend holds at most {np.iinfo(np.int16).max} sources, got {len(checked)}")
     indexed = [IndexedDataset(prefix) for _, prefix, _ in checked]
     _check_tokenizers(indexed)
-    fingerprint = blend_fingerprint([source_identity(ds) for ds in indexed], weights, seq_len=seq_len, seed=seed)
+    fingerprint = blend_fingerprint([source_identity(ds) for ds in indexed], weights, seq_len=seq_len, seed=seed,
+                                    packings=packings)
 
     cache_path = Path(cache_dir) / f"blend_{fingerprint}_{num_samples}.npz" if cache_dir is not None else None
     cached = _load_cached_order(cache_path, num_samples, len(checked)) if cache_path is not None else None
@@ -332,18 +367,18 @@ def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_sa
         if cache_path is not None:
             description = json.dumps({"fingerprint": fingerprint, "num_samples": num_samples, "seq_len": seq_len,
                                       "seed": seed, "sources": [[n, p, w] for (n, p, _), w in zip(checked, weights)]})
-            atomic_save_npz(cache_path, {"source_ids": ids, "source_samples": samples,
+            save_npz(cache_path, {"source_ids": ids, "source_samples": samples,
                                           "description": np.array(description)})
     else:
         ids, samples = cached
 
     counts = np.bincount(ids, minlength=len(checked))
     blend_sources = []
-    for (name, prefix, _), w, ds, n in zip(checked, weights, indexed, counts):
-        # Each source's GPTDataset holds exactly the samples the blend reads from it, with the run's seed, so a
-        # blend of one source reads the same samples in the same order as a plain GPTDataset.
-        gpt = (GPTDataset(ds, seq_len=seq_len, num_samples=int(n), seed=seed, cache_dir=cache_dir, name=name)
-               if n > 0 else None)
-        blend_sources.append(BlendSource(name, prefix, w, ds, int(n), gpt))
+    for (name, prefix, _), w, ds, n, packing in zip(checked, weights, indexed, counts, packings):
+        # Each source's dataset holds exactly the samples the blend reads from it, with the run's seed, so a
+        # blend of one source reads the same samples in the same order as a plain GPTDataset / PackedDataset.
+        sub = (build_source_dataset(ds, packing, seq_len=seq_len, num_samples=int(n), seed=seed, cache_dir=cache_dir,
+                                    name=name) if n > 0 else None)
+        blend_sources.append(BlendSource(name, prefix, w, ds, int(n), sub, packing))
     return BlendedDataset(blend_sources, ids, samples, seq_len=seq_len, seed=seed, fingerprint=fingerprint,
                           cache_path=cache_path, loaded_from_cache=cached is not None)

@@ -12,7 +12,9 @@ with vectorized numpy (cumsum + searchsorted), then cached under cache_dir/<cach
     shuffle         int64[N]       sample i of the dataset is sample shuffle[i] of the stream
 
 Each item is {"tokens": int64[seq_len + 1], "doc_ids": int32[seq_len + 1]}; doc_ids numbers the documents
-inside the window from 0 (so the model can build per-document causal masks and reset positions).
+inside the window from 0 (so the model can build per-document causal masks and reset positions). A prefix
+with a loss mask adds "loss_mask": bool[seq_len + 1] (True = a prediction target), read with the tokens.
+Short independent examples (SFT) are better packed whole: megasynth.data.packed_dataset.
 
     ds = GPTDataset(IndexedDataset("data/x"), seq_len=2048, num_samples=10_000, seed=1234, cache_dir="cache")
 """
@@ -20,16 +22,14 @@ inside the window from 0 (so the model can build per-document causal masks and r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import uuid
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from megasynth.data.index_cache import load_npz, save_npz
 from megasynth.data.indexed import IndexedDataset
 
 # Bump when the index construction changes, so caches built by older code are never reused.
@@ -78,21 +78,6 @@ def build_sample_index(doc_lengths: np.ndarray, documents: np.ndarray, *, seq_le
     }
 
 
-def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temp file beside `path`, fsync, rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class GPTDataset:
     """num_samples windows of seq_len + 1 tokens over `dataset` (or its `documents` subset), seeded and cached."""
 
@@ -120,7 +105,7 @@ class GPTDataset:
             index = build_sample_index(doc_lengths, self.documents, seq_len=self.seq_len,
                                        num_samples=self.num_samples, seed=self.seed)
             if self.cache_path is not None:
-                atomic_save_npz(self.cache_path, {**index, "description": np.array(self._description())})
+                save_npz(self.cache_path, {**index, "description": np.array(self._description())})
         self.doc_order = index["doc_order"]
         self.sample_doc = index["sample_doc"]
         self.sample_offset = index["sample_offset"]
@@ -154,13 +139,8 @@ class GPTDataset:
         return h.hexdigest()[:32]
 
     def _load_cache(self) -> dict[str, np.ndarray] | None:
-        if not self.cache_path.is_file():
-            return None
-        try:
-            with np.load(self.cache_path, allow_pickle=False) as z:
-                index = {k: z[k] for k in _ARRAYS}
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
-            warnings.warn(f"{self.cache_path}: unreadable sample-index cache ({e}); rebuilding it", stacklevel=3)
+        index = load_npz(self.cache_path, _ARRAYS, "sample-index")
+        if index is None:
             return None
         n = self.num_samples
         if not (index["shuffle"].shape == index["sample_doc"].shape == index["sample_offset"].shape == (n,)
@@ -182,6 +162,9 @@ class GPTDataset:
         data, lengths = self.dataset.tokens, self.dataset.sequence_lengths
         tokens = np.empty(self.seq_len + 1, dtype=np.int64)
         doc_ids = np.empty(self.seq_len + 1, dtype=np.int32)
+        # A masked prefix (SFT / pair data read as a stream) carries its mask piece by piece with the tokens.
+        masked = getattr(self.dataset, "has_loss_mask", False)
+        loss_mask = np.empty(self.seq_len + 1, dtype=bool) if masked else None
         filled, segment = 0, 0
         while filled < tokens.size:
             doc = int(self.doc_order[pos])
@@ -190,9 +173,13 @@ class GPTDataset:
                 start = int(self._token_start[doc]) + offset
                 tokens[filled : filled + take] = data[start : start + take]
                 doc_ids[filled : filled + take] = segment
+                if masked:
+                    loss_mask[filled : filled + take] = self.dataset.loss_mask_slice(doc, offset, take)
                 filled += take
                 segment += 1
             pos, offset = pos + 1, 0
+        if masked:
+            return {"tokens": tokens, "doc_ids": doc_ids, "loss_mask": loss_mask}
         return {"tokens": tokens, "doc_ids": doc_ids}
 
     def __repr__(self) -> str:

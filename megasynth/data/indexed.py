@@ -1,363 +1,76 @@
 """The indexed token format: a `.bin`/`.idx` pair (byte-compatible with Megatron-LM, version 1) plus a sidecar.
 
-A *prefix* `data/x` names three files:
+A *prefix* `data/x` names up to four files:
 
     data/x.bin    token ids of every document, concatenated, no header
     data/x.idx    header, int32 lengths[S], int64 byte pointers[S], int64 document indices[D]
-    data/x.json   our sidecar: tokenizer identity, counts, sources, tool version (absent on Megatron's files)
+    data/x.json   our sidecar: tokenizer identity, counts, largest id, checksums, sources (absent on Megatron's files)
+    data/x.mask   optional: one loss-mask bit per token (True = predict it), see megasynth/data/loss_mask.py
 
-The byte layout, the dtype codes and every sidecar key are described in docs/format.md. The writer streams:
-its memory does not grow with the number of documents (Megatron's builder keeps the whole index in Python
-lists, which runs out of memory on large corpora). Every write goes to temp files in the destination directory
-that are renamed into place last, so an interrupted write never leaves a prefix that opens.
+The byte layout, the dtype codes, every sidecar key and the publish protocol are described in docs/format.md.
+This module is the reader (IndexedDataset) and re-exports the writer (megasynth/data/indexed_writer.py), the
+prefix paths and the publish checks (megasynth/data/prefix.py):
 
     with IndexedDatasetWriter("data/x", smallest_token_dtype(vocab_size), metadata={...}) as w:
         w.add_document([1, 2, 3])
-        w.add_flat(np.array([4, 5, 6]), np.array([2, 0, 1]))  # three documents [4, 5], [], [6] in one call
-    ds = IndexedDataset("data/x"); ds[0]  # -> array([1, 2, 3], dtype=uint16), a view into the memory map
+    ds = IndexedDataset("data/x"); ds[0]   # -> array([1, 2, 3], dtype=uint16), a view into the memory map
+    ds.max_token_id                        # 3: from the sidecar, or computed once and cached for Megatron files
+    ds.has_loss_mask, ds.loss_mask(0)      # masked prefixes: a bool array of document 0's length
 
 Merging prefixes and length statistics live in megasynth/data/merge.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import operator
 import os
 import struct
-import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-import megasynth
+from megasynth.data.indexed_writer import IndexedDatasetWriter
+from megasynth.data.layout import (
+    DTYPE_CODES,
+    HEADER_SIZE,
+    MAGIC,
+    RESERVED_SIDECAR_KEYS,
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    SIDECAR_VERSIONS_READ,
+    VERSION,
+    is_count,
+    smallest_token_dtype,
+    vocab_sizes,
+)
+from megasynth.data.loss_mask import LossMaskFile
+from megasynth.data.max_token_id import cached_max_token_id, max_of_tokens
+from megasynth.data.prefix import (
+    EmptyOutputError,
+    IndexedDatasetError,
+    OutputExistsError,
+    PrefixOutputError,
+    bin_path,
+    check_not_empty,
+    check_output_free,
+    idx_path,
+    mask_path,
+    prefix_exists,
+    sidecar_path,
+)
 
-MAGIC = b"MMIDIDX\x00\x00"
-VERSION = 1
-# magic (9) + version <Q (8) + dtype code <B (1) + sequence count <Q (8) + document count <Q (8)
-HEADER_SIZE = 34
-SIDECAR_FORMAT = "megasynth-indexed"
-SIDECAR_VERSION = 1
-# Keys the writer computes itself; a caller's metadata may not set them.
-RESERVED_SIDECAR_KEYS = ("format", "format_version", "tool_version", "dtype", "num_documents", "num_tokens")
+__all__ = [
+    "DTYPE_CODES", "HEADER_SIZE", "MAGIC", "RESERVED_SIDECAR_KEYS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "VERSION",
+    "EmptyOutputError", "IndexedDataset", "IndexedDatasetError", "IndexedDatasetWriter", "OutputExistsError",
+    "PrefixOutputError", "bin_path", "check_not_empty", "check_output_free", "idx_path", "mask_path",
+    "prefix_exists", "sidecar_path", "smallest_token_dtype",
+]
 
-DTYPE_CODES: dict[int, np.dtype] = {
-    1: np.dtype(np.uint8),
-    2: np.dtype(np.int8),
-    3: np.dtype(np.int16),
-    4: np.dtype(np.int32),
-    5: np.dtype(np.int64),
-    6: np.dtype(np.float64),
-    7: np.dtype(np.float32),
-    8: np.dtype(np.uint16),
-}
-_CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
-
-# Entries per streamed chunk of the index (int32 lengths: 4 MiB; int64 pointers: 8 MiB). Bounds the
-# writer's and the validator's memory whatever the number of documents.
+# Entries per chunk when validating the index: bounds the validator's memory whatever the number of documents.
 _CHUNK = 1 << 20
-_BIN_BUFFER = 8 << 20
-
-
-class IndexedDatasetError(ValueError):
-    """A prefix is missing, truncated or corrupt; the message names the file and what is wrong."""
-
-
-def bin_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.bin")
-
-
-def idx_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.idx")
-
-
-def sidecar_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.json")
-
-
-def prefix_exists(prefix: str | os.PathLike) -> bool:
-    """True when both PREFIX.bin and PREFIX.idx exist (it says nothing about whether they are valid)."""
-    return bin_path(prefix).is_file() and idx_path(prefix).is_file()
-
-
-def smallest_token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id in [0, vocab_size) fits (vocab_size <= 65536), else int32 (Megatron's choice)."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    if vocab_size > 2**31:
-        raise ValueError(f"vocab_size {vocab_size} does not fit the format's largest id type int32")
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
-
-
-def _token_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as e:
-        raise ValueError(f"not a numpy dtype: {dtype!r}") from e
-    dt = dt.newbyteorder("=") if dt.byteorder == ">" else dt
-    if dt not in _CODE_OF_DTYPE:
-        names = ", ".join(str(d) for d in DTYPE_CODES.values())
-        raise ValueError(f"dtype {dt} has no code in the indexed format; expected one of {names}")
-    return dt
-
-
-class IndexedDatasetWriter:
-    """Streams documents into PREFIX.bin/.idx/.json, one sequence per document: `add_document` appends one,
-    `add_documents` a list of arrays, `add_flat` a flat token array with per-document lengths.
-
-    A context manager: leaving the block normally finalizes, leaving it by an exception aborts (removes every
-    temp file and leaves any existing prefix untouched).
-    """
-
-    def __init__(self, prefix: str | os.PathLike, dtype, *, metadata: dict | None = None):
-        self.prefix = os.fspath(prefix)
-        self.dtype = _token_dtype(dtype)
-        self._metadata = dict(metadata or {})
-        self._check_metadata(self._metadata)
-        dest = Path(self.prefix)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        # Temps live beside the destination so the final os.replace is an atomic rename on one filesystem.
-        self._tmp = {kind: dest.parent / f".{dest.name}.{kind}.{tag}" for kind in ("bin", "idx", "json", "lengths")}
-        self._bin = open(self._tmp["bin"], "wb", buffering=_BIN_BUFFER)
-        self._lengths_file = open(self._tmp["lengths"], "wb")
-        self._lengths = np.empty(_CHUNK, dtype=np.int32)  # fixed-size buffer, flushed when full
-        self._pending = 0
-        self._num_documents = 0
-        self._num_tokens = 0
-        self._state = "open"
-        if self.dtype.kind in "iu":
-            info = np.iinfo(self.dtype)
-            self._max_id = int(info.max)
-        else:
-            self._max_id = None  # float datasets (codes 6, 7) are allowed by the format; no id range applies
-
-    # -- properties -------------------------------------------------------------------------------------------
-    @property
-    def num_documents(self) -> int:
-        return self._num_documents
-
-    @property
-    def num_tokens(self) -> int:
-        return self._num_tokens
-
-    # -- adding documents ---------------------------------------------------------------------------------------
-    def add_document(self, tokens) -> None:
-        """Append one document of token ids (a 1-D int array-like; may be empty)."""
-        self._require_open()
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError(f"document must be a 1-D array of token ids, got shape {arr.shape}")
-        lengths = self._checked_lengths(np.array([arr.size], dtype=np.int64), what="document")
-        self._write(self._checked(arr, what="document"), lengths)
-
-    def add_documents(self, docs: Sequence) -> None:
-        """Append several documents at once: one range check and one write for the whole batch."""
-        self._require_open()
-        arrays = [np.asarray(d) for d in docs]
-        if not arrays:
-            return
-        for i, a in enumerate(arrays):
-            if a.ndim != 1:
-                raise ValueError(f"document {i} of the batch must be 1-D, got shape {a.shape}")
-        lengths = self._checked_lengths(np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays)))
-        nonempty = [a for a in arrays if a.size]
-        flat = np.concatenate(nonempty) if nonempty else np.empty(0, dtype=self.dtype)
-        self._write(self._checked(flat, what="batch", lengths=lengths), lengths)
-
-    def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append len(lengths) documents given as one flat array: document i is the next lengths[i] ids.
-
-        The same bytes as add_document on each slice, with array-wide checks and one write instead of Python
-        work per document (the preprocessor's path: its tokenizer already returns (tokens, lengths)). Memory
-        stays bounded as for add_document: lengths are copied into the writer's fixed-size chunk buffer.
-        Every check runs before anything is written, so a rejected batch leaves the writer as it was.
-        """
-        self._require_open()
-        ln = self._checked_lengths(lengths)
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError(f"tokens must be a 1-D array of token ids, got shape {arr.shape}")
-        total = int(ln.sum())
-        if total != arr.size:
-            raise ValueError(f"lengths sum to {total} tokens but the flat tokens array holds {arr.size}")
-        self._write(self._checked(arr, what="batch", lengths=ln), ln)
-
-    def _checked_lengths(self, lengths, *, what: str = "batch") -> np.ndarray:
-        """lengths as int64, after checking they are integers in [0, 2**31) (the .idx stores them as int32)."""
-        ln = np.asarray(lengths)
-        if ln.ndim != 1:
-            raise ValueError(f"{what}: lengths must be a 1-D array, got shape {ln.shape}")
-        if ln.size == 0:
-            return np.empty(0, dtype=np.int64)  # an empty list arrives as float64; its dtype is irrelevant
-        if ln.dtype.kind not in "iu":
-            raise ValueError(f"{what}: lengths must be integers, got dtype {ln.dtype}")
-        # min/max reductions, not `ln < 0` masks: no temporary array as large as the batch on the happy path.
-        # Both compare in the caller's dtype, before any cast could wrap a huge unsigned value.
-        if ln.dtype.kind == "i" and int(ln.min()) < 0:
-            i = int(np.argmax(ln < 0))
-            raise ValueError(f"{what}: document {i} has negative length {int(ln[i])}")
-        if int(ln.max()) >= 2**31:
-            i = int(np.argmax(ln >= 2**31))
-            raise ValueError(f"{what}: document {i} has {int(ln[i])} tokens; the format's int32 length field "
-                             f"holds at most {2**31 - 1}")
-        return ln.astype(np.int64, copy=False)
-
-    def _checked(self, tokens, *, what: str, lengths: np.ndarray | None = None) -> np.ndarray:
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError(f"{what} must be a 1-D array of token ids, got shape {arr.shape}")
-        if arr.size == 0:
-            return np.empty(0, dtype=self.dtype)  # an empty list arrives as float64; its dtype is irrelevant
-        if self._max_id is not None:
-            if arr.dtype.kind not in "iu":
-                raise ValueError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
-            if not np.can_cast(arr.dtype, self.dtype) or self.dtype.kind == "i":
-                lo, hi = int(arr.min()), int(arr.max())
-                if lo < 0 or hi > self._max_id:
-                    bad = lo if lo < 0 else hi
-                    pos = int(np.argmax(arr == bad))
-                    where = f"token {pos}"
-                    if lengths is not None:  # name the document inside the batch, not the flat position
-                        # ends[d] is where document d stops; side="right" skips the empty documents ending at pos
-                        doc = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
-                        where = f"document {doc} of the batch"
-                    raise ValueError(
-                        f"{what}: token id {bad} ({where}) does not fit {self.dtype}: ids must be in [0, {self._max_id}]"
-                    )
-        elif arr.dtype.kind not in "iuf":
-            raise ValueError(f"{what}: expected numbers, got dtype {arr.dtype}")
-        return arr.astype(self.dtype, copy=False)
-
-    def _write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append validated tokens (already in self.dtype) and their int64 lengths."""
-        if tokens.size:
-            self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
-        self._num_documents += int(lengths.size)
-        self._num_tokens += int(tokens.size)
-        start = 0
-        while start < lengths.size:
-            take = min(_CHUNK - self._pending, lengths.size - start)
-            self._lengths[self._pending : self._pending + take] = lengths[start : start + take]
-            self._pending += take
-            start += take
-            if self._pending == _CHUNK:
-                self._flush_lengths()
-
-    def _flush_lengths(self) -> None:
-        if self._pending:
-            self._lengths_file.write(memoryview(self._lengths[: self._pending]).cast("B"))
-            self._pending = 0
-
-    # -- finishing ------------------------------------------------------------------------------------------------
-    def finalize(self, metadata: dict | None = None) -> dict:
-        """Write the .idx and the sidecar, then rename .bin, .idx and .json into place; return the sidecar."""
-        self._require_open()
-        extra = dict(metadata or {})
-        self._check_metadata(extra)
-        try:
-            sidecar = {
-                "format": SIDECAR_FORMAT,
-                "format_version": SIDECAR_VERSION,
-                "tool_version": megasynth.__version__,
-                "dtype": self.dtype.name,
-                "num_documents": self._num_documents,
-                "num_tokens": self._num_tokens,
-                **self._metadata,
-                **extra,
-            }
-            try:
-                text = json.dumps(sidecar, indent=2, sort_keys=False) + "\n"
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{sidecar_path(self.prefix)}: metadata is not JSON-serializable: {e}") from e
-            self._flush_lengths()
-            self._lengths_file.close()
-            self._bin.flush()
-            os.fsync(self._bin.fileno())
-            self._bin.close()
-            self._write_index()
-            with open(self._tmp["json"], "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            # Remove the old index (and sidecar) first: a crash between the renames below then leaves a prefix
-            # without a .idx (which does not open), never a new .bin beside an old .idx that might.
-            for path in (idx_path(self.prefix), sidecar_path(self.prefix)):
-                path.unlink(missing_ok=True)
-            os.replace(self._tmp["bin"], bin_path(self.prefix))
-            os.replace(self._tmp["idx"], idx_path(self.prefix))
-            os.replace(self._tmp["json"], sidecar_path(self.prefix))
-        except BaseException:
-            self.abort()
-            raise
-        self._tmp["lengths"].unlink(missing_ok=True)
-        self._state = "finalized"
-        return sidecar
-
-    def _write_index(self) -> None:
-        n = self._num_documents
-        itemsize = self.dtype.itemsize
-        with open(self._tmp["idx"], "wb") as out:
-            out.write(MAGIC)
-            out.write(struct.pack("<QBQQ", VERSION, _CODE_OF_DTYPE[self.dtype], n, n + 1))
-            # Pass 1: the lengths, as written. Pass 2: byte pointers = exclusive prefix sum of lengths * itemsize,
-            # carrying the running offset from chunk to chunk. Pass 3: document indices 0..n (one sequence per doc).
-            with open(self._tmp["lengths"], "rb") as f:
-                while (chunk := np.fromfile(f, dtype=np.int32, count=_CHUNK)).size:
-                    out.write(memoryview(chunk.astype("<i4", copy=False)).cast("B"))
-            running = 0
-            with open(self._tmp["lengths"], "rb") as f:
-                while (chunk := np.fromfile(f, dtype=np.int32, count=_CHUNK)).size:
-                    nbytes = chunk.astype(np.int64) * itemsize
-                    ends = np.cumsum(nbytes) + running
-                    out.write(memoryview((ends - nbytes).astype("<i8", copy=False)).cast("B"))
-                    running = int(ends[-1])
-            for start in range(0, n + 1, _CHUNK):
-                out.write(memoryview(np.arange(start, min(start + _CHUNK, n + 1), dtype="<i8")).cast("B"))
-            out.flush()
-            os.fsync(out.fileno())
-
-    def abort(self) -> None:
-        """Discard everything written so far: close and remove every temp file. Safe to call twice."""
-        for f in (self._bin, self._lengths_file):
-            try:
-                f.close()
-            except OSError:
-                pass
-        for path in self._tmp.values():
-            path.unlink(missing_ok=True)
-        if self._state == "open":
-            self._state = "aborted"
-
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"{self.prefix}: writer is already {self._state}")
-
-    @staticmethod
-    def _check_metadata(metadata: dict) -> None:
-        clash = [k for k in RESERVED_SIDECAR_KEYS if k in metadata]
-        if clash:
-            raise ValueError(f"metadata may not set {clash}: the writer computes these keys itself")
-
-    def __enter__(self) -> IndexedDatasetWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self._state == "open":
-                self.finalize()
-        else:
-            self.abort()
-
-    def __del__(self):
-        # A writer dropped without finalize() must not leave temp files behind.
-        if getattr(self, "_state", None) == "open":
-            try:
-                self.abort()
-            except Exception:
-                pass
 
 
 def _map(path: Path, size: int):
@@ -368,15 +81,32 @@ def _map(path: Path, size: int):
 
 
 class IndexedDataset:
-    """A read-only, memory-mapped view of PREFIX.bin/.idx (ours or Megatron-LM's), validated on open."""
+    """A read-only, memory-mapped view of PREFIX.bin/.idx (ours or Megatron-LM's), validated on open.
 
-    def __init__(self, prefix: str | os.PathLike):
+    Opening checks the .idx structure against the .bin, and, when PREFIX.json exists, that the sidecar belongs
+    to these very files (counts, dtype, the .idx sha256, the .bin size, the largest id against the vocabulary)
+    and that a listed PREFIX.mask has the right size and header. `verify()` adds the checks that read every
+    byte (the .bin's largest id, the mask's sha256). `cache_dir` is where the largest id of a prefix without
+    one in its sidecar is cached (default: beside the prefix; see megasynth/data/max_token_id.py).
+    """
+
+    def __init__(self, prefix: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                 _known_idx: tuple[int, int, str] | None = None):
         self.prefix = os.fspath(prefix)
+        self.cache_dir = cache_dir
+        self._idx_sha256: str | None = None
+        self._max_token_id: int | None = None
+        self._mask: LossMaskFile | None = None
         ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
         for path in (ipath, bpath):
             if not path.is_file():
                 raise IndexedDatasetError(f"{path}: no such file (a prefix needs both .bin and .idx)")
-        idx_size = ipath.stat().st_size
+        idx_stat = ipath.stat()
+        idx_size = idx_stat.st_size
+        if _known_idx is not None and (idx_size, idx_stat.st_mtime_ns) == tuple(_known_idx[:2]):
+            # A copy made by pickling (DataLoader workers) reuses the sha256 its parent computed for this very
+            # file (same size and mtime) instead of rehashing a large index in every worker.
+            self._idx_sha256 = _known_idx[2]
         if idx_size < HEADER_SIZE:
             raise IndexedDatasetError(f"{ipath}: truncated: expected at least {HEADER_SIZE} bytes, found {idx_size}")
         self._idx_buf = _map(ipath, idx_size)
@@ -412,6 +142,19 @@ class IndexedDataset:
         self._bin_buf = _map(bpath, bin_size)
         self.tokens = np.frombuffer(self._bin_buf, dtype=self.dtype.newbyteorder("<"), count=self.num_tokens)
         self.metadata = self._load_sidecar()
+        if self.metadata is not None and self.metadata["format_version"] >= 2:
+            self._check_files(idx_size, bin_size)
+            self._max_token_id = self._check_max_token_id(self.metadata.get("max_token_id"))
+            if "loss_mask" in self.metadata:
+                self._mask = LossMaskFile(mask_path(self.prefix), self.metadata["loss_mask"], self.num_tokens,
+                                          sidecar_path(self.prefix))
+        if self._mask is None and mask_path(self.prefix).exists():
+            # Our writer removes an old mask before publishing a prefix without one; a mask no sidecar lists
+            # was left by something else and cannot be trusted to match these tokens.
+            raise IndexedDatasetError(
+                f"{mask_path(self.prefix)}: a loss mask that {sidecar_path(self.prefix)} does not list "
+                f"({'no sidecar' if self.metadata is None else 'no loss_mask entry'}): stale, remove it or rewrite "
+                "the prefix")
 
     def _validate_index(self, ipath: Path, bpath: Path, bin_size: int) -> int:
         """Check lengths, pointers and document indices in bounded chunks; return the number of tokens."""
@@ -465,6 +208,9 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{path}: not UTF-8 text: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
             raise IndexedDatasetError(f"{path}: not a {SIDECAR_FORMAT} sidecar (missing \"format\": \"{SIDECAR_FORMAT}\")")
+        if meta.get("format_version") not in SIDECAR_VERSIONS_READ:
+            raise IndexedDatasetError(f"{path}: format_version {meta.get('format_version')!r} is not one this reader "
+                                      f"knows ({', '.join(map(str, SIDECAR_VERSIONS_READ))}); a newer megasynth wrote it")
         for key, actual in (("num_documents", len(self)), ("num_tokens", self.num_tokens), ("dtype", self.dtype.name)):
             if meta.get(key) != actual:
                 raise IndexedDatasetError(
@@ -473,6 +219,115 @@ class IndexedDataset:
                 )
         return meta
 
+    def _check_files(self, idx_size: int, bin_size: int) -> None:
+        """The sidecar's record of the .idx (size, sha256) and the .bin (size) must match the files on disk:
+        a sidecar of one write beside the index of another is refused, whatever the counts say."""
+        side, ipath = sidecar_path(self.prefix), idx_path(self.prefix)
+        files = self.metadata.get("files")
+        if not (isinstance(files, dict) and isinstance(files.get("idx"), dict) and isinstance(files.get("bin"), dict)):
+            raise IndexedDatasetError(f"{side}: field \"files\" must be {{\"idx\": {{\"size\", \"sha256\"}}, "
+                                      "\"bin\": {\"size\"}}")
+        recorded_bin = files["bin"].get("size")
+        if recorded_bin != bin_size:
+            raise IndexedDatasetError(f"{side}: records {bin_path(self.prefix).name} of {recorded_bin!r} bytes, the file "
+                                      f"has {bin_size}: the sidecar and {ipath.name} come from different writes")
+        recorded_sha, recorded_size = files["idx"].get("sha256"), files["idx"].get("size")
+        if recorded_size != idx_size or recorded_sha != self.idx_sha256:
+            raise IndexedDatasetError(
+                f"{side}: records {ipath.name} with sha256 {str(recorded_sha)[:16]}... ({recorded_size!r} bytes), the "
+                f"file has {self.idx_sha256[:16]}... ({idx_size} bytes): the sidecar and the index come from different "
+                f"writes (a stale {side.name}, or {ipath.name} replaced without it); rewrite the prefix, or delete "
+                f"{side.name} to open the .bin/.idx alone")
+
+    def _check_max_token_id(self, value) -> int | None:
+        """The sidecar's max_token_id must be possible for these files and below every vocabulary size it states."""
+        side = sidecar_path(self.prefix)
+        if self.dtype.kind not in "iu":
+            if value is not None:
+                raise IndexedDatasetError(f"{side}: max_token_id must be null for a {self.dtype} dataset, got {value!r}")
+            return None
+        top = int(np.iinfo(self.dtype).max)
+        if not is_count(value) or not -1 <= value <= top or (value == -1) != (self.num_tokens == 0):
+            expect = "-1 (no tokens)" if self.num_tokens == 0 else f"an integer in [0, {top}]"
+            raise IndexedDatasetError(f"{side}: max_token_id is {value!r}, expected {expect} for "
+                                      f"{self.num_tokens} {self.dtype} tokens")
+        self._check_vocab(int(value), side)
+        return int(value)
+
+    def _check_vocab(self, value: int, source) -> None:
+        side = sidecar_path(self.prefix)
+        for field, vocab in vocab_sizes(self.metadata):
+            if not is_count(vocab) or vocab < 1:
+                raise IndexedDatasetError(f"{side}: {field} must be a positive integer, got {vocab!r}")
+            if value >= vocab:
+                raise IndexedDatasetError(f"{source}: the largest token id is {value}, but {side.name} says {field} "
+                                          f"{vocab}: ids must be below it")
+
+    @property
+    def idx_sha256(self) -> str:
+        """sha256 of the .idx file (hashed once, on first use)."""
+        if self._idx_sha256 is None:
+            self._idx_sha256 = hashlib.sha256(self._idx_buf).hexdigest()
+        return self._idx_sha256
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id in the .bin, -1 when it holds no tokens. From the sidecar when it records one
+        (checked on open); otherwise scanned once and cached (megasynth/data/max_token_id.py)."""
+        if self._max_token_id is None:
+            if self.dtype.kind not in "iu":
+                raise IndexedDatasetError(f"{idx_path(self.prefix)}: a {self.dtype} dataset holds no token ids")
+            value, _ = cached_max_token_id(self.prefix, self.tokens, idx_sha256=self.idx_sha256,
+                                           bin_path=bin_path(self.prefix), cache_dir=self.cache_dir)
+            self._check_vocab(value, bin_path(self.prefix))
+            self._max_token_id = value
+        return self._max_token_id
+
+    def verify(self) -> list[str]:
+        """The checks opening skips because they read every byte: the .bin's largest id equals the sidecar's,
+        and the mask's sha256 and padding bits are right. Raises IndexedDatasetError naming the file; returns
+        what was checked (nothing for a prefix without a sidecar)."""
+        done = []
+        recorded = (self.metadata or {}).get("max_token_id")
+        if self.dtype.kind in "iu" and recorded is not None:
+            actual = max_of_tokens(self.tokens)
+            if actual != recorded:
+                raise IndexedDatasetError(f"{bin_path(self.prefix)}: the largest token id is {actual}, but "
+                                          f"{sidecar_path(self.prefix)} records {recorded}: the .bin is corrupt")
+            done.append("the .bin's largest id matches the sidecar")
+        if self._mask is not None:
+            self._mask.verify()
+            done.append("the loss mask's sha256 matches the sidecar")
+        return done
+
+    # -- loss mask ------------------------------------------------------------------------------------------------
+    @property
+    def has_loss_mask(self) -> bool:
+        """True when the prefix has a PREFIX.mask listed in its sidecar."""
+        return self._mask is not None
+
+    def _require_mask(self) -> LossMaskFile:
+        if self._mask is None:
+            raise IndexedDatasetError(f"{self.prefix}: has no loss mask (no {mask_path(self.prefix).name} listed in "
+                                      "its sidecar); check has_loss_mask, or train on every token")
+        return self._mask
+
+    def loss_mask(self, i) -> np.ndarray:
+        """Sequence i's loss mask: a new bool array of its length (True = predict this token)."""
+        mask = self._require_mask()
+        j = self._index(i)
+        return mask.bits(int(self.sequence_pointers[j]) // self.dtype.itemsize, int(self.sequence_lengths[j]))
+
+    def loss_mask_slice(self, i, offset: int, length: int) -> np.ndarray:
+        """The loss mask of tokens [offset, offset + length) of sequence i (the window `get(i, offset, length)`)."""
+        mask = self._require_mask()
+        return mask.bits(*self._token_range(i, offset, length))
+
+    def loss_mask_tokens(self, start: int, length: int) -> np.ndarray:
+        """The loss mask of tokens [start, start + length) of the whole .bin stream, across documents."""
+        return self._require_mask().bits(start, length)
+
+    # -- tokens ---------------------------------------------------------------------------------------------------
     @property
     def num_documents(self) -> int:
         """Documents as the .idx groups them (equal to len(self) for files written by megasynth)."""
@@ -497,21 +352,30 @@ class IndexedDataset:
         start = int(self.sequence_pointers[j]) // self.dtype.itemsize
         return self.tokens[start : start + int(self.sequence_lengths[j])]
 
-    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """Tokens [offset, offset + length) of sequence i (to its end when length is None), as a view."""
+    def _token_range(self, i, offset: int, length: int | None) -> tuple[int, int]:
+        """(stream start, length) of tokens [offset, offset + length) of sequence i, bounds-checked."""
         j = self._index(i)
         n = int(self.sequence_lengths[j])
         length = n - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > n:
             raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {j} of {n} tokens")
-        start = int(self.sequence_pointers[j]) // self.dtype.itemsize + offset
+        return int(self.sequence_pointers[j]) // self.dtype.itemsize + offset, length
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens [offset, offset + length) of sequence i (to its end when length is None), as a view."""
+        start, length = self._token_range(i, offset, length)
         return self.tokens[start : start + length]
 
     def __getstate__(self) -> dict:
-        return {"prefix": self.prefix}  # memory maps do not pickle; DataLoader workers reopen the files
+        # memory maps do not pickle; DataLoader workers reopen the files
+        state = {"prefix": self.prefix, "cache_dir": self.cache_dir}
+        if self._idx_sha256 is not None:
+            st = idx_path(self.prefix).stat()
+            state["known_idx"] = (st.st_size, st.st_mtime_ns, self._idx_sha256)
+        return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"])
+        self.__init__(state["prefix"], cache_dir=state.get("cache_dir"), _known_idx=state.get("known_idx"))
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}: {len(self)} sequences, {self.num_tokens} tokens, {self.dtype})"

@@ -78,9 +78,13 @@ def collate_samples(samples: Sequence[dict], document_masking: bool = True) -> B
     """Stack samples of seq_len + 1 tokens into a Batch (inputs = tokens[:-1], labels = tokens[1:])."""
     tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64, copy=False))
     labels = tokens[:, 1:].clone()
-    if "loss_mask" in samples[0]:
-        mask = torch.from_numpy(np.stack([np.asarray(s["loss_mask"]) for s in samples]))
-        labels[mask[:, 1:] == 0] = IGNORE_INDEX
+    if any("loss_mask" in s for s in samples):
+        # loss_mask[j] marks token j as a target; the label at input position j is token j + 1, so it is kept
+        # iff loss_mask[j + 1]. A blend mixes masked (SFT) and unmasked (replay) sources in one micro-batch:
+        # a sample without a mask predicts every token.
+        mask = torch.from_numpy(np.stack([np.asarray(s["loss_mask"], dtype=bool) if "loss_mask" in s
+                                          else np.ones(len(s["tokens"]), dtype=bool) for s in samples]))
+        labels[~mask[:, 1:]] = IGNORE_INDEX
     doc_ids = None
     if document_masking:
         doc_ids = torch.from_numpy(np.stack([s["doc_ids"] for s in samples]).astype(np.int32, copy=False))[:, :-1]

@@ -15,7 +15,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, idx_path, sidecar_path
+from megasynth.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    check_not_empty,
+    check_output_free,
+    idx_path,
+    sidecar_path,
+)
 
 # One copy run is at most this many sequences and tokens (or a single longer sequence): bounds merge memory
 # (8 MiB of int64 lengths, 32 MiB of uint16 tokens) whatever the inputs' sizes.
@@ -49,14 +57,28 @@ def _check_compatible(datasets: list[IndexedDataset]) -> None:
             )
 
 
-def _merged_metadata(datasets: list[IndexedDataset]) -> dict:
+def _check_masks(datasets: list[IndexedDataset], unmasked_as_all_true: bool) -> bool:
+    """Whether the output carries a loss mask: when any input has one. Mixing is refused unless the unmasked
+    inputs are to count as all-True (every token a target, as in pretraining data)."""
+    masked = [ds for ds in datasets if ds.has_loss_mask]
+    unmasked = [ds for ds in datasets if not ds.has_loss_mask]
+    if masked and unmasked and not unmasked_as_all_true:
+        raise IndexedDatasetError(
+            f"{unmasked[0].prefix}: has no loss mask but {masked[0].prefix} has one; pass --unmasked-as-all-true "
+            "(unmasked_as_all_true=True) to treat every token of the unmasked inputs as a target")
+    return bool(masked)
+
+
+def _merged_metadata(datasets: list[IndexedDataset], with_mask: bool) -> dict:
     metadata: dict = {"created_by": "merge_datasets"}
     for key in ("tokenizer", "vocab_size", "eod_id"):
         found = [ds.metadata[key] for ds in datasets if ds.metadata and key in ds.metadata]
         if found:
             metadata[key] = found[0]
     metadata["inputs"] = [
-        {"prefix": os.fspath(ds.prefix), "num_documents": len(ds), "num_tokens": ds.num_tokens} for ds in datasets
+        {"prefix": os.fspath(ds.prefix), "num_documents": len(ds), "num_tokens": ds.num_tokens,
+         **({"loss_mask": "file" if ds.has_loss_mask else "all-true"} if with_mask else {})}
+        for ds in datasets
     ]
     sources = [s for ds in datasets for s in (ds.metadata or {}).get("sources", [])]
     if sources:
@@ -65,7 +87,8 @@ def _merged_metadata(datasets: list[IndexedDataset]) -> dict:
 
 
 def _copy_runs(ds: IndexedDataset):
-    """(tokens, lengths) of ds in runs of whole sequences, each a view into the memory map plus an int64 slice."""
+    """(first token's stream offset, tokens, lengths) of ds in runs of whole sequences: a view into the memory
+    map plus an int64 slice."""
     lengths = ds.sequence_lengths
     start = 0
     while start < len(ds):
@@ -75,15 +98,19 @@ def _copy_runs(ds: IndexedDataset):
         take = max(1, int(np.searchsorted(ends, max(int(ends[0]), _MERGE_TOKENS), side="right")))
         ln = ln[:take]
         t0 = int(ds.sequence_pointers[start]) // ds.dtype.itemsize
-        yield ds.tokens[t0 : t0 + int(ends[take - 1])], ln
+        yield t0, ds.tokens[t0 : t0 + int(ends[take - 1])], ln
         start += take
 
 
-def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False) -> dict:
+def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False, overwrite: bool = False,
+                   allow_empty: bool = False, unmasked_as_all_true: bool = False) -> dict:
     """Concatenate prefixes (in order) into output_prefix, streaming; return the new sidecar.
 
     Every input must have the same dtype, and the same tokenizer hash, vocab size and EOD id where sidecars
-    record them. The sidecar lists the inputs and carries their sources.
+    record them. The sidecar lists the inputs and carries their sources. Loss masks are carried: when any
+    input has one, so does the output, and an input without one is refused unless `unmasked_as_all_true`
+    (its tokens all become targets). An existing output is refused unless `overwrite` (OutputExistsError), an
+    output of no documents unless `allow_empty` (EmptyOutputError).
     """
     if not prefixes:
         raise ValueError("merge_datasets needs at least one input prefix")
@@ -94,6 +121,9 @@ def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False)
             raise ValueError(f"{output_prefix}: the output prefix is also an input")
         datasets.append(IndexedDataset(p))
     _check_compatible(datasets)
+    with_mask = _check_masks(datasets, unmasked_as_all_true)
+    check_output_free(output_prefix, overwrite=overwrite)
+    check_not_empty(output_prefix, sum(len(ds) for ds in datasets), allow_empty=allow_empty)
 
     bar = None
     if progress:
@@ -102,12 +132,17 @@ def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False)
         bar = tqdm(total=sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets), unit="B", unit_scale=True,
                    desc="merge")
     try:
-        with IndexedDatasetWriter(output_prefix, datasets[0].dtype, metadata=_merged_metadata(datasets)) as writer:
+        with IndexedDatasetWriter(output_prefix, datasets[0].dtype, metadata=_merged_metadata(datasets, with_mask),
+                                  loss_mask=with_mask) as writer:
             for ds in datasets:
-                for tokens, lengths in _copy_runs(ds):
-                    # add_flat scans the ids only for signed dtypes, where a foreign or corrupt input can hold a
-                    # negative id: that stops the merge instead of propagating. Unsigned inputs are copied as is.
-                    writer.add_flat(tokens, lengths)
+                for t0, tokens, lengths in _copy_runs(ds):
+                    # add_flat checks the ids (a foreign or corrupt input can hold one outside the dtype or the
+                    # vocabulary: that stops the merge instead of propagating) and tracks the largest.
+                    mask = None
+                    if with_mask:
+                        mask = (ds.loss_mask_tokens(t0, tokens.size) if ds.has_loss_mask
+                                else np.ones(tokens.size, dtype=np.bool_))
+                    writer.add_flat(tokens, lengths, loss_mask=mask)
                     if bar is not None:
                         bar.update(tokens.nbytes)
             sidecar = writer.finalize()

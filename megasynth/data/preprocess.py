@@ -32,8 +32,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megasynth.data.indexed import IndexedDatasetWriter, bin_path, idx_path, sidecar_path, smallest_token_dtype
+from megasynth.data.indexed import (
+    IndexedDatasetWriter,
+    bin_path,
+    check_not_empty,
+    check_output_free,
+    idx_path,
+    mask_path,
+    sidecar_path,
+    smallest_token_dtype,
+)
 from megasynth.data.readers import Chunk, InputError, InputReader, Parsed, ReaderOptions, parse_chunk
+from megasynth.procs import die_with_parent
 from megasynth.tokenizer import Tokenizer, TokenizerError, limit_tokenizer_threads, load_tokenizer
 
 
@@ -52,25 +62,39 @@ class ChunkEncoder:
         parsed.texts = []  # the texts need not travel back to the main process
         return tokens, lengths, parsed
 
+    def worker_spec(self, tokenizer_path: str | os.PathLike) -> tuple:
+        """(build, args), both picklable: a worker process rebuilds this encoder as build(*args). Other
+        encoders (megasynth.data.sft) define their own, so encoded_chunks runs any of them."""
+        return _build_chunk_encoder, (os.fspath(tokenizer_path), self.options, self.add_bos, self.append_eod,
+                                      self.dtype.name)
 
-_worker_encoder: ChunkEncoder | None = None
+
+def _build_chunk_encoder(tokenizer_path: str, options: ReaderOptions, add_bos: bool, append_eod: bool,
+                         dtype: str) -> ChunkEncoder:
+    return ChunkEncoder(load_tokenizer(tokenizer_path), options, add_bos, append_eod, dtype)
 
 
-def _init_worker(tokenizer_path: str, options: ReaderOptions, add_bos: bool, append_eod: bool, dtype: str) -> None:
+_worker_encoder = None  # the encoder of this worker process (a ChunkEncoder or another worker_spec's)
+
+
+def _init_worker(parent_pid: int, build, build_args: tuple) -> None:
     global _worker_encoder
+    # A SIGKILLed preprocess_data must not leave its workers (and the resource tracker they keep alive) behind.
+    die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the main process handles it (aborting the writer, stopping the
     # pool); workers ignoring it spares the terminal one traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_tokenizer_threads(1)  # parallelism comes from the worker processes; threads would oversubscribe
-    _worker_encoder = ChunkEncoder(load_tokenizer(tokenizer_path), options, add_bos, append_eod, dtype)
+    _worker_encoder = build(*build_args)
 
 
 def _encode_in_worker(chunk: Chunk):
     return _worker_encoder(chunk)
 
 
-def encoded_chunks(reader: InputReader, encoder: ChunkEncoder, tokenizer_path: str | os.PathLike, workers: int):
-    """(tokens, lengths, parsed) per chunk, in input order; with workers > 0 the encoding runs in a process pool.
+def encoded_chunks(reader: InputReader, encoder, tokenizer_path: str | os.PathLike, workers: int):
+    """encoder(chunk) per chunk (for a ChunkEncoder: (tokens, lengths, parsed)), in input order; with workers > 0
+    the encoding runs in a process pool, each worker holding the encoder its worker_spec() rebuilds.
 
     At most 2 * workers + 2 chunks are in flight, so memory stays bounded however large the input is
     (Pool.imap would read the whole input ahead into its task queue).
@@ -81,7 +105,7 @@ def encoded_chunks(reader: InputReader, encoder: ChunkEncoder, tokenizer_path: s
     # spawn, not fork: a forked child would inherit the parent's tokenizer thread pools in an unknown state.
     executor = ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-        initargs=(os.fspath(tokenizer_path), encoder.options, encoder.add_bos, encoder.append_eod, encoder.dtype.name))
+        initargs=(os.getpid(), *encoder.worker_spec(tokenizer_path)))
     pending: deque = deque()
     try:
         for chunk in reader.chunks():
@@ -95,8 +119,9 @@ def encoded_chunks(reader: InputReader, encoder: ChunkEncoder, tokenizer_path: s
 
 
 # -- the output -------------------------------------------------------------------------------------------------------
-def check_output_prefix(prefix: str | os.PathLike, reader: InputReader) -> list[Path]:
-    """Refuse an output that cannot be written or would overwrite one of the inputs, before any work.
+def check_output_prefix(prefix: str | os.PathLike, reader: InputReader, *, overwrite: bool = False) -> list[Path]:
+    """Refuse an output that cannot be written, would overwrite one of the inputs, or exists while `overwrite`
+    is false (OutputExistsError), before any work.
 
     Returns the output directory and those of its ancestors that do not exist yet, deepest first: the run
     creates them, and removes them again if it fails.
@@ -113,15 +138,17 @@ def check_output_prefix(prefix: str | os.PathLike, reader: InputReader) -> list[
         raise InputError(f"{prefix}: cannot create the output directory {parent}: {existing} is not a directory")
     if Path(prefix).is_dir():
         raise InputError(f"{prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    outputs = {p.resolve() for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix))}
+    outputs = {p.resolve() for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix), mask_path(prefix))}
     for f in reader.files:
         if f.path.resolve() in outputs:
             raise InputError(f"{prefix}: the output would overwrite the input {f.path}")
+    check_output_free(prefix, overwrite=overwrite)
     return missing
 
 
-def _remove_empty_dirs(dirs: list[Path]) -> None:
-    """Undo the directories a failed run created (deepest first); stop at one that is not empty."""
+def remove_created_dirs(dirs: list[Path]) -> None:
+    """Undo the directories a failed run created (check_output_prefix's list, deepest first); stop at one that
+    is not empty."""
     for d in dirs:
         try:
             d.rmdir()
@@ -133,7 +160,7 @@ def _remove_empty_dirs(dirs: list[Path]) -> None:
 def preprocess(
     inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike, tokenizer_path: str | os.PathLike, *,
     options: ReaderOptions | None = None, add_bos: bool = False, append_eod: bool = True, workers: int = 1,
-    progress: bool = True,
+    progress: bool = True, overwrite: bool = False, allow_empty: bool = False,
 ) -> dict:
     """Tokenize inputs into output_prefix (.bin/.idx/.json); return the run's summary.
 
@@ -141,7 +168,9 @@ def preprocess(
     workers: tokenizing processes, each single-threaded; 0 tokenizes in this process with the tokenizer
     library's own threads. The summary holds documents, tokens, skipped_empty, skipped_bad, bad_examples
     (messages of the first skipped records), input_bytes, output_bytes and seconds.
-    Raises InputError, BadInputError or TokenizerError on bad input, leaving no output.
+    Raises InputError, BadInputError or TokenizerError on bad input, leaving no output; OutputExistsError when
+    the output prefix exists and not `overwrite`, EmptyOutputError when no document was read and not
+    `allow_empty` (the prefix is published atomically: docs/format.md, "Publishing a prefix").
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -149,7 +178,7 @@ def preprocess(
     options = options or ReaderOptions()
     output_prefix = os.fspath(output_prefix)
     reader = InputReader(inputs, options)
-    missing_dirs = check_output_prefix(output_prefix, reader)
+    missing_dirs = check_output_prefix(output_prefix, reader, overwrite=overwrite)
     tokenizer = load_tokenizer(tokenizer_path)
     if add_bos and tokenizer.bos_id is None:
         raise TokenizerError(f"{tokenizer_path}: add_bos (--add-bos) was asked for but this tokenizer has no BOS token")
@@ -179,13 +208,14 @@ def preprocess(
                                     f"{tokens_total / elapsed:,.0f} tok/s", refresh=False)
                 bar.update(parsed.done_bytes - bar.n)
             stats = reader.stats
+            check_not_empty(output_prefix, writer.num_documents, allow_empty=allow_empty)  # raising aborts the writer
             writer.finalize(metadata={
                 "sources": reader.sources,
                 "stats": {"documents": stats.documents, "tokens": tokens_total,
                           "skipped_empty": stats.skipped_empty, "skipped_bad": stats.skipped_bad},
             })
     except BaseException:
-        _remove_empty_dirs(missing_dirs)  # the writer has already removed its temp files
+        remove_created_dirs(missing_dirs)  # the writer has already removed its temp files
         raise
     finally:
         results.close()  # on an error: stop the workers now, not when the generator is garbage-collected
@@ -195,3 +225,42 @@ def preprocess(
     return {"documents": stats.documents, "tokens": tokens_total, "skipped_empty": stats.skipped_empty,
             "skipped_bad": stats.skipped_bad, "bad_examples": stats.bad_examples, "input_bytes": reader.total_bytes,
             "output_bytes": out_bytes, "seconds": time.perf_counter() - started}
+
+
+def run_for_cli(output_prefix: str | os.PathLike, call, bad_input: tuple[type[BaseException], ...] = ()):
+    """Run a preprocessing `call()` as the command-line tools report it; returns (exit code, summary or None).
+
+    Bad input (readers, tokenizer, format, an existing or empty output, and the extra `bad_input` types) is one
+    line plus "no output written" and exit 2; an unwritable output or a full disk likewise; a dead worker 1;
+    Ctrl-C 130. The library guarantees that no partial prefix is left in any of these cases."""
+    from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
+
+    from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError  # noqa: PLC0415
+    from megasynth.data.readers import BadInputError  # noqa: PLC0415
+
+    errors = (PrefixOutputError, BadInputError, InputError, TokenizerError, IndexedDatasetError, *bad_input)
+    try:
+        return 0, call()
+    except errors as e:
+        print(f"{e}", file=sys.stderr)
+        print(f"no output written to {output_prefix}", file=sys.stderr)
+    except OSError as e:  # e.g. the output directory is not writable, the disk is full
+        print(f"{e.filename or output_prefix}: {e.strerror or e}", file=sys.stderr)
+        print(f"no output written to {output_prefix}", file=sys.stderr)
+    except BrokenProcessPool:
+        print("a worker process died (out of memory?); no output written", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"interrupted; no output written to {output_prefix}", file=sys.stderr)
+        return 130, None
+    return 2, None
+
+
+def print_skipped(summary: dict) -> None:
+    """The --skip-bad-lines report: how many records were skipped and the first few messages."""
+    if summary["skipped_bad"]:
+        shown = summary["bad_examples"]
+        print(f"skipped {summary['skipped_bad']:,} bad records (--skip-bad-lines); the first {len(shown)}:",
+              file=sys.stderr)
+        for message in shown:
+            print(f"  {message}", file=sys.stderr)

@@ -446,7 +446,11 @@ def _decode_each(raw_lines: list[bytes], first: int, out: _Collector) -> Iterato
         yield number, text
 
 
-def _parse_jsonl(chunk: Chunk, key: str, out: _Collector) -> None:
+def _json_objects(chunk: Chunk, out: _Collector) -> Iterator[tuple[int, str, dict]]:
+    """(line number, line, object) of each JSON-object line; blank lines are counted, bad ones go to out.fail()."""
+    # Not megasynth.io.read_jsonl: that reads a whole file and stops at the first bad line, while this parses a
+    # chunk of raw (often decompressed) bytes in a worker, numbers lines from the chunk's first line, and with
+    # skip_bad counts a bad line and goes on; sharing it would cost a second decode in the hot loop.
     loads = json.loads
     for number, line in _decoded_lines(chunk, out):
         if line is None:
@@ -462,6 +466,34 @@ def _parse_jsonl(chunk: Chunk, key: str, out: _Collector) -> None:
         if type(obj) is not dict:
             out.fail(number, f"expected a JSON object, got {_json_type(obj)}")
             continue
+        yield number, line, obj
+
+
+class RecordProblem(ValueError):
+    """Raised by a parse_json_chunk converter: what is wrong with one record (the reader adds FILE:LINE)."""
+
+
+def parse_json_chunk(chunk: Chunk, convert, skip_bad: bool) -> tuple[Parsed, list]:
+    """A JSONL chunk's objects, each through convert(obj, line) -> value (RecordProblem for a bad record),
+    checked in line order like parse_chunk; returns (Parsed without texts, the values of the kept records).
+    For readers of structured records (megasynth.data.sft) that need more than one text field."""
+    if chunk.kind != "jsonl":
+        raise BadInputError(chunk.file, "expected JSONL input (.jsonl/.json/.ndjson, optionally .gz/.zst)")
+    out = _Collector(chunk, skip_bad)
+    values = []
+    for number, line, obj in _json_objects(chunk, out):
+        try:
+            value = convert(obj, line)
+        except RecordProblem as e:
+            out.fail(number, str(e))
+            continue
+        values.append(value)
+        out.positions.append(number)
+    return out.parsed(), values
+
+
+def _parse_jsonl(chunk: Chunk, key: str, out: _Collector) -> None:
+    for number, line, obj in _json_objects(chunk, out):
         try:
             text = obj[key]
         except KeyError:

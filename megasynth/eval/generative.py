@@ -9,6 +9,9 @@ The prompt is the example's "prompt" verbatim, after k few-shot examples rendere
 answer and joined with blank lines; it starts with the start token (BOS, else EOD). Generation stops at EOD,
 at any token whose text contains a newline, or after max_new_tokens; the answer is the generated text up to
 its first newline, stripped. A prompt that does not fit leaves tokens at its left end.
+Chat (tools/eval.py --chat): the few-shot prefix and the prompt are one user turn rendered with the chat template
+and its generation prompt (no start token: the template writes its own); generation also stops at the
+template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -61,9 +64,19 @@ def newline_token_ids(tokenizer) -> frozenset[int]:
     return _newline_cache[key]
 
 
+def prompt_text(examples: Sequence, index: int, *, fewshot_pool=(), num_fewshot: int = 0, seed: int = 1234,
+                template=None) -> str:
+    """The text the model continues for examples[index]; with a chat template (megasynth.chat.ChatTemplate) the
+    plain text as a user turn plus the generation prompt."""
+    shots = draw_fewshot(fewshot_pool, num_fewshot, seed, index)
+    text = "".join(s.prompt + TARGET_DELIMITER + s.answers[0] + FEWSHOT_DELIMITER for s in shots)
+    text += examples[index].prompt
+    return text if template is None else template.user_prompt(text)
+
+
 def evaluate_generative(model, tokenizer, examples: Sequence, indices: Sequence[int], *, fewshot_pool=(),
                         num_fewshot: int = 0, seed: int = 1234, batch_size: int = 16, max_new_tokens: int = 32,
-                        temperature: float = 0.0, start_ids: Sequence[int] = ()) -> list[dict]:
+                        temperature: float = 0.0, start_ids: Sequence[int] = (), template=None) -> list[dict]:
     """Per-example records {"index", "id", "prediction", "answers", "exact_match", "f1"} for examples[i], i in
     `indices` (this rank's share; indices also seed few-shot draws and sampling streams)."""
     limit = model.cfg.max_seq_len - max_new_tokens
@@ -72,11 +85,14 @@ def evaluate_generative(model, tokenizer, examples: Sequence, indices: Sequence[
                          f"max_seq_len={model.cfg.max_seq_len}")
     prompts = []
     for i in indices:
-        shots = draw_fewshot(fewshot_pool, num_fewshot, seed, i)
-        text = "".join(s.prompt + TARGET_DELIMITER + s.answers[0] + FEWSHOT_DELIMITER for s in shots)
-        ids = list(start_ids) + tokenizer.encode(text + examples[i].prompt)
+        text = prompt_text(examples, i, fewshot_pool=fewshot_pool, num_fewshot=num_fewshot, seed=seed,
+                           template=template)
+        ids = list(start_ids) + tokenizer.encode(text)
         prompts.append(ids[-limit:])
     stops = newline_token_ids(tokenizer)
+    end_of_turn = template.end_of_turn_id if template is not None else None
+    if end_of_turn is not None:
+        stops = stops | {end_of_turn}
     # Similar lengths together: less padding per batch.
     order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -88,7 +104,7 @@ def evaluate_generative(model, tokenizer, examples: Sequence, indices: Sequence[
             outputs[j] = out
     records = []
     for i, out in zip(indices, outputs):
-        if out and out[-1] == tokenizer.eod_id:
+        if out and out[-1] in (tokenizer.eod_id, end_of_turn):
             out = out[:-1]
         prediction = tokenizer.decode(out).split("\n", 1)[0].strip()
         answers = examples[i].answers

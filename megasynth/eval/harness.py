@@ -38,6 +38,7 @@ class EvalSettings:
     quality_answer: str = "text"  # "text" scores option texts, "letter" lists options and scores A/B/C/D
     start_token: bool = True  # contexts start with BOS (or EOD when there is no BOS)
     document_masking: bool = True  # perplexity: attend within documents, as in training
+    chat: bool = False  # prompts are a user turn in the tokenizer's chat template (run_task gets the template)
 
 
 def _distributed() -> bool:
@@ -69,9 +70,12 @@ def gather_records(records: list[dict]) -> list[dict] | None:
     return sorted((r for part in everything for r in part), key=lambda r: r["index"])
 
 
-def task_config(task: Task, settings: EvalSettings) -> dict:
+def task_config(task: Task, settings: EvalSettings, template=None) -> dict:
     """The settings that affect this task's numbers (recorded beside its metrics)."""
-    config = {"num_fewshot": settings.num_fewshot, "seed": settings.seed, "start_token": settings.start_token}
+    config = {"num_fewshot": settings.num_fewshot, "seed": settings.seed,
+              "start_token": settings.start_token and template is None}
+    if template is not None:
+        config["chat_template"] = {"name": template.name, "sha256": template.sha256}
     if task.type == "generative":
         config.update(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
     if task.type == "quality":
@@ -79,13 +83,17 @@ def task_config(task: Task, settings: EvalSettings) -> dict:
     return config
 
 
-def run_task(model, tokenizer, task: Task, settings: EvalSettings) -> tuple[dict, list[dict] | None]:
-    """({"type", "file", "n", "metrics", "config"}, per-example records on rank 0 / None elsewhere)."""
+def run_task(model, tokenizer, task: Task, settings: EvalSettings, template=None) -> tuple[dict, list[dict] | None]:
+    """({"type", "file", "n", "metrics", "config"}, per-example records on rank 0 / None elsewhere). template:
+    the megasynth.chat.ChatTemplate prompts are wrapped in (settings.chat), or None."""
+    if settings.chat and template is None:
+        raise ValueError("settings.chat needs the chat template (megasynth.chat.load_chat_template(tokenizer))")
     rank, world = rank_and_world()
     indices = list(range(rank, len(task.examples), world))
-    start_ids = default_start_ids(tokenizer) if settings.start_token else []
+    # A chat template writes its own opening tokens (as generate.py --chat).
+    start_ids = default_start_ids(tokenizer) if settings.start_token and template is None else []
     common = dict(fewshot_pool=task.fewshot, num_fewshot=settings.num_fewshot, seed=settings.seed,
-                  batch_size=settings.batch_size, start_ids=start_ids)
+                  batch_size=settings.batch_size, start_ids=start_ids, template=template)
     if task.type == "generative":
         records = evaluate_generative(model, tokenizer, task.examples, indices, max_new_tokens=settings.max_new_tokens,
                                       temperature=settings.temperature, **common)
@@ -96,7 +104,7 @@ def run_task(model, tokenizer, task: Task, settings: EvalSettings) -> tuple[dict
     sums = all_reduce_sums([sum(r[m] for r in records) for m in names] + [float(len(records))])
     n = sums[-1]
     result = {"type": task.type, "file": task.path, "n": int(n),
-              "metrics": {m: s / n for m, s in zip(names, sums)}, "config": task_config(task, settings)}
+              "metrics": {m: s / n for m, s in zip(names, sums)}, "config": task_config(task, settings, template)}
     return result, gather_records(records)
 
 

@@ -17,6 +17,10 @@ Few-shot (k > 0): k examples drawn without replacement from the file's "fewshot"
 by (seed, example index), each rendered as its prompt + " " + its gold choice, joined with blank lines
 ("\n\n") in front of the prompt. Every context starts with the start token (BOS, else EOD). Context and
 continuation are tokenised separately, so a choice's scored tokens never depend on the context.
+Chat (tools/eval.py --chat): the few-shot prefix and the prompt are one user turn rendered with the checkpoint
+tokenizer's chat template and its generation prompt (megasynth.chat, as generate.py --chat does); the template
+writes its own opening tokens (no start token) and a choice is scored as the assistant's answer, right after
+the template's assistant header, without the " " delimiter.
 """
 
 from __future__ import annotations
@@ -77,21 +81,34 @@ def fewshot_prefix(shots: Sequence, options: PromptOptions) -> str:
     return "".join(p + FEWSHOT_DELIMITER for p in parts)
 
 
+def context_text(example, options: PromptOptions, *, fewshot_pool=(), num_fewshot: int = 0, seed: int = 1234,
+                 index: int = 0, template=None) -> tuple[str, list[str], int, str]:
+    """(context text, choices, gold index, delimiter before a choice) of examples[index]; with a chat template
+    (megasynth.chat.ChatTemplate) the context is the plain one as a user turn plus the generation prompt."""
+    prompt, choices, gold = render(example, options)
+    text = fewshot_prefix(draw_fewshot(fewshot_pool, num_fewshot, seed, index), options) + prompt
+    if template is None:
+        return text, choices, gold, TARGET_DELIMITER
+    return template.user_prompt(text), choices, gold, ""
+
+
 def evaluate_multiple_choice(model, tokenizer, examples: Sequence, indices: Sequence[int], *, fewshot_pool=(),
                              num_fewshot: int = 0, seed: int = 1234, batch_size: int = 16,
-                             start_ids: Sequence[int] = (), options: PromptOptions | None = None) -> list[dict]:
+                             start_ids: Sequence[int] = (), options: PromptOptions | None = None,
+                             template=None) -> list[dict]:
     """Per-example records {"index", "id", "gold", "pred", "pred_norm", "acc", "acc_norm", "logliks"} for
-    examples[i] (i in `indices`: this rank's share; `indices` also seed the few-shot draws)."""
+    examples[i] (i in `indices`: this rank's share; `indices` also seed the few-shot draws). template: a
+    megasynth.chat.ChatTemplate to wrap each context in (see the module docstring), or None."""
     options = options or PromptOptions()
     requests, spans, meta = [], [], []
     for i in indices:
         ex = examples[i]
-        prompt, choices, gold = render(ex, options)
-        text = fewshot_prefix(draw_fewshot(fewshot_pool, num_fewshot, seed, i), options) + prompt
+        text, choices, gold, delimiter = context_text(ex, options, fewshot_pool=fewshot_pool,
+                                                      num_fewshot=num_fewshot, seed=seed, index=i, template=template)
         ctx = list(start_ids) + tokenizer.encode(text)
         first = len(requests)
         for choice in choices:
-            requests.append((ctx, tokenizer.encode(TARGET_DELIMITER + choice)))
+            requests.append((ctx, tokenizer.encode(delimiter + choice)))
         spans.append((first, len(requests)))
         meta.append((i, ex, choices, gold))
     scores = score_continuations(model, requests, batch_size=batch_size)

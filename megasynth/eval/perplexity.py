@@ -46,6 +46,9 @@ def perplexity_sums(model, ds: IndexedDataset, *, seq_len: int, num_windows: int
                     document_masking: bool = True, rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """{"nll": summed token loss (nats), "tokens": predicted tokens, "windows": windows} over this rank's share."""
     total = num_windows_of(ds.num_tokens, seq_len)
+    if total == 0:  # no token to predict: refuse rather than report exp(0 / 0) as a perfect perplexity of 1
+        raise ValueError(f"{ds.prefix}: {ds.num_tokens} tokens; perplexity needs at least 2 (a token to predict "
+                         "and one before it)")
     if num_windows is not None:
         if num_windows > total:
             raise ValueError(f"{ds.prefix}: {num_windows} windows of {seq_len + 1} tokens asked for, the prefix has "
@@ -82,5 +85,7 @@ def perplexity_sums(model, ds: IndexedDataset, *, seq_len: int, num_windows: int
 
 def perplexity_metrics(sums: dict[str, float]) -> dict[str, float]:
     """Reduced sums -> {"loss", "ppl", "tokens", "windows"}."""
-    loss = sums["nll"] / max(sums["tokens"], 1.0)
+    if sums["tokens"] <= 0:
+        raise ValueError("perplexity over no predicted tokens is undefined")
+    loss = sums["nll"] / sums["tokens"]
     return {"loss": loss, "ppl": math.exp(loss), "tokens": int(sums["tokens"]), "windows": int(sums["windows"])}

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megasynth.io import JsonlError, read_jsonl
+
 TASK_TYPES = ("multiple_choice", "generative", "quality")
 SPLITS = ("test", "fewshot")
 
@@ -124,23 +126,22 @@ def load_task(path: str | os.PathLike, task_type: str | None = None) -> Task:
     path = Path(path)
     if task_type is not None and task_type not in TASK_TYPES:
         raise TaskError(f"{path}: unknown task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaskError(f"{path}: no such task file") from None
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{path}: not UTF-8 text ({e})") from None
+    if not path.is_file():
+        raise TaskError(f"{path}: no such task file")
     task = Task(name=path.name.removesuffix(".jsonl"), type=task_type or "", path=str(path))
+    try:
+        _read_examples(path, task, task_type)
+    except JsonlError as e:  # not JSON, not an object, not UTF-8: already "FILE:LINE: ..."
+        raise TaskError(str(e)) from None
+    if not task.examples:
+        raise TaskError(f"{path}: no examples to evaluate (every line is empty or has \"split\": \"fewshot\")")
+    return task
+
+
+def _read_examples(path: Path, task: Task, task_type: str | None) -> None:
+    """Append the file's examples to `task`, checking every line (JsonlError or TaskError on the first bad one)."""
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise TaskError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    for lineno, obj in read_jsonl(path):
         line = _Line(str(path), lineno, obj)
         kind = obj.get("type", task_type)
         if kind not in TASK_TYPES:
@@ -157,6 +158,3 @@ def load_task(path: str | os.PathLike, task_type: str | None = None) -> Task:
             raise TaskError(f"{path}:{lineno}: field \"id\": {example.id!r} repeats line {seen[example.id]}")
         seen[example.id] = lineno
         (task.fewshot if split == "fewshot" else task.examples).append(example)
-    if not task.examples:
-        raise TaskError(f"{path}: no examples to evaluate (every line is empty or has \"split\": \"fewshot\")")
-    return task

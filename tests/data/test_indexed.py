@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 
-import megasynth.data.indexed as indexed
+import megasynth.data.indexed_writer as indexed_writer
 import megasynth.data.merge as merge
 from megasynth.data.indexed import (
     DTYPE_CODES,
@@ -265,7 +265,7 @@ def test_sigkill_never_leaves_a_prefix_that_opens(tmp_path, when, existing):
 @pytest.mark.parametrize("method", ["add_documents", "add_flat"])
 def test_writer_memory_does_not_grow_with_documents(tmp_path, monkeypatch, method):
     # Smaller chunks keep the test fast; the writer's buffers are sized by _CHUNK, never by the document count.
-    monkeypatch.setattr(indexed, "_CHUNK", 1 << 16)
+    monkeypatch.setattr(indexed_writer, "_CHUNK", 1 << 16)
     batch = [np.array([7], dtype=np.uint16)] * 20_000
     flat, lengths = np.full(20_000, 7, dtype=np.uint16), np.ones(20_000, dtype=np.int64)
     tracemalloc.start()
@@ -434,7 +434,7 @@ def test_merge(tmp_path, monkeypatch):
     # Tiny copy runs so the merge crosses run boundaries inside every input.
     monkeypatch.setattr(merge, "_MERGE_TOKENS", 7)
     monkeypatch.setattr(merge, "_MERGE_SEQUENCES", 4)
-    monkeypatch.setattr(indexed, "_CHUNK", 4)  # and the writer's length buffer fills and flushes repeatedly
+    monkeypatch.setattr(indexed_writer, "_CHUNK", 4)  # and the writer's length buffer fills and flushes repeatedly
     sidecar = merge_datasets([parts[0], empty, parts[1], parts[2]], tmp_path / "m")
     ds = IndexedDataset(tmp_path / "m")
     assert contents(ds) == docs
@@ -469,3 +469,26 @@ def test_length_summary_and_histogram():
     assert [(lo, hi) for lo, hi, _ in hist][:3] == [(0, 1), (1, 2), (2, 4)]
     assert {k: c for k, (_, _, c) in enumerate(hist) if c} == ref
     assert length_histogram([]) == [] and length_summary([])["count"] == 0
+
+
+def test_pickled_copy_reuses_the_index_hash_only_for_the_same_file(tmp_path):
+    """DataLoader workers unpickle datasets: the copy keeps the parent's .idx sha256 when the file is unchanged,
+    and hashes again (so still refuses a mismatched sidecar) when the .idx was replaced in between."""
+    import pickle
+
+    from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, idx_path
+
+    prefix = tmp_path / "p"
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_document([1, 2, 3])
+        w.finalize()
+    ds = IndexedDataset(prefix)
+    sha = ds.idx_sha256
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._idx_sha256 == sha and list(copy[0]) == [1, 2, 3]
+    state = ds.__getstate__()
+    stale = dict(state, known_idx=(state["known_idx"][0], state["known_idx"][1], "0" * 64))
+    reopened = IndexedDataset.__new__(IndexedDataset)
+    os.utime(idx_path(prefix), ns=(0, state["known_idx"][1] + 1))  # the file changed since the parent hashed it
+    reopened.__setstate__(stale)
+    assert reopened.idx_sha256 == sha  # rehashed, the stale hash was not trusted

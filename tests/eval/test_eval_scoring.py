@@ -15,7 +15,7 @@ from megasynth.eval.multiple_choice import PromptOptions, draw_fewshot, evaluate
 from megasynth.eval.perplexity import num_windows_of, perplexity_metrics, perplexity_sums
 from megasynth.eval.tasks import GenerativeExample, MultipleChoiceExample, QualityExample
 from megasynth.generate import sample_without_cache
-from megasynth.model import Transformer
+from megasynth.model import build_model
 from megasynth.tokenizer import train_bpe_tokenizer
 
 TEXT = ["The capital of France is Paris. The capital of Italy is Rome.",
@@ -31,10 +31,7 @@ def tok(tmp_path_factory):
 def model(tok):
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                       max_seq_len=128, rope_theta=10000.0, init_std=0.3)
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m.to_empty(device="cpu")
-    m.init_weights(seed=0)
+    m = build_model(cfg, "cpu", seed=0)
     return m.eval()
 
 

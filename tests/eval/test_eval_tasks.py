@@ -33,7 +33,7 @@ GOOD = {"type": "multiple_choice", "context": "c", "choices": ["a", "b"], "gold"
 
 
 @pytest.mark.parametrize("bad, message", [
-    ('{"type": "multiple_choice", "context": "c",', r"bad\.jsonl:2: invalid JSON"),
+    ('{"type": "multiple_choice", "context": "c",', r"bad\.jsonl:2: not valid JSON"),
     ('["not", "an", "object"]', r"bad\.jsonl:2: expected a JSON object, got list"),
     ({**GOOD, "type": "essay"}, r'bad\.jsonl:2: field "type": expected one of multiple_choice, generative, quality'),
     ({**GOOD, "gold": 2}, r'bad\.jsonl:2: field "gold": expected an integer index into the 2 choices .*got 2'),

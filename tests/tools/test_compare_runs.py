@@ -7,8 +7,8 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-
 from helpers import load_tool, tiny_config, write_pattern_corpus
+
 from megasynth.config import save_config
 from megasynth.train import main as train_main
 
@@ -86,7 +86,7 @@ EVAL = '{"kind": "eval", "step": 1, "tokens": 128, "flops": 1e6, "name": "v", "l
 
 
 @pytest.mark.parametrize("lines, message", [
-    ([TRAIN, "{not json"], ":2: invalid JSON"),
+    ([TRAIN, "{not json"], ":2: not valid JSON"),
     ([TRAIN, "[1, 2]", TRAIN], ":2: expected a JSON object"),
     (['{"step": 3}'], ':1: record has no "kind"'),
     (['{"kind": "eval", "step": 1, "tokens": 5, "flops": 1.0, "name": "v", "ppl": 3.0}'],

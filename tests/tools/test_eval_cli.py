@@ -3,6 +3,7 @@ same results as one process; malformed inputs exit 2 naming FILE:LINE before the
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import load_tool
-import torch
 
 from megasynth.checkpoint import save_model_checkpoint
 from megasynth.config import ModelConfig
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megasynth.eval.harness import EvalSettings, run_perplexity
+from megasynth.eval.loglik import score_continuations
 from megasynth.hf import config_for_model
-from megasynth.model import Transformer
-from megasynth.tokenizer import train_bpe_tokenizer
+from megasynth.model import build_model
+from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = [ROOT / "examples" / "eval" / f for f in ("capitals.jsonl", "arithmetic_qa.jsonl", "quality_closed_book.jsonl")]
@@ -34,10 +35,7 @@ def setup(tmp_path_factory):
     tok = train_bpe_tokenizer(texts * 5, root / "tok", vocab_size=400)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                       max_seq_len=512, rope_theta=10000.0)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights(seed=2)
+    model = build_model(cfg, "cpu", seed=2)
     ckpt = root / "ckpt"
     save_model_checkpoint(model, config_for_model(cfg), ckpt)
     tok.save(ckpt / "tokenizer")
@@ -117,6 +115,65 @@ def test_bad_inputs_exit_2_before_loading(setup, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_contexts_and_choices_are_not_truncated_or_padded_by_the_tokenizer_file(tmp_path):
+    # A BERT-style tokenizer.json saved with truncation and padding to 16 (issue 10): each context and choice is
+    # scored whole and unpadded, equal to scoring an independent whole-text encode.
+    from bert_tokenizer import MAX_LENGTH, reference_ids, write_bert_checkpoint
+
+    ckpt, model = write_bert_checkpoint(tmp_path)
+    tok_dir = ckpt / "tokenizer"
+    eod = load_tokenizer(tok_dir).eod_id
+    examples = [{"context": "x", "choices": ["yes", "no"], "gold": 0},
+                {"context": "the list of items is returned in the order given by the key, " * 2,
+                 "choices": ["sorted", "in the order of the arguments that the function was called with"], "gold": 1}]
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps({"type": "multiple_choice", **e}) + "\n" for e in examples))
+    out = tmp_path / "out"
+    assert load_tool("eval").main(["--checkpoint", str(ckpt), "--tasks", str(task), "--out", str(out)]) == 0
+    records = [json.loads(l) for l in (out / "predictions" / "mc.jsonl").read_text().splitlines()]
+    requests = [([eod] + reference_ids(tok_dir, e["context"]), reference_ids(tok_dir, " " + c))
+                for e in examples for c in e["choices"]]
+    assert min(len(r[0]) for r in requests) == 2 and max(len(r[0]) for r in requests) > MAX_LENGTH
+    expected = [s.logprob for s in score_continuations(model, requests)]
+    assert [x for r in records for x in r["logliks"]] == pytest.approx(expected, abs=1e-4)
+
+
+def _raw_prefix(prefix: Path, docs: list[list[int]]) -> Path:
+    """A Megatron-format uint16 prefix written byte by byte from the format's definition (docs/format.md)."""
+    lengths = [len(d) for d in docs]
+    pointers = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) * 2 if docs else np.zeros(0, np.int64)
+    header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(docs), len(docs) + 1)
+    prefix.with_suffix(".idx").write_bytes(header + np.asarray(lengths, np.int32).tobytes() + pointers.tobytes()
+                                           + np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+    prefix.with_suffix(".bin").write_bytes(np.asarray([t for d in docs for t in d], np.uint16).tobytes())
+    return prefix
+
+
+@pytest.mark.parametrize("docs", [[], [[5]]], ids=["no tokens", "one token"])
+def test_perplexity_of_a_prefix_with_nothing_to_predict_is_an_error(setup, tmp_path, capsys, docs):
+    ckpt, _, model = setup
+    prefix = _raw_prefix(tmp_path / "empty", docs)
+    assert IndexedDataset(prefix).num_tokens == len(docs)  # a valid prefix, just nothing to predict in it
+    out = tmp_path / "o"
+    assert load_tool("eval").main(["--checkpoint", str(ckpt), "--perplexity", str(prefix), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{prefix}: {len(docs)} tokens; perplexity needs at least 2" in err and "ppl" not in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="perplexity needs at least 2"):  # the library call refuses too
+        run_perplexity(model, str(prefix), EvalSettings(), seq_len=64)
+
+
+def test_chat_without_the_template_tokens_exits_2_and_writes_nothing(setup, tmp_path, capsys):
+    # The setup tokenizer has no <|im_start|>/<|im_end|>: --chat refuses with one line (the --chat prompts
+    # themselves are checked in tests/eval/test_eval_chat.py).
+    ckpt, valid, _ = setup
+    out = tmp_path / "out"
+    assert load_tool("eval").main(["--checkpoint", str(ckpt), "--tasks", str(TASKS[0]), "--chat", "--out",
+                                   str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --chat:") and "--chat-tokens" in err and not out.exists()
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         load_tool("eval").main(["--help"])
@@ -124,5 +181,5 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--checkpoint", "--tokenizer", "--tasks", "--task-type", "--perplexity", "--out", "--num-fewshot",
                  "--seed", "--batch-size", "--max-new-tokens", "--temperature", "--quality-answer",
                  "--quality-no-title", "--no-start-token", "--seq-len", "--perplexity-windows",
-                 "--no-document-masking", "--device", "--dtype"):
+                 "--no-document-masking", "--chat", "--device", "--dtype"):
         assert flag in text

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 from helpers import load_tool
-import torch
 
 from megasynth.checkpoint import save_model_checkpoint
 from megasynth.config import ModelConfig
 from megasynth.generate import sample_without_cache
 from megasynth.hf import config_for_model
-from megasynth.model import Transformer
-from megasynth.tokenizer import train_bpe_tokenizer
+from megasynth.model import build_model
+from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The capital of", "x", "Two plus two is four and", "Hello"]
@@ -32,10 +31,7 @@ def run_dir(tmp_path_factory):
                               root / "tokenizer", vocab_size=300)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                       max_seq_len=64, rope_theta=10000.0, init_std=0.3)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights(seed=1)
+    model = build_model(cfg, "cpu", seed=1)
     save_model_checkpoint(model, config_for_model(cfg), root / "checkpoints" / "step_00000007", meta={"step": 7})
     return root, model.eval(), tok
 
@@ -92,6 +88,28 @@ def test_bad_input_exits_2_with_file_and_line(run_dir, tmp_path, capsys):
     assert gen.main(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", "--output", str(tmp_path / "o")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_prompts_are_not_truncated_or_padded_by_the_tokenizer_file(tmp_path):
+    # A BERT-style tokenizer.json saved with truncation and padding to 16 (issue 10): the prompts must reach the
+    # model whole, unpadded, so greedy output equals the reference sampler on an independent whole-text encode.
+    from bert_tokenizer import MAX_LENGTH, reference_ids, write_bert_checkpoint
+
+    ckpt, model = write_bert_checkpoint(tmp_path, max_seq_len=64)
+    tok = load_tokenizer(ckpt / "tokenizer")
+    prompts = ["x", "the list of items is returned in the order given by the key " * 2]
+    refs = [reference_ids(ckpt / "tokenizer", p) for p in prompts]
+    assert len(refs[0]) == 1 and MAX_LENGTH < len(refs[1]) < 64 - 8 - 1  # fits the model with 8 new tokens
+    out = tmp_path / "out.jsonl"
+    assert load_tool("generate").main(["--checkpoint", str(ckpt), "--output", str(out), "--max-new-tokens", "8",
+                                       "--temperature", "0", "--prompt", *prompts]) == 0
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    for i, (line, ref) in enumerate(zip(lines, refs, strict=True)):
+        expected = sample_without_cache(model, [[tok.eod_id] + ref], max_new_tokens=8, temperature=0.0,
+                                        eod_id=tok.eod_id, seed=0, row_ids=[i])[0]
+        ended = expected[-1] == tok.eod_id
+        assert line["num_tokens"] == len(expected)
+        assert line["text"] == tok.decode(expected[:-1] if ended else expected)
 
 
 def test_help_lists_every_flag(capsys):

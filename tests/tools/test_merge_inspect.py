@@ -30,8 +30,9 @@ def write(prefix, docs, dtype=np.uint16, metadata=None):
 
 
 @pytest.mark.parametrize("tool, flags", [
-    ("merge_datasets.py", ["--inputs", "--input-dir", "--output", "--quiet"]),
-    ("inspect_dataset.py", ["--doc", "--tokenizer", "--max-tokens"]),
+    ("merge_datasets.py", ["--inputs", "--input-dir", "--output", "--quiet", "--overwrite", "--allow-empty",
+                           "--unmasked-as-all-true"]),
+    ("inspect_dataset.py", ["--doc", "--tokenizer", "--max-tokens", "--verify"]),
 ])
 def test_help_lists_every_flag(tool, flags):
     proc = run_tool(tool, "--help")
@@ -142,3 +143,66 @@ def test_inspect_decodes_with_the_tokenizer_the_sidecar_records(tmp_path):
     eod_text = tok.decode([tok.eod_id])
     assert eod_text == "<|endoftext|>"
     assert texts == [docs[0] + eod_text, docs[-1] + eod_text]
+
+
+def write_masked(prefix, docs, masks, metadata=None):
+    with IndexedDatasetWriter(prefix, np.uint16, metadata=metadata, loss_mask=True) as w:
+        w.add_documents([np.asarray(d) for d in docs], loss_masks=[np.asarray(m, dtype=bool) for m in masks])
+    return str(prefix)
+
+
+def test_merge_carries_loss_masks(tmp_path):
+    rng = np.random.default_rng(4)
+    docs = [rng.integers(0, 900, size=int(n)) for n in rng.integers(0, 25, size=30)]
+    masks = [rng.random(d.size) < 0.4 for d in docs]
+    a = write_masked(tmp_path / "a", docs[:13], masks[:13])
+    b = write_masked(tmp_path / "b", docs[13:], masks[13:])
+    proc = run_tool("merge_datasets.py", "--inputs", a, b, "--output", tmp_path / "ab", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    targets = int(sum(m.sum() for m in masks))
+    assert f"loss mask {targets:,} targets" in proc.stdout
+    ab = IndexedDataset(tmp_path / "ab")
+    assert ab.has_loss_mask and ab.metadata["loss_mask"]["num_targets"] == targets
+    for i, (d, m) in enumerate(zip(docs, masks)):
+        np.testing.assert_array_equal(ab[i], d)
+        np.testing.assert_array_equal(ab.loss_mask(i), m)
+    assert [e["loss_mask"] for e in ab.metadata["inputs"]] == ["file", "file"]
+    ab.verify()
+
+    # Masked with unmasked: refused unless the unmasked tokens are to count as targets.
+    plain = write(tmp_path / "plain", [[1, 2, 3], [4]])
+    proc = run_tool("merge_datasets.py", "--inputs", a, plain, "--output", tmp_path / "mix", "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"{plain}: has no loss mask but {a} has one; pass --unmasked-as-all-true "
+                                        "(unmasked_as_all_true=True) to treat every token of the unmasked inputs as a target"]
+    assert not list(tmp_path.glob("mix*")) and not list(tmp_path.glob(".mix*"))
+    proc = run_tool("merge_datasets.py", "--inputs", plain, a, "--output", tmp_path / "mix", "--quiet",
+                    "--unmasked-as-all-true")
+    assert proc.returncode == 0, proc.stderr
+    mix = IndexedDataset(tmp_path / "mix")
+    assert [mix.loss_mask(i).tolist() for i in range(2)] == [[True] * 3, [True]]
+    for i in range(13):
+        np.testing.assert_array_equal(mix.loss_mask(2 + i), masks[i])
+    assert [e["loss_mask"] for e in mix.metadata["inputs"]] == ["all-true", "file"]
+    # Unmasked inputs only: the output has no mask either.
+    proc = run_tool("merge_datasets.py", "--inputs", plain, plain, "--output", tmp_path / "pp", "--quiet")
+    assert proc.returncode == 0 and not IndexedDataset(tmp_path / "pp").has_loss_mask
+    assert not os.path.exists(tmp_path / "pp.mask")
+
+
+def test_inspect_shows_which_tokens_are_targets(tmp_path):
+    prefix = write_masked(tmp_path / "m", [[10, 11, 12, 13, 14, 15], [7]], [[0, 0, 1, 1, 0, 1], [1]])
+    proc = run_tool("inspect_dataset.py", prefix, "--doc", 0, "--doc", 1, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "loss mask:   m.mask, 4 target tokens (57.1% of tokens)" in out
+    assert "max id:      15 (sidecar)" in out
+    assert "targets: 3 of 6 tokens" in out and "target ids: 10 11 [[12 13]] 14 [[15]]" in out
+    assert "target ids: [[7]]" in out
+    assert "verified: the .bin's largest id matches the sidecar; the loss mask's sha256 matches the sidecar" in out
+    raw = bytearray(open(f"{prefix}.mask", "rb").read())
+    raw[24] ^= 1  # token 0 becomes a target: same size, so only --verify notices
+    open(f"{prefix}.mask", "wb").write(bytes(raw))
+    assert run_tool("inspect_dataset.py", prefix).returncode == 0
+    proc = run_tool("inspect_dataset.py", prefix, "--verify")
+    assert proc.returncode == 2 and "m.mask: sha256" in proc.stderr and "Traceback" not in proc.stderr

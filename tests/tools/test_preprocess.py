@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
 from megasynth.data.indexed import IndexedDataset
 from megasynth.data.preprocess import preprocess

@@ -5,9 +5,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 from megasynth.tokenizer import load_tokenizer
 

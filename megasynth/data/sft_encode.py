@@ -1,0 +1,294 @@
+"""SFT records -> (tokens, loss mask) for a chunk: the work a preprocess_sft worker does (issue 11).
+
+Two ways, both giving the tokens the model sees at inference (the context is exactly what generate.py --chat
+feeds as the prompt; the targets are the answer as tokenized after it):
+
+- Whole text (the built-in ChatML template and pair records): each record is rendered and tokenized as ONE text,
+  the same tokenizer call as plain pretraining data, and the targets are found in the ids. Every message opens
+  with the <|im_start|> id and closes with the <|im_end|> id (texts may not hold them), so the k-th of each in a
+  chunk belong to the k-th message; an assistant turn's target runs from after its header ("assistant\\n", as
+  the tokenizer writes it after <|im_start|>) through its <|im_end|>. When the ids after <|im_start|> are not
+  exactly the header's (the answer merged with the header's newline, e.g. an answer opening with spaces), the
+  record is refused: no token boundary falls where the answer starts. A pair's target is everything after its
+  <|sep|> id, EOD included. The mask is built for the whole chunk with numpy.
+- Pieces (a tokenizer's own jinja template): the template's segments (context, target, ...) are tokenized apart
+  and concatenated. Where two pieces meet away from a special token, the tokens around the boundary (two before,
+  one after) are re-tokenized jointly; a disagreement refuses the record. Checks are cached by the boundary ids.
+
+SentencePiece. A model with the default dummy prefix puts "\u2581" in front of every text it encodes. A record
+is one text and starts with it like any document; a piece that continues a record is encoded after a special
+token whose ids are then dropped (megasynth.chat.text_start_ids), so no piece gains a space of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from megasynth.chat import (
+    IM_END,
+    IM_START,
+    PAIR_SEPARATOR,
+    ConversationError,
+    load_chat_template,
+    special_token_id,
+    text_start_ids,
+)
+from megasynth.data.readers import (
+    BadInputError,
+    Chunk,
+    Parsed,
+    RecordProblem,
+    parse_json_chunk,
+)
+from megasynth.data.sft_records import SftOptions, check_texts, record_texts
+from megasynth.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+# Tokens on each side of a piece boundary that are re-tokenized jointly. The left side of an answer is the
+# template's header (few distinct pairs); one token on the right keeps the checks cached across records.
+_LEFT, _RIGHT = 2, 1
+_SHORT = 32  # pieces up to this many characters have their tokens cached (template glue such as "\n")
+MERGED = ("tokenizing the record in one go puts no token boundary where {what} starts (e.g. it opens with "
+          "whitespace that merges with the template's newline); the targets would not be the tokens the model "
+          "sees (see megasynth/data/sft_encode.py)")
+
+
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # every kept example's ids, concatenated
+    lengths: np.ndarray  # int64 per example
+    mask: np.ndarray  # bool, as long as tokens: True = predict this token
+    parsed: Parsed  # positions of the kept records, skips
+    truncated: int
+
+
+class SftEncoder:
+    """Parses a chunk of records and turns them into (tokens, lengths, loss mask); see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer, options: SftOptions, dtype):
+        self.tokenizer, self.options, self.dtype = tokenizer, options, np.dtype(dtype)
+        self.eod_id = tokenizer.eod_id
+        eod_text = tokenizer.decode([tokenizer.eod_id])
+        if options.fmt == "pair":
+            self.template = None
+            self.sep_id = special_token_id(tokenizer, PAIR_SEPARATOR)
+            if self.sep_id is None:
+                raise TokenizerError(f"{tokenizer.path}: pair records need {PAIR_SEPARATOR} as one token and this "
+                                     "tokenizer splits it; train one with tools/train_tokenizer.py --chat-tokens")
+            specials = (PAIR_SEPARATOR,)
+        else:
+            self.template = load_chat_template(tokenizer)
+            specials = self.template.special_tokens
+            if self.template.end_of_turn_id is not None:  # a one-token end-of-turn marker is special too
+                specials = (*specials, self.template.end_of_turn)
+        # The EOD's text is forbidden only where it encodes to the EOD (SentencePiece's </s> is a control id that
+        # no text produces, and decodes to "").
+        if special_token_id(tokenizer, eod_text) == tokenizer.eod_id:
+            specials = (*specials, eod_text)
+        self.specials = tuple(dict.fromkeys(specials))
+        self.whole = self.template is None or self.template.builtin
+        # A special token to continue after (see the module docstring), and what the tokenizer opens a text with.
+        self.anchor = next((s for s in self.specials if special_token_id(tokenizer, s) is not None), None)
+        self.lead = text_start_ids(tokenizer, self.anchor) if self.anchor else []
+        if self.whole and self.template is not None:
+            self.im_start, self.im_end = (special_token_id(tokenizer, t) for t in (IM_START, IM_END))
+            self.header = self._continued(["assistant\n"])[0]
+        self._short: dict[tuple, list[int]] = {}  # (opens a record, text) -> tokens of short pieces
+        self._boundary: dict[tuple, bool] = {}  # (left ids, right ids) -> the joint tokenization agrees
+
+    def worker_spec(self, tokenizer_path: str | os.PathLike) -> tuple:
+        return _build_sft_encoder, (os.fspath(tokenizer_path), self.options, self.dtype.name)
+
+    # -- records ------------------------------------------------------------------------------------------------
+    def convert(self, obj: dict, line: str):
+        """Record -> (rendered text, assistant flag per message) on the whole-text path, (text, None) for a
+        pair, [(text, is_target)] pieces on the template path; RecordProblem for a bad record."""
+        fmt = self.options.fmt
+        roles, texts = record_texts(obj, fmt)
+        check_texts(texts, line, self.specials)
+        if fmt == "pair":
+            return texts[0] + PAIR_SEPARATOR + texts[1], None
+        if self.whole:
+            text = "".join([f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in zip(roles, texts)])
+            return text, [role == "assistant" for role in roles]
+        try:
+            return self.template.segments([{"role": r, "content": c} for r, c in zip(roles, texts)])
+        except ConversationError as e:
+            raise RecordProblem(str(e)) from None
+
+    def __call__(self, chunk: Chunk) -> EncodedChunk:
+        parsed, records = parse_json_chunk(chunk, self.convert, self.options.skip_bad)
+        if not self.whole:
+            return self._finish(parsed, *self._pieces_to_arrays(self.encode_records(records)))
+        tokens, lengths = self.tokenizer.encode_batch_array([text for text, _ in records], dtype=self.dtype)
+        # The EOD after each record, in one numpy call (append_eod would copy every record's id list).
+        tokens = np.insert(tokens, np.cumsum(lengths), np.array(self.eod_id, dtype=tokens.dtype))
+        lengths += 1
+        find = self._pair_mask if self.template is None else self._chatml_mask
+        mask, problems = find(tokens, lengths, records)
+        return self._finish(parsed, tokens, mask, lengths, problems)
+
+    # -- the whole-text path ------------------------------------------------------------------------------------
+    def _counted(self, tokens, ends, token_id, wanted, problems, what):
+        """Positions of token_id; a record where it does not occur `wanted` times gets a problem."""
+        at = np.flatnonzero(tokens == token_id)
+        counts = np.bincount(np.searchsorted(ends, at, side="right"), minlength=len(ends))
+        for r in np.flatnonzero(counts != wanted):
+            problems[r] = (f"the tokenizer gives {counts[r]} {what} ids where the record has {wanted[r]} (it does "
+                           "not keep the special token whole here)")
+        return at, counts == wanted
+
+    def _pair_mask(self, tokens, lengths, records):
+        ends = np.cumsum(lengths)
+        problems: list[str | None] = [None] * len(records)
+        seps, ok = self._counted(tokens, ends, self.sep_id, np.ones(len(records), np.int64), problems,
+                                 PAIR_SEPARATOR)
+        seps = seps[ok[np.searchsorted(ends, seps, side="right")]]
+        mark = np.zeros(tokens.size + 1, np.int32)
+        mark[seps + 1] += 1  # the target, through the EOD
+        mark[ends[ok]] -= 1
+        return np.cumsum(mark[:-1]) > 0, problems
+
+    def _chatml_mask(self, tokens, lengths, records):
+        ends = np.cumsum(lengths)
+        problems: list[str | None] = [None] * len(records)
+        messages = np.fromiter(map(len, (flags for _, flags in records)), np.int64, len(records))
+        starts, ok_s = self._counted(tokens, ends, self.im_start, messages, problems, IM_START)
+        stops, ok_e = self._counted(tokens, ends, self.im_end, messages, problems, IM_END)
+        good = ok_s & ok_e
+        if not good.all():  # leave out the odd records' ids: the k-th id of each is the k-th message again
+            starts = starts[good[np.searchsorted(ends, starts, side="right")]]
+            stops = stops[good[np.searchsorted(ends, stops, side="right")]]
+        assistant = np.fromiter(itertools.chain.from_iterable(flags for (_, flags), g in zip(records, good) if g),
+                                np.bool_)
+        owner = np.repeat(np.flatnonzero(good), messages[good])[assistant]
+        opens, closes = starts[assistant], stops[assistant]
+        first = opens + 1 + len(self.header)  # the answer's first token
+        fits = first < closes
+        for j, h in enumerate(self.header):
+            fits &= tokens[np.minimum(opens + 1 + j, tokens.size - 1)] == h
+        for r in np.unique(owner[~fits]):
+            problems[r] = MERGED.format(what="an assistant answer")
+        mark = np.zeros(tokens.size + 1, np.int32)
+        mark[first[fits]] += 1  # the answer, through its <|im_end|>
+        mark[closes[fits] + 1] -= 1
+        return np.cumsum(mark[:-1]) > 0, problems
+
+    # -- the pieces path ----------------------------------------------------------------------------------------
+    def _continued(self, texts: list[str]) -> list[list[int]]:
+        """Tokens of texts that continue a record: without what the tokenizer puts at the start of a text."""
+        if not self.lead:
+            return self.tokenizer.encode_batch(texts)
+        cut = len(self.lead) + 1
+        return [ids[cut:] for ids in self.tokenizer.encode_batch([self.anchor + t for t in texts])]
+
+    def _encode(self, texts: list[str], first: list[bool]) -> list[list[int]]:
+        """Tokens of each text (first: it opens a record); short ones come from (and go to) a cache."""
+        keys = [(f or not self.lead, t) for t, f in zip(texts, first)]  # without a lead both encode alike
+        todo = [k for k in dict.fromkeys(keys) if len(k[1]) > _SHORT or k not in self._short]
+        opening = [k for k in todo if k[0]]
+        cont = [k for k in todo if not k[0]]
+        fresh = dict(zip(opening, self.tokenizer.encode_batch([t for _, t in opening])))
+        fresh.update(zip(cont, self._continued([t for _, t in cont])))
+        for k in todo:
+            if len(k[1]) <= _SHORT and len(self._short) < 100_000:
+                self._short[k] = fresh[k]
+        return [fresh[k] if k in fresh else self._short[k] for k in keys]
+
+    def _boundary_key(self, left_text: str, left: list[int], right_text: str, right: list[int]):
+        """None when nothing can merge across this piece boundary (a special token on either side), else the
+        key of its check in self._boundary: the boundary tokens' ids, or where they do not decode to the text
+        around the boundary (part of a UTF-8 character, a dummy-prefix space) the characters around it."""
+        if left_text.endswith(self.specials) or right_text.startswith(self.specials):
+            return None  # special tokens are split off before anything else: nothing merges across them
+        key = (tuple(left[-_LEFT:]), tuple(right[:_RIGHT]))
+        if key not in self._boundary:
+            lt, rt = self.tokenizer.decode(key[0]), self.tokenizer.decode(key[1])
+            if not (left_text.endswith(lt) and right_text.startswith(rt)):
+                key = (left_text[-8:], right_text[:8])
+        return key
+
+    def _check_boundaries(self, keys) -> None:
+        """Fill self._boundary for the keys not known yet: does tokenizing the text around the boundary in one go
+        give the same tokens as tokenizing each side? One batched encode for all of them."""
+        todo = [k for k in dict.fromkeys(keys) if k is not None and k not in self._boundary]
+        texts = [(self.tokenizer.decode(k[0]), self.tokenizer.decode(k[1])) if isinstance(k[0], tuple) else k
+                 for k in todo]
+        ids = self._continued([t for lt, rt in texts for t in (lt, rt, lt + rt)])
+        for n, key in enumerate(todo):
+            a, b, joint = ids[3 * n: 3 * n + 3]
+            self._boundary[key] = joint == a + b
+
+    def encode_records(self, records: list[list[tuple[str, bool]]]) -> list[tuple[list, list, str | None]]:
+        """Per record given as pieces: (token runs, their is-target flags, problem). The runs are the pieces'
+        tokens and the final EOD; one batched encode for all pieces, one for the boundary checks not known yet."""
+        texts = [text for pieces in records for text, _ in pieces]
+        first = [k == 0 for pieces in records for k in range(len(pieces))]
+        ids = iter(self._encode(texts, first))
+        per_record = [list(itertools.islice(ids, len(pieces))) for pieces in records]
+        keys = [[self._boundary_key(pieces[k][0], piece_ids[k], pieces[k + 1][0], piece_ids[k + 1])
+                 for k in range(len(pieces) - 1)] for pieces, piece_ids in zip(records, per_record)]
+        self._check_boundaries(k for record_keys in keys for k in record_keys)
+        out = []
+        for pieces, piece_ids, record_keys in zip(records, per_record, keys):
+            bad = next((k for k, key in enumerate(record_keys) if key is not None and not self._boundary[key]), None)
+            if bad is not None:
+                out.append(([], [], MERGED.format(what=f"piece {bad + 2} ({pieces[bad + 1][0][:20]!r})")))
+            else:
+                out.append(([*piece_ids, [self.eod_id]], [*(target for _, target in pieces), False], None))
+        return out
+
+    def _pieces_to_arrays(self, encoded):
+        runs = [run for record_runs, _, _ in encoded for run in record_runs]
+        flags = [flag for _, record_flags, _ in encoded for flag in record_flags]
+        run_lengths = np.fromiter(map(len, runs), dtype=np.int64, count=len(runs))
+        tokens = np.fromiter(itertools.chain.from_iterable(runs), dtype=self.dtype, count=int(run_lengths.sum()))
+        mask = np.repeat(np.array(flags, dtype=np.bool_), run_lengths)  # one flag per run, not per token
+        lengths = np.fromiter((sum(map(len, r)) for r, _, _ in encoded), np.int64, len(encoded))
+        return tokens, mask, lengths, [problem for _, _, problem in encoded]
+
+    # -- both ---------------------------------------------------------------------------------------------------
+    def _finish(self, parsed: Parsed, tokens, mask, lengths, problems) -> EncodedChunk:
+        """Apply max_len / truncate and drop the records with a problem (or raise for the first of them)."""
+        opts = self.options
+        long = lengths > opts.max_len if opts.max_len is not None else np.zeros(len(lengths), np.bool_)
+        if not long.any() and not any(problems):
+            return EncodedChunk(tokens, lengths, mask, parsed, 0)
+        ends = np.cumsum(lengths)
+        keep_t, keep_m, keep_n, positions, truncated = [], [], [], [], 0
+        for r, position in enumerate(parsed.positions):
+            problem, n = problems[r], int(lengths[r])
+            t, m = tokens[ends[r] - n: ends[r]], mask[ends[r] - n: ends[r]]
+            if problem is None and long[r]:
+                if not opts.truncate:
+                    problem = f"{n:,} tokens, more than --max-len {opts.max_len:,} (or pass --truncate)"
+                else:
+                    # The first max_len - 1 tokens, then EOD as context: the text did not end there.
+                    t = np.append(t[:opts.max_len - 1], np.array([self.eod_id], t.dtype))
+                    m = np.append(m[:opts.max_len - 1], False)
+                    n = opts.max_len
+                    if not m.any():
+                        problem = f"no target token left after truncating to --max-len {opts.max_len:,}"
+                    truncated += problem is None
+            if problem is not None:
+                err = BadInputError(f"{parsed.file}:{position}", problem)
+                if not opts.skip_bad:
+                    raise err
+                parsed.bad.append(err)
+                continue
+            keep_t.append(t)
+            keep_m.append(m)
+            keep_n.append(n)
+            positions.append(position)
+        parsed.bad.sort(key=lambda e: int(e.location.rsplit(":", 1)[1]))
+        parsed.positions = positions
+        cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.empty(0, dtype))
+        return EncodedChunk(cat(keep_t, tokens.dtype), np.array(keep_n, dtype=np.int64), cat(keep_m, np.bool_),
+                            parsed, truncated)
+
+
+def _build_sft_encoder(tokenizer_path: str, options: SftOptions, dtype: str) -> SftEncoder:
+    return SftEncoder(load_tokenizer(tokenizer_path), options, dtype)
