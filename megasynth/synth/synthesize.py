@@ -1,0 +1,424 @@
+"""SBP stage 5: sample synthetic documents from a tuned synthesizer, prompted with random seed documents of a corpus.
+
+    from megasynth.synth.synthesize import SynthSettings, synthesize
+    summary = synthesize("runs/synthesizer", "data/real", "data/synthetic", SynthSettings(num_docs=10_000))
+
+What a sample is. Sample i (i = 0, 1, 2, ...) is prompted with corpus document seed(i), drawn uniformly among the
+documents that hold at least one token besides their EOD; the prompt is that document's first max_seed_tokens
+tokens and <|sep|> (the layout the synthesizer was tuned on: megasynth.synth.pair_dataset), and the model samples
+at most max_new_tokens tokens (temperature 1 by default, the paper's choice: varied syntheses of one seed),
+stopping at EOD. seed(i) depends only on (seed, i // shard_docs) and the corpus, and the sampling randomness of
+sample i only on (seed, i) (megasynth.generate's per-row streams; an endpoint gets a per-request seed), so a
+document is the same whatever batch, shard or rank produces it. An output that is empty (EOD first) is dropped
+and counted; one that hits max_new_tokens is kept, counted as truncated, and ends with an EOD like every document.
+
+Shards. Samples are processed in shards of shard_docs consecutive samples, each written to the work directory
+(default OUT.work/) as it finishes (megasynth.synth.synth_shards); the work directory's manifest
+(megasynth.synth.workdir) records every setting that decides the output, and its lock keeps a second run out.
+A run killed at any point and started again with the same command redoes only the missing shards and publishes
+a prefix byte-identical to an uninterrupted run's; a manifest with other settings is refused. (The model dtype is
+one of those settings; the device is not: resuming on another kind of device may change the remaining shards'
+samples, since their logits may differ in the last bits.)
+
+How much. num_docs=N: samples 0..N-1 (the output holds N minus the empty ones). tokens=T: whole shards 0..K,
+where K is the first shard at which the output's running token count (EOD included) reaches T; the output
+therefore holds at least T tokens and less than T plus one shard's tokens. Both are deterministic: they depend
+on the samples, not on the number of ranks or on interruptions.
+
+Ranks. Under torchrun every rank loads the model and takes shards k with k % world_size == rank (with tokens=T
+in rounds of world_size shards, the ranks sharing each round's token counts); rank 0 then assembles the shards
+in order into the output: a normal prefix (the documents in sample order) whose sidecar names the checkpoint
+(path, sha256 of its meta.json, which lists every file's checksum), the corpus (prefix, .idx sha256), the
+settings and the counts (requested, generated, empty dropped, truncated), and OUT.provenance.parquet with
+columns doc (int64, the document's index in OUT), seed (int64, its seed document in the corpus) and sample
+(int64, its sample index). The table is published first and the prefix last (.idx is the commit point; the
+sidecar records the table's sha256); an existing output is refused unless overwrite. The work directory is
+removed after a successful run (keep_work keeps it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, smallest_token_dtype
+from megasynth.data.loss_mask import sha256_of_file
+from megasynth.data.prefix import bin_path, check_output_free, idx_path, sidecar_path
+from megasynth.io import atomic_open
+from megasynth.synth.pair_dataset import PairDatasetError, document_bodies, pair_separator_id
+from megasynth.synth.synth_samplers import EndpointSampler, EndpointSettings, LocalSampler, Sampled, Sampling
+from megasynth.synth.synth_shards import Shard, ShardStore, fault_point
+from megasynth.synth.synthetic_prefix import provenance_path
+
+_SEED_STREAM = 0x53425053  # "SBPS": the stream of seed draws, apart from every sampling stream
+_ZERO_ROUNDS = 4  # rounds in a row that yield no token before a tokens=T run gives up
+
+
+class SynthError(ValueError):
+    """Bad settings or inputs for synthesis; one line naming the file or flag."""
+
+
+@dataclass
+class SynthSettings:
+    num_docs: int | None = None
+    """Samples to draw (the output holds this many minus the empty outputs); or give tokens."""
+    tokens: int | None = None
+    """Draw whole shards until the output holds at least this many tokens (EOD included); or give num_docs."""
+    seed: int = 0
+    """Seeds the seed-document draws and every sample's random stream."""
+    temperature: float = 1.0
+    """Softmax temperature (1: the paper's choice; 0: greedy)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1] (1: off)."""
+    max_seed_tokens: int | None = None
+    """Tokens of the seed document in the prompt (default: (max_seq_len - 1) // 2, or what max_new_tokens leaves)."""
+    max_new_tokens: int | None = None
+    """Most tokens sampled per document (default: what the prompt leaves of the model's max_seq_len)."""
+    shard_docs: int = 256
+    """Samples per shard: the unit of work written to the work directory (and shared out over ranks)."""
+    batch_size: int = 16
+    """Prompts per generate() batch (local backend); does not change the output."""
+
+    def check(self) -> None:
+        if (self.num_docs is None) == (self.tokens is None):
+            raise SynthError("give exactly one of --num-docs and --tokens")
+        for name in ("num_docs", "tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SynthError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("max_seed_tokens", "max_new_tokens", "shard_docs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SynthError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise SynthError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got {self.temperature}, "
+                             f"{self.top_k}, {self.top_p}")
+
+
+# -- seeds and prompts -------------------------------------------------------------------------------------------------
+def shard_seed_documents(seed: int, shard: int, shard_docs: int, candidates: np.ndarray) -> np.ndarray:
+    """The seed documents of the shard's samples: uniform draws from `candidates`, a function of (seed, shard)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, _SEED_STREAM, shard]))
+    return candidates[rng.integers(0, candidates.size, shard_docs)]
+
+
+def prompt_lengths(max_seq_len: int, max_seed: int | None, max_new: int | None) -> tuple[int, int]:
+    """(max_seed_tokens, max_new_tokens) with the defaults filled in; prompt (+ <|sep|>) + new must fit max_seq_len."""
+    if max_seed is None and max_new is None:
+        max_seed = (max_seq_len - 1) // 2
+    if max_seed is None:
+        max_seed = max_seq_len - 1 - max_new
+    if max_new is None:
+        max_new = max_seq_len - 1 - max_seed
+    if max_seed < 1 or max_new < 1 or max_seed + 1 + max_new > max_seq_len:
+        raise SynthError(f"--max-seed-tokens {max_seed} + 1 (<|sep|>) + --max-new-tokens {max_new} must fit the "
+                         f"model's max_seq_len {max_seq_len}, with both >= 1")
+    return max_seed, max_new
+
+
+# -- the synthesizer ---------------------------------------------------------------------------------------------------
+@dataclass
+class Synthesizer:
+    """A checkpoint's identity, config, tokenizer and (local backend) model."""
+
+    step_dir: Path
+    meta_sha256: str
+    max_seq_len: int
+    tokenizer: object
+    model: object | None
+
+
+def load_synthesizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None, *, load_weights: bool,
+                     device="cpu", dtype=torch.float32) -> Synthesizer:
+    from megasynth.checkpoint import resolve_checkpoint, verify_checkpoint  # noqa: PLC0415
+    from megasynth.config import load_config  # noqa: PLC0415
+    from megasynth.generate import find_tokenizer_dir, load_model_and_tokenizer  # noqa: PLC0415
+    from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    if load_weights:
+        model, cfg, tok, step_dir = load_model_and_tokenizer(checkpoint, tokenizer, device, dtype)
+    else:  # an endpoint serves the weights; the checkpoint gives the tokenizer, the limits and its identity
+        step_dir = verify_checkpoint(resolve_checkpoint(checkpoint))
+        cfg, model = load_config(step_dir / "config.toml"), None
+        tok_dir = Path(tokenizer) if tokenizer else find_tokenizer_dir(checkpoint, step_dir)
+        if tok_dir is None:
+            raise FileNotFoundError(f"{checkpoint}: no tokenizer/ directory in the checkpoint or its run directory; "
+                                    "pass --tokenizer DIR")
+        tok = load_tokenizer(tok_dir)
+    return Synthesizer(step_dir, sha256_of_file(step_dir / "meta.json"), cfg.model.max_seq_len, tok, model)
+
+
+def check_corpus_tokenizer(corpus: IndexedDataset, tok) -> None:
+    """The corpus must be tokenized with the synthesizer's tokenizer (its sidecar's record, when it has one)."""
+    recorded = (corpus.metadata or {}).get("tokenizer")
+    sha = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if sha and sha != tok.identity()["sha256"]:
+        raise SynthError(f"{corpus.prefix}: tokenized with {recorded.get('path')} (sha256 {sha[:12]}...), not with "
+                         f"the synthesizer's tokenizer {tok.path}")
+
+
+# -- the run -----------------------------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+class _Run:
+    """One synthesis run on this rank (see the module docstring)."""
+
+    def __init__(self, corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sampler, sep_id: int,
+                 store: ShardStore, progress: bool):
+        self.corpus, self.synth, self.settings, self.sampler = corpus, synth, settings, sampler
+        self.sep_id, self.store = sep_id, store
+        self.eod_id = synth.tokenizer.eod_id
+        self.vocab = synth.tokenizer.vocab_size
+        self.starts, self.bodies = document_bodies(corpus, self.eod_id)
+        self.candidates = np.flatnonzero(self.bodies > 0)
+        if self.candidates.size == 0:
+            raise SynthError(f"{corpus.prefix}: no document holds a token besides its EOD: nothing to prompt with")
+        self.dist, self.rank, self.world = _dist()
+        self.bar = None
+        if progress and self.rank == 0:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(unit="doc", desc=f"synthesize (rank 0 of {self.world})", file=sys.stderr,
+                            dynamic_ncols=True, total=settings.num_docs)
+        self.t0, self.produced = time.perf_counter(), 0
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        d = self.settings.shard_docs
+        hi = (k + 1) * d if self.settings.num_docs is None else min((k + 1) * d, self.settings.num_docs)
+        return k * d, hi
+
+    def shard(self, k: int) -> Shard:
+        """Shard k from the work directory, or sampled now and written there."""
+        if self.store.has(k):
+            return self.store.read(k)
+        lo, hi = self.shard_range(k)
+        seeds = shard_seed_documents(self.settings.seed, k, self.settings.shard_docs, self.candidates)[:hi - lo]
+        samples = np.arange(lo, hi, dtype=np.int64)
+        lengths = np.minimum(self.bodies[seeds], self.settings.max_seed_tokens)
+        prompts = [np.append(self.corpus.tokens[s:s + n], self.sep_id).astype(np.int64)
+                   for s, n in zip(self.starts[seeds], lengths)]
+        shard = self._finish(self.sampler(prompts, samples), samples, seeds)
+        self.store.write(k, shard)
+        if self.bar is not None:
+            self.produced += shard.num_tokens
+            self.bar.update(shard.requested * (1 if self.world == 1 else self.world))
+            self.bar.set_postfix_str(f"{self.produced / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s "
+                                     "(rank 0)", refresh=False)
+        return shard
+
+    def _finish(self, sampled: list[Sampled], samples: np.ndarray, seeds: np.ndarray) -> Shard:
+        docs, keep, empty, truncated, oov = [], [], 0, 0, 0
+        for j, (ids, ended) in enumerate(sampled):
+            if not ids:
+                empty += 1
+            elif max(ids) >= self.vocab or min(ids) < 0:
+                oov += 1  # an id the tokenizer lacks (a model row past its vocabulary): not a document
+            else:
+                docs.append(np.append(np.asarray(ids, np.int64), self.eod_id))
+                keep.append(j)
+                truncated += not ended
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        dtype = smallest_token_dtype(self.vocab)
+        tokens = np.concatenate(docs).astype(dtype) if docs else np.empty(0, dtype)
+        keep = np.asarray(keep, np.int64)
+        return Shard(tokens, lengths, samples[keep], seeds[keep].astype(np.int64), len(sampled), empty, truncated, oov)
+
+    def run(self) -> int:
+        """Make this rank's shards; return the number of shards of the output."""
+        s = self.settings
+        if s.num_docs is not None:
+            n = -(-s.num_docs // s.shard_docs)
+            for k in range(self.rank, n, self.world):
+                self.shard(k)
+            return n
+        total, zero_rounds, r = 0, 0, 0
+        while True:
+            mine = self.shard(r * self.world + self.rank).num_tokens
+            counts = [mine] if self.dist is None else self._gather(mine)
+            for j, c in enumerate(counts):
+                total += c
+                if total >= s.tokens:
+                    return r * self.world + j + 1
+            zero_rounds = zero_rounds + 1 if sum(counts) == 0 else 0
+            if zero_rounds >= _ZERO_ROUNDS:
+                raise SynthError(f"shards {(r + 1 - zero_rounds) * self.world}..{(r + 1) * self.world - 1} produced "
+                                 "no token (every output empty): is the checkpoint a tuned synthesizer?")
+            r += 1
+
+    def _gather(self, value: int) -> list[int]:
+        out: list = [None] * self.world
+        self.dist.all_gather_object(out, value)
+        return out
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _settings_record(corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sep_id: int,
+                     endpoint: EndpointSettings | None, dtype: torch.dtype) -> dict:
+    """Everything that decides the output: the work directory's manifest and the sidecar's "synthesis" entry."""
+    record = {
+        "checkpoint": {"path": os.path.abspath(synth.step_dir), "meta_sha256": synth.meta_sha256},
+        "corpus": {"prefix": os.path.abspath(corpus.prefix), "idx_sha256": corpus.idx_sha256,
+                   "num_documents": len(corpus)},
+        "tokenizer_sha256": synth.tokenizer.identity()["sha256"], "separator_id": sep_id,
+        "backend": {"kind": "local", "dtype": str(dtype).removeprefix("torch.")} if endpoint is None else
+                   {"kind": "endpoint", **endpoint.describe()},
+        **{k: v for k, v in asdict(settings).items() if k != "batch_size"},
+    }
+    return json.loads(json.dumps(record))
+
+
+def _check_output(output_prefix: str, corpus_prefix: str, overwrite: bool) -> None:
+    if Path(output_prefix).is_dir():
+        raise SynthError(f"{output_prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
+    corpus_files = {p.resolve() for p in (bin_path(corpus_prefix), idx_path(corpus_prefix))}
+    if {bin_path(output_prefix).resolve(), idx_path(output_prefix).resolve()} & corpus_files:
+        raise SynthError(f"{output_prefix}: the output would overwrite the corpus {corpus_prefix}")
+    # A provenance table without its prefix is what a run killed before publishing leaves: it is replaced.
+    check_output_free(output_prefix, overwrite=overwrite)
+
+
+def _own_output(output_prefix: str, record: dict) -> dict | None:
+    """The sidecar at OUT when this very run (the same settings) wrote it: a run killed while or after publishing."""
+    try:
+        meta = json.loads(sidecar_path(output_prefix).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    synthesis = meta.get("synthesis") if isinstance(meta, dict) else None
+    return meta if isinstance(synthesis, dict) and synthesis.get("settings") == record else None
+
+
+def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, output_prefix: str | os.PathLike,
+               settings: SynthSettings, *, tokenizer: str | os.PathLike | None = None,
+               work_dir: str | os.PathLike | None = None, overwrite: bool = False, keep_work: bool = False,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               endpoint: EndpointSettings | None = None, progress: bool = True) -> dict:
+    """Run synthesis (module docstring); on rank 0 return the output's counts, on other ranks {"rank": r}.
+
+    Raises SynthError, PairDatasetError, IndexedDatasetError, TokenizerError, CheckpointError, WorkDirMismatch,
+    RunDirBusy or OutputExistsError on bad input, before any sampling."""
+    from megasynth.synth.workdir import MANIFEST, WorkDir, WorkDirMismatch  # noqa: PLC0415
+
+    settings.check()
+    corpus_prefix, output_prefix = os.fspath(corpus_prefix), os.fspath(output_prefix)
+    work_path = Path(work_dir) if work_dir is not None else Path(f"{output_prefix}.work")
+    corpus = IndexedDataset(corpus_prefix)
+    synth = load_synthesizer(checkpoint, tokenizer, load_weights=endpoint is None, device=device, dtype=dtype)
+    check_corpus_tokenizer(corpus, synth.tokenizer)
+    sep_id = pair_separator_id(synth.tokenizer)
+    max_seed, max_new = prompt_lengths(synth.max_seq_len, settings.max_seed_tokens, settings.max_new_tokens)
+    settings = replace(settings, max_seed_tokens=max_seed, max_new_tokens=max_new)
+    record = _settings_record(corpus, synth, settings, sep_id, endpoint, dtype)
+    dist, rank, _ = _dist()
+    own = _own_output(output_prefix, record) if work_path.is_dir() else None
+    if dist is not None:
+        dist.barrier()  # every rank has looked at OUT and the work directory before rank 0 changes either
+    if own is not None and idx_path(output_prefix).is_file() and not overwrite:
+        if rank == 0:  # killed after publishing, before the work directory was removed: finish the cleanup
+            WorkDir.open(work_path, pipeline="synthesize", settings=record).close()
+            if not keep_work:
+                _remove_work(work_path)
+        return {**own["synthesis"]["counts"], "already_complete": True}
+    # Killed while publishing (its .bin/.json in place, no .idx yet): the files are this run's to replace.
+    _check_output(output_prefix, corpus_prefix, overwrite or own is not None)
+    wd = None
+    if rank == 0:
+        wd = WorkDir.open(work_path, pipeline="synthesize", settings=record)  # locks it; checks the manifest
+    try:
+        if dist is not None:
+            dist.barrier()
+            if rank != 0:
+                found = json.loads((work_path / MANIFEST).read_text(encoding="utf-8")).get("settings")
+                if found != record:
+                    raise WorkDirMismatch(f"{work_path / MANIFEST}: rank {rank} has other settings than rank 0")
+        sampling = Sampling(settings.seed, settings.temperature, settings.top_k, settings.top_p,
+                            settings.max_new_tokens)
+        if endpoint is None:
+            sampler = LocalSampler(synth.model, synth.tokenizer.eod_id, sampling, settings.batch_size)
+        else:
+            sampler = EndpointSampler(endpoint, synth.tokenizer, sampling, work_path / f"ledger.rank{rank}.jsonl")
+        run = _Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)
+        try:
+            num_shards = run.run()
+        finally:
+            run.close()
+        if dist is not None:
+            dist.barrier()  # every shard is on disk
+        if rank != 0:
+            return {"rank": rank}
+        counts = _publish(output_prefix, ShardStore(work_path), num_shards, synth.tokenizer, record)
+    finally:
+        if wd is not None:
+            wd.close()
+    if not keep_work:
+        _remove_work(work_path)
+    return counts
+
+
+def _remove_work(path: Path) -> None:
+    from megasynth.io import remove_dir  # noqa: PLC0415
+
+    if path.is_dir():
+        remove_dir(path)
+
+
+def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record: dict) -> dict:
+    """Shards 0..num_shards-1 in order -> OUT.provenance.parquet, then the prefix (its .idx last)."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    schema = pa.schema([("doc", pa.int64()), ("seed", pa.int64()), ("sample", pa.int64())])
+    counts = {"requested": 0, "generated": 0, "empty_dropped": 0, "truncated": 0, "out_of_vocab_dropped": 0,
+              "tokens": 0, "shards": num_shards}
+    meta = {"tokenizer": tok.identity(), "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "append_eod": True,
+            "add_bos": False, "created_by": "synthesize"}
+    prov = provenance_path(output_prefix)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    with IndexedDatasetWriter(output_prefix, smallest_token_dtype(tok.vocab_size), metadata=meta) as writer:
+        with atomic_open(prov, "wb") as f, pq.ParquetWriter(f, schema) as table:
+            for k in range(num_shards):
+                shard = store.read(k)
+                first = writer.num_documents
+                writer.add_flat(shard.tokens, shard.lengths)
+                n = int(shard.lengths.size)
+                table.write_table(pa.Table.from_arrays(
+                    [pa.array(np.arange(first, first + n, dtype=np.int64)), pa.array(shard.seeds),
+                     pa.array(shard.samples)], schema=schema))
+                counts["requested"] += shard.requested
+                counts["generated"] += n
+                counts["empty_dropped"] += shard.empty
+                counts["truncated"] += shard.truncated
+                counts["out_of_vocab_dropped"] += shard.out_of_vocab
+                counts["tokens"] += shard.num_tokens
+        fault_point("provenance")
+        if writer.num_documents == 0:
+            prov.unlink(missing_ok=True)
+            raise SynthError(f"{output_prefix}: all {counts['requested']:,} samples were empty or dropped "
+                             f"({counts['empty_dropped']:,} empty): no document to write")
+        writer.finalize(metadata={
+            "synthesis": {"settings": record, "counts": counts},
+            "provenance": {"file": prov.name, "rows": writer.num_documents, "sha256": sha256_of_file(prov),
+                           "columns": list(schema.names)},
+        })
+    return counts
+
+
+__all__ = ["EndpointSettings", "PairDatasetError", "SynthError", "SynthSettings", "prompt_lengths",
+           "shard_seed_documents", "synthesize"]

@@ -1,0 +1,102 @@
+"""tools/embed_corpus.py as a user runs it: killed mid-run, resumed under torchrun with 2 ranks, bad input.
+
+The kill is real (SIGKILL from the fault hook right after a shard is saved, in a real subprocess); the resumed
+run's EMB.npy and EMB.json must be byte-identical to an uninterrupted in-process run. Every process uses one
+torch thread, so the float32 reductions are the same in all of them (and tiny batches gain nothing from more).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_tool, write_pattern_corpus
+from synth.stdlib_prefix import write_stdlib_prefix
+
+from megasynth.synth.embed import FAULT_ENV, EmbedOptions, PrefixTexts, default_model, embed_corpus, load_model
+from megasynth.synth.embed_files import work_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "embed_corpus.py"
+ARGS = ["--max-tokens", "16", "--batch-size", "4", "--shard-size", "5", "--no-progress"]
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    e.update(extra)
+    return e
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_stdlib_prefix(tmp_path_factory.mktemp("corpus"), num_docs=24)[0]
+
+
+def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_corpus(PrefixTexts(corpus, max_tokens=16), tmp_path / "ref",
+                     EmbedOptions(model=default_model(), batch_size=4, shard_size=5),
+                     model=load_model(default_model()), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "emb"
+    cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
+    killed = subprocess.run(cmd, check=False, env=env(**{FAULT_ENV: "2"}), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    wdir = work_dir(out)
+    assert sorted(p.name for p in wdir.iterdir()) == ["manifest.json", "shard-000000.npy", "shard-000001.npy"]
+    assert not (tmp_path / "emb.npy").exists() and not (tmp_path / "emb.json").exists()
+
+    # Resuming with settings that change the bytes is refused, naming the setting (before loading the model).
+    capsys.readouterr()
+    rc = load_tool("embed_corpus").main(["--input", corpus, "--output", str(out), *ARGS[:4], "--shard-size", "6",
+                                         "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "shard_size=5" in err and str(wdir) in err and "\n" not in err
+
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              *cmd[1:]], check=False, env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(2 resumed)" in resumed.stdout and "world size 2" in resumed.stdout
+    assert (tmp_path / "emb.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    got, ref = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("emb", "ref"))
+    assert got["files"]["npy"].pop("name") == "emb.npy" and ref["files"]["npy"].pop("name") == "ref.npy"
+    assert got == ref
+    assert not wdir.exists()
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, corpus, capsys):
+    main = load_tool("embed_corpus").main
+
+    def run(*argv) -> str:
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err and "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "neither a prefix" in run("--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "e"))
+    pattern = write_pattern_corpus(tmp_path / "pattern")  # a sidecar without a tokenizer
+    assert "pass --tokenizer" in run("--input", pattern, "--output", str(tmp_path / "e"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    assert f"{bad}:2" in run("--input", str(bad), "--output", str(tmp_path / "e"))
+    (tmp_path / "e.npy").write_bytes(b"")
+    assert "--overwrite" in run("--input", corpus, "--output", str(tmp_path / "e"))
+    assert "--max-tokens" in run("--input", corpus, "--output", str(tmp_path / "f"), "--max-tokens", "0")
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        load_tool("embed_corpus").main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--input", "--output", "--model", "--max-tokens", "--tokenizer", "--json-key", "--batch-size",
+                 "--shard-size", "--device", "--overwrite", "--allow-empty", "--no-progress"):
+        assert flag in out

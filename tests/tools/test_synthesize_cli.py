@@ -1,0 +1,146 @@
+"""tools/synthesize.py as a user runs it: a real process SIGKILLed mid-run (at a random moment from outside, after
+the provenance table, halfway through publishing the prefix) and started again publishes the bytes of an
+uninterrupted run; a finished run killed before it removed its work directory completes on a rerun; bad input
+exits 2 with one line; --help names every flag."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_tool
+from sbp_helpers import make_corpus, make_synthesizer, make_tokenizer
+
+from megasynth.data.prefix import FAULT_ENV as PUBLISH_FAULT_ENV
+from megasynth.synth.synth_shards import FAULT_ENV as SYNTH_FAULT_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+NUM_DOCS, SHARD = 24, 4
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("synthesize")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tool):
+    d = tmp_path_factory.mktemp("synth_cli")
+    tok = make_tokenizer(d / "tok")
+    corpus = make_corpus(d / "data" / "real", tok)
+    run = make_synthesizer(d / "run", tok, corpus)
+    ref = d / "ref" / "syn"
+    assert tool.main(args(run, corpus, ref)) == 0  # the uninterrupted run
+    return run, corpus, ref
+
+
+def args(run, corpus, out, *extra):
+    return ["--checkpoint", str(run), "--corpus", corpus, "--output-prefix", str(out), "--num-docs", str(NUM_DOCS),
+            "--shard-docs", str(SHARD), "--max-seed-tokens", "6", "--max-new-tokens", "12", "--seed", "3",
+            "--batch-size", "3", "--device", "cpu", "--no-progress", *map(str, extra)]
+
+
+def output_bytes(prefix) -> dict:
+    out = {ext: hashlib.sha256(Path(f"{prefix}.{ext}").read_bytes()).hexdigest()
+           for ext in ("bin", "idx", "provenance.parquet")}
+    meta = json.loads(Path(f"{prefix}.json").read_text())
+    meta["provenance"].pop("file")  # the output's own name
+    out["json"] = meta
+    return out
+
+
+def start(argv, **env):
+    # The killed run computes its shards with the thread count of the in-process runs it is compared with.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT), **env}
+    return subprocess.Popen([sys.executable, str(ROOT / "tools" / "synthesize.py"), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("kill", ["random", "provenance", "json-renamed"])
+def test_killed_run_resumes_to_the_bytes_of_an_uninterrupted_run(tool, setup, tmp_path, kill):
+    run, corpus, ref = setup
+    out = tmp_path / "syn"
+    work = Path(f"{out}.work")
+    if kill == "random":  # SIGKILL from outside once two shards are on disk, whatever the process is doing
+        proc = start(args(run, corpus, out))
+        deadline = time.monotonic() + 120
+        while not (work / "shard_000001.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, err
+        done = len(list(work.glob("shard_*.npz")))
+        assert 2 <= done < NUM_DOCS // SHARD  # killed midway: some shards done, some not
+    else:  # a fault point: right after the provenance table, or in the prefix's publish (.bin and .json renamed)
+        env = {SYNTH_FAULT_ENV: kill} if kill == "provenance" else {PUBLISH_FAULT_ENV: kill}
+        proc = start(args(run, corpus, out), **env)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, err
+        assert not Path(f"{out}.idx").exists() and len(list(work.glob("shard_*.npz"))) == NUM_DOCS // SHARD
+    assert tool.main(args(run, corpus, out)) == 0  # the same command again
+    assert output_bytes(out) == output_bytes(ref)
+    assert not work.exists()
+
+
+def test_a_finished_run_whose_work_dir_remains_completes_on_a_rerun(tool, setup, tmp_path, capsys):
+    run, corpus, ref = setup
+    out = tmp_path / "syn"
+    assert tool.main(args(run, corpus, out, "--keep-work")) == 0  # as if killed after publishing
+    capsys.readouterr()
+    assert tool.main(args(run, corpus, out)) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert not Path(f"{out}.work").exists() and output_bytes(out) == output_bytes(ref)
+    assert tool.main(args(run, corpus, out)) == 2  # without a work dir it is an existing output like any other
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_help_names_every_flag(tool):
+    text = tool.build_parser().format_help()
+    for flag in ("--checkpoint", "--tokenizer", "--corpus", "--output-prefix", "--num-docs", "--tokens",
+                 "--temperature", "--top-k", "--top-p", "--seed", "--max-seed-tokens", "--max-new-tokens",
+                 "--batch-size", "--shard-docs", "--work-dir", "--keep-work", "--overwrite", "--device", "--dtype",
+                 "--no-progress", "--endpoint", "--served-model", "--endpoint-prompt", "--concurrency",
+                 "--max-attempts", "--timeout", "--api-key-env"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("zero_docs", "--num-docs must be >= 1, got 0"),
+    ("negative_docs", "--num-docs must be >= 1, got -5"),
+    ("no_size", "give exactly one of --num-docs and --tokens"),
+    ("both_sizes", "give exactly one of --num-docs and --tokens"),
+    ("no_separator", "tools/train_tokenizer.py --chat-tokens"),
+    ("no_checkpoint", "no complete checkpoint here"),
+    ("endpoint_alone", "--endpoint and --served-model go together"),
+    ("too_long", "must fit the model's max_seq_len 48"),
+])
+def test_bad_input_exits_2_with_one_line(tool, setup, tmp_path, capsys, case, message):
+    run, corpus, _ = setup
+    argv = args(run, corpus, tmp_path / "out")
+    if case in ("zero_docs", "negative_docs"):
+        argv[argv.index("--num-docs") + 1] = "0" if case == "zero_docs" else "-5"
+    elif case == "no_size":
+        i = argv.index("--num-docs")
+        del argv[i:i + 2]
+    elif case == "both_sizes":
+        argv += ["--tokens", "100"]
+    elif case == "no_separator":
+        plain = make_tokenizer(tmp_path / "plain", separator=False)
+        plain_corpus = make_corpus(tmp_path / "plain_corpus", plain)
+        argv = args(make_synthesizer(tmp_path / "plain_run", plain, plain_corpus), plain_corpus, tmp_path / "out")
+    elif case == "no_checkpoint":
+        argv[argv.index("--checkpoint") + 1] = str(tmp_path)
+    elif case == "endpoint_alone":
+        argv += ["--endpoint", "http://127.0.0.1:9/v1"]
+    elif case == "too_long":
+        argv[argv.index("--max-new-tokens") + 1] = "60"
+    assert tool.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not list(tmp_path.glob("out*"))

@@ -1,0 +1,93 @@
+"""EntiGraph: turn a small corpus into a large synthetic one through any OpenAI-compatible LLM (issue 13).
+
+    OPENAI_API_KEY=... python tools/entigraph.py --input docs.jsonl --work-dir runs/eg --output-prefix data/eg \\
+        --tokenizer tok/ --base-url https://api.openai.com/v1 --model gpt-4o-mini --max-pairs-per-doc 200 \\
+        --max-triples-per-doc 50 --concurrency 32 --budget-usd 20 --price-in 0.15 --price-out 0.6
+    python tools/entigraph.py ... --base-url http://localhost:8000/v1 --model Qwen/Qwen3-8B     # a vLLM server
+
+Input: JSONL documents {"id", "title" (optional), "text"} (ids unique), or an indexed prefix (decoded with
+--input-tokenizer, default the tokenizer its sidecar names). Per document, one request extracts a summary and the
+salient entities (JSON); then, for entity pairs (all, or a seeded sample of --max-pairs-per-doc) and a seeded
+sample of --max-triples-per-doc triples, one request each writes how those entities relate in the document.
+
+Resumable: every finished request is appended to WORK_DIR/entities.jsonl or relations.jsonl before it counts;
+run the same command again after a crash, a kill or a budget stop and only the missing requests are sent.
+Items that fail after --max-attempts are recorded with the reason and counted; a rerun keeps them failed
+unless --retry-failed. The output prefix (relation texts, and with --include-summaries the summaries, each a
+document ending with EOD) is built from the records in a fixed order, so every rerun gives the same bytes;
+PREFIX.provenance.parquet names each document's source, step and entities; the sidecar records the model, the
+prompt hash, the counts and the estimated cost. WORK_DIR/ledger.jsonl has one line per finished request.
+
+Exit codes: 0 written; 2 bad input or output (one line on stderr); 3 stopped by the budget (records kept, no
+output: rerun with a larger budget to continue). The API key is read from --api-key-env and written nowhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megasynth.synth.llm import add_llm_arguments, settings_from_args
+from megasynth.synth.pipeline_cli import report_failures, run_tool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, metavar="PATH",
+                        help="documents JSONL ({'id', 'title'?, 'text'}) or an indexed prefix")
+    parser.add_argument("--input-tokenizer", default=None, metavar="PATH",
+                        help="for a prefix --input: the tokenizer that decodes it (default: the one its sidecar names)")
+    parser.add_argument("--work-dir", required=True, metavar="DIR",
+                        help="records, ledger and manifest; the same directory resumes an earlier run")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="writes PREFIX.bin/.idx/.json and PREFIX.provenance.parquet")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer of the output prefix")
+    parser.add_argument("--max-pairs-per-doc", type=int, default=None, metavar="M",
+                        help="most entity pairs per document, a seeded sample (default: every pair)")
+    parser.add_argument("--max-triples-per-doc", type=int, default=20, metavar="K",
+                        help="most entity triples per document, a seeded sample (default 20; 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pair and triple samples (default 0)")
+    parser.add_argument("--include-summaries", action="store_true",
+                        help="also write each document's summary as a synthetic document")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="ask again for items an earlier run recorded as failed (default: they stay failed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_llm_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megasynth.synth.entigraph import EntiGraphConfig, run_entigraph
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_pairs_per_doc is not None and args.max_pairs_per_doc < 0 or args.max_triples_per_doc < 0:
+        parser.error("--max-pairs-per-doc and --max-triples-per-doc must be >= 0")
+    try:
+        # Every attempt may be a JSON repair: a document whose replies are never valid fails after exactly
+        # --max-attempts requests.
+        llm = settings_from_args(args, json_repair_attempts=args.max_attempts - 1)
+    except ValueError as e:
+        parser.error(str(e))
+    cfg = EntiGraphConfig(input=args.input, work_dir=args.work_dir, output_prefix=args.output_prefix,
+                          tokenizer=args.tokenizer, llm=llm, input_tokenizer=args.input_tokenizer,
+                          max_pairs_per_doc=args.max_pairs_per_doc, max_triples_per_doc=args.max_triples_per_doc,
+                          seed=args.seed, include_summaries=args.include_summaries, retry_failed=args.retry_failed,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+    out, code = run_tool(lambda: run_entigraph(cfg), args.output_prefix)
+    if out is None:
+        return code
+    c = out["counts"]
+    report_failures(out["failed"])
+    print(f"wrote {args.output_prefix}: {out['sidecar']['num_documents']:,} documents, "
+          f"{out['sidecar']['num_tokens']:,} tokens from {c['documents']:,} source documents "
+          f"({c['entities']:,} entities, {c['pairs']:,} pairs, {c['triples']:,} triples, "
+          f"{c['summaries']:,} summaries) | {out['llm']['requests']:,} requests in the ledger, "
+          f"{out['llm']['prompt_tokens']:,} in / {out['llm']['completion_tokens']:,} out tokens, "
+          f"${out['llm']['cost_usd']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

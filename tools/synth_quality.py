@@ -1,0 +1,98 @@
+"""SBP stage 6: the quality table of a synthetic prefix (repetition, duplicate@N, non-factual, pair-irrelevance,
+pair-copying), beside the same tests on real neighbour pairs and the paper's 200B-scale row.
+
+    python tools/synth_quality.py --synthetic data/sbp --corpus data/real --out runs/quality \
+        --pairs runs/pairs/PAIRS.parquet --sample 10000
+    # with an LLM judge for the non-factual column (any OpenAI-compatible endpoint):
+    python tools/synth_quality.py ... --judge-endpoint http://localhost:8000/v1 --judge-model Qwen/Qwen3-8B
+
+--synthetic is a prefix written by tools/synthesize.py (its SYNTHETIC.provenance.parquet gives each document's
+seed); --corpus is the prefix the seeds index. Writes OUT/results.json (every count and setting),
+OUT/results.md (the table and the definitions) and OUT/documents.parquet (each sampled document's scores).
+docs/sbp.md defines each test and its threshold. Exit code 2 on bad input, with one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megasynth.synth.quality import QualityError, QualitySettings, measure_quality, render_table
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = QualitySettings()
+    p = argparse.ArgumentParser(prog="tools/synth_quality.py", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]), allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", required=True, metavar="PREFIX",
+                   help="the synthetic prefix (with PREFIX.provenance.parquet: columns doc, seed)")
+    p.add_argument("--corpus", required=True, metavar="PREFIX", help="the real corpus prefix the seeds index")
+    p.add_argument("--out", required=True, metavar="DIR", help="where results.json, results.md and "
+                   "documents.parquet are written")
+    p.add_argument("--pairs", metavar="PAIRS.parquet",
+                   help="real neighbour pairs (tools/build_pairs.py) for the reference row; default: random corpus "
+                        "documents each with its nearest neighbour within that sample")
+    p.add_argument("--sample", type=int, default=d.sample, metavar="N",
+                   help=f"synthetic documents measured, and the reference row's size; duplicate@N looks within "
+                        f"them (default {d.sample}; all when there are fewer)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the samples (default {d.seed})")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer to decode text for the embedding and the judge (default: the sidecar's)")
+    g = p.add_argument_group("thresholds (docs/sbp.md)")
+    g.add_argument("--repetition-threshold", type=float, default=d.repetition_threshold,
+                   help=f"repetition: 1 - distinct/all token {d.repetition_n}-grams above this "
+                        f"(default {d.repetition_threshold})")
+    g.add_argument("--duplicate-threshold", type=float, default=d.duplicate_threshold,
+                   help=f"duplicate: token {d.duplicate_n}-gram-set Jaccard at least this "
+                        f"(default {d.duplicate_threshold})")
+    g.add_argument("--copy-threshold", type=float, default=d.copy_threshold,
+                   help=f"pair-copying: share of token {d.copy_n}-grams found in the seed at least this "
+                        f"(default {d.copy_threshold})")
+    g.add_argument("--irrelevance-threshold", type=float, default=d.irrelevance_threshold,
+                   help=f"pair-irrelevance: embedding cosine below this (default {d.irrelevance_threshold}; "
+                        "calibrated for the default model)")
+    g = p.add_argument_group("embedding")
+    g.add_argument("--embed-model", default=d.embed_model, metavar="M",
+                   help="sentence-transformers model name or path (default: the offline MiniLM package)")
+    g.add_argument("--embed-max-tokens", type=int, default=d.embed_max_tokens, metavar="T",
+                   help=f"tokens of each document decoded for the embedding (default {d.embed_max_tokens})")
+    g.add_argument("--embed-batch-size", type=int, default=d.embed_batch_size, metavar="B",
+                   help=f"documents per embedding batch (default {d.embed_batch_size})")
+    g = p.add_argument_group("factuality judge (optional; without one the non-factual column is n/a)")
+    g.add_argument("--judge-endpoint", default="", metavar="URL",
+                   help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
+    g.add_argument("--judge-model", default="", metavar="NAME", help="the model name the endpoint serves")
+    g.add_argument("--judge-sample", type=int, default=d.judge_sample, metavar="K",
+                   help=f"documents per row sent to the judge (default {d.judge_sample})")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the judge's API key (default OPENAI_API_KEY; unset: 'EMPTY', "
+                        "what vLLM accepts); the key is never written anywhere")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = QualitySettings(
+        sample=args.sample, seed=args.seed, repetition_threshold=args.repetition_threshold,
+        duplicate_threshold=args.duplicate_threshold, copy_threshold=args.copy_threshold,
+        irrelevance_threshold=args.irrelevance_threshold, embed_model=args.embed_model,
+        embed_max_tokens=args.embed_max_tokens, embed_batch_size=args.embed_batch_size,
+        judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, judge_sample=args.judge_sample)
+    try:
+        results = measure_quality(args.synthetic, args.corpus, args.out, settings, pairs=args.pairs,
+                                  tokenizer=args.tokenizer, api_key_env=args.judge_api_key_env)
+    except (QualityError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("\n" + render_table(results))
+    out = Path(args.out)
+    print(f"-> {out / 'results.json'}\n-> {out / 'results.md'}\n-> {out / 'documents.parquet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

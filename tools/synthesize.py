@@ -1,0 +1,146 @@
+"""SBP stage 5: synthetic documents from a tuned synthesizer, each prompted with a random document of a corpus.
+
+    python tools/synthesize.py --checkpoint runs/synthesizer --corpus data/real --output-prefix data/synth \\
+        --num-docs 20000
+    torchrun --nproc_per_node=8 tools/synthesize.py --checkpoint runs/synthesizer --corpus data/real \\
+        --output-prefix data/synth --tokens 200000000
+    python tools/synthesize.py --checkpoint runs/synthesizer --corpus data/real --output-prefix data/synth \\
+        --num-docs 100000 --endpoint http://localhost:8000/v1 --served-model synthesizer   # vLLM, for scale
+
+Sample i is prompted with a corpus document drawn uniformly (seeded by --seed), cut to --max-seed-tokens, and
+<|sep|> (the layout of tools/make_pair_dataset.py); the model samples up to --max-new-tokens tokens at
+--temperature (1 by default: varied syntheses of one seed) and stops at EOD. Empty outputs are dropped and
+counted. A document depends only on (--seed, its sample index): not on the batch size, the number of torchrun
+ranks (each takes a share of the shards) or interruptions. Work goes in shards to --work-dir (default
+OUT.work/) with a manifest of the settings; run the same command again after a crash or kill and it resumes,
+publishing the same bytes as an uninterrupted run. --tokens T draws whole shards until the output holds at
+least T tokens (EOD included). With --endpoint the prompts go to an OpenAI-compatible completions server (vLLM
+serving the checkpoint exported with tools/export_hf.py) as token ids, or with --endpoint-prompt text as text.
+
+Output: OUT.bin/.idx/.json, a normal prefix of the documents in sample order, whose sidecar names the checkpoint
+(and the sha256 of its meta.json), the corpus and its .idx sha256, the settings and the counts; and
+OUT.provenance.parquet (doc, seed, sample). An existing output is refused unless --overwrite. Bad input (a
+checkpoint whose tokenizer lacks <|sep|>, a corpus of another tokenizer, --num-docs 0, ...) stops with one line
+and exit code 2. Library: megasynth.synth.synthesize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from megasynth.checkpoint import CheckpointError
+from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
+from megasynth.distributed import destroy_distributed, init_distributed
+from megasynth.run_lock import RunDirBusy
+from megasynth.synth.synth_samplers import EndpointError
+from megasynth.synth.synth_shards import ShardError
+from megasynth.synth.synthesize import EndpointSettings, SynthSettings, synthesize
+from megasynth.tokenizer import TokenizerError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = SynthSettings()
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
+                   help="the tuned synthesizer: a run directory (its newest checkpoint) or a step directory")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="its tokenizer (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer); must hold <|sep|>")
+    p.add_argument("--corpus", required=True, metavar="PREFIX",
+                   help="the real corpus the seed documents are drawn from (tokenized with that tokenizer)")
+    p.add_argument("--output-prefix", required=True, metavar="OUT",
+                   help="writes OUT.bin/.idx/.json and OUT.provenance.parquet")
+    p.add_argument("--num-docs", type=int, metavar="N",
+                   help="draw N samples (the output holds N minus the empty ones); give this or --tokens")
+    p.add_argument("--tokens", type=int, metavar="T",
+                   help="draw whole shards until the output holds at least T tokens (EOD included)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="softmax temperature (default 1; 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens (default 0 = all)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the seed draws and every sample's stream (default 0)")
+    p.add_argument("--max-seed-tokens", type=int, metavar="L1",
+                   help="seed tokens in each prompt (default: (max_seq_len - 1) // 2, or what --max-new-tokens leaves)")
+    p.add_argument("--max-new-tokens", type=int, metavar="L2",
+                   help="most tokens sampled per document (default: what the prompt leaves of the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"prompts per sampling batch (default {d.batch_size}); does not change the output")
+    p.add_argument("--shard-docs", type=int, default=d.shard_docs,
+                   help=f"samples per shard, the unit of resumable work and of sharing over ranks (default "
+                        f"{d.shard_docs})")
+    p.add_argument("--work-dir", metavar="W", help="where shards and the manifest go (default OUT.work/)")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory after a successful run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse, exit 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the local backend runs (auto: CUDA when available; a rank uses its local GPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = p.add_argument_group("OpenAI-compatible completions backend (instead of sampling here)")
+    e.add_argument("--endpoint", metavar="URL", help="the API root, e.g. http://localhost:8000/v1 (vLLM)")
+    e.add_argument("--served-model", metavar="NAME", help="the model name the server serves (vLLM --served-model-name)")
+    e.add_argument("--endpoint-prompt", choices=["ids", "text"], default="ids",
+                   help="send each prompt as token ids (default; exact, vLLM accepts them) or as decoded text")
+    e.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    e.add_argument("--max-attempts", type=int, default=5,
+                   help="HTTP requests per sample, retries included, before the run stops (default 5)")
+    e.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    e.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; unset: 'EMPTY')")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.endpoint is None) != (args.served_model is None):
+        print("error: --endpoint and --served-model go together", file=sys.stderr)
+        return 2
+    settings = SynthSettings(num_docs=args.num_docs, tokens=args.tokens, seed=args.seed, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, max_seed_tokens=args.max_seed_tokens,
+                             max_new_tokens=args.max_new_tokens, shard_docs=args.shard_docs, batch_size=args.batch_size)
+    endpoint = None
+    if args.endpoint:
+        endpoint = EndpointSettings(args.endpoint, args.served_model, args.endpoint_prompt, args.concurrency,
+                                    args.max_attempts, args.timeout, args.api_key_env)
+    try:
+        settings.check()
+        if endpoint is not None and (endpoint.concurrency < 1 or endpoint.max_attempts < 1 or endpoint.timeout_s <= 0):
+            raise ValueError("need --concurrency >= 1, --max-attempts >= 1 and --timeout > 0")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = init_distributed(tp=1, device=args.device if endpoint is None else "cpu")
+    try:
+        summary = synthesize(args.checkpoint, args.corpus, args.output_prefix, settings, tokenizer=args.tokenizer,
+                             work_dir=args.work_dir, overwrite=args.overwrite, keep_work=args.keep_work,
+                             device=info.device, dtype=getattr(torch, args.dtype), endpoint=endpoint,
+                             progress=not args.no_progress)
+    except EndpointError as e:
+        print(f"error: {e}; the finished shards are kept, run the same command again to resume", file=sys.stderr)
+        return 1
+    except (ValueError, CheckpointError, TokenizerError, IndexedDatasetError, PrefixOutputError, ShardError,
+            RunDirBusy, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the finished shards are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        destroy_distributed()
+    if info.is_main:
+        if summary.get("already_complete"):
+            print(f"{args.output_prefix}: already complete (a finished run with these settings)")
+        else:
+            print(f"wrote {args.output_prefix}.bin/.idx/.json and .provenance.parquet: {summary['generated']:,} "
+                  f"documents, "
+                  f"{summary['tokens']:,} tokens from {summary['requested']:,} samples; dropped "
+                  f"{summary['empty_dropped']:,} empty and {summary['out_of_vocab_dropped']:,} with unknown ids; "
+                  f"{summary['truncated']:,} hit --max-new-tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
