@@ -230,17 +230,19 @@ def preprocess(
 def run_for_cli(output_prefix: str | os.PathLike, call, bad_input: tuple[type[BaseException], ...] = ()):
     """Run a preprocessing `call()` as the command-line tools report it; returns (exit code, summary or None).
 
-    Bad input (readers, tokenizer, format, an existing or empty output, and the extra `bad_input` types) is one
-    line plus "no output written" and exit 2; an unwritable output or a full disk likewise; a dead worker 1;
+    An existing or empty output is one line and exit 2; bad input (readers, tokenizer, format, and the extra
+    `bad_input` types) one line plus "no output written" and exit 2; an unwritable output or a full disk likewise; a dead worker 1;
     Ctrl-C 130. The library guarantees that no partial prefix is left in any of these cases."""
     from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
 
     from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError  # noqa: PLC0415
     from megasynth.data.readers import BadInputError  # noqa: PLC0415
 
-    errors = (PrefixOutputError, BadInputError, InputError, TokenizerError, IndexedDatasetError, *bad_input)
+    errors = (BadInputError, InputError, TokenizerError, IndexedDatasetError, *bad_input)
     try:
         return 0, call()
+    except PrefixOutputError as e:  # an existing or empty output: the one line says what to do
+        print(f"{e}", file=sys.stderr)
     except errors as e:
         print(f"{e}", file=sys.stderr)
         print(f"no output written to {output_prefix}", file=sys.stderr)
