@@ -26,23 +26,14 @@ import sys
 
 from megasynth.data.prefix import sidecar_path
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
-from megasynth.synth.pipeline_cli import report_failures, run_tool
+from megasynth.synth.pipeline_cli import add_source_arguments, report_failures, run_tool
 
 STYLES = ("plain", "encyclopedic", "qa")  # megasynth.synth.rephrase.STYLES, without importing it for --help
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, metavar="PATH",
-                        help="documents JSONL ({'id', 'title'?, 'text'}) or an indexed prefix")
-    parser.add_argument("--input-tokenizer", default=None, metavar="PATH",
-                        help="for a prefix --input: the tokenizer that decodes it (default: the one its sidecar names)")
-    parser.add_argument("--work-dir", required=True, metavar="DIR",
-                        help="records, ledger and manifest; the same directory resumes an earlier run")
-    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                        help="writes PREFIX.bin/.idx/.json and PREFIX.provenance.parquet")
-    parser.add_argument("--tokenizer", required=True, metavar="PATH",
-                        help="tokenizer of the output prefix (and of the token target)")
+    add_source_arguments(parser, tokenizer_help="tokenizer of the output prefix (and of the token target)")
     parser.add_argument("--styles", default=",".join(STYLES), metavar="LIST",
                         help=f"comma-separated rephrase styles from {', '.join(STYLES)} (default: all)")
     parser.add_argument("--samples-per-doc", type=int, default=1, metavar="N",

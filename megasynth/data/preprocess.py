@@ -231,8 +231,9 @@ def run_for_cli(output_prefix: str | os.PathLike, call, bad_input: tuple[type[Ba
     """Run a preprocessing `call()` as the command-line tools report it; returns (exit code, summary or None).
 
     An existing or empty output is one line and exit 2; bad input (readers, tokenizer, format, and the extra
-    `bad_input` types) one line plus "no output written" and exit 2; an unwritable output or a full disk likewise; a dead worker 1;
-    Ctrl-C 130. The library guarantees that no partial prefix is left in any of these cases."""
+    `bad_input` types) one line plus "no output written" and exit 2; an unwritable output or a full disk
+    likewise; a dead worker 1; Ctrl-C 130. The library guarantees that no partial prefix is left in any of
+    these cases."""
     from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
 
     from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError  # noqa: PLC0415

@@ -1,4 +1,5 @@
-"""What tools/entigraph.py and tools/rephrase.py share around their library call: exit codes and messages.
+"""What tools/entigraph.py and tools/rephrase.py share around their library call: the source and output
+flags (`add_source_arguments`), exit codes and messages.
 
     out, code = run_tool(lambda: run_entigraph(cfg), cfg.output_prefix)
     if out is None:
@@ -10,6 +11,7 @@ A pipeline result is a dict with "complete", "budget_stopped", "sidecar", "llm" 
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from megasynth.data.indexed import IndexedDatasetError
@@ -24,6 +26,19 @@ from megasynth.tokenizer import TokenizerError
 EXIT_BUDGET = 3
 _INPUT_ERRORS = (BadInputError, InputError, JsonlError, TokenizerError, IndexedDatasetError, PrefixOutputError,
                  WorkDirMismatch, RunDirBusy, PromptError)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, *, tokenizer_help: str) -> None:
+    """--input, --input-tokenizer, --work-dir, --output-prefix and --tokenizer, as both pipelines take them."""
+    parser.add_argument("--input", required=True, metavar="PATH",
+                        help="documents JSONL ({'id', 'title'?, 'text'}) or an indexed prefix")
+    parser.add_argument("--input-tokenizer", default=None, metavar="PATH",
+                        help="for a prefix --input: the tokenizer that decodes it (default: the one its sidecar names)")
+    parser.add_argument("--work-dir", required=True, metavar="DIR",
+                        help="records, ledger and manifest; the same directory resumes an earlier run")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="writes PREFIX.bin/.idx/.json and PREFIX.provenance.parquet")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH", help=tokenizer_help)
 
 
 def run_tool(call, output_prefix: str) -> tuple[dict | None, int]:
