@@ -25,4 +25,4 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out sft_out entigraph_out runs/sbp .pytest_cache
