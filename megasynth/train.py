@@ -163,7 +163,7 @@ def build_eval_sets(cfg: Config, info: DistInfo, cache_dir: Path) -> list[tuple[
         indexed = IndexedDataset(prefix)
         packing = cfg.data.valid_packing
         if packing == "auto":  # masked prefixes hold independent examples: evaluate each whole, masked
-            packing = "pack" if getattr(indexed, "has_loss_mask", False) else "concat"
+            packing = "pack" if indexed.has_loss_mask else "concat"
         ds = build_source_dataset(indexed, packing, seq_len=cfg.data.seq_len, num_samples=n, seed=EVAL_SEED,
                                   cache_dir=cache_dir, name=name)
         loader = DistributedBatchLoader(ds, global_batch_size=n, micro_batch_size=mb, dp_rank=info.dp_rank,
@@ -380,7 +380,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
         log.info(f"resumed from {resume_from} at step {progress.step}")
     horizon = t.steps * t.global_batch_size * cfg.data.seq_len
     log.info(dataset.sources_table(horizon, max_repetition=cfg.data.max_repetition))
-    for line in getattr(dataset, "packing_summaries", list)():
+    for line in dataset.packing_summaries():
         log.info(line)
     if dataset.max_repetition(horizon) > cfg.data.max_repetition:
         log.info(f"warning: a source repeats more than data.max_repetition={cfg.data.max_repetition} times")

@@ -48,7 +48,7 @@ import numpy as np
 from megasynth.config import DataSource
 from megasynth.data.gpt_dataset import GPTDataset
 from megasynth.data.index_cache import load_npz, save_npz
-from megasynth.data.indexed import IndexedDataset, idx_path, sidecar_path
+from megasynth.data.indexed import IndexedDataset, sidecar_path
 from megasynth.data.packed_dataset import PackedDataset
 from megasynth.mixture import (
     MixtureSource,
@@ -194,19 +194,11 @@ def _tokenizer_hash(meta: dict | None) -> str | None:
     return (tok.get("sha256") or tok.get("hash")) if isinstance(tok, dict) else None
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_identity(indexed: IndexedDataset) -> dict:
     """What identifies a prefix's content cheaply: counts, tokenizer hash and the .idx's sha256 (not the .bin)."""
     ident = {"num_tokens": int(indexed.num_tokens), "num_documents": len(indexed),
-             "tokenizer_sha256": _tokenizer_hash(indexed.metadata), "idx_sha256": _file_sha256(idx_path(indexed.prefix))}
-    if getattr(indexed, "has_loss_mask", False):  # only when present: unmasked prefixes keep their old fingerprint
+             "tokenizer_sha256": _tokenizer_hash(indexed.metadata), "idx_sha256": indexed.idx_sha256}
+    if indexed.has_loss_mask:  # only when present: unmasked prefixes keep their old fingerprint
         ident["loss_mask"] = True
     return ident
 

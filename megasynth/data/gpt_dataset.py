@@ -163,7 +163,7 @@ class GPTDataset:
         tokens = np.empty(self.seq_len + 1, dtype=np.int64)
         doc_ids = np.empty(self.seq_len + 1, dtype=np.int32)
         # A masked prefix (SFT / pair data read as a stream) carries its mask piece by piece with the tokens.
-        masked = getattr(self.dataset, "has_loss_mask", False)
+        masked = self.dataset.has_loss_mask
         loss_mask = np.empty(self.seq_len + 1, dtype=bool) if masked else None
         filled, segment = 0, 0
         while filled < tokens.size:

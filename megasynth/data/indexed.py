@@ -80,6 +80,16 @@ def _map(path: Path, size: int):
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+# sha256 of each .idx hashed in this process, keyed by the file's identity (device, inode, size, mtime): every
+# reopening (the start-up vocabulary check, the blend, held-out sets, DataLoader workers) reuses it, and a
+# replaced or rewritten index has another identity, so it is hashed again.
+_IDX_SHA256: dict[tuple[int, int, int, int], str] = {}
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class IndexedDataset:
     """A read-only, memory-mapped view of PREFIX.bin/.idx (ours or Megatron-LM's), validated on open.
 
@@ -90,11 +100,9 @@ class IndexedDataset:
     one in its sidecar is cached (default: beside the prefix; see megasynth/data/max_token_id.py).
     """
 
-    def __init__(self, prefix: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                 _known_idx: tuple[int, int, str] | None = None):
+    def __init__(self, prefix: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None):
         self.prefix = os.fspath(prefix)
         self.cache_dir = cache_dir
-        self._idx_sha256: str | None = None
         self._max_token_id: int | None = None
         self._mask: LossMaskFile | None = None
         ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
@@ -103,10 +111,7 @@ class IndexedDataset:
                 raise IndexedDatasetError(f"{path}: no such file (a prefix needs both .bin and .idx)")
         idx_stat = ipath.stat()
         idx_size = idx_stat.st_size
-        if _known_idx is not None and (idx_size, idx_stat.st_mtime_ns) == tuple(_known_idx[:2]):
-            # A copy made by pickling (DataLoader workers) reuses the sha256 its parent computed for this very
-            # file (same size and mtime) instead of rehashing a large index in every worker.
-            self._idx_sha256 = _known_idx[2]
+        self._idx_identity = _file_identity(idx_stat)
         if idx_size < HEADER_SIZE:
             raise IndexedDatasetError(f"{ipath}: truncated: expected at least {HEADER_SIZE} bytes, found {idx_size}")
         self._idx_buf = _map(ipath, idx_size)
@@ -266,9 +271,10 @@ class IndexedDataset:
     @property
     def idx_sha256(self) -> str:
         """sha256 of the .idx file (hashed once, on first use)."""
-        if self._idx_sha256 is None:
-            self._idx_sha256 = hashlib.sha256(self._idx_buf).hexdigest()
-        return self._idx_sha256
+        sha = _IDX_SHA256.get(self._idx_identity)
+        if sha is None:
+            sha = _IDX_SHA256[self._idx_identity] = hashlib.sha256(self._idx_buf).hexdigest()
+        return sha
 
     @property
     def max_token_id(self) -> int:
@@ -369,13 +375,15 @@ class IndexedDataset:
     def __getstate__(self) -> dict:
         # memory maps do not pickle; DataLoader workers reopen the files
         state = {"prefix": self.prefix, "cache_dir": self.cache_dir}
-        if self._idx_sha256 is not None:
-            st = idx_path(self.prefix).stat()
-            state["known_idx"] = (st.st_size, st.st_mtime_ns, self._idx_sha256)
+        if self._idx_identity in _IDX_SHA256:  # a spawned worker does not inherit the memo: hand it the entry
+            state["idx_sha256"] = (self._idx_identity, _IDX_SHA256[self._idx_identity])
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"], cache_dir=state.get("cache_dir"), _known_idx=state.get("known_idx"))
+        if "idx_sha256" in state:
+            identity, sha = state["idx_sha256"]
+            _IDX_SHA256.setdefault(tuple(identity), sha)
+        self.__init__(state["prefix"], cache_dir=state.get("cache_dir"))
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}: {len(self)} sequences, {self.num_tokens} tokens, {self.dtype})"

@@ -148,7 +148,7 @@ class PackedDataset:
         lengths = lengths[lengths > 0]
         if self.documents.size == 0:
             raise ValueError(f"PackedDataset {name!r}: the selected examples of {dataset.prefix} hold no tokens")
-        self.has_loss_mask = bool(getattr(dataset, "has_loss_mask", False))
+        self.has_loss_mask = dataset.has_loss_mask
         meta = dataset.metadata or {}
         self.pad_id = int(pad_id if pad_id is not None else meta.get("eod_id", 0) or 0)
         # Per epoch: examples cut to the window, and the share of window tokens that are real.

@@ -471,24 +471,34 @@ def test_length_summary_and_histogram():
     assert length_histogram([]) == [] and length_summary([])["count"] == 0
 
 
-def test_pickled_copy_reuses_the_index_hash_only_for_the_same_file(tmp_path):
-    """DataLoader workers unpickle datasets: the copy keeps the parent's .idx sha256 when the file is unchanged,
-    and hashes again (so still refuses a mismatched sidecar) when the .idx was replaced in between."""
-    import pickle
-
+def test_index_hash_is_reused_for_the_same_file_only(tmp_path, monkeypatch):
+    """The .idx sha256 (checked against the sidecar at every open) is hashed once per file per process: reopening
+    and pickled copies (DataLoader workers, which may not inherit the memo) reuse it; a rewritten index (another
+    mtime or inode) is hashed again, so a stale value is never trusted."""
+    import megasynth.data.indexed as indexed
     from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, idx_path
 
+    memo: dict = {}
+    monkeypatch.setattr(indexed, "_IDX_SHA256", memo)
     prefix = tmp_path / "p"
     with IndexedDatasetWriter(prefix, np.uint16) as w:
         w.add_document([1, 2, 3])
         w.finalize()
-    ds = IndexedDataset(prefix)
+    ds = IndexedDataset(prefix)  # the sidecar check hashes the .idx
     sha = ds.idx_sha256
-    copy = pickle.loads(pickle.dumps(ds))
-    assert copy._idx_sha256 == sha and list(copy[0]) == [1, 2, 3]
-    state = ds.__getstate__()
-    stale = dict(state, known_idx=(state["known_idx"][0], state["known_idx"][1], "0" * 64))
-    reopened = IndexedDataset.__new__(IndexedDataset)
-    os.utime(idx_path(prefix), ns=(0, state["known_idx"][1] + 1))  # the file changed since the parent hashed it
-    reopened.__setstate__(stale)
-    assert reopened.idx_sha256 == sha  # rehashed, the stale hash was not trusted
+    assert list(memo.values()) == [sha]
+    identity = next(iter(memo))
+    memo[identity] = "f" * 64  # a memo hit must be used as is: opening now sees a "mismatched" sidecar
+    with pytest.raises(IndexedDatasetError, match="different"):
+        IndexedDataset(prefix)
+    memo[identity] = sha
+
+    state = pickle.dumps(ds)
+    memo.clear()  # a spawned worker starts with an empty memo
+    copy = pickle.loads(state)
+    assert memo == {identity: sha} and copy.idx_sha256 == sha and list(copy[0]) == [1, 2, 3]
+
+    memo[identity] = "0" * 64  # stale: the file changes below, so this entry no longer applies
+    st = os.stat(idx_path(prefix))
+    os.utime(idx_path(prefix), ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert IndexedDataset(prefix).idx_sha256 == sha  # rehashed under its new identity
