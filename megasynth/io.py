@@ -8,6 +8,7 @@ whole new one, never a torn one; a crash leaves at most a temp file, which `remo
 its name (`.NAME.tmp-PID-HEX`) and removes.
 
     atomic_write_text(path, "...")           # str; also atomic_write_bytes / atomic_write_json
+    file_sha256(path)                        # the checksum sidecars and manifests record
     with atomic_open(path, "wb") as f: ...   # stream into a file that appears only on success
     with atomic_dir(final) as tmp: ...       # build a directory that appears only on success
     for line_no, obj in read_jsonl(path): ...  # JsonlError("FILE:LINE: ...") on bad input
@@ -16,6 +17,7 @@ its name (`.NAME.tmp-PID-HEX`) and removes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +99,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with atomic_open(dst, "wb") as out, open(src, "rb") as inp:
         shutil.copyfileobj(inp, out, 1 << 20)
+
+
+def file_sha256(path: str | os.PathLike, block_size: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in blocks (the one helper every sidecar and manifest checksum uses)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_dir(path: str | os.PathLike) -> None:

@@ -16,7 +16,6 @@ reader memory-maps the file and unpacks only the bytes a window touches.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import struct
@@ -25,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.data.prefix import IndexedDatasetError
+from megasynth.io import file_sha256
 
 MASK_MAGIC = b"MSLMASK\x00"
 MASK_VERSION = 1
 MASK_HEADER_SIZE = 24
 MASK_ENCODING = "bits-le"  # the sidecar's loss_mask.encoding for this layout
-_HASH_BLOCK = 16 << 20
 
 
 class LossMaskError(IndexedDatasetError):
@@ -39,14 +38,6 @@ class LossMaskError(IndexedDatasetError):
 
 def mask_file_size(num_tokens: int) -> int:
     return MASK_HEADER_SIZE + (num_tokens + 7) // 8
-
-
-def sha256_of_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checked_mask(mask, num_tokens: int, what: str) -> np.ndarray:
@@ -99,7 +90,7 @@ class LossMaskWriter:
         size = self.path.stat().st_size
         if size != mask_file_size(self.num_tokens):  # cannot happen unless the file was touched meanwhile
             raise LossMaskError(f"{self.path}: wrote {size} bytes, expected {mask_file_size(self.num_tokens)}")
-        return {"file": self.final_name, "encoding": MASK_ENCODING, "size": size, "sha256": sha256_of_file(self.path),
+        return {"file": self.final_name, "encoding": MASK_ENCODING, "size": size, "sha256": file_sha256(self.path),
                 "num_targets": self.num_targets}
 
     def close(self) -> None:
@@ -156,7 +147,7 @@ class LossMaskFile:
 
     def verify(self) -> None:
         """Check the sha256 the sidecar records and that the padding bits are 0; LossMaskError if not."""
-        actual = sha256_of_file(self.path)
+        actual = file_sha256(self.path)
         if actual != self.entry.get("sha256"):
             raise LossMaskError(f"{self.path}: sha256 {actual} differs from the sidecar's {self.entry.get('sha256')!r}"
                                 " (the mask is corrupt or belongs to other files)")

@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megasynth.io import file_sha256
+
 FORMATS = ("jsonl", "parquet", "text")
 TEXT_MODES = ("file", "line", "paragraph")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
@@ -279,14 +281,6 @@ def _open_stream(file: InputFile) -> tuple[_HashingRaw, io.BufferedIOBase]:
     return raw, stream
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_READ_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- the reader ------------------------------------------------------------------------------------------------
 class InputReader:
     """Documents from input files: iterate for `(text, location)`, or use chunks() + parse_chunk() + record()."""
@@ -314,7 +308,7 @@ class InputReader:
         for file in self.files:
             if file.format == "parquet":
                 yield from self._parquet_chunks(file, done)
-                sha = _sha256_file(file.path)
+                sha = file_sha256(file.path)
             else:
                 raw, stream = _open_stream(file)
                 try:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megasynth.io import atomic_open, atomic_write_json, read_jsonl, remove_dir
+from megasynth.io import atomic_open, atomic_write_json, file_sha256, read_jsonl, remove_dir
 from megasynth.synth.embed_files import (
     EMB_FORMAT,
     EMB_FORMAT_VERSION,
@@ -131,11 +131,7 @@ class JsonlTexts:
                 raise EmbedError(f"{self.path}:{line_no}: key {json_key!r} must be a string ({got})")
             self._texts.append(value)
         self.num_documents = len(self._texts)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        self.sha256 = h.hexdigest()
+        self.sha256 = file_sha256(path)
 
     def identity(self) -> dict:
         return {"type": "jsonl", "path": os.path.abspath(self.path), "sha256": self.sha256, "json_key": self.json_key}

@@ -13,12 +13,13 @@ normalisation ("l2"), and EMB.npy's size and sha256 (checked here by size only; 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from megasynth.io import file_sha256
 
 EMB_FORMAT = "megasynth-embeddings"
 EMB_FORMAT_VERSION = 1
@@ -55,14 +56,6 @@ def npy_header(n_rows: int, dim: int) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "<f2", "fortran_order": False, "shape": (n_rows, dim)})
     return buf.getvalue()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_embeddings(output: str | os.PathLike, *, verify_sha: bool = False) -> tuple[np.ndarray, dict]:

@@ -42,10 +42,10 @@ from megasynth.data.indexed import (
     check_not_empty,
     smallest_token_dtype,
 )
-from megasynth.data.loss_mask import sha256_of_file
 from megasynth.data.prefix import bin_path, check_output_free, idx_path, mask_path, sidecar_path
 from megasynth.data.sft_encode import SftEncoder
 from megasynth.data.sft_records import SftOptions
+from megasynth.io import file_sha256
 from megasynth.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 PAIR_COLUMNS = ("seed", "target")
@@ -224,7 +224,7 @@ def make_pair_dataset(pairs: str | os.PathLike, corpus_prefix: str | os.PathLike
                                   sidecar_path(corpus_prefix)], overwrite)
     tok = corpus_tokenizer(corpus, tokenizer)
     sep_id, eod_id = pair_separator_id(tok), tok.eod_id
-    pairs_sha256 = sha256_of_file(pairs) if Path(pairs).is_file() else ""
+    pairs_sha256 = file_sha256(pairs) if Path(pairs).is_file() else ""
     check_pairs_sidecar(pairs, corpus, pairs_sha256)
     seeds, targets = read_pair_table(pairs, len(corpus), corpus_prefix)
     if seeds.size == 0 and not allow_empty:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megasynth.io import atomic_open, atomic_write_json
+from megasynth.io import atomic_open, atomic_write_json, file_sha256
 from megasynth.synth.ann import IndexOptions, build_index, measure_recall, search_chunks
-from megasynth.synth.embed_files import check_against_prefix, check_unit_rows, emb_paths, file_sha256, load_embeddings
+from megasynth.synth.embed_files import check_against_prefix, check_unit_rows, emb_paths, load_embeddings
 from megasynth.synth.near_dup import jaccard, minhash_jaccard, minhash_signatures, ngram_hashes
 
 PAIRS_FORMAT = "megasynth-pairs"

@@ -49,9 +49,8 @@ import numpy as np
 import torch
 
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, smallest_token_dtype
-from megasynth.data.loss_mask import sha256_of_file
 from megasynth.data.prefix import bin_path, check_output_free, idx_path, sidecar_path
-from megasynth.io import atomic_open
+from megasynth.io import atomic_open, file_sha256
 from megasynth.synth.pair_dataset import PairDatasetError, document_bodies, pair_separator_id
 from megasynth.synth.synth_samplers import EndpointSampler, EndpointSettings, LocalSampler, Sampled, Sampling
 from megasynth.synth.synth_shards import Shard, ShardStore, fault_point
@@ -91,11 +90,7 @@ class SynthSettings:
     def check(self) -> None:
         if (self.num_docs is None) == (self.tokens is None):
             raise SynthError("give exactly one of --num-docs and --tokens")
-        for name in ("num_docs", "tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SynthError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("max_seed_tokens", "max_new_tokens", "shard_docs", "batch_size"):
+        for name in ("num_docs", "tokens", "max_seed_tokens", "max_new_tokens", "shard_docs", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise SynthError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -154,7 +149,7 @@ def load_synthesizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike
             raise FileNotFoundError(f"{checkpoint}: no tokenizer/ directory in the checkpoint or its run directory; "
                                     "pass --tokenizer DIR")
         tok = load_tokenizer(tok_dir)
-    return Synthesizer(step_dir, sha256_of_file(step_dir / "meta.json"), cfg.model.max_seq_len, tok, model)
+    return Synthesizer(step_dir, file_sha256(step_dir / "meta.json"), cfg.model.max_seq_len, tok, model)
 
 
 def check_corpus_tokenizer(corpus: IndexedDataset, tok) -> None:
@@ -414,7 +409,7 @@ def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record
                              f"({counts['empty_dropped']:,} empty): no document to write")
         writer.finalize(metadata={
             "synthesis": {"settings": record, "counts": counts},
-            "provenance": {"file": prov.name, "rows": writer.num_documents, "sha256": sha256_of_file(prov),
+            "provenance": {"file": prov.name, "rows": writer.num_documents, "sha256": file_sha256(prov),
                            "columns": list(schema.names)},
         })
     return counts

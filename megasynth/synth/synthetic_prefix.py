@@ -24,7 +24,6 @@ being the commit point; a failure removes a table this call created and leaves n
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from megasynth.data.indexed import IndexedDatasetWriter, check_not_empty, check_output_free, smallest_token_dtype
-from megasynth.io import atomic_open
+from megasynth.io import atomic_open, file_sha256
 from megasynth.tokenizer import Tokenizer
 
 PROVENANCE_SUFFIX = ".provenance.parquet"
@@ -92,7 +91,7 @@ def write_synthetic_prefix(
             published = True
             check_not_empty(prefix, writer.num_documents, allow_empty=allow_empty)
             sidecar = writer.finalize(metadata={**(late_metadata() if late_metadata else {}), "provenance": {
-                "file": prov.name, "rows": writer.num_documents, "sha256": _sha256(prov),
+                "file": prov.name, "rows": writer.num_documents, "sha256": file_sha256(prov),
                 "columns": list(schema.names)}})
     except BaseException:
         if published and not prov_existed:
@@ -117,9 +116,3 @@ def _provenance_table(batch: list[SyntheticDoc], first: int, schema: pa.Schema) 
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
