@@ -171,6 +171,29 @@ def remove_stale_temps(directory: str | os.PathLike, *, older_than_s: float = 0.
     return removed
 
 
+def truncate_torn_tail(path: str | os.PathLike) -> int:
+    """Cut an append-only line log back to its last newline (what a crash mid-append leaves after it is the only
+    part that can be torn); returns the bytes removed. The file is scanned backwards in blocks, not read whole."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        pos, keep = size, 0
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            pos = start
+        if keep < size:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - keep
+
+
 def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_object: bool = True,
                text: str | None = None) -> Iterator[tuple[int, Any]]:
     """Yield (1-based line number, parsed value) for each line of a JSONL file. A line that is not JSON (or

@@ -18,6 +18,7 @@ from megasynth.io import (
     read_jsonl,
     remove_stale_temps,
     temp_path_beside,
+    truncate_torn_tail,
 )
 
 
@@ -116,3 +117,16 @@ def test_read_jsonl_line_numbers_and_errors(tmp_path):
         list(read_jsonl(path))
     with pytest.raises(JsonlError, match="cannot read"):
         list(read_jsonl(tmp_path / "missing.jsonl"))
+
+
+def test_truncate_torn_tail_keeps_every_complete_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    complete = b'{"a": 1}\n{"a": 2}\n'
+    path.write_bytes(complete)
+    assert truncate_torn_tail(path) == 0 and path.read_bytes() == complete
+    torn = b'{"a": "' + b"x" * 200_000  # longer than one backward-scan block
+    path.write_bytes(complete + torn)
+    assert truncate_torn_tail(path) == len(torn) and path.read_bytes() == complete
+    path.write_bytes(b'{"no newline at all')
+    assert truncate_torn_tail(path) == 19 and path.read_bytes() == b""
+    assert truncate_torn_tail(path) == 0

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from megasynth.io import read_jsonl
+from megasynth.io import read_jsonl, truncate_torn_tail
 
 _BATCH_LINES = 256
 
@@ -63,15 +63,9 @@ class Ledger:
     def _load_existing(self) -> None:
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            print(f"{self.path}: cutting off a torn last line ({len(data) - keep} bytes) left by an interrupted run",
-                  file=sys.stderr)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                f.flush()
-                os.fsync(f.fileno())
+        torn = truncate_torn_tail(self.path)
+        if torn:
+            print(f"{self.path}: cut off a torn last line ({torn} bytes) left by an interrupted run", file=sys.stderr)
         for _, entry in read_jsonl(self.path):
             self._count(entry)
             self.previous += 1

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megasynth.io import JsonlError, atomic_write_json, fsync_dir, remove_stale_temps
+from megasynth.io import JsonlError, atomic_write_json, fsync_dir, remove_stale_temps, truncate_torn_tail
 from megasynth.run_lock import acquire_run_lock
 
 MANIFEST = "manifest.json"
@@ -60,35 +60,12 @@ class RecordLog:
         """Yield (byte offset, record) for every complete line; a torn last line is truncated away first."""
         if not self.path.exists():
             return
-        self._drop_torn_tail()
+        truncate_torn_tail(self.path)
         with open(self.path, "rb") as f:
             offset = 0
             for line_no, raw in enumerate(f, 1):
                 yield offset, self._parse(raw, line_no)
                 offset += len(raw)
-
-    def _drop_torn_tail(self) -> None:
-        size = self.path.stat().st_size
-        if size == 0:
-            return
-        with open(self.path, "rb+") as f:
-            # Scan back from the end for the last newline; only the bytes after it can be torn.
-            pos, block = size, 1 << 16
-            while pos > 0:
-                start = max(0, pos - block)
-                f.seek(start)
-                chunk = f.read(pos - start)
-                cut = chunk.rfind(b"\n")
-                if cut >= 0:
-                    keep = start + cut + 1
-                    break
-                pos = start
-            else:
-                keep = 0
-            if keep < size:
-                f.truncate(keep)
-                f.flush()
-                os.fsync(f.fileno())
 
     def _parse(self, raw: bytes, line_no: int) -> dict:
         try:
