@@ -50,7 +50,7 @@ TINY_MODEL = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=2", "--mo
 
 
 def find_base(base: Path) -> Path | None:
-    """BASE/run's newest checkpoint, if its tokenizer carries a chat template (make demo's does since issue 11)."""
+    """BASE/run's newest checkpoint, if its tokenizer carries a chat template (make demo's does)."""
     try:
         ckpt = checkpoint.resolve_checkpoint(base / "run")
     except checkpoint.CheckpointError:
