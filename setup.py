@@ -62,7 +62,9 @@ setup(
             # The local OpenAI-compatible test server (scripted replies, injected faults).
             "aiohttp>=3.9",
         ],
-        "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'"],
+        # GPU machines: faiss on the GPU, and FlashAttention (megasynth.kernels.attention_core's `flash_attn`
+        # core; it builds against the installed CUDA torch, so install torch first).
+        "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'", "flash-attn>=2.6; sys_platform == 'linux'"],
         "wandb": ["wandb>=0.17"],
     },
 )

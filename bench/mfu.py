@@ -2,6 +2,7 @@
 
     python bench/mfu.py                                   # CUDA: examples/configs/llama-1b.toml in bf16
     python bench/mfu.py --micro-batch-size 2 --seq-len 2048 --steps 20
+    python bench/mfu.py --variants sdpa,triton,triton:triton   # also pin the attention core (model.attention_core)
     python bench/mfu.py --cpu-smoke                       # no GPU: tiny.toml on the CPU, same code path
 
 Each variant builds the model as the trainer does (meta device, init, `parallelize_model` with
@@ -39,7 +40,22 @@ from megasynth.parallelize import parallelize_model
 from megasynth.train import build_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = [("sdpa", False), ("sdpa", True), ("triton", False), ("triton", True)]
+ATTENTIONS = ("sdpa", "triton")
+
+
+def parse_variants(spec: str, no_compile: bool) -> list[tuple[str, str | None, bool]]:
+    """'sdpa,triton,triton:flash_attn' -> [(attention, core or None, compiled)], each without then with compile.
+    A ':core' suffix sets model.attention_core (only meaningful for triton); without it the config's core counts."""
+    variants = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        attention, _, core = item.partition(":")
+        if attention not in ATTENTIONS:
+            raise ConfigError(f"--variants: {item!r}: expected sdpa, triton or triton:<core>")
+        for compiled in (False,) if no_compile else (False, True):
+            variants.append((attention, core or None, compiled))
+    if not variants:
+        raise ConfigError(f"--variants={spec!r}: expected a comma-separated list such as sdpa,triton")
+    return variants
 
 
 def random_batches(cfg, n: int, device: torch.device, seed: int = 0) -> list[Batch]:
@@ -98,6 +114,26 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def variant_label(cfg, device: torch.device) -> str:
+    """'sdpa', or 'triton (core X)' with the core the model's attention will actually run (auto resolved)."""
+    if cfg.model.attention != "triton":
+        return cfg.model.attention
+    from megasynth.kernels.attention_core import available_backends, choose_core  # noqa: PLC0415
+
+    cuda = device.type == "cuda"
+    head_dim = cfg.model.head_dim or cfg.model.dim // cfg.model.n_heads
+    dtype = torch.bfloat16 if cuda and cfg.train.dtype == "bfloat16" else torch.float32
+    try:
+        core = choose_core(cfg.model.attention_core, device_type=device.type,
+                           capability=torch.cuda.get_device_capability(device) if cuda else None, dtype=dtype,
+                           head_dim=head_dim, varlen=cfg.data.document_masking,
+                           available=available_backends() if cuda else frozenset())
+    except ValueError:
+        core = "refused"
+    shown = core if cfg.model.attention_core == core else f"{cfg.model.attention_core} -> {core}"
+    return f"triton (core {shown})"
+
+
 def format_row(attention: str, compiled: bool, result: dict | str) -> str:
     if isinstance(result, str):
         return f"| {attention} | {'yes' if compiled else 'no'} | failed: {result} | | | | |"
@@ -123,7 +159,9 @@ def parse_args(argv):
     parser.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default: the config's)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's data.seq_len)")
     parser.add_argument("--variants", default="sdpa,triton",
-                        help="comma-separated attention backends to measure, each without and with compile "
+                        help="comma-separated attention backends (sdpa, triton, or triton:<core> to pin "
+                             "model.attention_core: auto, flash_attn, cudnn, flash, triton, reference) to measure, "
+                             "each without and with compile "
                              "(default sdpa,triton)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor; smoke aot_eager)")
@@ -146,13 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else (2 if smoke else 10)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
-    variants = [v for v in VARIANTS if v[0] in args.variants.split(",") and not (args.no_compile and v[1])]
     try:
         base = load_config(config, overrides)
         if steps < 1 or warmup < 0 or args.accum < 1:
             raise ConfigError("--steps and --accum must be >= 1, --warmup >= 0")
-        if not variants:
-            raise ConfigError(f"--variants={args.variants!r}: expected a comma-separated subset of sdpa,triton")
+        variants = parse_variants(args.variants, args.no_compile)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
           f"backend {backend}\n")
     print("| attention | compile | tokens/s | TFLOP/s | MFU | step (s) | peak mem (GiB) |")
     print("|---|---|---|---|---|---|---|")
-    for attention, compiled in variants:
-        cfg = load_config(config, [*overrides, f"--model.attention={attention}",
-                                   f"--parallel.compile={str(compiled).lower()}"])
+    for attention, core, compiled in variants:
+        pinned = [f"--model.attention_core={core}"] if core else []
+        label = attention
         try:
+            cfg = load_config(config, [*overrides, *pinned, f"--model.attention={attention}",
+                                       f"--parallel.compile={str(compiled).lower()}"])
+            label = variant_label(cfg, device)
             result = measure(cfg, device, steps=steps, warmup=warmup, accum=args.accum, compile_backend=backend)
-        except (RuntimeError, ImportError, torch.OutOfMemoryError) as e:  # one variant failing is a result too
-            result = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        print(format_row(attention, compiled, result), flush=True)
+        except (RuntimeError, ValueError, ImportError, ConfigError, torch.OutOfMemoryError) as e:
+            result = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"  # a result too
+        print(format_row(label, compiled, result), flush=True)
         release(device)
     return 0
 

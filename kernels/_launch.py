@@ -29,6 +29,8 @@ MAX_SHARED_BYTES = {
     86: 101_376,  # RTX 30xx, A10, A40 (99 KB)
     89: 101_376,  # RTX 40xx, L4, L40 (99 KB)
     90: 232_448,  # H100, H200 (227 KB)
+    100: 232_448,  # B200, GB200 (227 KB)
+    120: 101_376,  # RTX 50xx, RTX PRO Blackwell (99 KB)
 }
 
 
@@ -77,11 +79,9 @@ def target_arch(device: torch.device | None = None) -> int | None:
 
 
 def max_shared_bytes(arch: int) -> int:
-    """The shared-memory limit of `arch`; an unknown newer architecture gets the Hopper limit (all later data
-    centre parts have at least as much), an unknown older one the smallest listed."""
-    if arch in MAX_SHARED_BYTES:
-        return MAX_SHARED_BYTES[arch]
-    return MAX_SHARED_BYTES[90] if arch > 90 else min(MAX_SHARED_BYTES.values())
+    """The shared-memory limit of `arch`; an architecture not listed gets the smallest listed limit (consumer
+    parts of every generation have ~99 KB, so guessing high could plan a launch that fails)."""
+    return MAX_SHARED_BYTES.get(arch, min(MAX_SHARED_BYTES.values()))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch, target_arch
+
 # One program holds a whole row in registers; beyond this the row no longer fits and a split-row kernel would be
 # needed. Llama-family hidden sizes stop at 16384.
 MAX_HIDDEN = 65536
@@ -86,10 +88,16 @@ def _launch_config(n_cols: int) -> tuple[int, int, int]:
     return block_h, block_rows, num_warps
 
 
+# SMs assumed when planning for a GPU that is not here (an H100 SXM); the count changes the grid, not the code.
+_PLANNED_SMS = 132
+
+
 def _backward_programs(device: torch.device, n_row_blocks: int) -> int:
     # Enough programs to fill the GPU a few times over, few enough that the [programs, H] partials stay small.
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    elif target_arch(device) is not None:  # planning for a GPU ahead of time
+        target = 4 * _PLANNED_SMS
     else:
         target = 4  # the interpreter runs programs one after another: a handful still exercises the reduction
     return max(1, min(n_row_blocks, target))
@@ -112,8 +120,8 @@ class _RMSNormFunction(torch.autograd.Function):
         if n_rows > 0:
             block_h, block_rows, num_warps = _launch_config(n_cols)
             grid = (triton.cdiv(n_rows, block_rows),)
-            _rms_norm_fwd_kernel[grid](
-                x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
+            launch(
+                _rms_norm_fwd_kernel, grid, x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
                 BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
             )
         ctx.save_for_backward(x2, weight, rstd)
@@ -133,8 +141,8 @@ class _RMSNormFunction(torch.autograd.Function):
             # Each program takes a whole number of row blocks, so only the last block of the last program is ragged.
             rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_rows) * block_rows
             programs = triton.cdiv(n_rows, rows_per_program)
-            _rms_norm_bwd_kernel[(programs,)](
-                dy2, x2, weight, rstd, dx, dw_partial,
+            launch(
+                _rms_norm_bwd_kernel, (programs,), dy2, x2, weight, rstd, dx, dw_partial,
                 dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
                 BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
             )

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 # 1024 elements over 4 warps = 8 per thread: two 16-byte vector loads per thread in bf16, enough in flight per SM
 # to saturate HBM on an elementwise op.
 _BLOCK = 1024
@@ -52,7 +54,8 @@ class _SwiGLUFunction(torch.autograd.Function):
         out = torch.empty_like(gate)
         n = gate.numel()
         if n:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            grid = (triton.cdiv(n, _BLOCK),)
+            launch(_swiglu_fwd_kernel, grid, gate, up, out, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         ctx.save_for_backward(gate, up)
         return out
 
@@ -63,9 +66,8 @@ class _SwiGLUFunction(torch.autograd.Function):
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-                dout, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-            )
+            grid = (triton.cdiv(n, _BLOCK),)
+            launch(_swiglu_bwd_kernel, grid, dout, gate, up, dgate, dup, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return dgate, dup
 
 

@@ -1,12 +1,17 @@
-"""Attention with QK-norm and RoPE applied inside: the public entry point and its PyTorch reference.
+"""Attention with QK-norm and RoPE: the public entry point (pre-pass + attention core) and its PyTorch reference.
 
     qknorm_rope_attention(q, k, v, q_norm_weight, k_norm_weight, cos, sin, *,
-                          cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None)
+                          cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None, core="auto")
 
 Batched form: q [B, S, Hq, D], k/v [B, S, Hkv, D], cos/sin [S, D/2] or [B, S, D/2] -> out [B, S, Hq, D].
 Packed form (cu_seqlens int32 [N+1]): q [T, Hq, D], k/v [T, Hkv, D], cos/sin [T, D/2]; attention never crosses
 a document boundary. q and k are RMS-normalised over D, scaled by their weight [D] (shared by all heads), then
 rotated (rotate-half), then softmax(q k^T * scale) v, causal by default, scale 1/sqrt(D) by default.
+
+Two steps (issue 14): the fused QK-norm + RoPE pre-pass (qknorm_rope.py, memory-bound, one read of q and k and one
+write of q_hat and k_hat) and a standard attention core on (q_hat, k_hat, v) chosen per machine (attention_core.py:
+flash-attn, SDPA cuDNN / flash, our Triton flash kernel, or the reference). Gradients reach q, k, v and both norm
+weights through the two steps' own autograd; cos/sin are constants.
 """
 
 from __future__ import annotations
@@ -15,54 +20,48 @@ import math
 
 import torch
 
-from ._dispatch import use_triton
-from .rms_norm import rms_norm_ref
-from .rope import apply_rope_ref
+from .attention_core import run_core, select_core
+from .flash_attention import flash_attention_ref
+from .qknorm_rope import qknorm_rope, qknorm_rope_ref
+
+_NAME = "qknorm_rope_attention"
 
 
-def _attention_math_ref(q, k, v, mask, scale):
-    """q [B, Hq, S, D], k/v [B, Hkv, S, D], mask [B|1, 1, S, S] bool (True = attend) -> [B, Hq, S, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # A row with no visible key (cannot happen for causal attention) would be NaN; keep it 0 instead.
-    probs = torch.nan_to_num(probs, nan=0.0)
-    return (probs @ v.float()).to(q.dtype)
+def _check_eps(eps) -> float:
+    # eps = 0 divides by zero on an all-zero row (padding): rsqrt(0) = inf, then 0 * inf = NaN in the gradients.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{_NAME}: eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
 
 
 def qknorm_rope_attention_ref(
     q, k, v, q_norm_weight, k_norm_weight, cos, sin, *,
-    cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None,
+    cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None, core="auto",
 ):
-    packed = cu_seqlens is not None
-    if packed:  # view the packed tokens as one batch row whose mask is block-diagonal over documents
-        q, k, v, cos, sin = q[None], k[None], v[None], cos[None], sin[None]
-    batch, seq, _, head_dim = q.shape
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    q = apply_rope_ref(rms_norm_ref(q, q_norm_weight, eps), cos, sin)
-    k = apply_rope_ref(rms_norm_ref(k, k_norm_weight, eps), cos, sin)
-    idx = torch.arange(seq, device=q.device)
-    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device)
-    if causal:
-        mask = idx[:, None] >= idx[None, :]
-    if packed:
-        doc = torch.searchsorted(cu_seqlens[1:].to(idx.device), idx, right=True)
-        mask = mask & (doc[:, None] == doc[None, :])
-    out = _attention_math_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[None, None], scale)
-    out = out.transpose(1, 2)
-    return out[0] if packed else out
+    """The same two steps in plain PyTorch: qknorm_rope_ref, then flash_attention_ref (a dense masked softmax).
+    `core` is accepted for signature parity and ignored; max_seqlen is not needed."""
+    eps = _check_eps(eps)
+    q_hat, k_hat = qknorm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos, sin, eps=eps)
+    return flash_attention_ref(q_hat, k_hat, v, cu_seqlens=cu_seqlens, causal=causal, softmax_scale=softmax_scale)
 
 
 def qknorm_rope_attention(
     q, k, v, q_norm_weight, k_norm_weight, cos, sin, *,
-    cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None,
+    cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None, core="auto",
 ):
-    kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, eps=eps, softmax_scale=softmax_scale)
-    if use_triton(q, k, v, q_norm_weight, k_norm_weight):
-        from ._attention_triton import qknorm_rope_attention_triton  # noqa: PLC0415
+    """The fused pre-pass (Triton on CUDA or under MEGASYNTH_KERNELS=triton, the reference otherwise; see
+    qknorm_rope.py), then the attention core `core` ("auto" or one of attention_core.CORES; see choose_core).
 
-        return qknorm_rope_attention_triton(q, k, v, q_norm_weight, k_norm_weight, cos, sin, **kwargs)
-    return qknorm_rope_attention_ref(q, k, v, q_norm_weight, k_norm_weight, cos, sin, **kwargs)
+    max_seqlen (longest document, packed form) is passed to the cores that need it (flash-attn varlen); if it is
+    None there, the core computes it from cu_seqlens with one device synchronisation per call, so training code
+    computes it once per batch and passes it to every layer."""
+    eps = _check_eps(eps)
+    if not isinstance(q, torch.Tensor) or q.dim() < 1:
+        raise ValueError(f"{_NAME}: q must be a tensor [B, S, Hq, D] or [T, Hq, D], got {q!r:.80}")
+    # Chosen before any work, so a core that cannot serve these inputs fails without computing anything.
+    name = select_core(core, q, varlen=cu_seqlens is not None, tensors=(k, v, q_norm_weight, k_norm_weight))
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(scale):
+        raise ValueError(f"{_NAME}: softmax_scale must be finite, got {softmax_scale!r}")
+    q_hat, k_hat = qknorm_rope(q, k, q_norm_weight, k_norm_weight, cos, sin, eps=eps)
+    return run_core(name, q_hat, k_hat, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, scale=scale)

@@ -12,6 +12,10 @@ a batch made only of padding must not poison the run.
 MEGASYNTH_KERNELS=triton); under MEGASYNTH_KERNELS=auto elsewhere (CPU), the chunked version once N * V exceeds
 CHUNKED_ABOVE_ELEMENTS and the reference below it, where the logits are small and one matmul is fastest.
 DTensors (tensor parallel) always take the reference, whose ops DTensor knows how to shard.
+
+Under autocast the fused paths run their matmuls in the autocast dtype, as the reference's `hidden @ weight.T`
+does: their torch.mm(..., out=) and in-place addmm_ are not autocast ops, so they cast hidden and weight themselves
+(`matmul_dtype`). The loss and logsumexp stay fp32; gradients come back in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import _is_dtensor, kernel_mode, use_triton
+from ._launch import target_arch
 
 # Logits budget per chunk, in elements. 2^26 fp32 = 256 MiB on a GPU: at vocab 128k a chunk is 512 tokens, a
 # matmul large enough to run at full tensor-core speed. The CPU path keeps 4 fp32 temporaries of a chunk, so it
@@ -33,6 +38,24 @@ CHUNKED_ABOVE_ELEMENTS = 1 << 24
 def chunk_rows_for(n_rows: int, vocab: int, max_elements: int) -> int:
     """Tokens per chunk so that a chunk's logits [rows, vocab] hold at most max_elements (at least 1 row)."""
     return max(1, min(n_rows, max_elements // max(vocab, 1)))
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Logits elements per chunk: the GPU budget on CUDA (or when planning launches for a GPU), the CPU one else."""
+    return CUDA_CHUNK_ELEMENTS if target_arch(device) is not None else CPU_CHUNK_ELEMENTS
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's when autocast is on for hidden's device (and hidden is a
+    dtype autocast casts: not float64), hidden's own otherwise. Decided by the caller, outside the autograd
+    Function, from the autocast state the model's forward runs under."""
+    device_type = hidden.device.type
+    if hidden.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
 def check_linear_ce_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -90,48 +113,76 @@ def scale_saved_gradients(ctx, grad_loss):
     grad_hidden, grad_weight = ctx.saved_tensors
     dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
     dw = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
-    return dh, dw, None, None, None
+    return dh, dw, None, None, None, None  # hidden, weight; targets, ignore_index, chunk_rows, compute dtype
 
 
 class _LinearCrossEntropyChunked(torch.autograd.Function):
     """Loss and both gradients in one chunked pass; the backward only scales by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        valid = targets != ignore_index
-        inv_valid = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Row-major whatever hidden's layout, so each chunk's rows are a contiguous out= block (no temporary).
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
-        # Accumulated in the weight's dtype (exact for fp32; for 16-bit, one rounding per chunk, as Liger does).
-        grad_weight = torch.zeros_like(weight) if need_dw else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start : start + chunk_rows]
-            t = targets[start : start + chunk_rows]
-            v = valid[start : start + chunk_rows]
-            safe_t = torch.where(v, t, torch.zeros_like(t)).unsqueeze(1)  # ignored rows point at class 0
-            logits = (h @ weight.t()).float()  # [c, V]: logits in the input dtype then fp32, like the reference
-            lse = torch.logsumexp(logits, dim=1)
-            target_logit = logits.gather(1, safe_t).squeeze(1)
-            loss_sum += torch.where(v, lse - target_logit, torch.zeros_like(lse)).sum()
-            if not (need_dh or need_dw):
-                continue
-            # d loss / d logits = (softmax - onehot) / num_valid on valid rows, 0 on ignored ones; built in place.
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad.scatter_add_(1, safe_t, -v.to(grad.dtype).unsqueeze(1))
-            grad.mul_((v.to(grad.dtype) * inv_valid).unsqueeze(1))
-            grad = grad.to(hidden.dtype)
-            if need_dh:
-                torch.mm(grad, weight, out=grad_hidden[start : start + chunk_rows])
-            if need_dw:
-                grad_weight.addmm_(grad.t(), h)
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int, compute_dtype: torch.dtype):
+        # Autocast off inside: every dtype below is chosen explicitly (matmuls in compute_dtype, softmax in fp32).
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grad_hidden, grad_weight = _chunked_pytorch(
+                hidden, weight, targets, ignore_index, chunk_rows, compute_dtype,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            )
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss_sum * inv_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         return scale_saved_gradients(ctx, grad_loss)
+
+
+def _chunked_pytorch(hidden, weight, targets, ignore_index, chunk_rows, compute_dtype, need_dh, need_dw):
+    """-> (loss fp32 scalar, grad_hidden or None, grad_weight or None), one chunk of logits at a time."""
+    valid = targets != ignore_index
+    inv_valid = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # Row-major whatever hidden's layout, so each chunk's rows are a contiguous out= block (no temporary).
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
+    # Accumulated in the weight's dtype (exact for fp32; for 16-bit, one rounding per chunk, as Liger does).
+    grad_weight = torch.zeros_like(weight) if need_dw else None
+    w = weight.to(compute_dtype)  # the same tensor without autocast
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[start : start + chunk_rows].to(compute_dtype)
+        t = targets[start : start + chunk_rows]
+        v = valid[start : start + chunk_rows]
+        safe_t = torch.where(v, t, torch.zeros_like(t)).unsqueeze(1)  # ignored rows point at class 0
+        logits = (h @ w.t()).float()  # [c, V]: logits in the matmul dtype then fp32, like the reference
+        lse = torch.logsumexp(logits, dim=1)
+        target_logit = logits.gather(1, safe_t).squeeze(1)
+        loss_sum += torch.where(v, lse - target_logit, torch.zeros_like(lse)).sum()
+        if not (need_dh or need_dw):
+            continue
+        # d loss / d logits = (softmax - onehot) / num_valid on valid rows, 0 on ignored ones; built in place.
+        grad = logits.sub_(lse.unsqueeze(1)).exp_()
+        grad.scatter_add_(1, safe_t, -v.to(grad.dtype).unsqueeze(1))
+        grad.mul_((v.to(grad.dtype) * inv_valid).unsqueeze(1))
+        grad = grad.to(compute_dtype)
+        if need_dh:
+            mm_into(grad_hidden[start : start + chunk_rows], grad, w)
+        if need_dw:
+            addmm_into(grad_weight, grad.t(), h)
+    return loss_sum * inv_valid, grad_hidden, grad_weight
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, the product computed in a's dtype (out= needs equal dtypes; under autocast out may be wider)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, the product computed in a's dtype (rounded to it once, as autocast's matmul would), then
+    added in acc's dtype."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
 
 
 def linear_cross_entropy_chunked(
@@ -152,14 +203,13 @@ def linear_cross_entropy_chunked(
     if not _is_dtensor(targets):
         _check_target_range(targets, vocab, ignore_index)
     if chunk_rows is None:
-        budget = CUDA_CHUNK_ELEMENTS if hidden.is_cuda else CPU_CHUNK_ELEMENTS
-        chunk_rows = chunk_rows_for(hidden.shape[0], vocab, budget)
+        chunk_rows = chunk_rows_for(hidden.shape[0], vocab, chunk_budget(hidden.device))
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     if not torch.is_grad_enabled():
         # Under no_grad, ctx.needs_input_grad still follows requires_grad: detach so no gradient is computed.
         hidden, weight = hidden.detach(), weight.detach()
-    return _LinearCrossEntropyChunked.apply(hidden, weight, targets, ignore_index, chunk_rows)
+    return _LinearCrossEntropyChunked.apply(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype(hidden))
 
 
 def linear_cross_entropy(

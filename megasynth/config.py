@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key (and the file, when there is one)."""
 
 
+AttentionCore = Literal["auto", "flash_attn", "cudnn", "flash", "triton", "reference"]
+"""The attention cores model.attention_core may name (see megasynth/kernels/attention_core.py)."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -62,7 +66,18 @@ class ModelConfig:
     max_seq_len: int = 4096
     """Longest position the RoPE table covers (training sequence length or generation limit)."""
     attention: Literal["sdpa", "triton"] = "sdpa"
-    """Attention implementation: PyTorch SDPA (reference) or the fused QK-norm+RoPE Triton kernel."""
+    """Attention implementation. 'sdpa': QK-norm, RoPE and PyTorch attention as separate ops (SDPA; with
+    document masking FlexAttention with a document block mask on CUDA, causal SDPA per document elsewhere; never
+    a dense [B, 1, S, S] mask). 'triton': the fused Triton QK-norm+RoPE pre-pass, then the attention core chosen
+    by model.attention_core (varlen over documents with cu_seqlens/max_seqlen). Needs model.qk_norm=true."""
+    attention_core: AttentionCore = "auto"
+    """With model.attention='triton': the attention core after the pre-pass. 'auto': the fastest core available
+    on the machine: flash-attn (FA3's flash_attn_interface on Hopper, else FA2 varlen) when installed, else SDPA
+    cuDNN (batched inputs, sm_90) or our Triton kernel (see kernels/attention_core.py). 'flash_attn': the flash-attn
+    package (the [gpu] extra; bf16/fp16, sm_80+). 'cudnn': SDPA's cuDNN backend (batched only: no document
+    masking). 'flash': SDPA's flash backend (batched only: no document masking). 'triton': our Triton flash kernel
+    (every CUDA GPU; the CPU under TRITON_INTERPRET=1). 'reference': plain PyTorch with a dense mask (debugging
+    only: O(S^2) memory). Ignored by model.attention='sdpa'."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2*n_layers)."""
 
@@ -467,6 +482,10 @@ def _config_problems(cfg: Config) -> Iterator[str]:
     yield from positive_number("model.init_std", m.init_std)
     if m.attention == "triton" and not m.qk_norm:
         yield "model.attention='triton' fuses QK-norm into attention: it needs model.qk_norm=true"
+    if m.attention == "triton" and m.attention_core in ("cudnn", "flash") and d.document_masking:
+        yield (f"model.attention_core='{m.attention_core}' (torch SDPA) takes batched inputs only, but "
+               "data.document_masking=true needs varlen attention: use 'auto', 'flash_attn' or 'triton', or set "
+               "data.document_masking=false")
 
     # ---- data
     if d.sources and d.data_path:

@@ -6,26 +6,35 @@
 
 Parameter names follow Qwen3 minus the leading `model.` (embed_tokens, layers.N.self_attn.{q,k,v,o}_proj,
 self_attn.{q,k}_norm, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm, norm, lm_head), so
-exporting to Hugging Face is a renaming. Attention is a switch: `sdpa` runs QK-norm, RoPE and PyTorch's
-scaled_dot_product_attention as separate ops; `triton` runs the fused kernel from megasynth.kernels.
+exporting to Hugging Face is a renaming. Attention is a switch: `sdpa` runs QK-norm, RoPE and PyTorch attention
+as separate ops; `triton` runs megasynth.kernels.qknorm_rope_attention (the fused QK-norm + RoPE pre-pass, then the
+attention core chosen by `model.attention_core`).
 
 Documents: `doc_ids` [B, S] (non-decreasing per row, from the sample index) make attention block-diagonal per
-document and restart positions at each document start. A KV cache (see megasynth.generate) plugs into
-`forward(..., kv_cache=...)`: it stores each layer's keys and values and supplies the attention mask.
+document and restart positions at each document start. No dense [B, 1, S, S] mask is ever built (issue 14):
+`attention_inputs` computes, once per forward, what the backend needs and every layer shares it:
+  triton         cu_seqlens and max_seqlen over the flattened B*S tokens (varlen cores; one host sync per batch);
+  sdpa on CUDA   a FlexAttention document-causal BlockMask (torch.compile'd flex_attention, as torchtitan does);
+  sdpa elsewhere cu_seqlens, and causal SDPA per document (FlexAttention has no backward on the CPU).
+A KV cache (see megasynth.generate) plugs into `forward(..., kv_cache=...)`: it stores each layer's keys and values
+and supplies the attention mask; generation keeps plain SDPA with that mask.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from megasynth.config import ModelConfig
+from megasynth.config import AttentionCore, ModelConfig
 from megasynth.kernels import linear_cross_entropy, qknorm_rope_attention, rms_norm, rope_cos_sin, swiglu
+from megasynth.kernels.attention_core import machine_facts
 from megasynth.kernels.rope import apply_rope_ref
 
 
@@ -50,12 +59,14 @@ class KVCacheLike(Protocol):
 
 @dataclass
 class AttentionInputs:
-    """Per-forward attention state, computed once and shared by every layer."""
+    """Per-forward attention state, computed once and shared by every layer. Without documents (and without a
+    cache) block_mask and cu_seqlens are None: plain causal attention within each row."""
 
     cos: torch.Tensor  # [B, S, D/2] fp32, per token (positions may restart per document)
     sin: torch.Tensor
-    sdpa_mask: torch.Tensor | None = None  # [B, 1, S, S] bool, None = plain causal
-    cu_seqlens: torch.Tensor | None = None  # int32 [N+1] over the flattened B*S tokens (triton backend)
+    block_mask: BlockMask | None = None  # sdpa on CUDA: document-causal FlexAttention mask (block-sparse)
+    cu_seqlens: torch.Tensor | None = None  # int32 [N+1] over the flattened B*S tokens (triton; sdpa off CUDA)
+    max_seqlen: int | None = None  # longest document, with cu_seqlens (the varlen cores size their grids by it)
     kv_cache: KVCacheLike | None = None
 
 
@@ -79,6 +90,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.backend = cfg.attention
+        self.core = cfg.attention_core
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, n_kv * head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, n_kv * head_dim, bias=False)
@@ -103,11 +115,12 @@ class Attention(nn.Module):
     def _fused(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seq = q.shape[:2]
         if inputs.cu_seqlens is None:
-            return qknorm_rope_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, inputs.cos, inputs.sin, eps=self.eps)
+            return qknorm_rope_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, inputs.cos, inputs.sin,
+                                         eps=self.eps, core=self.core)
         out = qknorm_rope_attention(
             q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.q_norm.weight, self.k_norm.weight,
             inputs.cos.flatten(0, 1), inputs.sin.flatten(0, 1),
-            cu_seqlens=inputs.cu_seqlens, eps=self.eps,
+            cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen, eps=self.eps, core=self.core,
         )
         return out.view(bsz, seq, *out.shape[1:])
 
@@ -115,17 +128,18 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope_ref(q, inputs.cos, inputs.sin), apply_rope_ref(k, inputs.cos, inputs.sin)
-        if inputs.kv_cache is not None:
+        if inputs.kv_cache is not None:  # generation: the cache supplies keys, values and the mask
             k_all, v_all = inputs.kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, L, D]
-            mask, causal = inputs.kv_cache.attn_mask, False
-        else:
-            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-            mask, causal = inputs.sdpa_mask, inputs.sdpa_mask is None
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all, v_all, attn_mask=mask, is_causal=causal,
-            enable_gqa=q.shape[2] != k_all.shape[1],
-        )
-        return out.transpose(1, 2)  # [B, S, Hq, D]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=inputs.kv_cache.attn_mask,
+                                                 enable_gqa=q.shape[2] != k_all.shape[1])
+            return out.transpose(1, 2)  # [B, S, Hq, D]
+        if inputs.block_mask is not None:
+            return flex_document_attention(q, k, v, inputs.block_mask)
+        if inputs.cu_seqlens is not None:
+            return sdpa_per_document(q, k, v, inputs.cu_seqlens)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -156,6 +170,7 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_model_config(cfg)
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed by layer number keeps parameter names stable when parallel code wraps blocks.
@@ -217,10 +232,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, head_dim, self.cfg.rope_theta)
         inputs = AttentionInputs(cos=cos, sin=sin, kv_cache=kv_cache)
         if doc_ids is not None and kv_cache is None:
-            if self.cfg.attention == "triton":
-                inputs.cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
-            else:
-                inputs.sdpa_mask = document_causal_mask(doc_ids)
+            if self.cfg.attention == "sdpa" and device.type == "cuda":
+                inputs.block_mask = document_block_mask(doc_ids)
+            else:  # triton (varlen cores), or sdpa off CUDA (per-document SDPA)
+                inputs.cu_seqlens, inputs.max_seqlen = cu_seqlens_from_doc_ids(doc_ids)
         return inputs
 
     def hidden_states(
@@ -259,6 +274,19 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------- FLOPs
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """The checks a model built in code (without load_config's validation) still needs: a clear ValueError naming
+    the field instead of NaN gradients (norm_eps = 0 divides by zero on an all-zero row) or a failure deep in a
+    kernel. load_config reports the same problems as ConfigError lines."""
+    if not (math.isfinite(cfg.norm_eps) and cfg.norm_eps > 0):
+        raise ValueError(f"model.norm_eps must be a finite number > 0, got {cfg.norm_eps}")
+    if cfg.attention not in ("sdpa", "triton"):
+        raise ValueError(f"model.attention must be 'sdpa' or 'triton', got {cfg.attention!r}")
+    cores = get_args(AttentionCore)
+    if cfg.attention_core not in cores:
+        raise ValueError(f"model.attention_core must be one of {', '.join(map(repr, cores))}, got {cfg.attention_core!r}")
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
     """The one way to make a model: construct on the meta device (no memory, no init cost), allocate on
     `device`, then `init_weights(seed)`. `seed=None` leaves the storage uninitialised for a caller that
@@ -266,6 +294,10 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    if cfg.attention == "triton":
+        # Look the machine up now: under torch.compile the per-layer core choice then reads a cached dict instead
+        # of querying the device (a graph break in every layer of the first trace).
+        machine_facts(torch.device(device))
     if seed is None:
         model.tie_weights()  # to_empty unties them
     else:
@@ -305,21 +337,78 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.cummax(start, dim=-1).values
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] -> [B, 1, S, S] bool: query i sees key j iff j <= i and both lie in the same document."""
-    seq = doc_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same & causal)[:, None]
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[B, S] -> (int32 cumulative document lengths [N+1] over the flattened B*S tokens, on doc_ids' device;
+    the longest document's length). Each row starts a new document, so documents never span two batch rows.
 
-
-def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] -> int32 cumulative document lengths over the flattened B*S tokens. (No max_seqlen: the fused
-    kernel bounds its tile schedule on the host without it, so computing it would only add a device sync.)
-
-    Each row starts a new document, so documents never span two batch rows.
+    On CUDA this is the one device-to-host copy of a batch (the document starts, B*S bools): the number of
+    documents and max_seqlen are host values the varlen cores need, so they are read once here, never per layer.
     """
     bsz, seq = doc_ids.shape
-    starts = torch.nonzero(document_starts(doc_ids).flatten(), as_tuple=False).flatten()
-    total = torch.tensor([bsz * seq], device=doc_ids.device)
-    return torch.cat([starts, total]).to(torch.int32)
+    starts = torch.nonzero(document_starts(doc_ids).flatten().cpu()).flatten()
+    cu = torch.cat([starts, torch.tensor([bsz * seq])]).to(torch.int32)
+    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    # A host-to-device copy from pageable memory is staged at once: no wait for the device's queue.
+    return cu.to(doc_ids.device, non_blocking=True), max_seqlen
+
+
+# ----------------------------------------------------------------------------------------------- document attention
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile(fn), made once per process on first use (wrapping at import would cost every import).
+    flex_attention compiled is the fused kernel; uncompiled it materialises the full score matrix, and
+    create_block_mask uncompiled evaluates the mask_mod on a dense [B, 1, S, S] grid. Inside a region that is
+    already being compiled (parallel.compile compiles each block) fn is traced into that graph as it is."""
+    if torch.compiler.is_compiling():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+def document_block_mask(doc_ids: torch.Tensor, *, compiled: bool | None = None) -> BlockMask:
+    """[B, S] segment ids -> FlexAttention BlockMask: query i sees key j iff j <= i and both lie in the same
+    document (torchtitan's document mask). Block-sparse: whole blocks across documents are skipped.
+
+    compiled (default: on CUDA) builds it with the compiled create_block_mask, which never materialises the dense
+    mask; eager (CPU tests) does, transiently, inside create_block_mask."""
+    bsz, seq = doc_ids.shape
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    compiled = doc_ids.is_cuda if compiled is None else compiled
+    make = _compiled(create_block_mask) if compiled else create_block_mask
+    return make(document_causal, bsz, None, seq, seq, device=doc_ids.device)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hkv divides Hq) -> [B, S, Hq, D]: softmax attention under the block
+    mask, scale 1/sqrt(D). Compiled flex_attention on CUDA; eager elsewhere (forward only: PyTorch has no CPU
+    backward for FlexAttention, which is why the model uses sdpa_per_document off CUDA)."""
+    attend = _compiled(flex_attention) if q.is_cuda else flex_attention
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                 enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+@torch.compiler.disable  # document boundaries are host values that change every batch: compiled, each would recompile
+def sdpa_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D], cu_seqlens int32 [N+1] over the flattened B*S tokens -> [B, S, Hq, D]:
+    causal SDPA on each document separately. The document path off CUDA: memory linear in S (no [S, S] mask),
+    one SDPA call per document (cu_seqlens is a CPU tensor there, so reading it costs no sync)."""
+    bsz, seq = q.shape[:2]
+    bounds = cu_seqlens.tolist()
+    flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B*S, H, D]
+    gqa = q.shape[2] != k.shape[2]
+    outs = []
+    for start, end in itertools.pairwise(bounds):
+        qd, kd, vd = (t[start:end].transpose(0, 1)[None] for t in flat)  # [1, H, L, D]
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1))
+    if not outs:
+        return torch.zeros_like(q)
+    return torch.cat(outs).view(bsz, seq, *q.shape[2:])

@@ -281,10 +281,14 @@ def find_resume_checkpoint(cfg: Config, checkpoints_dir: Path, say=print) -> Pat
     return checkpoint.verify_checkpoint(resume)
 
 
+# How attention is computed, not what the model is: a run may resume on another machine with another kernel.
+_IMPLEMENTATION_FIELDS = ("attention", "attention_core")
+
+
 def check_same_model(ckpt: Path, cfg: Config) -> None:
     saved = load_config(ckpt / "config.toml").model
     diff = [f"model.{k}: {v!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
-            for k, v in asdict(saved).items() if getattr(cfg.model, k) != v]
+            for k, v in asdict(saved).items() if getattr(cfg.model, k) != v and k not in _IMPLEMENTATION_FIELDS]
     if diff:
         raise SetupError(f"{ckpt}: the checkpoint's model differs from the configured one: " + "; ".join(diff))
 

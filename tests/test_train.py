@@ -196,6 +196,10 @@ def test_resume_refuses_another_model_or_other_data(tmp_path, corpus):
     # Same run directory, different width: the checkpoint does not fit.
     code, _ = run(tmp_path, corpus, **{"train.steps": 8, "model.dim": 64})
     assert code == 2
+    # How attention is computed is not part of the model: another backend or core resumes the same weights.
+    code, run_dir = run(tmp_path, corpus, **{"train.steps": 5, "model.attention": "triton",
+                                             "model.attention_core": "reference"})
+    assert code == 0 and checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000005"
     other = write_pattern_corpus(tmp_path / "other", num_docs=40, seed=5)
     code, _ = run(tmp_path, (other, corpus[1]), **{"train.steps": 8})
     assert code == 2  # another dataset: its fingerprint differs from the checkpoint's

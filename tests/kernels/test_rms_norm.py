@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_dtypes import BF16_OVER_FP16, FLOAT_DTYPES
 from megasynth.kernels import rms_norm_ref
 from megasynth.kernels._rms_norm_triton import _rows_2d, rms_norm_triton
 
@@ -15,6 +16,7 @@ from megasynth.kernels._rms_norm_triton import _rows_2d, rms_norm_triton
 # are rounded once to fp16 (2^-11 ~ 4.9e-4 relative per element); measured 4.7e-4; 2e-3 leaves margin, far below
 # what a wrong formula gives (O(1)).
 RTOL = {torch.float32: 2e-6, torch.float16: 2e-3}
+RTOL[torch.bfloat16] = BF16_OVER_FP16 * RTOL[torch.float16]
 
 # Where the kernels run: see tests/kernels/conftest.py (its autouse fixture makes DEVICE the default device).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,7 +54,7 @@ def check_against_float64(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e
     assert rel_err(weight.grad, w64.grad) < RTOL[weight.dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("hidden", [1, 7, 100])
 @pytest.mark.parametrize("rows", [1, 3, 129])
 def test_matches_float64_reference(rows, hidden, dtype, poisoned_empty):
@@ -62,7 +64,7 @@ def test_matches_float64_reference(rows, hidden, dtype, poisoned_empty):
     check_against_float64(x, weight)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_llama_hidden_size(dtype, poisoned_empty):
     # One row per program (BLOCK_H = 4096), rows split across several backward programs.
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_dtypes import BF16_OVER_FP16, FLOAT_DTYPES
 from megasynth.kernels import swiglu_ref
 from megasynth.kernels._swiglu_triton import swiglu_triton
 
@@ -14,6 +15,7 @@ from megasynth.kernels._swiglu_triton import swiglu_triton
 # rounds each output once. fp32: a few ulps of exp/sigmoid (2^-24 each); measured 1.3e-7; 1e-6 leaves margin.
 # fp16: one rounding to fp16 (2^-11 ~ 4.9e-4 relative per element, ~2.8e-4 in norm); measured 3.9e-4; 1e-3.
 RTOL = {torch.float32: 1e-6, torch.float16: 1e-3}
+RTOL[torch.bfloat16] = BF16_OVER_FP16 * RTOL[torch.float16]
 
 # Where the kernels run: see tests/kernels/conftest.py (its autouse fixture makes DEVICE the default device).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +43,7 @@ def check_against_float64(gate: torch.Tensor, up: torch.Tensor) -> None:
     assert rel_err(up.grad, u64.grad) < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 1000), (2, 5, 211)])  # 3000 and 2110 span several 1024-blocks
 def test_matches_float64_reference(shape, dtype, poisoned_empty):
     torch.manual_seed(sum(shape))

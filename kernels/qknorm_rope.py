@@ -1,0 +1,119 @@
+"""Fused QK-norm + RoPE pre-pass: the public entry point, its PyTorch reference and the shared input checks.
+
+    q_hat, k_hat = qknorm_rope(q, k, q_norm_weight, k_norm_weight, cos, sin, *, eps=1e-6, q_scale=1.0)
+
+Batched: q [B, S, Hq, D], k [B, S, Hkv, D], cos/sin [S, D/2] (shared by the batch rows) or [B, S, D/2] (per row,
+e.g. positions restarting at each document). Packed: q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D/2].
+Per (token, head), in fp32:
+    q_hat = rope(rms_norm(q) * q_norm_weight) * q_scale,    k_hat = rope(rms_norm(k) * k_norm_weight)
+with rms_norm(x) = x / sqrt(mean(x^2) + eps) over D and rope the rotate-half rotation of rope.py; outputs are
+contiguous, in the input dtype, with the input shape. q_scale lets the attention core receive q pre-scaled
+(e.g. softmax_scale * log2(e)). This is the same math, in the same order, as the model's unfused chain
+`apply_rope_ref(rms_norm_ref(x, w, eps), cos, sin)`, without the rounding to the input dtype between the two.
+
+Gradients flow to q, k and both norm weights. cos/sin are constant tables: the reference differentiates through
+them like any torch code, the Triton path raises ValueError if they require grad (it would otherwise drop their
+gradient silently). eps must be a finite number > 0 (ValueError otherwise): with eps = 0 an all-zero head
+vector would divide by zero. The Triton path takes fp16/bf16/fp32 q and k with an even head_dim up to 256 (padded
+to a power of two inside the kernel); q and k may be strided views. Like the reference, the statistic is a plain
+fp32 mean of squares: fp32 inputs beyond ~1e18 in magnitude overflow it (no rescaling pass, which would cost a read).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._dispatch import use_triton
+
+_NAME = "qknorm_rope"
+
+
+@dataclass(frozen=True)
+class QKLayout:
+    """What the checks learnt about the inputs; the Triton host code addresses tokens as (batch row, position)."""
+
+    packed: bool
+    batch: int  # B, or 1 when packed
+    seq: int  # S, or T when packed
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale) -> QKLayout:
+    """Validate shapes, devices, eps and q_scale (shared by the reference and the Triton path) -> the layout."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps > 0:
+        raise ValueError(f"{_NAME}: eps must be a finite number > 0, got {eps!r} (eps = 0 divides by zero on an "
+                         "all-zero head vector)")
+    if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)) or not math.isfinite(q_scale):
+        raise ValueError(f"{_NAME}: q_scale must be a finite number, got {q_scale!r}")
+    named = (("q", q), ("k", k), ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight),
+             ("cos", cos), ("sin", sin))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{_NAME}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{_NAME}: {name} must be floating point, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{_NAME}: {name} on {t.device} but q on {q.device}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"{_NAME}: q has shape {tuple(q.shape)}; expected [B, S, Hq, D] or packed [T, Hq, D]")
+    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{_NAME}: k has shape {tuple(k.shape)}, expected {tuple(q.shape[:-2])} + (Hkv, "
+                         f"{q.shape[-1]}) to match q {tuple(q.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"{_NAME}: q is {q.dtype} but k is {k.dtype}; they must share one dtype")
+    head_dim = q.shape[-1]
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"{_NAME}: head_dim (last dim of q, k) must be even and >= 2 for RoPE, got {head_dim}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w.shape != (head_dim,):
+            raise ValueError(f"{_NAME}: {name} has shape {tuple(w.shape)}, expected ({head_dim},) = head_dim")
+    packed = q.dim() == 3
+    batch, seq = (1, q.shape[0]) if packed else (q.shape[0], q.shape[1])
+    allowed = [(seq, head_dim // 2)] + ([] if packed else [(batch, seq, head_dim // 2)])
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) not in allowed:
+            want = " or ".join(str(list(s)) for s in allowed)
+            raise ValueError(f"{_NAME}: {name} has shape {tuple(t.shape)}, expected {want} for "
+                             f"{'packed' if packed else 'batched'} q {tuple(q.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"{_NAME}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    return QKLayout(packed, batch, seq, q.shape[-2], k.shape[-2], head_dim)
+
+
+def _norm_rope_ref(x, weight, cos, sin, eps, scale):
+    # Exactly rms_norm_ref then apply_rope_ref (same fp32 operations in the same order), minus the intermediate
+    # rounding to x.dtype; cos/sin [..., S, D/2] broadcast over heads through unsqueeze(-2), as in apply_rope_ref.
+    x32 = x.float()
+    n = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    half = x.shape[-1] // 2
+    n1, n2 = n[..., :half], n[..., half:]
+    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    y = torch.cat((n1 * c - n2 * s, n2 * c + n1 * s), dim=-1)
+    if scale != 1.0:
+        y = y * scale
+    return y.to(x.dtype)
+
+
+def qknorm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos, sin, *, eps=1e-6, q_scale=1.0):
+    """PyTorch reference of the pre-pass (see the module docstring): -> (q_hat, k_hat), fp32 math."""
+    check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale)
+    return (_norm_rope_ref(q, q_norm_weight, cos, sin, eps, float(q_scale)),
+            _norm_rope_ref(k, k_norm_weight, cos, sin, eps, 1.0))
+
+
+def qknorm_rope(q, k, q_norm_weight, k_norm_weight, cos, sin, *, eps=1e-6, q_scale=1.0):
+    """QK-norm + RoPE (see the module docstring): Triton on CUDA tensors, the reference elsewhere (_dispatch.py)."""
+    if use_triton(q, k, q_norm_weight, k_norm_weight):
+        from ._qknorm_rope_triton import qknorm_rope_triton  # noqa: PLC0415 (the Triton path is optional)
+
+        return qknorm_rope_triton(q, k, q_norm_weight, k_norm_weight, cos, sin, eps=eps, q_scale=q_scale)
+    return qknorm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos, sin, eps=eps, q_scale=q_scale)
