@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,6 +43,7 @@ from ._flash_attn_bwd_triton import (
 )
 from ._flash_attn_fwd_triton import _flash_attn_fwd_kernel
 from ._launch import launch, max_shared_bytes, planning, target_arch
+from ._layout import TokenLayout
 
 _NAME = "flash_attention"
 MAX_HEAD_DIM = 256
@@ -173,29 +173,11 @@ def table_config(kernel: str, arch: int, d_pad: int, elem: int) -> tuple[int, in
     return table[kernel][d_pad]
 
 
-@dataclass(frozen=True)
-class _Layout:
-    packed: bool
-    batch: int  # B, or 1 for the packed layout
-    seq: int  # tokens per batch row: S, or T for the packed layout
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-
-    @property
-    def n_tokens(self) -> int:
-        return self.batch * self.seq
-
-    @property
-    def d_pad(self) -> int:
-        return max(16, triton.next_power_of_2(self.head_dim))
-
-
 def _autotune_on(autotune: bool | None) -> bool:
     return bool(autotune) if autotune is not None else os.environ.get("MEGASYNTH_AUTOTUNE", "0") == "1"
 
 
-def _config(kernel: str, layout: _Layout, dtype: torch.dtype, arch: int | None, causal: bool, autotune: bool,
+def _config(kernel: str, layout: TokenLayout, dtype: torch.dtype, arch: int | None, causal: bool, autotune: bool,
             run) -> tuple[int, int, int, int]:
     """Launch config of `kernel`; `run(config)` launches it (used only when autotuning)."""
     if arch is None:
@@ -222,7 +204,7 @@ def _config(kernel: str, layout: _Layout, dtype: torch.dtype, arch: int | None, 
     return _TUNED[key]
 
 
-def _tile_schedule(cu_seqlens: torch.Tensor | None, layout: _Layout, block: int):
+def _tile_schedule(cu_seqlens: torch.Tensor | None, layout: TokenLayout, block: int):
     """-> (tile->document map, tile->block map, tiles to launch, blocks per sequence) for tiles of `block` rows.
 
     Batched: tile t is block t % blocks of row t // blocks; the maps are unused. Packed: tile t of the
@@ -253,7 +235,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
 
-def _schedule_args(cu_seqlens, layout: _Layout, block: int, unused: torch.Tensor):
+def _schedule_args(cu_seqlens, layout: TokenLayout, block: int, unused: torch.Tensor):
     doc_map, block_map, n_tiles, blocks_per_seq = _tile_schedule(cu_seqlens, layout, block)
     pointers = tuple(unused if t is None else t for t in (cu_seqlens, doc_map, block_map))
     return pointers, n_tiles, blocks_per_seq
@@ -279,7 +261,7 @@ def _ensure_allocator() -> None:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def _forward(q, k, v, cu_seqlens, layout: _Layout, causal: bool, scale: float, autotune: bool):
+def _forward(q, k, v, cu_seqlens, layout: TokenLayout, causal: bool, scale: float, autotune: bool):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((layout.heads_q, layout.n_tokens), dtype=torch.float32, device=q.device)
     if layout.n_tokens == 0 or layout.heads_q == 0:
@@ -308,7 +290,7 @@ def _forward(q, k, v, cu_seqlens, layout: _Layout, causal: bool, scale: float, a
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, cu_seqlens, layout: _Layout, causal: bool, scale: float, autotune: bool,
+def _backward(dout, q, k, v, out, lse, cu_seqlens, layout: TokenLayout, causal: bool, scale: float, autotune: bool,
               deterministic: bool):
     """deterministic: the two-kernel split (7 matmuls per tile pair, bit-reproducible); otherwise the single pass
     (5 matmuls; dQ summed with fp32 atomics, so its rounding varies run to run)."""
@@ -413,7 +395,7 @@ def _check_cu_seqlens(cu_seqlens, n_tokens: int, device: torch.device) -> None:
         raise ValueError(f"{message}; got {shown}{' ...' if cu_seqlens.numel() > 8 else ''}")
 
 
-def check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale) -> tuple[_Layout, float]:
+def check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale) -> tuple[TokenLayout, float]:
     """Validate the flash_attention arguments -> (layout, softmax scale); ValueError naming what is wrong."""
     packed = cu_seqlens is not None
     form = "packed [T, H, D]" if packed else "batched [B, S, H, D]"
@@ -445,8 +427,8 @@ def check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale) -> tuple[_Layou
         # > 0: the kernels scale the row maximum instead of every score (max(x) * s = max(x * s) needs s > 0).
         raise ValueError(f"{_NAME}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
     if packed:
-        return _Layout(True, 1, q.shape[0], heads_q, heads_kv, head_dim), scale
-    return _Layout(False, q.shape[0], q.shape[1], heads_q, heads_kv, head_dim), scale
+        return TokenLayout(True, 1, q.shape[0], heads_q, heads_kv, head_dim), scale
+    return TokenLayout(False, q.shape[0], q.shape[1], heads_q, heads_kv, head_dim), scale
 
 
 def resolve_deterministic(deterministic: bool | None) -> bool:

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, target_arch
-from .qknorm_rope import QKLayout, check_inputs
+from ._layout import TokenLayout
+from .qknorm_rope import check_inputs
 
 _NAME = "qknorm_rope"
 MAX_HEAD_DIM = 256
@@ -219,7 +220,7 @@ def _rope_strides(cos: torch.Tensor) -> tuple[int, int, int]:
     return (0, *cos.stride()) if cos.dim() == 2 else tuple(cos.stride())
 
 
-def _config(layout: QKLayout, device: torch.device, backward: bool) -> tuple[dict, int]:
+def _config(layout: TokenLayout, device: torch.device, backward: bool) -> tuple[dict, int]:
     """-> (launch meta, number of programs)."""
     meta = launch_config(target_arch(device), layout.head_dim, layout.heads_q, layout.heads_kv, backward)
     return meta, triton.cdiv(layout.n_tokens, meta["BLOCK_T"])
@@ -227,7 +228,7 @@ def _config(layout: QKLayout, device: torch.device, backward: bool) -> tuple[dic
 
 class _QKNormRopeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, q_w, k_w, cos, sin, layout: QKLayout, eps: float, q_scale: float):
+    def forward(ctx, q, k, q_w, k_w, cos, sin, layout: TokenLayout, eps: float, q_scale: float):
         n, hq, hkv = layout.n_tokens, layout.heads_q, layout.heads_kv
         q_hat = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_hat = torch.empty(k.shape, dtype=k.dtype, device=k.device)

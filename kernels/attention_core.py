@@ -250,13 +250,15 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     else:
         import flash_attn as fa  # noqa: PLC0415 - FlashAttention-2
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # Like our Triton core: a bit-reproducible backward (no dq atomics) only when torch asks for determinism.
+    det = torch.are_deterministic_algorithms_enabled()
     if cu_seqlens is None:
-        out = fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        out = fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, deterministic=det)
     else:
         if max_seqlen is None:
             max_seqlen = max_seqlen_of(cu_seqlens)
         out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                        softmax_scale=scale, causal=causal)
+                                        softmax_scale=scale, causal=causal, deterministic=det)
     # Some FlashAttention-3 releases return (out, softmax_lse).
     return out[0] if isinstance(out, tuple) else out
 

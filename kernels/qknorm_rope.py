@@ -22,32 +22,16 @@ fp32 mean of squares: fp32 inputs beyond ~1e18 in magnitude overflow it (no resc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ._dispatch import use_triton
+from ._layout import TokenLayout
 
 _NAME = "qknorm_rope"
 
 
-@dataclass(frozen=True)
-class QKLayout:
-    """What the checks learnt about the inputs; the Triton host code addresses tokens as (batch row, position)."""
-
-    packed: bool
-    batch: int  # B, or 1 when packed
-    seq: int  # S, or T when packed
-    heads_q: int
-    heads_kv: int
-    head_dim: int
-
-    @property
-    def n_tokens(self) -> int:
-        return self.batch * self.seq
-
-
-def check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale) -> QKLayout:
+def check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale) -> TokenLayout:
     """Validate shapes, devices, eps and q_scale (shared by the reference and the Triton path) -> the layout."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps > 0:
         raise ValueError(f"{_NAME}: eps must be a finite number > 0, got {eps!r} (eps = 0 divides by zero on an "
@@ -86,7 +70,7 @@ def check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale) -> 
                              f"{'packed' if packed else 'batched'} q {tuple(q.shape)}")
     if cos.shape != sin.shape:
         raise ValueError(f"{_NAME}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
-    return QKLayout(packed, batch, seq, q.shape[-2], k.shape[-2], head_dim)
+    return TokenLayout(packed, batch, seq, q.shape[-2], k.shape[-2], head_dim)
 
 
 def _norm_rope_ref(x, weight, cos, sin, eps, scale):
