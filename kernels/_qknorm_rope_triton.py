@@ -52,6 +52,24 @@ _INTERPRETER_BLOCK_T, _INTERPRETER_BLOCK_H = 4, 2
 
 
 @triton.jit
+def _token_block(pid, COS, SIN, n_tokens, seq, sc_b, sc_s, sc_d, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """The program's BLOCK_T tokens -> (row mask, int64 token index, batch row, position, cos, sin). cos/sin are
+    loaded here once per token row and reused by every q and k head of the program."""
+    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = tok < n_tokens
+    tok64 = tok.to(tl.int64)  # token * row stride passes 2^31 elements on large batches
+    b = tok64 // seq
+    pos = tok64 - b * seq
+    d = tl.arange(0, HALF_PAD)
+    cs_mask = row_mask[:, None] & (d < HEAD_DIM // 2)[None, :]
+    cs_off = (b * sc_b + pos * sc_s)[:, None] + d[None, :] * sc_d
+    c = tl.load(COS + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    return row_mask, tok64, b, pos, c, s
+
+
+@triton.jit
 def _fwd_heads(
     X, Y, RSTD, W, c, s, x_row, y_row, r_row, row_mask, n_heads, stride_xh, stride_xd, eps, scale,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -96,17 +114,8 @@ def _qknorm_rope_fwd_kernel(
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = tok < n_tokens
-    tok64 = tok.to(tl.int64)  # token * row stride passes 2^31 elements on large batches
-    b = tok64 // seq
-    pos = tok64 - b * seq
-    d = tl.arange(0, HALF_PAD)
-    cs_mask = row_mask[:, None] & (d < HEAD_DIM // 2)[None, :]
-    cs_off = (b * sc_b + pos * sc_s)[:, None] + d[None, :] * sc_d
-    # cos/sin once per token row, reused by all q and k heads below.
-    c = tl.load(COS + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    row_mask, tok64, b, pos, c, s = _token_block(pid, COS, SIN, n_tokens, seq, sc_b, sc_s, sc_d, HEAD_DIM, HALF_PAD,
+                                                 BLOCK_T)
     _fwd_heads(Q, QO, RSTD_Q, WQ, c, s, b * sq_b + pos * sq_s, tok64 * (n_heads_q * HEAD_DIM), tok64 * n_heads_q,
                row_mask, n_heads_q, sq_h, sq_d, eps, q_scale, HEAD_DIM, HALF_PAD, BLOCK_HQ)
     _fwd_heads(K, KO, RSTD_K, WK, c, s, b * sk_b + pos * sk_s, tok64 * (n_heads_k * HEAD_DIM), tok64 * n_heads_k,
@@ -173,16 +182,8 @@ def _qknorm_rope_bwd_kernel(
 ):
     # DQO/DKO (upstream gradients) and DQ/DK are contiguous [tokens, heads, D], like the forward outputs.
     pid = tl.program_id(0)
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = tok < n_tokens
-    tok64 = tok.to(tl.int64)
-    b = tok64 // seq
-    pos = tok64 - b * seq
-    d = tl.arange(0, HALF_PAD)
-    cs_mask = row_mask[:, None] & (d < HEAD_DIM // 2)[None, :]
-    cs_off = (b * sc_b + pos * sc_s)[:, None] + d[None, :] * sc_d
-    c = tl.load(COS + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    row_mask, tok64, b, pos, c, s = _token_block(pid, COS, SIN, n_tokens, seq, sc_b, sc_s, sc_d, HEAD_DIM, HALF_PAD,
+                                                 BLOCK_T)
     _bwd_heads(Q, DQO, DQ, RSTD_Q, WQ, DWQ_PARTIAL, pid, c, s, b * sq_b + pos * sq_s,
                tok64 * (n_heads_q * HEAD_DIM), tok64 * n_heads_q, row_mask, n_heads_q, sq_h, sq_d, q_scale,
                HEAD_DIM, HALF_PAD, BLOCK_T, BLOCK_HQ)
