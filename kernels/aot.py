@@ -500,7 +500,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", type=int, nargs="+", default=None, metavar="CC",
                    help="compute capabilities to check, e.g. 80 86 90 (default: the archs each case lists: 80, 89, 90; "
-                   "80 and 90 with --quick)")
+                   "with --quick 80 and 90, plus 89 for the attention kernels)")
     p.add_argument("--quick", action="store_true",
                    help="the reduced matrix of the test suite (pairwise over dtype / layout / causal) instead of "
                    "the full product")
