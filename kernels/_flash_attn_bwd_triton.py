@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._flash_attn_fwd_triton import _load_rows, _tile_coords
+from ._flash_attn_fwd_triton import _load_rows, _query_tile, _tile_coords
 
 
 @triton.jit
@@ -233,10 +233,8 @@ def _flash_attn_bwd_dq_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = pid % H_Q  # same order as the forward: heads fastest, most-work tiles first
-    t = N_TILES - 1 - pid // H_Q
-    batch, start, seq_len, block = _tile_coords(t, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
+    head, batch, start, seq_len, block = _query_tile(tl.program_id(0), H_Q, N_TILES, TILE_DOC, TILE_BLOCK, CU_SEQLENS,
+                                                     SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
     if block * BLOCK_M >= seq_len:
         return
     kv_head = head // GROUP

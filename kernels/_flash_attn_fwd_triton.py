@@ -43,6 +43,18 @@ def _tile_coords(t, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VA
 
 
 @triton.jit
+def _query_tile(pid, H_Q, N_TILES, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VARLEN: tl.constexpr):
+    """Program id of a (query tile, q head) program (forward, dq) -> (q head, batch row, first token, sequence
+    length, block index). Heads vary fastest, so the q heads sharing a kv head run side by side (their k/v tiles
+    stay in L2), and tiles run last-first: under causal masking the last query tiles of a sequence have the most
+    keys, and starting them first shortens the tail of the launch."""
+    head = pid % H_Q
+    t = N_TILES - 1 - pid // H_Q
+    batch, start, seq_len, block = _tile_coords(t, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
+    return head, batch, start, seq_len, block
+
+
+@triton.jit
 def _load_rows(PTRS, rows, seq_len, dcols, D: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a [rows, D_PAD] tile in its stored dtype; padded rows/columns read as 0. Without MASK_ROWS (every
     row inside the sequence) and with D == D_PAD the load carries no mask, so it vectorises fully."""
@@ -111,13 +123,8 @@ def _flash_attn_fwd_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    # Heads vary fastest, so the q heads sharing a kv head run side by side (their k/v tiles stay in L2), and
-    # tiles run last-first: under causal masking the last query tiles of a sequence have the most keys, and
-    # starting them first shortens the tail of the launch.
-    head = pid % H_Q
-    t = N_TILES - 1 - pid // H_Q
-    batch, start, seq_len, block = _tile_coords(t, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
+    head, batch, start, seq_len, block = _query_tile(tl.program_id(0), H_Q, N_TILES, TILE_DOC, TILE_BLOCK, CU_SEQLENS,
+                                                     SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
     if block * BLOCK_M >= seq_len:  # a padding tile of the packed schedule
         return
     kv_head = head // GROUP

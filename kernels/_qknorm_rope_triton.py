@@ -70,18 +70,25 @@ def _token_block(pid, COS, SIN, n_tokens, seq, sc_b, sc_s, sc_d, HEAD_DIM: tl.co
 
 
 @triton.jit
+def _halves(W, c, s, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr):
+    """The rotate-half view shared by every head: column index and mask of a half, the norm weight's two halves
+    [1, 1, HALF_PAD] and cos/sin broadcast over heads [BLOCK_T, 1, HALF_PAD] (fp32)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HALF_PAD)
+    d_mask = d < HALF
+    w1 = tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(W + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
+    return d, d_mask, w1, w2, c[:, None, :], s[:, None, :]
+
+
+@triton.jit
 def _fwd_heads(
     X, Y, RSTD, W, c, s, x_row, y_row, r_row, row_mask, n_heads, stride_xh, stride_xd, eps, scale,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Normalise, rotate and store every head of one block of tokens (c, s: [BLOCK_T, HALF_PAD] fp32)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HALF_PAD)
-    d_mask = d < HALF
-    w1 = tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
-    w2 = tl.load(W + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
-    c3 = c[:, None, :]
-    s3 = s[:, None, :]
+    d, d_mask, w1, w2, c3, s3 = _halves(W, c, s, HEAD_DIM, HALF_PAD)
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         hr_mask = row_mask[:, None] & (h < n_heads)[None, :]
@@ -133,12 +140,7 @@ def _bwd_heads(
     gx = dn * w: dx = rstd * (gx - xhat * mean(gx * xhat)), dw = sum over tokens and heads of dn * xhat.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HALF_PAD)
-    d_mask = d < HALF
-    w1 = tl.load(W + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
-    w2 = tl.load(W + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
-    c3 = c[:, None, :]
-    s3 = s[:, None, :]
+    d, d_mask, w1, w2, c3, s3 = _halves(W, c, s, HEAD_DIM, HALF_PAD)
     dw1 = tl.zeros((BLOCK_T, HALF_PAD), dtype=tl.float32)
     dw2 = tl.zeros((BLOCK_T, HALF_PAD), dtype=tl.float32)
     for h0 in range(0, n_heads, BLOCK_H):
