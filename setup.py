@@ -1,8 +1,27 @@
 """megasynth: Megatron-style LLM pretraining on real and synthetic data (PyTorch + Triton)."""
 
 import sys
+from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithKernels(build_py):
+    """Puts the modules of the top-level `kernels/` folder into the built `megasynth/kernels/` package.
+
+    The folder has no `__init__.py` so that it can never shadow Hugging Face's `kernels` package from the
+    repository root; `megasynth/kernels/__init__.py` adds it to its path in a checkout, and a wheel carries the
+    modules themselves. Editable installs import them from the checkout and need no copy.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "megasynth" / "kernels"
+        for source in sorted(Path(__file__).parent.joinpath("kernels").glob("*.py")):
+            self.copy_file(str(source), str(target / source.name))
 
 # Install torch yourself first when you want a particular build (the Makefile installs the CPU build):
 # with no torch present, pip resolves `torch>=2.6` to the default CUDA wheel.
@@ -36,17 +55,9 @@ setup(
     version="0.1.0",
     description="Megatron-style LLM pretraining with synthetic data (EntiGraph, SBP)",
     python_requires=">=3.10",
-    # `kernels/` is importable only as `megasynth.kernels`: a top-level package named `kernels` would
-    # shadow Hugging Face's `kernels` package, which transformers probes for.
-    packages=[
-        "megasynth",
-        "megasynth.data",
-        "megasynth.eval",
-        "megasynth.synth",
-        "megasynth.synth.prompts",
-        "megasynth.kernels",
-    ],
-    package_dir={"megasynth.kernels": "kernels"},
+    # `kernels/` is importable only as `megasynth.kernels` (see BuildPyWithKernels above).
+    packages=find_packages(include=["megasynth", "megasynth.*"]),
+    cmdclass={"build_py": BuildPyWithKernels},
     # Prompt templates are data files; their hash goes into every synthetic prefix's provenance.
     package_data={"megasynth.synth.prompts": ["*.txt"]},
     install_requires=install_requires,

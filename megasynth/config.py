@@ -176,7 +176,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Directory for the resolved config, metrics.jsonl, checkpoints and caches."""
     resume: str = "auto"
-    """'auto' resumes from the newest complete checkpoint in run_dir, 'none' starts fresh, or a checkpoint path."""
+    """'auto' resumes from the newest complete checkpoint in run_dir; 'none' starts over, first moving an earlier
+    run's checkpoints and metrics.jsonl to run_dir/earlier_runs/UTC-TIME/ (nothing is deleted); or a checkpoint
+    path."""
     init_from: str = ""
     """Initialise weights (only) from this checkpoint directory, e.g. to fine-tune a pretrained model."""
     checkpoint_every: int = 500

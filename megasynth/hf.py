@@ -173,6 +173,15 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dic
     return out
 
 
+def _save_shard(save_file, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors creates its file with mode 0600; give it the mode every other file of the export gets (0666
+    # less the umask), so a model directory shared with a serving user (vLLM) is readable as a whole.
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors shards plus the index json; returns file names."""
@@ -188,12 +197,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
         shards[-1][name] = t
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        _save_shard(save_file, shards[0], directory / "model.safetensors")
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        _save_shard(save_file, shard, directory / fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     atomic_write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

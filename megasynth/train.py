@@ -49,7 +49,7 @@ from megasynth import checkpoint
 from megasynth.config import Config, ConfigError, config_to_dict, describe_config, load_config, save_config
 from megasynth.data.loader import DistributedBatchLoader, accumulation_steps, build_train_dataset, data_sources
 from megasynth.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
-from megasynth.io import atomic_dir
+from megasynth.io import atomic_dir, fsync_dir
 from megasynth.metrics import MetricsLogger, ThroughputMeter, memory_gb, peak_flops
 from megasynth.model import build_model, flops_per_token
 from megasynth.parallelize import loss_parallel_context, parallelize_model
@@ -268,17 +268,44 @@ def check_vocabulary(cfg: Config, cache_dir: Path) -> None:
 
 def find_resume_checkpoint(cfg: Config, checkpoints_dir: Path, say=print) -> Path | None:
     """The verified checkpoint to resume from, or None. 'auto' passes over damaged checkpoints (saying so
-    through `say`) to the newest intact one; an explicit path is verified and never falls back."""
+    through `say`) to the newest intact one; an explicit path is verified and never falls back; 'none' starts
+    over (`set_aside_earlier_run` has moved an earlier run's checkpoints out of the way first)."""
     resume = cfg.train.resume
     if resume == "auto":
         return checkpoint.find_latest_intact(checkpoints_dir, say=say)
     if resume == "none":
         existing = checkpoint.find_latest(checkpoints_dir)
-        if existing is not None:
+        if existing is not None:  # only when set_aside_earlier_run was skipped: never mix two runs
             raise SetupError(f"train.resume='none' but {checkpoints_dir} holds checkpoints of an earlier run (newest "
                              f"{existing.name}); use --train.resume=auto to continue it, or another train.run_dir")
         return None
     return checkpoint.verify_checkpoint(resume)
+
+
+# What an earlier run left in a run directory that a fresh run (train.resume='none') would mix with or replace.
+EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl")
+
+
+def set_aside_earlier_run(run_dir: Path, say=print) -> Path | None:
+    """Starting over (train.resume='none') in a run directory that holds an earlier run's checkpoints or metrics:
+    move them, whole, to RUN_DIR/earlier_runs/UTC-TIME/ and say so. Nothing is deleted: the user removes that
+    folder when it is no longer wanted. Returns the folder, or None when there was nothing to move."""
+    present = [name for name in EARLIER_RUN_FILES
+               if (run_dir / name).is_file() or ((run_dir / name).is_dir() and any((run_dir / name).iterdir()))]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = run_dir / "earlier_runs" / stamp
+    n = 1
+    while dest.exists():  # two restarts within a second
+        dest, n = run_dir / "earlier_runs" / f"{stamp}-{n}", n + 1
+    dest.mkdir(parents=True)
+    for name in present:
+        os.replace(run_dir / name, dest / name)  # one filesystem: a rename, never a copy
+    fsync_dir(run_dir)
+    say(f"train.resume=none: moved the earlier run's {' and '.join(present)} to {dest} (delete it when no longer "
+        f"needed); starting over")
+    return dest
 
 
 # How attention is computed, not what the model is: a run may resume on another machine with another kernel.
@@ -340,6 +367,8 @@ def _train(cfg: Config, info: DistInfo) -> int:
         _rank0_first(info, lambda: check_vocabulary(cfg, cache_dir))  # rank 0 first: it may cache largest ids
         if info.is_main:  # the run directory is locked: no save of ours is in flight
             checkpoint.remove_stale_saves(ckpt_dir)
+        if t.resume == "none":
+            _rank0_first(info, lambda: set_aside_earlier_run(run_dir, say=log.info) if info.is_main else None)
         resume_from = find_resume_checkpoint(cfg, ckpt_dir, say=log.info)
         if resume_from is not None:
             check_same_model(resume_from, cfg)
@@ -479,7 +508,9 @@ def _train(cfg: Config, info: DistInfo) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megasynth.train", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + "\n\nEvery config key below can be overridden as --section.key=VALUE.",
+        # The docstring's first two paragraphs: what this is and the command lines that run it.
+        description="\n\n".join(__doc__.split("\n\n")[:2])
+        + "\n\nEvery config key below can be overridden as --section.key=VALUE.",
         epilog="config keys (defaults shown):\n" + describe_config(),
     )
     parser.add_argument("--config", help="TOML config file (see examples/configs/); defaults apply where it is silent")

@@ -169,6 +169,9 @@ def test_help_lists_every_config_key(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--config" in out and "--train.max_nonfinite_steps=5" in out and "--data.allow_blend_change" in out
+    # The "one process or many" sentence is followed by both command lines, not left hanging.
+    intro = out.split("Every config key")[0]
+    assert "python -m megasynth.train --config" in intro and "torchrun --nproc-per-node" in intro
 
 
 def test_metrics_lines_and_run_directory(tmp_path, corpus):
@@ -205,8 +208,29 @@ def test_resume_refuses_another_model_or_other_data(tmp_path, corpus):
     assert code == 2  # another dataset: its fingerprint differs from the checkpoint's
     code, run_dir = run(tmp_path, (other, corpus[1]), **{"train.steps": 8, "data.allow_blend_change": True})
     assert code == 0 and checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000008"
-    code, _ = run(tmp_path, corpus, **{"train.steps": 8, "train.resume": "none"})
-    assert code == 2  # 'none' will not mix a fresh run into an old run's checkpoints
+
+
+def test_resume_none_starts_over_and_keeps_the_earlier_run(tmp_path, corpus, capsys):
+    # The README says 'none' starts over: it does, and moves the earlier run aside instead of deleting it.
+    code, run_dir = run(tmp_path, corpus, **{"train.steps": 4})
+    assert code == 0
+    old_metrics = (run_dir / "metrics.jsonl").read_bytes()
+    old_ckpt = checkpoint.find_latest(run_dir / "checkpoints")
+    old_sums = {p.relative_to(old_ckpt): p.read_bytes() for p in old_ckpt.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    code, run_dir = run(tmp_path, corpus, **{"train.steps": 2, "train.resume": "none"})
+    assert code == 0
+    out = capsys.readouterr().out
+    (earlier,) = (run_dir / "earlier_runs").iterdir()
+    assert f"moved the earlier run's checkpoints and metrics.jsonl to {earlier}" in out
+    assert "resumed from" not in out
+    # The new run trained from step 0; the old run's files are all there, byte for byte.
+    assert sorted(train_losses(run_dir)) == [1, 2]
+    assert checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000002"
+    assert (earlier / "metrics.jsonl").read_bytes() == old_metrics
+    moved = earlier / "checkpoints" / old_ckpt.name
+    assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == old_sums
+    checkpoint.verify_checkpoint(moved)
 
 
 def test_the_tokenizer_named_by_the_sidecar_is_copied(tmp_path, capsys):
