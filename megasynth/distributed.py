@@ -102,3 +102,16 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo, group: str | None = None
     pg = info.mesh[group].get_group() if group else None
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=pg)
     return value
+
+
+def share_refusal(refusal: BaseException | None, *, distributed: bool, error_type: type[Exception]) -> None:
+    """Rank 0's refusal (or None) to every rank, so that all stop together with its one line instead of waiting
+    for rank 0 in a collective: rank 0 raises `refusal` itself, the others `error_type(its message)`. With
+    `distributed` it is also a barrier (every rank must call it)."""
+    if distributed:
+        box = [None if refusal is None else str(refusal)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if refusal is None and box[0] is not None:
+            refusal = error_type(box[0])
+    if refusal is not None:
+        raise refusal

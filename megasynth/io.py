@@ -11,6 +11,8 @@ its name (`.NAME.tmp-PID-HEX`) and removes.
     file_sha256(path)                        # the checksum sidecars and manifests record
     with atomic_open(path, "wb") as f: ...   # stream into a file that appears only on success
     with atomic_dir(final) as tmp: ...       # build a directory that appears only on success
+    with atomic_files(out, names, commit="results.json", replace=True) as tmp: ...
+                                             # a tool's result files in a directory it shares with others
     for line_no, obj in read_jsonl(path): ...  # JsonlError("FILE:LINE: ...") on bad input
 """
 
@@ -143,6 +145,60 @@ def atomic_dir(final: str | os.PathLike, *, token: str | None = None, replace: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_files(directory: str | os.PathLike, names, *, commit: str, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temp directory beside `directory`; the caller writes some of `names` (the files this tool
+    owns there, `commit` among them) into it. On a clean exit they are published like a prefix
+    (megasynth/data/prefix.py), leaving every other file in `directory` alone:
+
+    - `directory` absent: the temp directory is fsynced and renamed to it (it appears whole);
+    - present: the old `commit` file is removed first (from here on no result set is visible), then each new
+      file is renamed in and the owned names this write did not produce are removed, then `commit` is renamed
+      last. A reader that goes by `commit` sees the complete old results, none, or the complete new ones.
+
+    Existing owned files are an error (FileExistsError) unless `replace`. On an exception the temp directory
+    is removed and `directory` is untouched."""
+    directory = Path(directory)
+    names = tuple(names)
+    if commit not in names:
+        raise ValueError(f"atomic_files: the commit file {commit!r} is not among the names {names}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(directory)
+    tmp.mkdir()
+    try:
+        yield tmp
+        written = sorted(p.name for p in tmp.iterdir())
+        unknown = [n for n in written if n not in names]
+        if unknown or commit not in written:
+            raise ValueError(f"atomic_files: wrote {written}; expected some of {names} with {commit!r}")
+        for name in written:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if not directory.exists():
+            os.replace(tmp, directory)
+            fsync_dir(directory.parent)
+            return
+        existing = [n for n in names if os.path.lexists(directory / n)]
+        if existing and not replace:
+            raise FileExistsError(f"{directory}: already holds {', '.join(existing)}")
+        (directory / commit).unlink(missing_ok=True)
+        for name in names:
+            if name not in written:
+                (directory / name).unlink(missing_ok=True)
+        fsync_dir(directory)  # the old results are gone for good before any new file appears
+        for name in written:
+            if name != commit:
+                os.replace(tmp / name, directory / name)
+        fsync_dir(directory)
+        os.replace(tmp / commit, directory / commit)
+        fsync_dir(directory)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_stale_temps(directory: str | os.PathLike, *, older_than_s: float = 0.0) -> list[Path]:

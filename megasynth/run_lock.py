@@ -12,6 +12,14 @@ place on release: unlinking it would let a waiting process lock the old inode wh
 file and locks that too. A flock belongs to the open file, which a fork shares: forked children (data-loader
 workers) close their copy at once, so that the lock lives exactly as long as the process that took it.
 
+The tools lock their work directories the same way, and synthesize its output prefix (PREFIX.lock beside its
+files, `acquire_path_lock`), passing `tool`: the holder then records its program, and a refused run is told
+"runs/x.work: in use by tools/synthesize.py (pid 1234 on host h, started ...); wait for it or use another
+--work-dir" instead of the trainer's wording (issue 19). A tool may delete its locked directory, or the lock file,
+while holding the lock (a finished run removing its work directory): a process that opened the file just before
+finds after locking that the path no longer names the file it locked, and starts again on a fresh one, so two
+processes never both believe they hold the lock.
+
 On a shared file system flock must reach the server: Linux NFS clients implement it with NFS byte-range locks;
 Lustre needs the `flock` mount option (with `localflock` a lock is seen only on its own node).
 """
@@ -38,8 +46,12 @@ class RunLock:
     def __init__(self, path: Path, fd: int):
         self.path, self._fd = path, fd
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = False) -> None:
+        """Drop the lock; with `remove`, delete the lock file first (while still holding it: see the module
+        docstring for why that is safe), for a lock beside user files that should leave nothing behind."""
         if self._fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
             _HELD.discard(self)
             os.close(self._fd)
             self._fd = None
@@ -51,33 +63,67 @@ class RunLock:
         self.release()
 
 
-def acquire_run_lock(run_dir: str | os.PathLike) -> RunLock:
-    """Create RUN_DIR (if needed) and take its lock without waiting; RunDirBusy if another process holds it."""
+def acquire_run_lock(run_dir: str | os.PathLike, *, tool: str | None = None, flag: str = "--work-dir") -> RunLock:
+    """Create RUN_DIR (if needed) and take its lock without waiting; RunDirBusy if another process holds it.
+
+    `tool` (e.g. "tools/synthesize.py"): a tool's work directory rather than a trainer's run directory; the
+    refusal then names RUN_DIR, the holder's tool and `flag`, the option to choose another one with."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
-    # No O_TRUNC: the holder's pid and host must survive a refused open. The fd is not inherited across exec.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
+    return _acquire(run_dir / LOCK_NAME, run_dir, tool, flag)
+
+
+def acquire_path_lock(target: str | os.PathLike, *, tool: str, flag: str) -> RunLock:
+    """Lock TARGET (e.g. an output prefix) through the file TARGET.lock beside it, creating its directory;
+    RunDirBusy naming TARGET, the holding tool and `flag` if another process holds it. Release with
+    `release(remove=True)` to leave no lock file behind."""
+    return _acquire(Path(f"{os.fspath(target)}.lock"), target, tool, flag)
+
+
+def _acquire(path: Path, target: str | os.PathLike, tool: str | None, flag: str) -> RunLock:
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No O_TRUNC: the holder's pid and host must survive a refused open. The fd is not inherited across exec.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if tool is None:
+                raise RunDirBusy(
+                    f"train.run_dir {target} is in use by another trainer ({holder}; lock file {path}); wait for it "
+                    "to finish or stop it, or choose another --train.run_dir") from None
+            if holder.startswith("pid ") or holder.startswith("holder "):  # a trainer's record, or none yet
+                holder = f"another process ({holder})"
+            raise RunDirBusy(f"{os.fspath(target)}: in use by {holder}; wait for it or use another {flag}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _names(path, fd):
+            break
+        # The holder removed the file (its run ended and cleaned up) between our open and our flock: the lock we
+        # got is on a file nobody else will ever open. Start again on the path as it is now.
         os.close(fd)
-        raise RunDirBusy(
-            f"train.run_dir {run_dir} is in use by another trainer ({holder}; lock file {path}); wait for it to "
-            "finish or stop it, or choose another --train.run_dir") from None
-    except BaseException:
-        os.close(fd)
-        raise
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    who = f"pid {os.getpid()} on host {socket.gethostname()}, started {started}"
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
+        os.pwrite(fd, (who if tool is None else f"{tool} ({who})").encode() + b"\n", 0)
     except OSError:  # e.g. a full disk: the lock holds all the same, only a refused run's message is vaguer
         pass
     lock = RunLock(path, fd)
     _HELD.add(lock)
     return lock
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _close_in_forked_child() -> None:

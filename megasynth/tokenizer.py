@@ -6,7 +6,16 @@
 
 Encoding never adds special tokens on its own: a BOS only with `add_bos=True`, the end-of-document id only
 with `append_eod=True` (a Hugging Face post-processor such as Llama 3's BOS template is bypassed), so the
-preprocessor decides exactly which specials land in a dataset. Every tokenizer must have an end-of-document
+preprocessor decides exactly which specials land in a dataset.
+
+Text from data or from an LLM is encoded with `parse_special=False` (issue 19): the literal text of a special
+token ("<|endoftext|>", "<|im_end|>", "<|sep|>" in a web page or a model's reply) is tokenised as ordinary
+text, so it can never become an end-of-document or a chat marker inside a document. The default,
+`parse_special=True`, is for text we build ourselves with markers in it (a rendered chat template). Which strings
+differ between the two is `special_texts`: a Hugging Face file's added tokens marked special (its
+`encode_special_tokens` switch), and a SentencePiece model's user-defined pieces that are special-token names
+(`<|...|>`, or one of EOD_NAMES / BOS_NAMES; its control pieces, </s> and <s>, never come from text anyway).
+Text without those strings gets the same ids either way. Every tokenizer must have an end-of-document
 id; loading one without fails with a message saying how to add one.
 
 Encoding is always of the whole text: a tokenizer.json saved after enable_truncation/enable_padding (common
@@ -28,6 +37,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -94,8 +104,13 @@ class Tokenizer(ABC):
     template_tokens: dict = {}
 
     @abstractmethod
-    def _encode_batch_raw(self, texts: list[str]) -> list[list[int]]:
-        """Ids of each text with no special token added."""
+    def _encode_batch_raw(self, texts: list[str], parse_special: bool = True) -> list[list[int]]:
+        """Ids of each text with no special token added (special-token strings as text unless parse_special)."""
+
+    @property
+    @abstractmethod
+    def special_texts(self) -> tuple[str, ...]:
+        """The strings that encode to a special id with parse_special=True and as text without (module docstring)."""
 
     @abstractmethod
     def _defining_files(self) -> list[Path]:
@@ -109,28 +124,32 @@ class Tokenizer(ABC):
     def save(self, directory: str | os.PathLike) -> None:
         """Write the files that load_tokenizer(directory) needs to rebuild this tokenizer."""
 
-    def encode(self, text: str, *, add_bos: bool = False, append_eod: bool = False) -> list[int]:
-        return self.encode_batch([text], add_bos=add_bos, append_eod=append_eod)[0]
+    def encode(self, text: str, *, add_bos: bool = False, append_eod: bool = False,
+               parse_special: bool = True) -> list[int]:
+        return self.encode_batch([text], add_bos=add_bos, append_eod=append_eod, parse_special=parse_special)[0]
 
-    def encode_batch(self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False,
+                     parse_special: bool = True) -> list[list[int]]:
+        """parse_special=False for text from data or an LLM: special-token strings stay text (module docstring)."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings; use encode() for one string")
         texts = list(texts)
         prefix = [self._require_bos()] if add_bos else []
         suffix = [self.eod_id] if append_eod else []
-        ids = self._encode_batch_raw(texts)
+        ids = self._encode_batch_raw(texts, parse_special)
         if prefix or suffix:
             ids = [prefix + one + suffix for one in ids]
         return ids
 
     def encode_batch_array(
-        self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False, dtype=np.int64
+        self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False, dtype=np.int64,
+        parse_special: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, lengths): every text's ids concatenated into one array, and int64 lengths per text.
 
         The preprocessor's fast path: one array per batch instead of a Python list per document.
         """
-        ids = self.encode_batch(texts, add_bos=add_bos, append_eod=append_eod)
+        ids = self.encode_batch(texts, add_bos=add_bos, append_eod=append_eod, parse_special=parse_special)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         # Straight into the target dtype, no intermediate list: measured half the cost of np.array(list) and
         # cheaper than an array per document (about 1.5% of the encode time for a byte-level BPE). An id that
@@ -201,6 +220,7 @@ class HFTokenizer(Tokenizer):
         self.bos_id = None if self.bos_token is None else self._tok.token_to_id(self.bos_token)
         self._config = config
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets: faster
+        self._text_batch = None  # the same tokenizer with encode_special_tokens on, made at first use
         self.chat_template = _read_chat_template(json_path.parent, config)
         self.template_tokens = {"bos_token": self.bos_token, "eos_token": self.eod_token}
         for key in ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
@@ -246,8 +266,29 @@ class HFTokenizer(Tokenizer):
             )
         return None
 
-    def _encode_batch_raw(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._batch(texts, add_special_tokens=False)]
+    def _encode_batch_raw(self, texts: list[str], parse_special: bool = True) -> list[list[int]]:
+        batch = self._batch if parse_special or not self.special_texts else self._text_encoder()
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+    def _text_encoder(self):
+        """encode_batch of a copy with encode_special_tokens: special added tokens are not split out of the text
+        but tokenised by the model like any other text (a second object, so the switch is never flipped under
+        a concurrent encode)."""
+        if self._text_batch is None:
+            import tokenizers  # noqa: PLC0415
+
+            core = tokenizers.Tokenizer.from_str(self._tok.to_str())  # truncation and padding already off
+            core.encode_special_tokens = True
+            self._text_core = core
+            self._text_batch = getattr(core, "encode_batch_fast", core.encode_batch)
+        return self._text_batch
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        if not hasattr(self, "_special_texts"):
+            added = self._tok.get_added_tokens_decoder()
+            self._special_texts = tuple(added[i].content for i in sorted(added) if added[i].special)
+        return self._special_texts
 
     def _defining_files(self) -> list[Path]:
         return [self._json_path]
@@ -312,19 +353,41 @@ class SentencePieceTokenizer(Tokenizer):
             )
         self.eod_id = self._sp.eos_id()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        # Candidates by name first (cheap); only then is the model read for which of them are user-defined.
+        named = {piece for i in range(self.vocab_size) if not self._sp.IsControl(i) and not self._sp.IsUnknown(i)
+                 and _is_special_name(piece := self._sp.IdToPiece(i))}
+        user = {piece for piece, t, _ in _sp_pieces(self._sp.serialized_model_proto()) if t == 4} if named else set()
+        self._special_texts = tuple(sorted(named & user, key=self._sp.PieceToId))
+        self._text_sp = None  # the model with those pieces made control pieces, made at first use
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        return self._special_texts
+
+    def _processor(self, parse_special: bool):
+        """The processor to encode with: for text (parse_special False), one whose special user-defined pieces
+        are control pieces, which SentencePiece never produces from text; every other piece is unchanged."""
+        if parse_special or not self._special_texts:
+            return self._sp
+        if self._text_sp is None:
+            import sentencepiece as spm  # noqa: PLC0415
+
+            proto = _sp_user_pieces_to_control(self._sp.serialized_model_proto(), set(self._special_texts))
+            self._text_sp = spm.SentencePieceProcessor(model_proto=proto)
+        return self._text_sp
 
     def _threads(self) -> int:
         return -1 if _num_threads is None else _num_threads  # -1: SentencePiece's own default
 
-    def _encode_batch_raw(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts, add_bos=False, add_eos=False, num_threads=self._threads())
+    def _encode_batch_raw(self, texts: list[str], parse_special: bool = True) -> list[list[int]]:
+        return self._processor(parse_special).encode(texts, add_bos=False, add_eos=False, num_threads=self._threads())
 
-    def encode_batch_array(self, texts, *, add_bos=False, append_eod=False, dtype=np.int64):
+    def encode_batch_array(self, texts, *, add_bos=False, append_eod=False, dtype=np.int64, parse_special=True):
         if add_bos:
             self._require_bos()
         # SentencePiece hands back one numpy array per text: no Python int per token.
-        arrays = self._sp.encode(list(texts), add_bos=add_bos, add_eos=append_eod, num_threads=self._threads(),
-                                 return_type="numpy")
+        arrays = self._processor(parse_special).encode(list(texts), add_bos=add_bos, add_eos=append_eod,
+                                                       num_threads=self._threads(), return_type="numpy")
         lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
         flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
         return flat.astype(dtype, copy=False), lengths
@@ -342,6 +405,74 @@ class SentencePieceTokenizer(Tokenizer):
         vocab = self._model_path.with_suffix(".vocab")
         if vocab.is_file():  # a human-readable listing, not needed to load; kept for people reading the folder
             atomic_copy(vocab, out / "tokenizer.vocab")
+
+
+_SPECIAL_NAME = re.compile(r"<\|[^\s|]+\|>")
+
+
+def _is_special_name(piece: str) -> bool:
+    """A SentencePiece user-defined piece that names a special token: <|...|>, or an EOD / BOS name."""
+    return piece in EOD_NAMES or piece in BOS_NAMES or _SPECIAL_NAME.fullmatch(piece) is not None
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _sp_pieces(buf):
+    """(piece, type, offset of the type's varint or None) of every piece of a serialized SentencePiece ModelProto,
+    read from the wire format (field 1 is the repeated SentencePiece {1: piece, 2: score, 3: type}; type 1
+    NORMAL when absent, 3 CONTROL, 4 USER_DEFINED). Avoids a protobuf dependency."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, start = _varint(buf, i)
+            i = start + n
+            if key >> 3 == 1:  # one SentencePiece
+                j, piece, type_at = start, None, None
+                while j < i:
+                    k, j = _varint(buf, j)
+                    if k & 7 == 2:
+                        m, j0 = _varint(buf, j)
+                        if k >> 3 == 1:
+                            piece = bytes(buf[j0:j0 + m]).decode("utf-8", "replace")
+                        j = j0 + m
+                    elif k & 7 == 0:
+                        if k >> 3 == 3:
+                            type_at = j
+                        _, j = _varint(buf, j)
+                    elif k & 7 == 5:
+                        j += 4
+                    else:
+                        j += 8
+                yield piece, (1 if type_at is None else _varint(buf, type_at)[0]), type_at
+        else:
+            raise TokenizerError(f"unexpected wire type {wire} in a SentencePiece model")
+
+
+def _sp_user_pieces_to_control(proto: bytes, pieces: set[str]) -> bytes:
+    """The serialized ModelProto with the USER_DEFINED (4) pieces named in `pieces` retyped CONTROL (3): the
+    same one-byte varint, edited in place, so no length changes."""
+    buf = bytearray(proto)
+    for piece, kind, type_at in list(_sp_pieces(bytes(buf))):
+        if kind == 4 and piece in pieces:
+            buf[type_at] = 3
+    return bytes(buf)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -1,12 +1,15 @@
 """Processes seen through /proc (Linux): what a test started, and whether it is still alive.
 
     kids = descendants(proc.pid)           # {pid: start time}, recorded while the parent lives
+    stopped(proc)                          # True once it stopped itself (SIGSTOP from a test's pause hook)
     alive(pid, kids[pid])                  # False once it exited (a zombie counts as exited)
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -39,3 +42,15 @@ def descendants(root: int) -> dict[int, str]:
 def alive(pid: int, start: str) -> bool:
     st = stat(pid)
     return st is not None and st[0] != "Z" and st[3] == start  # a zombie has exited; a new start time is pid reuse
+
+
+def stopped(proc: subprocess.Popen, timeout: float = 240) -> bool:
+    """Wait until the process has stopped itself (SIGSTOP from a pause hook); False if it ended instead or the
+    timeout passed."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        st = stat(proc.pid)
+        if st is not None and st[0] == "T":
+            return True
+        time.sleep(0.02)
+    return False

@@ -11,6 +11,7 @@ import pytest
 from megasynth.io import (
     JsonlError,
     atomic_dir,
+    atomic_files,
     atomic_open,
     atomic_write_json,
     atomic_write_text,
@@ -130,3 +131,34 @@ def test_truncate_torn_tail_keeps_every_complete_line(tmp_path):
     path.write_bytes(b'{"no newline at all')
     assert truncate_torn_tail(path) == 19 and path.read_bytes() == b""
     assert truncate_torn_tail(path) == 0
+
+
+def test_atomic_files_replaces_only_its_own_files(tmp_path):
+    names = ("data.jsonl", "extra.jsonl", "summary.json")
+    out = tmp_path / "out"
+    with atomic_files(out, names, commit="summary.json") as tmp:  # absent: the directory appears whole
+        for name in names:
+            (tmp / name).write_text(f"old {name}\n")
+    (out / "mine.txt").write_text("the user's\n")
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds data.jsonl, extra.jsonl, summary.json"):
+        with atomic_files(out, names, commit="summary.json") as tmp:
+            (tmp / "summary.json").write_text("new\n")
+    with pytest.raises(RuntimeError):  # a failed build leaves the old results and no temp directory
+        with atomic_files(out, names, commit="summary.json", replace=True) as tmp:
+            (tmp / "summary.json").write_text("new\n")
+            raise RuntimeError("killed")
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_files(out, names, commit="summary.json", replace=True) as tmp:
+        (tmp / "data.jsonl").write_text("new data\n")
+        (tmp / "summary.json").write_text("new summary\n")
+    # The new set, without the owned file this write did not produce; the user's file untouched.
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "data.jsonl": "new data\n", "summary.json": "new summary\n", "mine.txt": "the user's\n"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(ValueError, match="expected some of"):
+        with atomic_files(out, names, commit="summary.json", replace=True) as tmp:
+            (tmp / "summary.json").write_text("x\n")
+            (tmp / "mine.txt").write_text("a name the tool does not own\n")
+    assert (out / "mine.txt").read_text() == "the user's\n"

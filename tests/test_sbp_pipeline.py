@@ -28,6 +28,10 @@ def test_sbp_pipeline_tiny_runs_every_stage(tmp_path):
     printed = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
     for tool in STAGE_TOOLS:  # every stage ran the real CLI and printed its command
         assert any(tool in line for line in printed), tool
+    # The baseline trains exactly as the base model did (real data, same config): reused, not trained twice.
+    assert "baseline: the same training as the base model of stage 3" in proc.stdout
+    assert sum("megasynth.train" in line for line in printed) == 4  # base, synthesizer, SBP, oracle
+    assert (out / "baseline" / "metrics.jsonl").read_bytes() == (out / "base" / "metrics.jsonl").read_bytes()
 
     # corpus split and prefixes: the oracle has more unique documents than the real set, which it contains
     data = out / "data"

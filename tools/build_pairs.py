@@ -15,22 +15,25 @@ EMB.json names, checked against it by document count and .idx sha256), and keeps
 pairs per seed (the most similar). Writes PAIRS.parquet (seed int64, target int64, similarity float32; ordered
 by seed, similarity descending, target), PAIRS.json (every count, histograms, recall, index parameters; written
 last) and PAIRS.png (the similarity histogram). An existing output is refused unless --overwrite; no surviving
-pair is an error unless --allow-empty. Bad input: one line on stderr, exit 2.
+pair is an error unless --allow-empty. An --output whose files are those of --embeddings or of the corpus (the
+PAIRS.json would replace EMB.json) is refused, --overwrite or not. Bad input: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, finite_float, float_range, prefix, unit_float
 from megasynth.data.indexed import IndexedDatasetError
 from megasynth.synth.ann import CODECS, KINDS, IndexOptions, IndexSettingsError
-from megasynth.synth.embed_files import EmbeddingsError
+from megasynth.synth.embed_files import EmbeddingsError, emb_stem
 from megasynth.synth.pairs import NEAR_COPY_METHODS, PairOptions, PairsError, build_pairs, pairs_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d, di = PairOptions(), IndexOptions()
     parser.add_argument("--embeddings", required=True, metavar="EMB", help="reads EMB.npy and EMB.json")
     parser.add_argument("--output", required=True, metavar="PAIRS", help="writes PAIRS.parquet, PAIRS.json, PAIRS.png")
@@ -38,16 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the prefix the embeddings were made from, for the near-copy filter (default: the one "
                              "EMB.json names); its document count and .idx sha256 must match EMB.json")
     parser.add_argument("--k", type=int, default=d.k, help=f"neighbours per seed (default {d.k})")
-    parser.add_argument("--min-sim", type=float, default=d.min_sim, metavar="A",
+    parser.add_argument("--min-sim", type=float_range(-1, 1), default=d.min_sim, metavar="A",
                         help=f"keep pairs with similarity >= A (default {d.min_sim})")
-    parser.add_argument("--max-sim", type=float, default=d.max_sim, metavar="B",
+    parser.add_argument("--max-sim", type=finite_float, default=d.max_sim, metavar="B",
                         help=f"keep pairs with similarity < B; above are near-duplicates (default {d.max_sim})")
     parser.add_argument("--max-pairs-per-seed", type=int, default=0, metavar="M",
                         help="keep at most the M most similar pairs per seed (default 0 = k)")
     parser.add_argument("--near-copy", choices=NEAR_COPY_METHODS, default=d.near_copy,
                         help="near-copy test on token n-grams: minhash (datasketch estimate, default), exact "
                              "(exact Jaccard; small corpora) or off")
-    parser.add_argument("--near-copy-threshold", type=float, default=d.near_copy_threshold, metavar="J",
+    parser.add_argument("--near-copy-threshold", type=unit_float, default=d.near_copy_threshold, metavar="J",
                         help=f"drop pairs whose token n-gram Jaccard is >= J (default {d.near_copy_threshold})")
     parser.add_argument("--ngram", type=int, default=d.ngram, metavar="N", help=f"n-gram size in tokens (default {d.ngram})")
     parser.add_argument("--num-perm", type=int, default=d.num_perm, metavar="P",
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hnsw-m", type=int, default=di.hnsw_m, help=f"HNSW graph degree (default {di.hnsw_m})")
     parser.add_argument("--ef-search", type=int, default=0, metavar="N",
                         help="HNSW search width (default 0 = tune to --target-recall)")
-    parser.add_argument("--target-recall", type=float, default=di.target_recall, metavar="R",
+    parser.add_argument("--target-recall", type=float_range(0, 1, low_open=True), default=di.target_recall,
+                        metavar="R",
                         help=f"recall@k that tuning --nprobe / --ef-search aims for (default {di.target_recall})")
     parser.add_argument("--recall-queries", type=int, default=di.recall_queries, metavar="N",
                         help=f"sample of queries on which recall is measured against exact search "
@@ -83,8 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _named_corpus(embeddings: str) -> str | None:
+    """The corpus prefix EMB.json names (the default --corpus), or None when it names none or cannot be read."""
+    try:
+        with open(f"{embeddings}.json", encoding="utf-8") as f:
+            source = json.load(f).get("input", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source.get("prefix") if isinstance(source, dict) and source.get("type") == "prefix" else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    corpus = args.corpus if args.corpus is not None else _named_corpus(emb_stem(args.embeddings))
+    pairs_stem, emb = str(pairs_paths(args.output)["parquet"].with_suffix("")), emb_stem(args.embeddings)
+    check_outputs(parser, {"--output": prefix(pairs_stem, (".parquet", ".json", ".png"))},
+                  {"--embeddings": prefix(emb), "--corpus": prefix(corpus) if corpus else None})
     index = IndexOptions(kind=args.index, flat_max=args.flat_max, nlist=args.nlist, nprobe=args.nprobe,
                          train_size=args.train_size, codec=args.ivf_codec, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
                          target_recall=args.target_recall, recall_queries=args.recall_queries, chunk=args.chunk,

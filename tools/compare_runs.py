@@ -2,6 +2,7 @@
 
     python tools/compare_runs.py runs/baseline runs/synthetic runs/oracle --out reports/sbp
     python tools/compare_runs.py a/metrics.jsonl b/metrics.jsonl --out cmp --x-axis flops
+    python tools/compare_runs.py runs/a runs/b --label "real only" --label "real + synthetic" --out cmp
 
 Each input is a run directory (its metrics.jsonl is read) or a metrics.jsonl file, in the format the trainer
 writes (megasynth/metrics.py): "train" lines {"step", "tokens", "flops", ...} and "eval" lines {"step",
@@ -21,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megasynth.cli import ToolParser, check_outputs, directory, run_dir
 from megasynth.io import JsonlError, atomic_open, atomic_write_text, read_jsonl
 
 EXIT_BAD_INPUT = 2
@@ -134,8 +136,8 @@ def load_run(arg: str | os.PathLike, label: str = "") -> RunMetrics:
     return run
 
 
-def load_runs(args: list[str]) -> list[RunMetrics]:
-    runs = [load_run(a) for a in args]
+def load_runs(args: list[str], labels: list[str] | None = None) -> list[RunMetrics]:
+    runs = [load_run(a, label) for a, label in zip(args, labels or [""] * len(args))]
     seen: dict[str, int] = {}
     for run in runs:  # two runs named alike ("run" in two folders) get distinct labels
         if run.label in seen:
@@ -207,21 +209,30 @@ def plot_heldout(runs: list[RunMetrics], path: Path, x_axis: str = "tokens") -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/compare_runs.py", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]), allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="tools/compare_runs.py", description=__doc__.split("\n\n")[0],
+                   epilog="\n\n".join(__doc__.split("\n\n")[1:]), allow_abbrev=False,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories (holding metrics.jsonl) or metrics.jsonl files")
     p.add_argument("--out", required=True, metavar="DIR", help="where comparison.md and heldout_loss.png are written")
     p.add_argument("--x-axis", choices=("tokens", "flops"), default="tokens",
                    help="the plot's x axis: training tokens (default) or training FLOPs")
+    p.add_argument("--label", action="append", default=None, metavar="NAME",
+                   help="what the table and the plot's legend call a run (once per RUN, in order; default: the "
+                        "run directory's name)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs(parser, {"--out": directory(args.out)}, {"RUN": [run_dir(r) for r in args.runs]})
+    if args.label is not None and len(args.label) != len(args.runs):
+        print(f"error: --label: {len(args.label)} given for {len(args.runs)} runs (give one per RUN, in order)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        runs = load_runs(args.runs)
+        runs = load_runs(args.runs, args.label)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table = markdown_table(runs)

@@ -12,8 +12,11 @@ tokens, normalisation, EMB.npy's size and sha256). A prefix's documents are deco
 Work is done in shards of --shard-size documents saved under EMB.embed-work/ beside the output; a run that is
 stopped (Ctrl-C, a crash, a killed job) picks up where it was when started again with the same arguments,
 and the final EMB.npy is byte-identical to that of an uninterrupted run (same device type, same library
-versions). Under torchrun each rank takes a contiguous range of the shards still to do; rank 0 publishes.
-An existing output is refused unless --overwrite. Bad input: one line on stderr, exit 2.
+versions). The work directory is locked for the run: a second run on the same output is refused (exit 2, one
+line naming the directory and the tool), and so is a resume with settings that change the bytes (naming the
+setting). Under torchrun each rank takes a contiguous range of the shards still to do; rank 0 publishes.
+An existing output is refused unless --overwrite; an output whose files are those of the input, the tokenizer or
+the model is refused, --overwrite or not. Bad input: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ import argparse
 import os
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.data.indexed import IndexedDatasetError, idx_path
 from megasynth.io import JsonlError
+from megasynth.run_lock import RunDirBusy
 from megasynth.synth.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, embed_corpus
-from megasynth.synth.embed_files import EmbeddingsError
+from megasynth.synth.embed_files import EmbeddingsError, emb_stem
+from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, metavar="PREFIX_OR_JSONL",
                         help="an indexed-dataset prefix (PREFIX.bin/.idx) or a JSONL file with one document per line")
     parser.add_argument("--output", required=True, metavar="EMB", help="writes EMB.npy and EMB.json")
@@ -66,14 +72,18 @@ def open_source(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs(parser, {"--output": prefix(emb_stem(args.output), (".npy", ".json", ".embed-work"))},
+                  {"--input": args.input, "--tokenizer": args.tokenizer, "--model": args.model})
     try:
         source = open_source(args)
         options = EmbedOptions(model=args.model, batch_size=args.batch_size, shard_size=args.shard_size,
                                device=args.device)
         summary = embed_corpus(source, args.output, options, overwrite=args.overwrite, allow_empty=args.allow_empty,
                                progress=not args.no_progress)
-    except (EmbedError, EmbeddingsError, IndexedDatasetError, JsonlError, TokenizerError) as e:
+    except (EmbedError, EmbeddingsError, IndexedDatasetError, JsonlError, TokenizerError, WorkDirMismatch,
+            RunDirBusy) as e:
         print(f"{e}", file=sys.stderr)
         return 2
     except OSError as e:

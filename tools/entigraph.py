@@ -12,14 +12,24 @@ sample of --max-triples-per-doc triples, one request each writes how those entit
 
 Resumable: every finished request is appended to WORK_DIR/entities.jsonl or relations.jsonl before it counts;
 run the same command again after a crash, a kill or a budget stop and only the missing requests are sent.
-Items that fail after --max-attempts are recorded with the reason and counted; a rerun keeps them failed
-unless --retry-failed. The output prefix (relation texts, and with --include-summaries the summaries, each a
-document ending with EOD) is built from the records in a fixed order, so every rerun gives the same bytes;
-PREFIX.provenance.parquet names each document's source, step and entities; the sidecar records the model, the
-prompt hash, the counts and the estimated cost. WORK_DIR/ledger.jsonl has one line per finished request.
+Transient failures (429 with its Retry-After, 408, 5xx, timeouts, dropped connections) are retried with
+backoff for up to --transient-budget-s seconds per item and never count as attempts; --max-attempts bounds the
+content failures (invalid JSON after repairs, empty replies, other 4xx). An item that still fails is recorded
+with the reason and whether it was transient: a plain rerun asks for the transient ones again, --retry-failed
+also for the permanent ones. A run that leaves items out lists them (by step and reason) and writes nothing,
+unless --allow-partial, which publishes the rest and marks the sidecar "partial". The output prefix (relation
+texts, and with --include-summaries the summaries, each a document ending with EOD) is built from the records
+in a fixed order, so every rerun gives the same bytes; PREFIX.provenance.parquet names each document's source,
+step and entities; the sidecar records the model, the prompt hash, the counts and the estimated cost.
+WORK_DIR/ledger.jsonl has one line per finished request.
 
-Exit codes: 0 written; 2 bad input or output (one line on stderr); 3 stopped by the budget (records kept, no
-output: rerun with a larger budget to continue). The API key is read from --api-key-env and written nowhere.
+An --output-prefix that is the --input (or one of its files, or a tokenizer) is refused before anything is
+written, --overwrite or not.
+
+Exit codes: 0 written (complete, or partial with --allow-partial); 1 requests still unanswered (rerun to
+continue); 2 bad input or output (one line on stderr); 3 stopped by the budget (records kept, no output: rerun
+with a larger budget to continue); 4 partial: items failed, no output (rerun, --retry-failed or
+--allow-partial, as printed); 130 interrupted. The API key is read from --api-key-env and written nowhere.
 """
 
 from __future__ import annotations
@@ -27,12 +37,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
-from megasynth.synth.pipeline_cli import add_source_arguments, report_failures, run_tool
+from megasynth.synth.pipeline_cli import add_outcome_arguments, add_source_arguments, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser, tokenizer_help="tokenizer of the output prefix")
     parser.add_argument("--max-pairs-per-doc", type=int, default=None, metavar="M",
                         help="most entity pairs per document, a seeded sample (default: every pair)")
@@ -41,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair and triple samples (default 0)")
     parser.add_argument("--include-summaries", action="store_true",
                         help="also write each document's summary as a synthetic document")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="ask again for items an earlier run recorded as failed (default: they stay failed)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    add_outcome_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_llm_arguments(parser)
     return parser
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},  # before the work dir is touched
+                  {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer})
     if args.max_pairs_per_doc is not None and args.max_pairs_per_doc < 0 or args.max_triples_per_doc < 0:
         parser.error("--max-pairs-per-doc and --max-triples-per-doc must be >= 0")
     try:
@@ -66,12 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                           tokenizer=args.tokenizer, llm=llm, input_tokenizer=args.input_tokenizer,
                           max_pairs_per_doc=args.max_pairs_per_doc, max_triples_per_doc=args.max_triples_per_doc,
                           seed=args.seed, include_summaries=args.include_summaries, retry_failed=args.retry_failed,
-                          overwrite=args.overwrite, progress=not args.no_progress)
+                          allow_partial=args.allow_partial, overwrite=args.overwrite, progress=not args.no_progress)
     out, code = run_tool(lambda: run_entigraph(cfg), args.output_prefix)
     if out is None:
         return code
     c = out["counts"]
-    report_failures(out["failed"])
     print(f"wrote {args.output_prefix}: {out['sidecar']['num_documents']:,} documents, "
           f"{out['sidecar']['num_tokens']:,} tokens from {c['documents']:,} source documents "
           f"({c['entities']:,} entities, {c['pairs']:,} pairs, {c['triples']:,} triples, "

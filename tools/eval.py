@@ -7,7 +7,8 @@
 Task files are JSONL, one task per file, named by the file (schemas: docs/eval.md). Writes OUT/results.json
 (per task: metrics, n, config), OUT/results.md (a Markdown table, also printed) and OUT/predictions/TASK.jsonl
 (per-example predictions). Under torchrun each rank scores its share and the sums are reduced exactly.
-Task files are checked before the model loads; exit code 2 with FILE:LINE: message on bad input.
+Task files are checked before the model loads; exit code 2 with FILE:LINE: message on bad input, and with one
+line for an OUT that is, holds or sits inside an input (a task file, a prefix, the checkpoint's files).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from megasynth.chat import ChatTemplateError, load_chat_template
 from megasynth.checkpoint import CheckpointError, read_meta
+from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, prefix, run_dir
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, prefix_exists
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.eval.harness import EvalSettings, run_perplexity, run_task
@@ -31,7 +33,7 @@ from megasynth.generate import load_model_and_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
                    help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
     p.add_argument("--tokenizer", metavar="DIR",
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws and of sampling (default 1234)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generative tasks: longest answer (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="generative tasks: 0 = greedy (default)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="generative tasks: 0 = greedy (default)")
     p.add_argument("--quality-answer", choices=["text", "letter"], default="text",
                    help="QuALITY: score the option texts (default) or list the options and score their letters")
     p.add_argument("--quality-no-title", action="store_true", help="QuALITY: leave the article title out of the prompt")
@@ -96,6 +98,9 @@ def check_inputs(args) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--out": directory(args.out)},
+                  {"--checkpoint": run_dir(args.checkpoint), "--tokenizer": args.tokenizer, "--tasks": args.tasks,
+                   "--perplexity": [prefix(p) for p in args.perplexity]})
     if not args.tasks and not args.perplexity:
         parser.error("give --tasks FILE ... and/or --perplexity PREFIX ...")
     if args.num_fewshot < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:

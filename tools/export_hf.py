@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, directory, positive_float, run_dir
 from megasynth.hf import DTYPES, HFError, export_hf
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
                         help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
     parser.add_argument("--output", required=True, metavar="DIR", help="the Hugging Face directory to create")
@@ -27,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokenizer to include (default: the checkpoint's tokenizer/, else RUN_DIR/tokenizer)")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="export the weights without tokenizer files (bos/eos ids then come from meta.json)")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+    parser.add_argument("--max-shard-gb", type=positive_float, default=5.0,
                         help="largest safetensors file in GiB before the weights are split into shards (default 5)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it already exists (an --output that is, holds or sits inside the "
+                             "checkpoint or the tokenizer is refused regardless)")
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output": directory(args.output)},
+                  {"--checkpoint": run_dir(args.checkpoint), "--tokenizer": args.tokenizer})
 
     from megasynth.checkpoint import CheckpointError, load_for_inference, read_meta, resolve_checkpoint  # noqa: PLC0415
     from megasynth.generate import find_tokenizer_dir  # noqa: PLC0415

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from megasynth.chat import ChatTemplateError, ConversationError, load_chat_template
 from megasynth.checkpoint import CheckpointError
+from megasynth.cli import ToolParser, check_outputs, file, float_range, nonnegative_float, run_dir
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.generate import default_start_ids, generate, load_model_and_tokenizer
 from megasynth.io import JsonlError, atomic_write_text, read_jsonl
@@ -73,7 +74,7 @@ def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
                         help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
     parser.add_argument("--tokenizer", metavar="DIR",
@@ -84,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", metavar="FILE.jsonl", help='JSONL of {"id": ..., "prompt": "..."}')
     parser.add_argument("--output", required=True, metavar="OUT.jsonl", help="where the continuations go")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
+    parser.add_argument("--temperature", type=nonnegative_float, default=1.0,
+                        help="softmax temperature; 0 = greedy (default 1)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
+    parser.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=1.0,
+                        help="nucleus sampling mass, in (0, 1] (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-prompt random streams (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     parser.add_argument("--chat", action="store_true",
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output": file(args.output)},
+                  {"--prompts-file": args.prompts_file, "--checkpoint": run_dir(args.checkpoint),
+                   "--tokenizer": args.tokenizer})
     if args.max_new_tokens < 1 or args.batch_size < 1:
         parser.error("--max-new-tokens and --batch-size must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:

@@ -13,19 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, directory
 from megasynth.hf import DTYPES, HFError, import_hf_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, metavar="HF_DIR",
                         help="a local Hugging Face model directory (config.json + safetensors weights)")
     parser.add_argument("--output", required=True, metavar="CKPT_DIR",
                         help="checkpoint directory to create (config.toml, meta.json, DCP shards, tokenizer/)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype the weights are stored in (default float32, what training expects)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it already exists (an --output that is, holds or sits inside "
+                             "--input is refused regardless)")
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output": directory(args.output)}, {"--input": directory(args.input)})
     try:
         out, warning = import_hf_checkpoint(args.input, args.output, dtype=DTYPES[args.dtype],
                                             overwrite=args.overwrite)

@@ -12,6 +12,10 @@ once. OUT/documents.jsonl ({"id", "title", "text"}) is the corpus to synthesize 
 docs/eval.md). With a split by article (--split-by-article or --held-out FILE) the held-out articles go to
 OUT/heldout_documents.jsonl and OUT/quality_heldout.jsonl instead: books the model never trains on, a control
 for the closed-book gain and the pool of --fewshot examples. OUT/import.json records counts and settings.
+OUT is published like a prefix: the files are built beside it and moved in with import.json last, so a reader
+sees the complete old or the complete new set; other files in OUT are left alone. Existing output files are
+refused unless --overwrite (which replaces only these files), and an OUT that is, holds or sits inside an input
+is refused (exit code 2, one line).
 A malformed record stops the tool with exit code 2 and `FILE:LINE: field: what was expected` (--skip-bad-lines
 skips and counts such lines instead).
 """
@@ -22,9 +26,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from megasynth.cli import ToolParser, check_outputs, directory, float_range
 from megasynth.data.readers import BadInputError, InputError
 from megasynth.eval.quality_import import (
     HTML_MODES,
+    OUTPUT_FILES,
     merge_held_out,
     read_quality,
     split_articles,
@@ -33,15 +39,17 @@ from megasynth.eval.quality_import import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="QuALITY JSONL files (any name, e.g. QuALITY.v1.0.1.htmlstripped.train; .gz/.zst read too); "
                         "their articles form one pool")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: its files appear complete or not at all; other files there are kept")
     p.add_argument("--split-by-article", action="store_true",
                    help="hold a seeded --held-out-fraction of the articles out of the corpus (their questions go "
                         "to quality_heldout.jsonl)")
-    p.add_argument("--held-out-fraction", type=float, default=None, metavar="F",
+    p.add_argument("--held-out-fraction", type=float_range(0, 1, low_open=True, high_open=True), default=None,
+                   metavar="F",
                    help="with --split-by-article: share of the articles held out (default 0.2; at least one "
                         "article, never all)")
     p.add_argument("--held-out", nargs="+", default=[], metavar="FILE",
@@ -58,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed lines (invalid JSON, missing fields, gold_label outside 1..4, not "
                         "4 options) instead of stopping at the first one")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this tool's files in an existing --out directory (other files there are kept)")
     return p
 
 
@@ -72,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fewshot < 0:
         parser.error("--fewshot must be >= 0")
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out}: already exists (pass --overwrite to replace it)", file=sys.stderr)
-        return 2
+    check_outputs(parser, {"--out": directory(out, OUTPUT_FILES)}, {"--input": args.input, "--held-out": args.held_out},
+                  overwrite=args.overwrite)
     try:
         result = read_quality(args.input, skip_bad=args.skip_bad_lines, html_mode=args.html)
         held_out: set[str] = set()

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from megasynth.cli import ToolParser
 from megasynth.data.indexed import (
     DTYPE_CODES,
     HEADER_SIZE,
@@ -112,7 +113,7 @@ def print_document(ds: IndexedDataset, i: int, tokenizer, max_tokens: int) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prefix", help="dataset prefix (PREFIX.bin + PREFIX.idx [+ PREFIX.json])")
     parser.add_argument("--doc", type=int, action="append", default=[], metavar="I",
                         help="print document I's ids and decoded text (repeatable; negative counts from the end)")

@@ -6,8 +6,9 @@
 Documents keep their order: every document of the first input, then the second's, and so on. The output's
 sidecar (OUTPUT.json) lists the inputs and carries their source files. Loss masks (PREFIX.mask) are carried;
 merging masked with unmasked inputs needs --unmasked-as-all-true. An existing output prefix is refused unless
---overwrite, an output of no documents unless --allow-empty. Exit code 2, with one line, on a missing or corrupt
-input or a refused output; the output is published atomically (docs/format.md, "Publishing a prefix").
+--overwrite, an output that is one of the inputs always, an output of no documents unless --allow-empty. Exit code
+2, with one line, on a missing or corrupt input or a refused output; the output is published atomically
+(docs/format.md, "Publishing a prefix").
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.data.indexed import (
     IndexedDatasetError,
     PrefixOutputError,
@@ -33,7 +35,7 @@ def prefixes_in_dir(directory: str | os.PathLike) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--inputs", nargs="+", metavar="PREFIX", help="input prefixes (PREFIX.bin + PREFIX.idx), merged in this order")
     source.add_argument("--input-dir", metavar="DIR", help="merge every prefix found in DIR, in sorted order")
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         inputs = args.inputs
+    # --input-dir DIR --output DIR/all is fine (the output is not among the inputs); an output that is an input is not.
+    check_outputs(parser, {"--output": prefix(args.output)},
+                  {"--input-dir" if args.input_dir is not None else "--inputs": [prefix(p) for p in inputs]})
     try:
         sidecar = merge_datasets(inputs, args.output, progress=not args.quiet, overwrite=args.overwrite,
                                  allow_empty=args.allow_empty, unmasked_as_all_true=args.unmasked_as_all_true)

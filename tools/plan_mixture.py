@@ -23,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, positive_float
 from megasynth.config import Config, ConfigError, load_config
 from megasynth.data.blend import BlendError, parse_data_path
 from megasynth.mixture import (
@@ -42,7 +43,7 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog="tools/plan_mixture.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("sources", nargs="*", metavar="WEIGHT SOURCE",
@@ -50,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "SOURCE; a SOURCE is a dataset prefix (its unique tokens are read from the .idx) or NAME=COUNT "
                         "like real=0.5T; default: the sources of --config")
     p.add_argument("--tokens", metavar="N", help="the horizon in training tokens, e.g. 10T, 2.5B, 3e9")
-    p.add_argument("--flops", metavar="F", type=float,
+    p.add_argument("--flops", metavar="F", type=positive_float,
                    help="the horizon in training FLOPs (needs --config: tokens = F / flops_per_token(model, seq_len))")
     p.add_argument("--config", metavar="TOML",
                    help="a training config: its model and seq_len convert --flops to tokens; without --tokens or "
                         "--flops its steps x global_batch_size x seq_len is the horizon; it is the base of "
                         "--compute-matched; its data.max_repetition is the warning threshold")
-    p.add_argument("--max-repetition", type=float, metavar="E",
+    p.add_argument("--max-repetition", type=positive_float, metavar="E",
                    help="warn for sources read more than E epochs (default: the config's data.max_repetition, else 8)")
     g = p.add_argument_group("compute-matched runs")
     g.add_argument("--compute-matched", action="store_true",
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", help="where the three configs are written")
     g.add_argument("--runs-root", metavar="DIR",
                    help="each config's train.run_dir is RUNS_ROOT/<run name> (default: OUT/runs)")
-    g.add_argument("--synthesis-flops", type=float, metavar="F",
+    g.add_argument("--synthesis-flops", type=nonnegative_float, metavar="F",
                    help="FLOPs spent generating the synthetic data, charged to the synthetic run")
     g.add_argument("--synthesizer-config", metavar="TOML",
                    help="instead of --synthesis-flops: the generator's config; synthesis FLOPs = 2 x its matmul "
@@ -150,6 +151,9 @@ def run_table(args, cfg: Config | None, max_rep: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--out": directory(args.out) if args.out else None},
+                  {"SOURCE": args.sources, "--config": args.config, "--real": args.real, "--synthetic": args.synthetic,
+                   "--oracle": args.oracle, "--synthesizer-config": args.synthesizer_config})
     try:
         cfg = load_config(args.config) if args.config else None
         max_rep = args.max_repetition if args.max_repetition is not None else (cfg.data.max_repetition if cfg else 8.0)

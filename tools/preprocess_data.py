@@ -9,7 +9,12 @@ output; --workers processes parse and tokenize batches of --batch-size records, 
 written in input order, so the output is byte-identical whatever the number of workers. The output
 directory is created when it does not exist. An existing output prefix is refused unless --overwrite, and an
 input that yields no document unless --allow-empty; the prefix is published atomically (the old one stays whole
-until the new one is complete; docs/format.md, "Publishing a prefix").
+until the new one is complete; docs/format.md, "Publishing a prefix"). An output whose files are an input's (or
+inside an input directory, or the tokenizer's) is refused before any work, --overwrite or not.
+
+Text is text: the literal string of a special token in a document ("<|endoftext|>", "<|im_end|>", "</s>", ...,
+which web text does contain) is tokenized as ordinary text, never as that token's id, so each document's only
+EOD is the appended one; text without such strings tokenizes as it always did (docs/format.md).
 
 Bad input (invalid JSON or UTF-8, a missing key, a value that is not a string) stops the run with
 `FILE:LINE: what is wrong` and exit code 2, and leaves no output; --skip-bad-lines skips such records and
@@ -23,12 +28,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.data.preprocess import preprocess, print_skipped, run_for_cli
 from megasynth.data.readers import add_input_arguments, reader_options_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_arguments(parser)
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="writes PREFIX.bin, PREFIX.idx and PREFIX.json; missing directories are created")
@@ -67,7 +73,10 @@ def summary_line(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
+                  {"--input": args.input, "--tokenizer": args.tokenizer})
     if args.workers < 0 or args.batch_size < 1 or args.max_bad_lines_shown < 0:
         print("--workers must be >= 0, --batch-size >= 1 and --max-bad-lines-shown >= 0", file=sys.stderr)
         return 2

@@ -8,14 +8,16 @@ Formats (one JSON object a line; --format auto decides from the first record and
   prompt_response  {"prompt", "response"}
   alpaca           {"instruction", "input" (optional), "output"}  (instruction + "\\n\\n" + input when input is set)
   chat             {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
-  pair             {"source", "target"}: source, <|sep|>, target, EOD; the loss on target and EOD (SBP)
+  pair             {"source", "target"}: source, <|sep|>, target, EOD; the loss on target and EOD (SBP);
+                   --separator TOKEN uses another single-id token instead of <|sep|> (a pretrained tokenizer's)
 The first three are rendered with the tokenizer's chat_template (tokenizer_config.json), else the built-in ChatML
 template (<|im_start|>role\\n...<|im_end|>\\n; tools/train_tokenizer.py --chat-tokens adds its tokens); the
 targets are every assistant turn's content and its end-of-turn token. Every record ends with EOD. The template
 and its special tokens are recorded in the sidecar; tools/generate.py --chat formats prompts with the same one.
 
 Same pipeline and guarantees as tools/preprocess_data.py: byte-identical output for any --workers; a bad record
-(missing field, empty response, no assistant turn, unknown role, a special token inside a text, more than
+(missing field, empty response, no assistant turn, unknown role, a special token inside a text (any string the
+tokenizer would turn into a special id: content never produces one), more than
 --max-len tokens) stops the run with FILE:LINE: what is wrong, exit code 2 and no output; --skip-bad-lines
 skips and counts them instead. The library is megasynth.data.sft (its docstring has the details).
 """
@@ -26,12 +28,13 @@ import argparse
 import sys
 
 from megasynth.chat import ChatTemplateError
+from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.data.preprocess import print_skipped, run_for_cli
 from megasynth.data.sft import FORMATS, preprocess_sft, resolve_format
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="JSONL files (.jsonl/.json/.ndjson, optionally .gz/.zst), directories or quoted globs")
     parser.add_argument("--tokenizer", required=True, metavar="PATH",
@@ -40,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="writes PREFIX.bin, .idx, .mask and .json; missing directories are created")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                         help="record format (default auto: from the keys of the first record)")
+    parser.add_argument("--separator", metavar="TOKEN",
+                        help="--format pair: the token between source and target (default <|sep|>); any token that is "
+                             "one id of the tokenizer, e.g. a pretrained tokenizer's reserved special token; recorded "
+                             "in the sidecar")
     parser.add_argument("--max-len", type=int, default=None, metavar="N",
                         help="longest record in tokens, EOD included; a longer one is a bad record (default: none)")
     parser.add_argument("--truncate", action="store_true",
@@ -69,6 +76,8 @@ def summary_line(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
+                  {"--input": args.input, "--tokenizer": args.tokenizer})
     if args.workers < 0 or args.batch_size < 1 or args.max_bad_lines_shown < 0:
         parser.error("--workers must be >= 0, --batch-size >= 1 and --max-bad-lines-shown >= 0")
     if args.max_len is not None and args.max_len < 2:
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return preprocess_sft(args.input, args.output_prefix, args.tokenizer, fmt=fmt, max_len=args.max_len,
                               truncate=args.truncate, skip_bad=args.skip_bad_lines, workers=args.workers,
                               batch_size=args.batch_size, max_bad_shown=args.max_bad_lines_shown,
-                              progress=not args.no_progress, overwrite=args.overwrite)
+                              progress=not args.no_progress, overwrite=args.overwrite, separator=args.separator)
 
     code, summary = run_for_cli(args.output_prefix, run, bad_input=(ChatTemplateError,))
     if code:

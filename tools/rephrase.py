@@ -11,11 +11,19 @@ document once before any twice), each request with its own seed. With --target-t
 N tokens, and only the requests that needs are sent; --samples-per-doc is then the most rounds allowed.
 
 Same guarantees as tools/entigraph.py: every finished request is recorded in WORK_DIR/rephrasings.jsonl before
-it counts, a killed or budget-stopped run resumes without repeating one, failed items are counted and kept
-failed unless --retry-failed, and the prefix (+ PREFIX.provenance.parquet, sidecar with model, prompt hash,
-counts, cost) is built from the records in a fixed order (document, style, sample), so reruns give the same bytes.
+it counts, a killed or budget-stopped run resumes without repeating one, transient failures (429, 408, 5xx,
+timeouts, dropped connections) are retried for --transient-budget-s per item and asked again by a plain rerun,
+content failures stop at --max-attempts and are asked again only with --retry-failed, a run that leaves items
+out writes nothing unless --allow-partial (sidecar "partial"), and the prefix (+ PREFIX.provenance.parquet,
+sidecar with model, prompt hash, counts, cost) is built from the records in a fixed order (document, style,
+sample), so reruns give the same bytes.
 
-Exit codes: 0 written; 2 bad input or output; 3 stopped by the budget (rerun with a larger budget to continue).
+An --output-prefix that is the --input (or one of its files, a tokenizer or --target-tokens-of) is refused
+before anything is written, --overwrite or not.
+
+Exit codes: 0 written (complete, or partial with --allow-partial); 1 requests still unanswered (rerun); 2 bad
+input or output; 3 stopped by the budget (rerun with a larger budget to continue); 4 partial: items failed, no
+output (rerun, --retry-failed or --allow-partial, as printed); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,15 +32,16 @@ import argparse
 import json
 import sys
 
+from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.data.prefix import sidecar_path
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
-from megasynth.synth.pipeline_cli import add_source_arguments, report_failures, run_tool
+from megasynth.synth.pipeline_cli import add_outcome_arguments, add_source_arguments, run_tool
 
 STYLES = ("plain", "encyclopedic", "qa")  # megasynth.synth.rephrase.STYLES, without importing it for --help
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(parser, tokenizer_help="tokenizer of the output prefix (and of the token target)")
     parser.add_argument("--styles", default=",".join(STYLES), metavar="LIST",
                         help=f"comma-separated rephrase styles from {', '.join(STYLES)} (default: all)")
@@ -44,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-tokens-of", default=None, metavar="PREFIX",
                         help="the target is the token count of this prefix (e.g. the EntiGraph output)")
     parser.add_argument("--seed", type=int, default=0, help="derives each request's sampling seed (default 0)")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="ask again for items an earlier run recorded as failed (default: they stay failed)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    add_outcome_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_llm_arguments(parser)
     return parser
@@ -68,20 +75,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},  # before the work dir is touched
+                  {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer,
+                   "--target-tokens-of": args.target_tokens_of})
     styles = [s.strip() for s in args.styles.split(",") if s.strip()]
     try:
         llm = settings_from_args(args)
         cfg = RephraseConfig(input=args.input, work_dir=args.work_dir, output_prefix=args.output_prefix,
                              tokenizer=args.tokenizer, llm=llm, input_tokenizer=args.input_tokenizer,
                              styles=styles, samples_per_doc=args.samples_per_doc, target_tokens=_target(args, parser),
-                             seed=args.seed, retry_failed=args.retry_failed, overwrite=args.overwrite,
+                             seed=args.seed, retry_failed=args.retry_failed, allow_partial=args.allow_partial,
+                             overwrite=args.overwrite,
                              progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
     out, code = run_tool(lambda: run_rephrase(cfg), args.output_prefix)
     if out is None:
         return code
-    report_failures(out["failed"])
     if not out["target_reached"]:
         print(f"the target of {cfg.target_tokens:,} tokens was not reached with --samples-per-doc "
               f"{cfg.samples_per_doc}; raise it and rerun to add rounds", file=sys.stderr)

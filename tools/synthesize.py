@@ -8,20 +8,27 @@
         --num-docs 100000 --endpoint http://localhost:8000/v1 --served-model synthesizer   # vLLM, for scale
 
 Sample i is prompted with a corpus document drawn uniformly (seeded by --seed), cut to --max-seed-tokens, and
-<|sep|> (the layout of tools/make_pair_dataset.py); the model samples up to --max-new-tokens tokens at
---temperature (1 by default: varied syntheses of one seed) and stops at EOD. Empty outputs are dropped and
-counted. A document depends only on (--seed, its sample index): not on the batch size, the number of torchrun
+the pair separator (the layout of tools/make_pair_dataset.py): the one recorded in the sidecar of the pair data the
+checkpoint was tuned on (its config's data sources), else --separator, else <|sep|>; the model samples up to
+--max-new-tokens tokens at --temperature (1 by default: varied syntheses of one seed) and stops at EOD. Empty
+outputs are dropped and counted. A document depends only on (--seed, its sample index): not on the batch size, the number of torchrun
 ranks (each takes a share of the shards) or interruptions. Work goes in shards to --work-dir (default
 OUT.work/) with a manifest of the settings; run the same command again after a crash or kill and it resumes,
 publishing the same bytes as an uninterrupted run. --tokens T draws whole shards until the output holds at
 least T tokens (EOD included). With --endpoint the prompts go to an OpenAI-compatible completions server (vLLM
 serving the checkpoint exported with tools/export_hf.py) as token ids, or with --endpoint-prompt text as text.
+No sample is ever left out: transient failures (429 with its Retry-After, 408, 5xx, timeouts, dropped
+connections) are retried for --transient-budget-s per sample without counting as attempts, and a sample that
+still fails, or fails --max-attempts times for its content, stops the run with exit code 1 (the finished shards
+stay; the same command resumes).
 
 Output: OUT.bin/.idx/.json, a normal prefix of the documents in sample order, whose sidecar names the checkpoint
 (and the sha256 of its meta.json), the corpus and its .idx sha256, the settings and the counts; and
-OUT.provenance.parquet (doc, seed, sample). An existing output is refused unless --overwrite. Bad input (a
-checkpoint whose tokenizer lacks <|sep|>, a corpus of another tokenizer, --num-docs 0, ...) stops with one line
-and exit code 2. Library: megasynth.synth.synthesize.
+OUT.provenance.parquet (doc, seed, sample). An existing output is refused unless --overwrite, an output that is
+one of the inputs (OUT = --corpus, say) always; a float flag that is not a finite number in its range
+(--temperature nan) is refused while parsing. Bad input (a checkpoint whose tokenizer lacks <|sep|> and no
+--separator, a --separator other than the recorded one, a corpus of another tokenizer, --num-docs 0, ...) stops
+with one line and exit code 2. Library: megasynth.synth.synthesize.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import sys
 import torch
 
 from megasynth.checkpoint import CheckpointError
+from megasynth.cli import ToolParser, check_outputs, float_range, nonnegative_float, positive_float, prefix, run_dir
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.run_lock import RunDirBusy
@@ -42,12 +50,16 @@ from megasynth.tokenizer import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = SynthSettings()
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
                    help="the tuned synthesizer: a run directory (its newest checkpoint) or a step directory")
     p.add_argument("--tokenizer", metavar="DIR",
-                   help="its tokenizer (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer); must hold <|sep|>")
+                   help="its tokenizer (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
+    p.add_argument("--separator", metavar="TOKEN",
+                   help="the pair separator (one id of the tokenizer) the synthesizer was tuned on; default: the one "
+                        "the sidecar of its pair data records (tools/make_pair_dataset.py --separator), else "
+                        "<|sep|>; refused when it differs from the recorded one")
     p.add_argument("--corpus", required=True, metavar="PREFIX",
                    help="the real corpus the seed documents are drawn from (tokenized with that tokenizer)")
     p.add_argument("--output-prefix", required=True, metavar="OUT",
@@ -56,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw N samples (the output holds N minus the empty ones); give this or --tokens")
     p.add_argument("--tokens", type=int, metavar="T",
                    help="draw whole shards until the output holds at least T tokens (EOD included)")
-    p.add_argument("--temperature", type=float, default=d.temperature,
+    p.add_argument("--temperature", type=nonnegative_float, default=d.temperature,
                    help="softmax temperature (default 1; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens (default 0 = all)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-p", type=float_range(0, 1, low_open=True), default=d.top_p,
+                   help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the seed draws and every sample's stream (default 0)")
     p.add_argument("--max-seed-tokens", type=int, metavar="L1",
@@ -73,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.shard_docs})")
     p.add_argument("--work-dir", metavar="W", help="where shards and the manifest go (default OUT.work/)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory after a successful run")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse, exit 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (default: refuse, exit 2); an output that is an input (the corpus, "
+                        "the checkpoint, the tokenizer) is refused regardless")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the local backend runs (auto: CUDA when available; a rank uses its local GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (default float32)")
@@ -85,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send each prompt as token ids (default; exact, vLLM accepts them) or as decoded text")
     e.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     e.add_argument("--max-attempts", type=int, default=5,
-                   help="HTTP requests per sample, retries included, before the run stops (default 5)")
-    e.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+                   help="requests per sample that got a reply (retries after empty or unreadable ones included) "
+                        "before the run stops (default 5); transient failures do not count, see --transient-budget-s")
+    e.add_argument("--transient-budget-s", type=nonnegative_float, default=600.0, metavar="S",
+                   help="seconds a sample keeps retrying transient failures (429 with its Retry-After, 408, 5xx, "
+                        "timeouts, dropped connections) before the run stops, resumable (default 600)")
+    e.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per request (default 300)")
     e.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY; unset: 'EMPTY')")
     return p
@@ -95,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
+                  {"--corpus": prefix(args.corpus), "--checkpoint": run_dir(args.checkpoint),
+                   "--tokenizer": args.tokenizer})
     if (args.endpoint is None) != (args.served_model is None):
         print("error: --endpoint and --served-model go together", file=sys.stderr)
         return 2
@@ -104,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = None
     if args.endpoint:
         endpoint = EndpointSettings(args.endpoint, args.served_model, args.endpoint_prompt, args.concurrency,
-                                    args.max_attempts, args.timeout, args.api_key_env)
+                                    args.max_attempts, args.timeout, args.api_key_env,
+                                    transient_budget_s=args.transient_budget_s)
     try:
         settings.check()
         if endpoint is not None and (endpoint.concurrency < 1 or endpoint.max_attempts < 1 or endpoint.timeout_s <= 0):
@@ -117,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = synthesize(args.checkpoint, args.corpus, args.output_prefix, settings, tokenizer=args.tokenizer,
                              work_dir=args.work_dir, overwrite=args.overwrite, keep_work=args.keep_work,
                              device=info.device, dtype=getattr(torch, args.dtype), endpoint=endpoint,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, separator=args.separator)
     except EndpointError as e:
         print(f"error: {e}; the finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ bpe writes OUTPUT/tokenizer.json and tokenizer_config.json (end of document: <|e
 transformers' AutoTokenizer.from_pretrained(OUTPUT) also loads; sentencepiece writes OUTPUT/tokenizer.model
 and tokenizer.vocab (unk 0, BOS 1, EOS 2 = end of document, byte fallback, no normalization). Either loads
 with megasynth.tokenizer.load_tokenizer(OUTPUT) and tools/preprocess_data.py --tokenizer OUTPUT.
-The input flags are those of tools/preprocess_data.py. Exit code 2 on bad input, with `FILE:LINE: message`.
+The input flags are those of tools/preprocess_data.py. Exit code 2 on bad input, with `FILE:LINE: message`, and
+on an OUTPUT that is, holds or sits inside an input (one line, before anything is read or written).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megasynth.chat import BUILTIN_TEMPLATE, TRAINING_SPECIAL_TOKENS
+from megasynth.cli import ToolParser, check_outputs, directory
 from megasynth.data.readers import BadInputError, InputError, InputReader, add_input_arguments, reader_options_from_args
 from megasynth.io import atomic_write_json
 from megasynth.tokenizer import HF_CONFIG, TokenizerError, load_tokenizer, train_bpe_tokenizer, train_sentencepiece_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_arguments(parser)
     parser.add_argument("--output", required=True, metavar="DIR", help="directory to write the tokenizer files to")
     parser.add_argument("--type", required=True, choices=("bpe", "sentencepiece"),
@@ -61,7 +63,9 @@ def counted(texts, counter: list[int]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs(parser, {"--output": directory(args.output)}, {"--input": args.input})
     if args.vocab_size < 1 or args.max_documents < 0 or args.min_frequency < 0:
         print("--vocab-size must be >= 1, --max-documents and --min-frequency >= 0", file=sys.stderr)
         return 2
@@ -100,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {message}", file=sys.stderr)
     print(f"wrote {args.type} tokenizer to {args.output}: vocab_size {tok.vocab_size:,}, eod_id {tok.eod_id}, "
           f"trained on {used[0]:,} documents in {time.perf_counter() - started:.1f} s")
+    if tok.vocab_size < args.vocab_size:
+        # BPE stops merging when no pair is left that occurs --min-frequency times: a small corpus cannot fill a
+        # large vocabulary. Say so, since model.vocab_size and the embedding are sized from it.
+        print(f"warning: asked for --vocab-size {args.vocab_size:,} but the corpus gave only {tok.vocab_size:,} ids "
+              f"({used[0]:,} documents); give more text, or a smaller --vocab-size, or a lower --min-frequency",
+              file=sys.stderr)
     return 0
 
 

@@ -67,8 +67,8 @@ TINY_MODEL = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=2", "--mo
               "--model.ffn_dim=128", "--model.max_seq_len=128", "--data.seq_len=128"]
 SYNTH_WEIGHT = 0.9  # the rest is replay of the base model's pretraining data, against forgetting
 # LLM flags passed through to tools/entigraph.py and tools/rephrase.py when given (see megasynth.synth.llm).
-LLM_FLAGS = ("api_key_env", "concurrency", "rpm", "tpm", "max_attempts", "timeout", "max_tokens", "price_in",
-             "price_out", "budget_tokens", "budget_usd")
+LLM_FLAGS = ("api_key_env", "concurrency", "rpm", "tpm", "max_attempts", "transient_budget_s", "timeout",
+             "max_tokens", "price_in", "price_out", "budget_tokens", "budget_usd")
 
 
 def find_base(base: Path) -> Path | None:
@@ -117,13 +117,18 @@ def start_offline_llm(out: Path) -> tuple[subprocess.Popen, str]:
 
 
 def generate(cmd: list, env: dict) -> None:
-    """Run a generator tool; its exit code 3 (stopped by the budget, records kept) ends the example cleanly."""
+    """Run a generator tool; its exit codes 3 (stopped by the budget) and 4 (items failed, nothing published),
+    records kept either way, end the example cleanly."""
     try:
         run(cmd, env)
     except SystemExit as e:
         if "exit code 3:" in str(e.code):
             sys.exit("entigraph example: stopped by the budget (see above); every finished request is kept in the "
                      "work dir: rerun the same command with a larger --budget-usd / --budget-tokens to continue")
+        if "exit code 4:" in str(e.code):
+            sys.exit("entigraph example: some requests failed (listed above); every finished request is kept in the "
+                     "work dir: rerun the same command to ask again for transient failures, or add --allow-partial "
+                     "to go on without the failed items")
         raise
 
 
@@ -133,7 +138,7 @@ def llm_args(args, base_url: str, model: str) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+    return flags + (["--allow-partial"] if args.allow_partial else [])
 
 
 def continued_pretraining(base_run: Path, base: Path, synthetic: Path, out: Path, m: dict, steps: int,
@@ -194,7 +199,12 @@ def main() -> int:
     g.add_argument("--concurrency", type=int, help="most requests in flight")
     g.add_argument("--rpm", type=float, help="requests-per-minute limit")
     g.add_argument("--tpm", type=float, help="tokens-per-minute limit")
-    g.add_argument("--max-attempts", type=int, help="most HTTP requests per item (retries and JSON repairs)")
+    g.add_argument("--max-attempts", type=int, help="most requests per item that got a reply (JSON repairs "
+                   "included; transient failures such as 429 or 5xx do not count)")
+    g.add_argument("--transient-budget-s", type=float, help="seconds an item keeps retrying transient failures "
+                   "(429, 5xx, timeouts, dropped connections)")
+    g.add_argument("--allow-partial", action="store_true", help="publish the synthetic corpora even when some items "
+                   "failed (default: stop, records kept)")
     g.add_argument("--timeout", type=float, help="seconds per HTTP request")
     g.add_argument("--max-tokens", type=int, help="most completion tokens per request")
     g.add_argument("--price-in", type=float, help="US$ per million prompt tokens (cost estimates in the ledger)")

@@ -39,10 +39,10 @@ sys.path[:0] = [str(REPO), str(REPO / "examples")]
 
 from demo import run  # noqa: E402 - the demo's "print the command, run it, stop on failure"
 
-from megasynth.config import DataSource, load_config, save_config  # noqa: E402
+from megasynth.config import DataSource, config_to_dict, load_config, save_config  # noqa: E402
 from megasynth.io import atomic_write_text, read_jsonl  # noqa: E402
 
-from sbp_report import write_report  # noqa: E402
+from sbp_report import LABELS, write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODES = {
@@ -103,6 +103,18 @@ def base_config(out: Path, m: dict, data: Path, vocab: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path)
     return path
+
+
+def same_training(a: Path, b: Path) -> bool:
+    """True when two configs train the same steps on the same data: equal in every key but where the run is
+    written and how it resumes, and in their sources but for their display names."""
+    def normalised(path: Path) -> dict:
+        d = config_to_dict(load_config(path))
+        d["train"].pop("run_dir"), d["train"].pop("resume")
+        for source in d["data"]["sources"]:
+            source.pop("name")
+        return d
+    return normalised(a) == normalised(b)
 
 
 def main() -> int:
@@ -191,10 +203,17 @@ def main() -> int:
          "--real", data / "real", "--synthetic", data / "synthetic", "--oracle", data / "oracle",
          "--out", out / "plans", "--runs-root", out, "--synthesizer-config", base_cfg], env)
     for name in RUNS:
+        if name == "baseline" and same_training(base_cfg, out / "plans" / "baseline.toml"):
+            # The base model of stage 3 is the baseline run (real data, same model, steps and seed): training it
+            # again would repeat the same steps to the same bytes, so its run directory is reused.
+            shutil.copytree(out / "base", out / "baseline")
+            print(f"  baseline: the same training as the base model of stage 3; reusing {out / 'base'}")
+            continue
         run([py, "-m", "megasynth.train", "--config", out / "plans" / f"{name}.toml"], env)
 
     stage("11. comparison and report")
-    run([py, "tools/compare_runs.py", *(out / name for name in RUNS), "--out", out / "compare"], env)
+    run([py, "tools/compare_runs.py", *(out / name for name in RUNS), "--out", out / "compare",
+         *(arg for name in RUNS for arg in ("--label", LABELS[name]))], env)
     timings["end"] = time.time()
     report = write_report(out, mode_name, counts, m, timings, started)
     print(f"\n== done in {time.time() - started:.0f} s: {report}")

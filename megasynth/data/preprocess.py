@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megasynth.cli import file, overlap_refusal
+from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import (
     IndexedDatasetWriter,
     bin_path,
     check_not_empty,
     check_output_free,
     idx_path,
-    mask_path,
     sidecar_path,
     smallest_token_dtype,
 )
@@ -57,8 +58,9 @@ class ChunkEncoder:
 
     def __call__(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Parsed]:
         parsed = parse_chunk(chunk, self.options)
+        # Documents are text: a literal "<|endoftext|>" in a web page is not an end of document (issue 19).
         tokens, lengths = self.tokenizer.encode_batch_array(
-            parsed.texts, add_bos=self.add_bos, append_eod=self.append_eod, dtype=self.dtype)
+            parsed.texts, add_bos=self.add_bos, append_eod=self.append_eod, dtype=self.dtype, parse_special=False)
         parsed.texts = []  # the texts need not travel back to the main process
         return tokens, lengths, parsed
 
@@ -138,10 +140,9 @@ def check_output_prefix(prefix: str | os.PathLike, reader: InputReader, *, overw
         raise InputError(f"{prefix}: cannot create the output directory {parent}: {existing} is not a directory")
     if Path(prefix).is_dir():
         raise InputError(f"{prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    outputs = {p.resolve() for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix), mask_path(prefix))}
-    for f in reader.files:
-        if f.path.resolve() in outputs:
-            raise InputError(f"{prefix}: the output would overwrite the input {f.path}")
+    refusal = overlap_refusal({"": prefix_spec(prefix)}, {"": [file(f.path) for f in reader.files]})
+    if refusal:  # megasynth.cli: the one overlap rule
+        raise InputError(refusal)
     check_output_free(prefix, overwrite=overwrite)
     return missing
 

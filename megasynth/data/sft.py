@@ -16,8 +16,10 @@ The first three are conversations rendered with the chat template (megasynth.cha
 built-in ChatML one); the targets (loss mask True) are every assistant turn's content and its end-of-turn token,
 everything else is context. A pair is `source tokens, <|sep|>, target tokens, EOD` with the loss on the target and
 the EOD: p(target document | source document), as SBP's synthesizer needs; <|sep|> (megasynth.chat.PAIR_SEPARATOR,
-added by tools/train_tokenizer.py --chat-tokens) must be one token of the tokenizer. Every record ends with the
-end-of-document id, so examples stay apart when a prefix is read as one stream; in a conversation it is context.
+added by tools/train_tokenizer.py --chat-tokens) must be one token of the tokenizer, or `separator` names another
+single-id token (a pretrained tokenizer's special or reserved token); the sidecar records its text and id. Every
+record ends with the end-of-document id, so examples stay apart when a prefix is read as one stream; in a
+conversation it is context.
 
 Tokens (megasynth.data.sft_encode). With the built-in template and for pairs, each record is rendered and
 tokenized as one text, the same call as pretraining data, and the targets are found in the ids (the special
@@ -30,10 +32,11 @@ with its "\u2581" once, like any document.
 
 Bad records (FILE:LINE, exit 2 and no output in the tool; counted and skipped with skip_bad): missing or
 non-string fields, an empty prompt/instruction/source or an empty response/output/assistant turn/target, a
-conversation with no assistant turn or an unknown role, a text holding one of the template's special tokens or
-the EOD token, and a record of more than max_len tokens. With truncate, such a record keeps its first max_len - 1
-tokens and ends with EOD as context (the text did not end there, so the EOD is never a target); one left with no
-target token is bad; truncated records are counted.
+conversation with no assistant turn or an unknown role, a text holding one of the template's special tokens, the
+EOD token or any other special token of the tokenizer (Tokenizer.special_texts: the template's markers are the
+only special ids a record may hold; issue 19), and a record of more than max_len tokens. With truncate, such a
+record keeps its first max_len - 1 tokens and ends with EOD as context (the text did not end there, so the EOD
+is never a target); one left with no target token is bad; truncated records are counted.
 
 The pipeline is megasynth.data.preprocess's (its reader, worker pool, output checks and atomic writer), so the
 output is byte-identical whatever the number of workers.
@@ -50,7 +53,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megasynth.chat import PAIR_SEPARATOR
 from megasynth.data.indexed import (
     IndexedDatasetWriter,
     bin_path,
@@ -126,6 +128,7 @@ def preprocess_sft(
     inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike, tokenizer_path: str | os.PathLike, *,
     fmt: str = "auto", max_len: int | None = None, truncate: bool = False, skip_bad: bool = False,
     workers: int = 1, batch_size: int = 512, max_bad_shown: int = 5, progress: bool = True, overwrite: bool = False,
+    separator: str | None = None,
 ) -> dict:
     """Tokenize instruction / chat / pair records into a loss-masked prefix (.bin/.idx/.mask/.json).
 
@@ -138,7 +141,9 @@ def preprocess_sft(
     started = time.perf_counter()
     output_prefix = os.fspath(output_prefix)
     fmt, decided_at = resolve_format(inputs, fmt, skip_bad=skip_bad)
-    options = SftOptions(fmt, max_len, truncate, skip_bad, batch_size, max_bad_shown)
+    if separator is not None and fmt != "pair":
+        raise InputError(f"--separator is for pair records; {', '.join(map(os.fspath, inputs))} holds {fmt} records")
+    options = SftOptions(fmt, max_len, truncate, skip_bad, batch_size, max_bad_shown, separator)
     reader = _jsonl_reader(inputs, ReaderOptions(skip_bad=skip_bad, batch_size=batch_size, max_bad_shown=max_bad_shown))
     missing_dirs = check_output_prefix(output_prefix, reader, overwrite=overwrite)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -150,7 +155,7 @@ def preprocess_sft(
     if fmt == "alpaca":
         sft["alpaca_join"] = ALPACA_JOIN
     if fmt == "pair":
-        sft["pair_separator"] = {"text": PAIR_SEPARATOR, "id": encoder.sep_id}
+        sft["pair_separator"] = {"text": encoder.separator, "id": encoder.sep_id}
     metadata = {"tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
                 "append_eod": True, "add_bos": False, "created_by": "preprocess_sft", "sft": sft}
     bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess_sft",

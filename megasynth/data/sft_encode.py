@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,11 +75,11 @@ class SftEncoder:
         eod_text = tokenizer.decode([tokenizer.eod_id])
         if options.fmt == "pair":
             self.template = None
-            self.sep_id = special_token_id(tokenizer, PAIR_SEPARATOR)
-            if self.sep_id is None:
-                raise TokenizerError(f"{tokenizer.path}: pair records need {PAIR_SEPARATOR} as one token and this "
-                                     "tokenizer splits it; train one with tools/train_tokenizer.py --chat-tokens")
-            specials = (PAIR_SEPARATOR,)
+            self.separator = options.separator or PAIR_SEPARATOR
+            self.sep_id = special_token_id(tokenizer, self.separator)
+            if self.sep_id is None or self.sep_id == tokenizer.eod_id:
+                raise TokenizerError(separator_problem(tokenizer, self.separator))
+            specials = (self.separator,)
         else:
             self.template = load_chat_template(tokenizer)
             specials = self.template.special_tokens
@@ -89,6 +90,11 @@ class SftEncoder:
         if special_token_id(tokenizer, eod_text) == tokenizer.eod_id:
             specials = (*specials, eod_text)
         self.specials = tuple(dict.fromkeys(specials))
+        # Every other string the tokenizer turns into a special id is refused in a text too (issue 19): the
+        # template's markers are special ids, the content never produces one (a record is tokenized in one go).
+        others = [s for s in tokenizer.special_texts if s not in self.specials]
+        self._other_specials = re.compile("|".join(map(re.escape, sorted(others, key=len, reverse=True)))) \
+            if others else None
         self.whole = self.template is None or self.template.builtin
         # A special token to continue after (see the module docstring), and what the tokenizer opens a text with.
         self.anchor = next((s for s in self.specials if special_token_id(tokenizer, s) is not None), None)
@@ -109,8 +115,13 @@ class SftEncoder:
         fmt = self.options.fmt
         roles, texts = record_texts(obj, fmt)
         check_texts(texts, line, self.specials)
+        if self._other_specials is not None:
+            for text in texts:
+                if found := self._other_specials.search(text):
+                    raise RecordProblem(f"a text holds {found.group()!r}, a special token of the tokenizer: content "
+                                        "must not produce special ids")
         if fmt == "pair":
-            return texts[0] + PAIR_SEPARATOR + texts[1], None
+            return texts[0] + self.separator + texts[1], None
         if self.whole:
             text = "".join([f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in zip(roles, texts)])
             return text, [role == "assistant" for role in roles]
@@ -145,7 +156,7 @@ class SftEncoder:
         ends = np.cumsum(lengths)
         problems: list[str | None] = [None] * len(records)
         seps, ok = self._counted(tokens, ends, self.sep_id, np.ones(len(records), np.int64), problems,
-                                 PAIR_SEPARATOR)
+                                 self.separator)
         seps = seps[ok[np.searchsorted(ends, seps, side="right")]]
         mark = np.zeros(tokens.size + 1, np.int32)
         mark[seps + 1] += 1  # the target, through the EOD
@@ -288,6 +299,17 @@ class SftEncoder:
         cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.empty(0, dtype))
         return EncodedChunk(cat(keep_t, tokens.dtype), np.array(keep_n, dtype=np.int64), cat(keep_m, np.bool_),
                             parsed, truncated)
+
+
+def separator_problem(tokenizer: Tokenizer, separator: str) -> str:
+    """The one line refusing a pair separator that is not one id of the tokenizer."""
+    how = ("train one with tools/train_tokenizer.py --chat-tokens, or pass --separator TOKEN naming a token that is "
+           "one id (an existing special or reserved token)") if separator == PAIR_SEPARATOR else \
+          "pass --separator TOKEN naming a token that is one id (an existing special or reserved token)"
+    if special_token_id(tokenizer, separator) == tokenizer.eod_id:
+        return (f"{tokenizer.path}: the pair separator {separator!r} is this tokenizer's end-of-document token; "
+                "pass --separator TOKEN naming another single-id token (an existing special or reserved token)")
+    return f"{tokenizer.path}: the pair separator {separator!r} is not one token of this tokenizer; {how}"
 
 
 def _build_sft_encoder(tokenizer_path: str, options: SftOptions, dtype: str) -> SftEncoder:

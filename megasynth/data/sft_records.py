@@ -28,6 +28,7 @@ class SftOptions:
     skip_bad: bool = False  # count and skip bad records instead of raising BadInputError
     batch_size: int = 512  # records per chunk handed to a worker
     max_bad_shown: int = 5  # how many bad locations the summary keeps
+    separator: str | None = None  # pair records: the token between source and target (None: <|sep|>)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:

@@ -35,10 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megasynth.data.readers import BadInputError, InputReader, ReaderOptions, RecordProblem, parse_json_chunk
-from megasynth.io import atomic_dir
+from megasynth.io import atomic_files
 
 NUM_OPTIONS = 4  # every QuALITY question has four options
 HTML_MODES = ("auto", "strip", "keep")
+# Every file write_import may put in its output directory (the held-out pair only with a split); --overwrite
+# replaces these and nothing else.
+OUTPUT_FILES = ("documents.jsonl", "quality.jsonl", "heldout_documents.jsonl", "quality_heldout.jsonl", "import.json")
 _LOOKS_HTML = re.compile(r"<\s*(html|body|p|br|div|h[1-6])\b[^>]*>", re.IGNORECASE)
 
 
@@ -286,7 +289,7 @@ def _task_line(a: Article, q: Question, split: str = "test") -> dict:
 
 def _write_jsonl(path: Path, rows) -> int:
     n = 0
-    with open(path, "w", encoding="utf-8") as f:  # inside atomic_dir: the directory appears only when complete
+    with open(path, "w", encoding="utf-8") as f:  # inside atomic_files' temp directory: published when complete
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
@@ -295,7 +298,8 @@ def _write_jsonl(path: Path, rows) -> int:
 
 def write_import(out: str | os.PathLike, result: ImportResult, held_out: set[str], *, fewshot: int = 0,
                  seed: int = 0, settings: dict | None = None, overwrite: bool = False) -> dict:
-    """Write the output directory atomically (it appears complete or not at all); returns import.json's content.
+    """Write the output files into `out` (megasynth.io.atomic_files: they appear complete, with import.json last;
+    other files in `out` are left alone, and existing OUTPUT_FILES need `overwrite`); returns import.json's content.
     `held_out` (possibly empty) names the articles kept out of documents.jsonl; `fewshot` questions drawn (seeded)
     from them join quality.jsonl as "split": "fewshot" lines (without a split: drawn from all questions, which
     are then not evaluated)."""
@@ -327,7 +331,7 @@ def write_import(out: str | os.PathLike, result: ImportResult, held_out: set[str
         "skipped_bad": result.skipped_bad, "bad_examples": result.bad_examples,
         "files": files,
     }
-    with atomic_dir(out, replace=overwrite) as tmp:
+    with atomic_files(out, OUTPUT_FILES, commit="import.json", replace=overwrite) as tmp:
         _write_jsonl(tmp / files["documents"], map(_document, train))
         _write_jsonl(tmp / files["task"], [_task_line(a, q, "fewshot") for a, q in shots]
                      + [_task_line(a, q) for a, q in tests])

@@ -13,18 +13,21 @@ the number of ranks or on what an earlier, interrupted run finished, so the outp
 the rank count and however often the run was stopped (on the same device type and library versions: padding
 changes float32 results in the last bits, which is why batches must not depend on anything else).
 
-Each finished shard is saved to `EMB.embed-work/shard-NNNNNN.npy` (atomically) beside a manifest of the settings
-that determine the bytes; a rerun with the same settings skips the shards it finds, and refuses a work
-directory made with other settings. Under torchrun the shards still to do are split into one contiguous range
-per rank; after a barrier rank 0 streams them in order into EMB.npy and writes EMB.json (the commit point,
-last), then deletes the work directory. See megasynth/synth/embed_files.py for the files.
+Each finished shard is saved to `EMB.embed-work/shard-NNNNNN.npy` (atomically). The work directory is a
+megasynth.synth.workdir.WorkDir: locked for the whole run (a second run on the same output is refused naming
+the directory and the tool), with a manifest of the settings that determine the bytes, written before any
+shard (the model's identity joins it once the model is loaded, still before any shard). A rerun with the same
+settings skips the shards it finds; a work directory made with other settings, or holding shards but no
+manifest, is refused naming what differs. Under torchrun rank 0 holds the lock and the other ranks check the
+manifest after a barrier; the shards still to do are split into one contiguous range per rank; after a barrier
+rank 0 streams them in order into EMB.npy and writes EMB.json (the commit point, last), then deletes the work
+directory, still holding its lock. See megasynth/synth/embed_files.py for the files.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import signal
 import time
@@ -42,11 +45,16 @@ from megasynth.synth.embed_files import (
     npy_header,
     work_dir,
 )
+from megasynth.run_lock import RunDirBusy
+from megasynth.synth.workdir import WorkDir, WorkDirMismatch
 
 # Tests set this to N to SIGKILL the embedding process right after it has saved N shards (a real crash that
 # no handler can tidy up), as megasynth/data/prefix.py does for publishing. Unset in normal use.
 FAULT_ENV = "MEGASYNTH_FAULT_EMBED_KILL_AFTER_SHARDS"
-MANIFEST = "manifest.json"
+# Likewise, N here stops the process with SIGSTOP after N shards (still holding its lock) until a SIGCONT: the
+# concurrency tests start a second run against a first one that is surely in the middle of its work.
+PAUSE_ENV = "MEGASYNTH_FAULT_EMBED_STOP_AFTER_SHARDS"
+PIPELINE, TOOL = "embed", "tools/embed_corpus.py"
 
 
 class EmbedError(ValueError):
@@ -232,21 +240,6 @@ def _shard_done(path: Path, rows: int, dim: int) -> bool:
     return arr.shape == (rows, dim) and arr.dtype == np.float16
 
 
-def _check_manifest(wdir: Path, settings: dict, only=None) -> None:
-    """Raise EmbedError naming the first setting (of `only`, default all) that differs from the manifest's."""
-    path = wdir / MANIFEST
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EmbedError(f"{path}: unreadable manifest ({e}); delete {wdir} to start over") from None
-    if not isinstance(found, dict):
-        raise EmbedError(f"{path}: not a manifest (a JSON object); delete {wdir} to start over")
-    for key in sorted(only if only is not None else set(found) | set(settings)):
-        if found.get(key) != settings.get(key):
-            raise EmbedError(f"{path}: an unfinished run with {key}={found.get(key)!r} (this run: "
-                             f"{settings.get(key)!r}); rerun with its settings to resume, or delete {wdir}")
-
-
 def check_output(output: str | os.PathLike, *, overwrite: bool) -> None:
     npy, side = emb_paths(output)
     found = [p.name for p in (npy, side) if p.exists()]
@@ -269,17 +262,45 @@ def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, mo
                          "embeddings")
     name = options.model or default_model()
     rank, world, created = _dist_setup()
+    wd = None
     try:
         device = resolve_device(options.device)
         settings = {"input": source.identity(), "num_documents": n, "batch_size": options.batch_size,
                     "shard_size": options.shard_size, "device_type": device.split(":")[0]}
-        if (work_dir(output) / MANIFEST).exists():  # refuse a mismatched resume before paying for the model
-            _check_manifest(work_dir(output), settings, only=settings.keys())
+        wdir = work_dir(output)
+        from megasynth.distributed import share_refusal  # noqa: PLC0415 - torch only past the argument checks
+
+        # Rank 0 locks the work directory and writes or checks its manifest before anything else (refusing a
+        # mismatched resume before paying for the model); the other ranks only read the manifest, after it.
+        refusal = None
+        if rank == 0:
+            try:
+                wd = WorkDir.open(wdir, pipeline=PIPELINE, settings=settings, tool=TOOL)
+                # Again under the lock: a run that published this output may have removed its work dir just now.
+                check_output(output, overwrite=overwrite)
+            except (EmbedError, WorkDirMismatch, RunDirBusy, OSError) as e:
+                if wd is not None and wd.created:
+                    remove_dir(wdir)
+                refusal = e
+        share_refusal(refusal, distributed=world > 1, error_type=EmbedError)
+        if rank != 0:
+            WorkDir.check(wdir, pipeline=PIPELINE, settings=settings)
         if model is None:
             model = load_model(name, device)
         settings["model"] = model_identity(model, name)
+        if wd is not None:
+            try:
+                wd.add_settings({"model": settings["model"]})  # before any shard
+            except WorkDirMismatch as e:
+                refusal = e
+        share_refusal(refusal, distributed=world > 1, error_type=EmbedError)
+        if rank != 0:
+            WorkDir.check(wdir, pipeline=PIPELINE, settings={k: v for k, v in settings.items() if k != "model"},
+                          later={"model": settings["model"]})
         return _run(source, output, settings, options, model, rank, world, progress, overwrite)
     finally:
+        if wd is not None:
+            wd.close()
         if created:
             import torch.distributed as dist  # noqa: PLC0415
 
@@ -293,20 +314,13 @@ def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int
     t0 = time.perf_counter()
     n, size, dim = settings["num_documents"], options.shard_size, settings["model"]["dim"]
     wdir = work_dir(output)
-    if (wdir / MANIFEST).exists():
-        _check_manifest(wdir, settings)  # every rank checks, so every rank fails alike
-    _barrier(world)  # nobody creates the manifest while another rank is still reading an old one
-    if rank == 0 and not (wdir / MANIFEST).exists():
-        wdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(wdir / MANIFEST, settings)
-    _barrier(world)
-
     num_shards = -(-n // size)
     bounds = [(s * size, min(n, (s + 1) * size)) for s in range(num_shards)]
     todo = [s for s in range(num_shards) if not _shard_done(_shard_path(wdir, s), bounds[s][1] - bounds[s][0], dim)]
     # The shards still to do, one contiguous range per rank (np.array_split's balanced split).
     mine = [int(s) for s in np.array_split(np.asarray(todo, dtype=np.int64), world)[rank]]
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     bar = tqdm(total=sum(bounds[s][1] - bounds[s][0] for s in mine), unit="docs", desc=f"embed rank {rank}",
                disable=not progress or rank != 0, dynamic_ncols=True)
     written = 0
@@ -319,6 +333,8 @@ def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int
             written += 1
             if fault_after and written >= fault_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if pause_after and written == pause_after:
+                os.kill(os.getpid(), signal.SIGSTOP)
     _barrier(world)
     summary = {"documents": n, "dim": dim, "shards": num_shards, "shards_resumed": num_shards - len(todo),
                "rank": rank, "world_size": world}

@@ -20,17 +20,21 @@ Every request has a deterministic key, request_key(document id, step, entities..
 appended to W/entities.jsonl and W/relations.jsonl (megasynth.synth.workdir: one fsynced line each) as they
 come back; the entity step of a document is recorded before its relation requests are sent. A run killed at
 any point and started again sends only the requests without a record, so no finished request is repeated and no
-output duplicated. An item that fails after max_attempts (invalid JSON, HTTP errors, timeouts) is recorded as
-failed with its reason and the run goes on; a rerun leaves failed items alone (reruns are idempotent and cost
-nothing) unless retry_failed, which asks for them once more. When the budget stops the run, the records so far
-stay and no output is written; a rerun with a larger budget continues.
+output duplicated. An item that fails is recorded as failed with its reason and whether the failure was
+transient (429, 408, 5xx, timeouts, dropped connections that outlasted the client's transient_budget_s) or
+permanent (invalid JSON, empty replies, other 4xx after max_attempts), and the run goes on. Transient failures
+are not data loss (issue 19): a rerun asks for them again; permanent ones only with retry_failed (so reruns of a
+finished run cost nothing). A run that ends with failed items writes no output unless allow_partial (then the
+sidecar says "partial" and counts what is missing). When the budget stops the run, the records so far stay and
+no output is written; a rerun with a larger budget continues.
 
 The output prefix is built from the records only, in a fixed order: documents in input order, then step
 (summary, pair, triple), then key; so an interrupted and resumed run gives the same bytes as an uninterrupted
 one. Texts are written as documents ending with EOD (megasynth.synth.synthetic_prefix), the summaries only with
 include_summaries; PREFIX.provenance.parquet gives each document's source id and index, step, entities and key;
 the sidecar's "synthetic" entry records model, prompt hash, settings, counts (documents, entities, pairs,
-triples, failed by step and reason) and the ledger's tokens and estimated cost.
+triples, failed by step and reason), "partial" (true only under allow_partial with items missing) with
+"missing" ({"transient"|"permanent": {step: {reason: count}}}), and the ledger's tokens and estimated cost.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult
 from megasynth.synth.prompts import load_prompt, prompts_hash
 from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
 from megasynth.synth.synthetic_prefix import SyntheticDoc, check_synthetic_output, write_synthetic_prefix
-from megasynth.synth.workdir import Finished, WorkDir, load_finished, request_key
+from megasynth.synth.workdir import WorkDir, finished_from, load_finished, request_key
 from megasynth.tokenizer import load_tokenizer
 
 ENTITIES_LOG = "entities.jsonl"
@@ -95,7 +99,9 @@ class EntiGraphConfig:
     include_summaries: bool = False
     """Also write each document's summary (step 1) as a synthetic document."""
     retry_failed: bool = False
-    """Ask again for items an earlier run recorded as failed (default: keep them as failed)."""
+    """Also ask again for items an earlier run recorded as failed for good (transient failures are always)."""
+    allow_partial: bool = False
+    """Write the output even when items failed (the sidecar says partial); default: write nothing."""
     overwrite: bool = False
     """Replace an existing output prefix."""
     progress: bool = True
@@ -202,12 +208,12 @@ class _State:
 
     def add_entities(self, record: dict) -> None:
         offset = self.entities_log.append(record)
-        self.entities[record["key"]] = Finished(offset, record["ok"], record.get("error"))
+        self.entities[record["key"]] = finished_from(offset, record)
         self.entity_records[record["key"]] = record
 
     def add_relation(self, record: dict) -> None:
         offset = self.relations_log.append(record)
-        self.relations[record["key"]] = Finished(offset, record["ok"], record.get("error"))
+        self.relations[record["key"]] = finished_from(offset, record)
 
 
 def _manifest(cfg: EntiGraphConfig, docs: list[SourceDoc], prompts: Prompts) -> dict:
@@ -219,7 +225,7 @@ def _manifest(cfg: EntiGraphConfig, docs: list[SourceDoc], prompts: Prompts) -> 
 
 def _pending(state: _State, key: str, retry_failed: bool, table) -> bool:
     done = table.get(key)
-    return done is None or (not done.ok and retry_failed)
+    return done is None or done.pending(retry_failed)
 
 
 async def _generate(cfg: EntiGraphConfig, docs: list[SourceDoc], state: _State, client, prompts: Prompts) -> None:
@@ -246,7 +252,7 @@ async def _generate(cfg: EntiGraphConfig, docs: list[SourceDoc], state: _State, 
                 record.update(summary=result.parsed["summary"].strip(), entities=ents,
                               **plan_relations(doc_id, len(ents), cfg))
             else:
-                record.update(error=result.error, detail=result.detail)
+                record.update(error=result.error, detail=result.detail, transient=result.transient)
             # The plan reaches the disk before any of its requests is sent (resume relies on it).
             state.add_entities(record)
             if result.ok:
@@ -258,7 +264,7 @@ async def _generate(cfg: EntiGraphConfig, docs: list[SourceDoc], state: _State, 
             if result.ok:
                 record.update(text=result.text, finish_reason=result.finish_reason)
             else:
-                record.update(error=result.error, detail=result.detail)
+                record.update(error=result.error, detail=result.detail, transient=result.transient)
             state.add_relation(record)
 
     async with client.batch(on_result, progress="entigraph" if cfg.progress else False) as batch:
@@ -270,6 +276,26 @@ async def _generate(cfg: EntiGraphConfig, docs: list[SourceDoc], state: _State, 
                                               meta=("entities", doc.id)))
             elif state.entities[key].ok:
                 await submit_relations(batch, doc, state.entity_records[key])
+
+
+def _missing(docs: list[SourceDoc], state: _State) -> dict:
+    """{"transient": {step: {reason: count}}, "permanent": {...}} over the failed items of a complete run (a
+    document whose entities failed counts once: its relations were never planned)."""
+    out = {"transient": {}, "permanent": {}}
+
+    def add(step: str, done) -> None:
+        reasons = out["transient" if done.transient else "permanent"].setdefault(step, {})
+        reasons[done.error] = reasons.get(done.error, 0) + 1
+
+    for doc in docs:
+        done = state.entities[request_key(doc.id, "entities")]
+        if not done.ok:
+            add("entities", done)
+            continue
+        for key, step, _ in relation_items(doc.id, state.entities_record(doc)):
+            if not state.relations[key].ok:
+                add(step, state.relations[key])
+    return {kind: {step: dict(sorted(r.items())) for step, r in sorted(steps.items())} for kind, steps in out.items()}
 
 
 # -- the output --------------------------------------------------------------------------------------------------
@@ -318,20 +344,25 @@ def _complete(docs: list[SourceDoc], state: _State) -> bool:
 
 def run_entigraph(cfg: EntiGraphConfig) -> dict:
     """Generate what is missing, then write the prefix. Returns {"complete", "budget_stopped", "sidecar" (or
-    None), "llm" (the ledger summary), "counts", "failed"}. Raises InputError / JsonlError on bad input,
-    OutputExistsError, WorkDirMismatch, RunDirBusy."""
+    None: incomplete, budget-stopped, or items failed without allow_partial), "llm" (the ledger summary), "counts",
+    "failed", "missing" (the failed items by kind, step and reason; megasynth.synth.pipeline_cli)}. Raises
+    InputError / JsonlError on bad input, OutputExistsError, WorkDirMismatch, RunDirBusy."""
     check_synthetic_output(cfg.output_prefix, overwrite=cfg.overwrite)
     docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prompts = Prompts()
     manifest = _manifest(cfg, docs, prompts)
-    with WorkDir.open(cfg.work_dir, pipeline="entigraph", settings=manifest) as wd:
+    with WorkDir.open(cfg.work_dir, pipeline="entigraph", settings=manifest, output=cfg.output_prefix) as wd:
         state = _State(wd)
-        llm_summary, budget_stopped = asyncio.run(_run_client(cfg, docs, state, prompts))
+        llm_summary, budget_stopped = asyncio.run(_run_client(cfg, docs, state, prompts, tokenizer))
         out = {"complete": _complete(docs, state), "budget_stopped": budget_stopped, "sidecar": None,
-               "llm": llm_summary, "counts": {}, "failed": {}}
+               "llm": llm_summary, "counts": {}, "failed": {}, "missing": {}}
         if not out["complete"]:
             return out
+        missing = out["missing"] = _missing(docs, state)
+        partial = any(missing.values())
+        if partial and not cfg.allow_partial:
+            return out  # nothing published (issue 19): the caller lists what is missing
         counts: Counter = Counter()
         failed = {step: Counter() for step in ("entities", "pair", "triple")}
         synthetic = {
@@ -346,7 +377,8 @@ def run_entigraph(cfg: EntiGraphConfig) -> dict:
             sidecar = write_synthetic_prefix(
                 cfg.output_prefix, tokenizer, docs_iter, columns=PROVENANCE_COLUMNS, generator="entigraph",
                 overwrite=cfg.overwrite, late_metadata=lambda: {"synthetic": {
-                    **synthetic, "counts": _counts(counts, failed), "llm": llm_summary}})
+                    **synthetic, "counts": _counts(counts, failed), "partial": partial, "missing": missing,
+                    "llm": llm_summary}})
         except EmptyOutputError:
             raise EmptyOutputError(f"{cfg.output_prefix}: nothing to write: no relation text and no summary "
                                    f"succeeded (failed: {_counts(counts, failed)['failed']}); fix the cause and "
@@ -363,9 +395,11 @@ def _counts(counts: Counter, failed: dict) -> dict:
 
 
 async def _run_client(cfg: EntiGraphConfig, docs: list[SourceDoc], state: _State,
-                      prompts: Prompts) -> tuple[dict, bool]:
+                      prompts: Prompts, tokenizer=None) -> tuple[dict, bool]:
     """(the ledger summary, whether the budget stopped the run)."""
-    async with LLMClient(cfg.llm, ledger_path=os.path.join(cfg.work_dir, LEDGER), seed=cfg.seed) as client:
+    # The output tokenizer counts replies against max_tokens: a longer reply is cut (issue 19).
+    async with LLMClient(cfg.llm, ledger_path=os.path.join(cfg.work_dir, LEDGER), seed=cfg.seed,
+                         tokenizer=tokenizer) as client:
         stopped = False
         try:
             await _generate(cfg, docs, state, client, prompts)

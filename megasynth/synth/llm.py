@@ -30,10 +30,15 @@ False, result.error the reason); it may submit more. Leaving the block waits for
 exception from on_result cancels the rest and propagates. `await client.map(requests)` is the simple form.
 
 Policy (what tests/synth/test_llm.py checks):
-- Attempts: an item (one key) makes at most `max_attempts` HTTP requests in all: retries and JSON repairs count.
-  Retried: 429, 408, 5xx, timeouts (`timeout_s` per request), dropped connections, unreadable or empty replies;
-  the wait is the server's Retry-After (seconds or an HTTP date; a 429's Retry-After pauses every request of
-  the client, since the limit is the key's) or else exponential backoff with full jitter. Other 4xx fail at once.
+- Transient failures are not data loss (issue 19): 429, 408, 5xx, timeouts (`timeout_s` per request) and dropped
+  connections are retried for up to `transient_budget_s` seconds from the item's first one, and never count
+  as attempts. The wait is the server's Retry-After (seconds or an HTTP date; a 429's Retry-After pauses every
+  request of the client, since the limit is the key's) or else exponential backoff with full jitter; a
+  Retry-After beyond what is left of the budget ends the item at once. An item that runs out of budget fails
+  with result.transient True: asking again later may succeed (the pipelines' plain rerun does).
+- Attempts: an item (one key) makes at most `max_attempts` requests that got a reply: the first, JSON repairs,
+  and retries after unreadable or empty replies. Other 4xx fail at once. These content failures are permanent
+  (result.transient False): the pipelines ask again only with --retry-failed.
 - JSON (schema= or validate=): a reply that is not JSON or does not validate gets a repair request (the
   conversation + the bad reply + a message saying what was wrong; for complete(), a fresh sample), at most
   `json_repair_attempts` of them. A reply that is never valid ends as failed, reason "invalid_json", after
@@ -43,13 +48,28 @@ Policy (what tests/synth/test_llm.py checks):
   BudgetExceeded is raised (an item that had already spent tokens is ledgered with outcome "budget" first);
   requests already sent finish and are ledgered, so the overshoot is at most what was in flight.
 - The API key is read from the environment variable `api_key_env` (unset: "EMPTY", what vLLM accepts) and is
-  scrubbed from every error message, ledger line and exception text this module produces.
+  scrubbed from every error message, ledger line and exception text this module produces, and from every reply
+  text (and parsed JSON value): a server that echoes the Authorization header must not put the key in the output.
+  It becomes "***"; the item's ledger line says api_key_scrubbed and the summary counts them.
+- Replies are not trusted (issue 19, a hostile endpoint). A reply body over `max_reply_bytes` is abandoned as it
+  streams in (Content-Length checked first; compressed bodies refused, since identity is asked) and the item
+  fails, reason "reply_too_large". A reply longer than the request's max_tokens is cut to it and marked
+  finish_reason "length" (ledger: cut_to_max_tokens), counted in the tokenizer the caller passes (the output
+  tokenizer: the cut protects the output, which is measured in its tokens), or without one, when the server's
+  own completion_tokens exceed the limit, cut in proportion of characters. Usage that is not a non-negative int
+  (a string, a bool, a float, a negative or absurd number) counts as missing: the tokens are estimated (chars /
+  4) and the ledger line says usage_estimated, so a server cannot crash the run or defeat the budget with it.
+- Ledger lines are durable before results: an item's result reaches the caller (on_result, map) only once its
+  ledger line is fsynced; a failed ledger write raises LedgerError (an OSError naming the ledger), which stops the
+  batch (megasynth.synth.ledger).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import json
 import os
 import random
 import sys
@@ -58,11 +78,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from megasynth.synth.ledger import Ledger
+from megasynth.synth.ledger import Ledger, LedgerError
 from megasynth.synth.llm_json import Validator, check_reply
 from megasynth.synth.llm_limits import (
     TokenBucket,
     backoff_delay,
+    is_transient,
     retry_after_from_headers,
 )
 from megasynth.synth.llm_settings import (
@@ -71,12 +92,16 @@ from megasynth.synth.llm_settings import (
     settings_from_args,
 )
 
-__all__ = ["BudgetExceeded", "LLMBackend", "LLMClient", "LLMRequest", "LLMResult", "LLMSettings", "Usage",
-           "add_llm_arguments", "settings_from_args"]
+__all__ = ["BudgetExceeded", "LLMBackend", "LLMClient", "LLMRequest", "LLMResult", "LLMSettings", "LedgerError",
+           "Usage", "add_llm_arguments", "settings_from_args"]
 
 DETAIL_CHARS = 300  # error details in results and the ledger are cut to this length
 CONNECTIONS_PER_POOL = 8  # LLMClient spreads its connections over pools of this size (see LLMClient.__init__)
 _NO_KEY = "EMPTY"
+MAX_USAGE_TOKENS = 100_000_000  # more tokens than one request has ever held: such a count is not a count
+# Per request: read the body as a stream (openai returns the httpx response unread) so that _bound_body can stop
+# it at max_reply_bytes, and ask for an uncompressed one, whose size on the wire is its size in memory.
+_STREAMED_REPLY = {"X-Stainless-Raw-Response": "stream", "Accept-Encoding": "identity"}
 
 
 class BudgetExceeded(RuntimeError):
@@ -87,6 +112,7 @@ class BudgetExceeded(RuntimeError):
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    estimated: bool = False  # the endpoint gave no usable usage (missing or invalid): these are chars / 4
 
     @property
     def total(self) -> int:
@@ -103,11 +129,15 @@ class LLMResult:
     parsed: Any = None  # the JSON value (when schema= or validate= was given and it validated)
     usage: Usage = field(default_factory=Usage)  # summed over every HTTP request of the item
     attempts: int = 0  # HTTP requests made (retries and repairs included)
+    transient_failures: int = 0  # of which failed transiently (429, 408, 5xx, timeout, connection)
+    transient: bool = False  # not ok because transient failures outlasted transient_budget_s (worth asking again)
     repairs: int = 0  # of which JSON repair requests
     latency_s: float = 0.0  # wall time of the whole item, waits included
     error: str | None = None  # the reason when not ok: timeout, connection, http_429, http_400, invalid_json, ...
     detail: str = ""  # the last error's message (API key scrubbed)
     finish_reason: str | None = None  # the endpoint's, for the last reply ("length": cut at max_tokens)
+    cut_to_max_tokens: bool = False  # a reply was longer than max_tokens and was cut to it (finish "length")
+    api_key_scrubbed: bool = False  # a reply held the API key, replaced by "***"
 
 
 @dataclass
@@ -133,6 +163,8 @@ class _Failure(Exception):
     def __init__(self, reason: str, detail: str, *, retryable: bool, retry_after: float | None = None):
         super().__init__(detail)
         self.reason, self.detail, self.retryable, self.retry_after = reason, detail, retryable, retry_after
+        # The endpoint's fault, not the request's: retried within the time budget, not counted as an attempt.
+        self.transient = retryable and is_transient(reason)
 
 
 def _estimate_tokens(payload: list[dict] | list[int] | str, max_tokens: int | None) -> int:
@@ -154,8 +186,10 @@ class LLMBackend:
     implement `_send`; LLMClient talks HTTP, megasynth.synth.local_backend.LocalBackend runs a checkpoint."""
 
     def __init__(self, settings: LLMSettings, ledger_path: str | os.PathLike | None = None, *,
-                 secrets: Iterable[str] = (), seed: int | None = None):
+                 secrets: Iterable[str] = (), seed: int | None = None, tokenizer=None):
         self.settings = settings
+        # The output tokenizer (megasynth.tokenizer.Tokenizer), if any: replies are counted against max_tokens in it.
+        self.reply_tokenizer = tokenizer
         self._secrets = [s for s in secrets if s]
         self.ledger = Ledger(ledger_path, price_in_per_m=settings.price_in_per_m,
                              price_out_per_m=settings.price_out_per_m)
@@ -258,34 +292,50 @@ class LLMBackend:
         result = LLMResult(key=key, ok=False)
         wants_json = schema is not None or validate is not None
         max_attempts = self.settings.max_attempts
+        first_transient: float | None = None  # when the item's first transient failure came back
         while True:
-            if result.attempts >= max_attempts:
+            if result.attempts - result.transient_failures >= max_attempts:
                 break  # result.error / detail hold the last failure
             try:
                 text, usage, finish = await self._attempt(kind, payload, sampling, key, result)
             except BudgetExceeded:
                 if result.attempts:
                     result.error, result.detail = "budget", "stopped by the budget before the item finished"
-                    self._ledger(result, started, outcome="budget")
+                    await self._ledger(result, started, outcome="budget")
                 raise
             except _Failure as f:
                 result.error, result.detail = f.reason, self.scrub(f.detail)[:DETAIL_CHARS]
-                if not f.retryable or result.attempts >= max_attempts:
+                result.transient = f.transient
+                if f.transient:
+                    result.transient_failures += 1
+                    now = time.monotonic()
+                    first_transient = now if first_transient is None else first_transient
+                    left = self.settings.transient_budget_s - (now - first_transient)
+                    wait = f.retry_after if f.retry_after is not None else min(left, backoff_delay(
+                        result.transient_failures, self.settings.backoff_base_s, self.settings.backoff_max_s,
+                        self._rng))
+                    if f.retry_after is not None and f.reason == "http_429":  # the key's limit: every request waits
+                        self._pause_until = max(self._pause_until, now + wait)
+                    if left <= 0 or wait > left:
+                        break  # out of budget (or told to come back after it): transient, a rerun asks again
+                elif not f.retryable or result.attempts - result.transient_failures >= max_attempts:
                     break
-                wait = f.retry_after if f.retry_after is not None else backoff_delay(
-                    result.attempts, self.settings.backoff_base_s, self.settings.backoff_max_s, self._rng)
-                if f.retry_after is not None and f.reason == "http_429":
-                    self._pause_until = max(self._pause_until, time.monotonic() + wait)
+                else:
+                    wait = backoff_delay(result.attempts - result.transient_failures, self.settings.backoff_base_s,
+                                         self.settings.backoff_max_s, self._rng)
                 await asyncio.sleep(wait)
                 continue
             result.usage.prompt_tokens += usage.prompt_tokens
             result.usage.completion_tokens += usage.completion_tokens
-            result.text, result.finish_reason = text, finish
+            result.usage.estimated |= usage.estimated
+            text, finish = self._clean_reply(text, finish, usage, sampling, result)
+            result.text, result.finish_reason, result.transient = text, finish, False
             if not wants_json:
                 result.ok, result.error, result.detail = True, None, ""
                 break
             parsed, problem = check_reply(text, schema=schema, validate=validate)
             if problem is None:
+                parsed = self._scrub_value(parsed, result)  # a key spelt with JSON escapes only shows up here
                 result.ok, result.parsed, result.error, result.detail = True, parsed, None, ""
                 break
             result.error, result.detail = "invalid_json", self.scrub(problem)[:DETAIL_CHARS]
@@ -295,8 +345,51 @@ class LLMBackend:
             if kind == "chat":
                 payload = [*payload, {"role": "assistant", "content": text},
                            {"role": "user", "content": repair_message(problem)}]
-        self._ledger(result, started, outcome="ok" if result.ok else "failed")
+        await self._ledger(result, started, outcome="ok" if result.ok else "failed")
         return result
+
+    def _clean_reply(self, text: str, finish: str | None, usage: Usage, sampling: dict,
+                     result: LLMResult) -> tuple[str, str | None]:
+        """(text, finish_reason) as the caller may use them: the API key replaced, then cut to max_tokens (the key
+        first, so a cut cannot leave part of it). Marks the result when either happened."""
+        clean = self.scrub(text)
+        if clean != text:
+            result.api_key_scrubbed, text = True, clean
+        limit = sampling.get("max_tokens")
+        # A character is at most 4 UTF-8 bytes, a token at least one: a text of at most limit / 4 chars fits.
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 and len(text) * 4 > limit:
+            cut = self._cut(text, limit, usage)
+            if cut is not None:
+                result.cut_to_max_tokens = True
+                return cut, "length"
+        return text, finish
+
+    def _cut(self, text: str, limit: int, usage: Usage) -> str | None:
+        """The first `limit` tokens of text, or None when it is not longer than that."""
+        if self.reply_tokenizer is not None:
+            ids = self.reply_tokenizer.encode(text, parse_special=False)  # a reply is text, never special tokens
+            if len(ids) <= limit:
+                return None
+            head = self.reply_tokenizer.decode(ids[:limit])
+            trimmed = head.rstrip("\ufffd")  # a character split between the kept and the dropped tokens
+            return trimmed if text.startswith(trimmed) else head
+        # No tokenizer: only the server's own count can say the reply is too long (a lying one goes unnoticed).
+        if usage.estimated or usage.completion_tokens <= limit:
+            return None
+        return text[: len(text) * limit // usage.completion_tokens]
+
+    def _scrub_value(self, value, result: LLMResult):
+        """A parsed JSON value with the API key scrubbed from every string in it."""
+        if isinstance(value, str):
+            clean = self.scrub(value)
+            if clean != value:
+                result.api_key_scrubbed = True
+            return clean
+        if isinstance(value, list):
+            return [self._scrub_value(v, result) for v in value]
+        if isinstance(value, dict):
+            return {self._scrub_value(k, result): self._scrub_value(v, result) for k, v in value.items()}
+        return value
 
     async def _attempt(self, kind, payload, sampling, key, result: LLMResult) -> tuple[str, Usage, str | None]:
         """Wait for the limits, check the budget, send one request, correct the tokens-per-minute charge."""
@@ -329,21 +422,26 @@ class LLMBackend:
             self._tpm.adjust(estimate - usage.total)
         return text, usage, finish
 
-    def _ledger(self, result: LLMResult, started: float, *, outcome: str) -> None:
+    async def _ledger(self, result: LLMResult, started: float, *, outcome: str) -> None:
+        """The item's ledger line, on disk before the result goes anywhere (LedgerError when it cannot be)."""
         result.latency_s = time.monotonic() - started
-        self.ledger.record({"key": result.key, "model": self.settings.model, "outcome": outcome,
-                            "attempts": result.attempts, "repairs": result.repairs,
-                            "prompt_tokens": result.usage.prompt_tokens,
-                            "completion_tokens": result.usage.completion_tokens,
-                            "latency_s": round(result.latency_s, 4), "error": result.error,
-                            "detail": result.detail or None})
+        flags = {"usage_estimated": result.usage.estimated, "cut_to_max_tokens": result.cut_to_max_tokens,
+                 "api_key_scrubbed": result.api_key_scrubbed}
+        await self.ledger.record_durable({"key": result.key, "model": self.settings.model, "outcome": outcome,
+                                          "attempts": result.attempts, "repairs": result.repairs,
+                                          "prompt_tokens": result.usage.prompt_tokens,
+                                          "completion_tokens": result.usage.completion_tokens,
+                                          "latency_s": round(result.latency_s, 4), "error": result.error,
+                                          "transient": result.transient,
+                                          "detail": result.detail or None,
+                                          **{k: True for k, v in flags.items() if v}})
 
 
 class LLMClient(LLMBackend):
     """The HTTP backend: an `openai.AsyncOpenAI` with its own retries off (ours apply) and our timeout."""
 
     def __init__(self, settings: LLMSettings, ledger_path: str | os.PathLike | None = None, *,
-                 seed: int | None = None):
+                 seed: int | None = None, tokenizer=None):
         import openai
 
         try:  # the HTTP library openai is built on: httpx2 in recent releases, httpx before
@@ -352,8 +450,10 @@ class LLMClient(LLMBackend):
             import httpx
 
         key = os.environ.get(settings.api_key_env) or _NO_KEY
-        super().__init__(settings, ledger_path, secrets=[key] if key != _NO_KEY else [], seed=seed)
+        super().__init__(settings, ledger_path, secrets=[key] if key != _NO_KEY else [], seed=seed,
+                         tokenizer=tokenizer)
         self._openai, self._httpx = openai, httpx
+        self._bounded_stream = _bounded_stream_type(httpx.AsyncByteStream)
         # Several clients with a few connections each: httpcore scans every pooled connection (one poll() each)
         # for every request, so one pool of 64 connections costs more CPU per request than the rest of the
         # client together (bench/llm_client.py). A request goes to the client with the fewest in flight.
@@ -362,7 +462,8 @@ class LLMClient(LLMBackend):
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
         self._apis = [openai.AsyncOpenAI(
             base_url=settings.base_url, api_key=key, max_retries=0, timeout=settings.timeout_s,
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=settings.timeout_s))
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=settings.timeout_s,
+                                                       event_hooks={"response": [self._bound_body]}))
             for _ in range(shards)]
         self._busy = [0] * shards
 
@@ -388,8 +489,12 @@ class LLMClient(LLMBackend):
             try:
                 async with asyncio.timeout(self.settings.timeout_s):
                     response = await self._apis[shard].post("/chat/completions" if kind == "chat" else "/completions",
-                                                            body=body, cast_to=self._httpx.Response)
-                    data = response.json()
+                                                            body=body, cast_to=self._httpx.Response,
+                                                            options={"headers": _STREAMED_REPLY})
+                    try:
+                        data = json.loads(await response.aread())
+                    finally:
+                        await response.aclose()
             finally:
                 self._busy[shard] -= 1
         except (TimeoutError, openai.APITimeoutError):
@@ -405,6 +510,50 @@ class LLMClient(LLMBackend):
         except (openai.APIError, ValueError) as e:  # a 200 whose body is not JSON
             raise _Failure("bad_response", f"unreadable response: {type(e).__name__}: {e}", retryable=True) from None
         return _read_response(kind, data, payload)
+
+    async def _bound_body(self, response) -> None:
+        """httpx response hook, run before any byte of the body is read (error replies too: openai reads those
+        whole): a body over max_reply_bytes fails the request as soon as that many bytes came in (issue 19)."""
+        cap = self.settings.max_reply_bytes
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _Failure("bad_response", f"the reply is compressed ({encoding}) although none was asked for: its "
+                           "size in memory cannot be bounded", retryable=False)
+        length = response.headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) > cap:
+            raise _Failure("reply_too_large", f"the reply announces {int(length):,} bytes, over --max-reply-bytes "
+                           f"{cap:,}", retryable=False)
+        response.stream = self._bounded_stream(response.stream, cap)
+
+
+@functools.cache
+def _bounded_stream_type(base: type) -> type:
+    """An httpx AsyncByteStream (`base`) that raises _Failure("reply_too_large") past `cap` bytes."""
+
+    class BoundedStream(base):
+        def __init__(self, inner, cap: int):
+            self._inner, self._cap = inner, cap
+
+        async def __aiter__(self):
+            seen = 0
+            async for chunk in self._inner:
+                seen += len(chunk)
+                if seen > self._cap:
+                    raise _Failure("reply_too_large", f"the reply body passed --max-reply-bytes {self._cap:,}; "
+                                   "abandoned there", retryable=False)
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return BoundedStream
+
+
+def _token_count(value) -> int | None:
+    """A usage count as reported, or None unless it is an int in [0, MAX_USAGE_TOKENS] (bool is not a count)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USAGE_TOKENS:
+        return value
+    return None
 
 
 def _cause(e: BaseException) -> str:
@@ -428,10 +577,12 @@ def _read_response(kind: str, data, payload) -> tuple[str, Usage, str | None]:
     empty_ok = kind == "complete" and finish == "stop"
     if not isinstance(text, str) or (not text and not empty_ok):
         raise _Failure("empty_reply", f"the reply is empty (finish_reason {finish})", retryable=True)
-    if isinstance(usage, dict):
-        counted = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-    else:  # some servers omit usage: estimate (chars / 4), so budgets still apply
-        counted = Usage(_estimate_tokens(payload, 0), len(text) // 4)
+    prompt, completion = ((_token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")))
+                          if isinstance(usage, dict) else (None, None))
+    if prompt is not None and completion is not None:
+        counted = Usage(prompt, completion)
+    else:  # omitted (some servers) or not a count (issue 19): estimate (chars / 4), so budgets still apply
+        counted = Usage(_estimate_tokens(payload, 0), len(text) // 4, estimated=True)
     return text, counted, finish
 
 

@@ -5,6 +5,7 @@
     bucket.adjust(+120)                         # give back what an estimate overcounted (or charge more)
     parse_retry_after("2")  -> 2.0;  parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") -> seconds from now
     backoff_delay(attempt=3, base=1.0, cap=60.0, rng=random.Random())   # uniform in [0, min(cap, 1 * 2**2)]
+    is_transient("http_503") -> True; is_transient("invalid_json") -> False   # a failure worth asking again
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ def retry_after_from_headers(headers) -> float | None:
         except ValueError:
             pass
     return parse_retry_after(headers.get("retry-after"))
+
+
+def is_transient(reason: str | None) -> bool:
+    """Whether a failure reason says the endpoint, not the request, was at fault (issue 19): rate limited (429),
+    request timeout (408), a server error (5xx), no reply in time, or a dropped connection. Such a failure is
+    retried within a time budget, and an item left out by one is asked again by a plain rerun; every other reason
+    (invalid JSON, an empty reply, another 4xx, ...) is a content failure, bounded by max_attempts."""
+    if reason in ("timeout", "connection", "http_408", "http_429"):
+        return True
+    return bool(reason) and len(reason) == 8 and reason.startswith("http_5") and reason[5:].isdigit()
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from megasynth.cli import nonnegative_float, positive_float
+
 
 @dataclass
 class LLMSettings:
@@ -28,13 +30,24 @@ class LLMSettings:
     """Tokens-per-minute limit; a request is charged prompt chars / 4 + max_tokens before it is sent and
     corrected with the reported usage afterwards. None: unlimited."""
     max_attempts: int = 5
-    """Most HTTP requests per item, retries and JSON repairs included; then the item fails with the reason."""
+    """Most HTTP requests per item that got a reply (retries after unreadable or empty replies, JSON repairs, and
+    the first request), then the item fails with the reason. Transient failures (429, 408, 5xx, timeouts, dropped
+    connections) do not count: transient_budget_s bounds them (issue 19)."""
+    transient_budget_s: float = 600.0
+    """Seconds an item keeps retrying transient failures (429, 408, 5xx, timeouts, dropped connections), with
+    backoff or the server's Retry-After, counted from its first one; then it fails marked transient, and a plain
+    rerun of a pipeline asks for it again. 0: a transient failure ends the item at once."""
     timeout_s: float = 60.0
     """Seconds one HTTP request may take before it is abandoned (and retried)."""
+    max_reply_bytes: int = 4 * 1024 * 1024
+    """Most bytes of one HTTP reply body (errors included); a longer one is abandoned as it streams in, before it is
+    all downloaded, and the item fails with reason "reply_too_large" (issue 19: a hostile endpoint's 300 MB body
+    must not exhaust memory). A reply of max_tokens tokens is a few kB of JSON, so the default is ample."""
     backoff_base_s: float = 1.0
     """Backoff after the n-th failed attempt: uniform in [0, min(backoff_max_s, backoff_base_s * 2**(n-1))]."""
     backoff_max_s: float = 60.0
-    """Cap of the backoff wait (a server's Retry-After is honoured even when longer, up to 10 minutes)."""
+    """Cap of the backoff wait. A server's Retry-After is honoured even when longer (up to 10 minutes); one longer
+    than what is left of transient_budget_s ends the item at once, as a transient failure."""
     json_repair_attempts: int = 2
     """Repair requests allowed after a reply that is not valid JSON for the schema."""
     temperature: float | None = None
@@ -56,6 +69,11 @@ class LLMSettings:
                              f"{self.concurrency}, {self.max_attempts}, {self.json_repair_attempts}")
         if self.timeout_s <= 0:
             raise ValueError(f"LLMSettings: timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_reply_bytes < 1024:
+            raise ValueError(f"LLMSettings: max_reply_bytes must be >= 1024, got {self.max_reply_bytes}")
+        if self.transient_budget_s < 0 or self.backoff_base_s < 0 or self.backoff_max_s < 0:
+            raise ValueError("LLMSettings: transient_budget_s, backoff_base_s and backoff_max_s must be >= 0; got "
+                             f"{self.transient_budget_s}, {self.backoff_base_s}, {self.backoff_max_s}")
 
 
 def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,24 +88,39 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
                    "written anywhere")
     g.add_argument("--concurrency", type=int, default=d.concurrency, help=f"most requests in flight (default "
                    f"{d.concurrency})")
-    g.add_argument("--rpm", type=float, default=None, help="requests-per-minute limit (default: none)")
-    g.add_argument("--tpm", type=float, default=None, help="tokens-per-minute limit, counting prompt and completion "
-                   "tokens (default: none)")
-    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help="most HTTP requests per item, retries "
-                   f"and JSON repairs included; then the item is recorded as failed (default {d.max_attempts})")
-    g.add_argument("--timeout", type=float, default=d.timeout_s, help=f"seconds per HTTP request (default "
+    g.add_argument("--rpm", type=positive_float, default=None, help="requests-per-minute limit (default: none)")
+    g.add_argument("--tpm", type=positive_float, default=None, help="tokens-per-minute limit, counting prompt and "
+                   "completion tokens (default: none)")
+    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help="most requests per item that got a "
+                   "reply, JSON repairs and retries after empty or unreadable replies included; then the item is "
+                   "recorded as failed, and only --retry-failed asks again. Transient failures (429, 408, 5xx, "
+                   f"timeouts, dropped connections) do not count: see --transient-budget-s (default {d.max_attempts})")
+    g.add_argument("--transient-budget-s", type=nonnegative_float, default=d.transient_budget_s, metavar="S",
+                   help="seconds an item keeps retrying transient failures, with backoff or the server's Retry-After, "
+                   "from its first one; then it is recorded as a transient failure, which a plain rerun asks for "
+                   f"again (default {d.transient_budget_s:g})")
+    g.add_argument("--backoff-base-s", type=nonnegative_float, default=d.backoff_base_s, metavar="S",
+                   help="the n-th retry waits uniform [0, min(max, base * 2**(n-1))] seconds when the server names no "
+                   f"Retry-After (default {d.backoff_base_s:g})")
+    g.add_argument("--backoff-max-s", type=nonnegative_float, default=d.backoff_max_s, metavar="S",
+                   help=f"cap of that wait (default {d.backoff_max_s:g})")
+    g.add_argument("--timeout", type=positive_float, default=d.timeout_s, help=f"seconds per HTTP request (default "
                    f"{d.timeout_s:g})")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the tool's or "
-                   "the endpoint's)")
+    g.add_argument("--max-reply-bytes", type=int, default=d.max_reply_bytes, metavar="N",
+                   help="most bytes of one reply body; a longer one is abandoned while it streams in and the item "
+                   f"fails as reply_too_large (default {d.max_reply_bytes:,})")
+    g.add_argument("--temperature", type=nonnegative_float, default=None, help="sampling temperature (default: the "
+                   "tool's or the endpoint's)")
     g.add_argument("--max-tokens", type=int, default=None, help="most completion tokens per request (default: the "
                    "tool's or the endpoint's)")
-    g.add_argument("--price-in", type=float, default=0.0, help="US$ per million prompt tokens, for the cost "
-                   "estimate and --budget-usd (default 0)")
-    g.add_argument("--price-out", type=float, default=0.0, help="US$ per million completion tokens (default 0)")
+    g.add_argument("--price-in", type=nonnegative_float, default=0.0, help="US$ per million prompt tokens, for the "
+                   "cost estimate and --budget-usd (default 0)")
+    g.add_argument("--price-out", type=nonnegative_float, default=0.0,
+                   help="US$ per million completion tokens (default 0)")
     g.add_argument("--budget-tokens", type=int, default=None, help="stop cleanly once this many tokens are spent "
                    "(prompt + completion, counted over the whole ledger, so a resumed run continues the count)")
-    g.add_argument("--budget-usd", type=float, default=None, help="stop cleanly once the estimated cost reaches this "
-                   "(needs --price-in/--price-out)")
+    g.add_argument("--budget-usd", type=nonnegative_float, default=None, help="stop cleanly once the estimated cost "
+                   "reaches this (needs --price-in/--price-out)")
 
 
 def settings_from_args(args: argparse.Namespace, **overrides) -> LLMSettings:
@@ -96,8 +129,10 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> LLMSettings:
         raise ValueError("--budget-usd needs --price-in and/or --price-out (the cost is estimated from them)")
     fields = {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
               "concurrency": args.concurrency, "requests_per_minute": args.rpm, "tokens_per_minute": args.tpm,
-              "max_attempts": args.max_attempts, "timeout_s": args.timeout, "temperature": args.temperature,
+              "max_attempts": args.max_attempts, "transient_budget_s": args.transient_budget_s,
+              "backoff_base_s": args.backoff_base_s, "backoff_max_s": args.backoff_max_s, "timeout_s": args.timeout, "temperature": args.temperature,
               "max_tokens": args.max_tokens, "price_in_per_m": args.price_in, "price_out_per_m": args.price_out,
               "budget_tokens": args.budget_tokens, "budget_usd": args.budget_usd}
+    fields["max_reply_bytes"] = args.max_reply_bytes
     fields.update(overrides)
     return LLMSettings(**fields)

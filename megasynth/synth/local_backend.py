@@ -75,7 +75,7 @@ class LocalBackend(LLMBackend):
             ids = tok.encode(template.prompt(payload))
             stop = template.end_of_turn_id if template.end_of_turn_id is not None else tok.eod_id
             return ids, stop
-        return default_start_ids(tok) + tok.encode(payload), tok.eod_id
+        return default_start_ids(tok) + tok.encode(payload, parse_special=False), tok.eod_id  # a prompt of text
 
     async def _send(self, kind, payload, sampling, key, attempt):
         unknown = set(sampling) - _SAMPLING_KEYS

@@ -8,6 +8,9 @@ prefix; written by tools/build_pairs.py) becomes one sequence
 
     seed tokens (the first max_seed_tokens), <|sep|>, target tokens (the first max_target_tokens), EOD
 
+(`separator` names another single-id token in place of <|sep|>, for a pretrained tokenizer that lacks it; the
+sidecar's sft.pair_separator records its text and id, and tools/synthesize.py prompts with the same one)
+
 with the loss on the target tokens and the EOD only: exactly the layout of a `pair` record of
 megasynth.data.sft (the separator id and its "needs --chat-tokens" check come from its SftEncoder), so a JSONL
 record {"source": A, "target": B} run through tools/preprocess_sft.py and the pair of the documents A and B here
@@ -36,13 +39,15 @@ import numpy as np
 from tqdm import tqdm
 
 from megasynth.chat import PAIR_SEPARATOR
+from megasynth.cli import file, overlap_refusal
+from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import (
     IndexedDataset,
     IndexedDatasetWriter,
     check_not_empty,
     smallest_token_dtype,
 )
-from megasynth.data.prefix import bin_path, check_output_free, idx_path, mask_path, sidecar_path
+from megasynth.data.prefix import check_output_free, sidecar_path
 from megasynth.data.sft_encode import SftEncoder
 from megasynth.data.sft_records import SftOptions
 from megasynth.io import file_sha256
@@ -73,10 +78,10 @@ def corpus_tokenizer(corpus: IndexedDataset, tokenizer: str | os.PathLike | None
     return tok
 
 
-def pair_separator_id(tokenizer: Tokenizer) -> int:
-    """The id of <|sep|>, as megasynth.data.sft's pair format defines it; TokenizerError naming the tokenizer and
-    tools/train_tokenizer.py --chat-tokens when it is not one token."""
-    return SftEncoder(tokenizer, SftOptions("pair"), np.int64).sep_id
+def pair_separator_id(tokenizer: Tokenizer, separator: str | None = None) -> int:
+    """The id of the pair separator (default <|sep|>), as megasynth.data.sft's pair format defines it; TokenizerError
+    naming the token and the tokenizer when it is not one id (or is the EOD)."""
+    return SftEncoder(tokenizer, SftOptions("pair", separator=separator), np.int64).sep_id
 
 
 def document_bodies(corpus: IndexedDataset, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +101,7 @@ def read_pair_table(path: str | os.PathLike, num_documents: int,
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     path = Path(path)
-    if not path.is_file():
-        raise PairDatasetError(f"{path}: no such pair table")
+    check_pair_table_exists(path)
     try:
         table = pq.read_table(path, columns=None)
     except (pa.ArrowException, OSError) as e:
@@ -124,10 +128,24 @@ def read_pair_table(path: str | os.PathLike, num_documents: int,
     return out[0], out[1]
 
 
+def check_pair_table_exists(path: str | os.PathLike) -> None:
+    """PairDatasetError for a missing pair table, pointing at PATH.parquet when PATH is its stem (build_pairs.py's
+    --output names the stem: its PAIRS.json beside it would otherwise seem to describe another table)."""
+    path = Path(path)
+    if path.is_file():
+        return
+    hint = ""
+    if path.suffix != ".parquet" and Path(f"{path}.parquet").is_file():
+        hint = f"; did you mean {path}.parquet?"
+    raise PairDatasetError(f"{path}: no such file{hint}" if hint or not path.exists() else
+                           f"{path}: not a file (expected a PAIRS.parquet pair table)")
+
+
 def check_pairs_sidecar(pairs_path: str | os.PathLike, corpus: IndexedDataset, pairs_sha256: str) -> None:
     """PAIRS.json (megasynth.synth.pairs), when present beside the table, must describe this table and this corpus:
     its recorded parquet sha256, the corpus .idx sha256 (recorded when build_pairs was given the corpus) and the
     number of embedded documents."""
+    check_pair_table_exists(pairs_path)
     side = Path(pairs_path).with_suffix(".json")
     if not side.is_file():
         return
@@ -197,21 +215,19 @@ def _check_limit(name: str, value: int | None) -> None:
         raise PairDatasetError(f"{name} must be >= 1, got {value}")
 
 
-def _check_output(output_prefix: str, inputs: list[Path], overwrite: bool) -> None:
+def _check_output(output_prefix: str, inputs: list, overwrite: bool) -> None:
     if Path(output_prefix).is_dir():
         raise PairDatasetError(f"{output_prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    outputs = {p.resolve() for p in (bin_path(output_prefix), idx_path(output_prefix), sidecar_path(output_prefix),
-                                     mask_path(output_prefix))}
-    for f in inputs:
-        if f.resolve() in outputs:
-            raise PairDatasetError(f"{output_prefix}: the output would overwrite the input {f}")
+    refusal = overlap_refusal({"": prefix_spec(output_prefix)}, {"": inputs})  # megasynth.cli: the one overlap rule
+    if refusal:
+        raise PairDatasetError(refusal)
     check_output_free(output_prefix, overwrite=overwrite)
 
 
 def make_pair_dataset(pairs: str | os.PathLike, corpus_prefix: str | os.PathLike, output_prefix: str | os.PathLike,
                       *, tokenizer: str | os.PathLike | None = None, max_seed_tokens: int | None = None,
                       max_target_tokens: int | None = None, both_directions: bool = False, overwrite: bool = False,
-                      allow_empty: bool = False, progress: bool = True) -> dict:
+                      allow_empty: bool = False, progress: bool = True, separator: str | None = None) -> dict:
     """Write the loss-masked pair prefix (see the module docstring); return the counts.
 
     Raises PairDatasetError, IndexedDatasetError, TokenizerError or OutputExistsError / EmptyOutputError on bad
@@ -220,11 +236,13 @@ def make_pair_dataset(pairs: str | os.PathLike, corpus_prefix: str | os.PathLike
     _check_limit("max_target_tokens", max_target_tokens)
     corpus_prefix, output_prefix = os.fspath(corpus_prefix), os.fspath(output_prefix)
     corpus = IndexedDataset(corpus_prefix)
-    _check_output(output_prefix, [Path(pairs), bin_path(corpus_prefix), idx_path(corpus_prefix),
-                                  sidecar_path(corpus_prefix)], overwrite)
+    _check_output(output_prefix, [file(pairs), prefix_spec(corpus_prefix)]
+                  + ([tokenizer] if tokenizer is not None else []), overwrite)
     tok = corpus_tokenizer(corpus, tokenizer)
-    sep_id, eod_id = pair_separator_id(tok), tok.eod_id
-    pairs_sha256 = file_sha256(pairs) if Path(pairs).is_file() else ""
+    separator = separator or PAIR_SEPARATOR
+    sep_id, eod_id = pair_separator_id(tok, separator), tok.eod_id
+    check_pair_table_exists(pairs)
+    pairs_sha256 = file_sha256(pairs)
     check_pairs_sidecar(pairs, corpus, pairs_sha256)
     seeds, targets = read_pair_table(pairs, len(corpus), corpus_prefix)
     if seeds.size == 0 and not allow_empty:
@@ -237,7 +255,7 @@ def make_pair_dataset(pairs: str | os.PathLike, corpus_prefix: str | os.PathLike
         "tokenizer": tok.identity(), "vocab_size": tok.vocab_size, "eod_id": eod_id, "append_eod": True,
         "add_bos": False, "created_by": "make_pair_dataset",
         "sft": {"format": "pair", "max_len": None, "truncate": False, "eod_is_target": True,
-                "pair_separator": {"text": PAIR_SEPARATOR, "id": sep_id}},
+                "pair_separator": {"text": separator, "id": sep_id}},
     }
     bar = tqdm(total=int(seeds.size), unit="pair", desc="make_pair_dataset", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -275,5 +293,6 @@ def make_pair_dataset(pairs: str | os.PathLike, corpus_prefix: str | os.PathLike
     return counts
 
 
-__all__ = ["PAIR_COLUMNS", "PairDatasetError", "TokenizerError", "corpus_tokenizer", "document_bodies",
+__all__ = ["PAIR_COLUMNS", "PairDatasetError", "TokenizerError", "check_pair_table_exists", "corpus_tokenizer",
+           "document_bodies",
            "make_pair_dataset", "pair_separator_id", "pair_sequences", "read_pair_table", "segment_positions"]

@@ -20,7 +20,9 @@ definitions; the defaults of `QualitySettings` are the thresholds:
   non-factual       an LLM judge (OpenAI-compatible endpoint) answers {"verdict": "factual"|"non_factual"}
                     for each of a sample of judge_sample documents; the rate is over verdicts received, and
                     malformed or failed answers are counted apart ("failed"), never as factual; "n/a" without
-                    a judge
+                    a judge. Requests the endpoint never answered (429, 5xx, timeouts, dropped connections for
+                    longer than judge_transient_budget_s) are "unanswered": no results are written then
+                    (JudgeIncomplete, exit 4) unless allow_partial, which marks results.json "partial" (issue 19)
 
 Reference row: the same tests on real pairs: from a PAIRS.parquet when given (N pairs with distinct targets;
 the target plays the synthetic document, the seed its seed), else N random corpus documents each paired with
@@ -29,18 +31,22 @@ its nearest other document (embedding cosine) within that sample.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from megasynth.cli import directory, output_refusal
+from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import IndexedDataset
-from megasynth.io import atomic_open, atomic_write_json, atomic_write_text
+from megasynth.io import atomic_files, atomic_open
 from megasynth.synth.embed import EmbedError, PrefixTexts, default_model, embed_texts, load_model, resolve_device
 from megasynth.synth.near_dup import containment, jaccard, minhash_signatures, near_duplicate_pairs, ngram_hashes
 
 QUALITY_FORMAT = "megasynth-synth-quality"
+RESULT_FILES = ("documents.parquet", "results.md", "results.json")  # what measure_quality writes in OUT
 METRICS = ("repetition", "duplicate", "non_factual", "pair_irrelevance", "pair_copying")
 # Yang et al. 2025, the 200B-scale synthesizer's row of the quality table (shares of synthetic documents).
 PAPER_ROW = {"repetition": 0.043, "duplicate": 0.008, "non_factual": 0.151, "pair_irrelevance": 0.256,
@@ -90,6 +96,9 @@ class QualitySettings:
     """Documents per row sent to the judge (a seeded subset of the sample; LLM calls cost money)."""
     judge_max_tokens: int = 1024
     """Tokens of each document decoded for the judge."""
+    judge_transient_budget_s: float = 600.0
+    """Seconds a judge request keeps retrying transient failures (429, 408, 5xx, timeouts, dropped connections)
+    before it is "unanswered" (megasynth.synth.llm, issue 19)."""
 
     def check(self) -> None:
         for name in ("sample", "repetition_n", "duplicate_n", "num_perm", "copy_n", "embed_max_tokens",
@@ -98,6 +107,8 @@ class QualitySettings:
                 raise QualityError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.judge_sample < 0:
             raise QualityError(f"judge_sample must be >= 0, got {self.judge_sample}")
+        if self.judge_transient_budget_s < 0:
+            raise QualityError(f"judge_transient_budget_s must be >= 0, got {self.judge_transient_budget_s}")
         for name in ("repetition_threshold", "duplicate_threshold", "copy_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise QualityError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -201,7 +212,8 @@ def _read_parquet(path: Path, columns: dict[str, str]):
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     if not path.is_file():
-        raise QualityError(f"{path}: no such file")
+        stem = path.suffix != ".parquet" and Path(f"{path}.parquet").is_file()  # build_pairs --output's stem
+        raise QualityError(f"{path}: no such file" + (f"; did you mean {path}.parquet?" if stem else ""))
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -295,14 +307,25 @@ JUDGE_SCHEMA = {
                    "errors": {"type": "array", "items": {"type": "string"}}},
 }
 FAILED = "failed"
+UNANSWERED = "unanswered"  # the endpoint never answered (transient failures past the budget): no verdict at all
+
+
+class JudgeIncomplete(RuntimeError):
+    """Judge requests went unanswered (the endpoint's fault, issue 19) and allow_partial was not given; nothing
+    was written. `missing` is {row: count}."""
+
+    def __init__(self, message: str, missing: dict[str, int]):
+        super().__init__(message)
+        self.missing = missing
 
 
 def judge_texts(texts: dict[str, str], settings: QualitySettings, ledger_path: str | os.PathLike | None,
                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8) -> dict[str, str]:
-    """{key: "factual" | "non_factual" | "failed"} for each text, from the judge endpoint.
+    """{key: "factual" | "non_factual" | "failed" | "unanswered"} for each text, from the judge endpoint.
 
-    A request that fails (HTTP errors past the retries, or a reply that is not JSON matching JUDGE_SCHEMA
-    after the client's repair requests) is "failed": it is left out of the rate, never counted as factual."""
+    A request whose reply is never usable (not JSON matching JUDGE_SCHEMA after the client's repair requests,
+    another 4xx) is "failed": it is left out of the rate, never counted as factual. One the endpoint never
+    answered (transient failures past judge_transient_budget_s) is "unanswered"."""
     import asyncio  # noqa: PLC0415
 
     from megasynth.synth.llm import LLMClient, LLMRequest, LLMSettings  # noqa: PLC0415
@@ -310,7 +333,8 @@ def judge_texts(texts: dict[str, str], settings: QualitySettings, ledger_path: s
 
     prompt = load_prompt("quality_judge")
     llm = LLMSettings(base_url=settings.judge_endpoint, model=settings.judge_model, api_key_env=api_key_env,
-                      concurrency=concurrency, temperature=0.0, max_tokens=512)
+                      concurrency=concurrency, temperature=0.0, max_tokens=512,
+                      transient_budget_s=settings.judge_transient_budget_s)
     requests = [LLMRequest(key=key, messages=prompt.messages(text=text), schema=JUDGE_SCHEMA)
                 for key, text in texts.items()]
 
@@ -319,7 +343,8 @@ def judge_texts(texts: dict[str, str], settings: QualitySettings, ledger_path: s
             return await client.map(requests, progress="judge" if len(requests) > 20 else False)
 
     results = asyncio.run(run()) if requests else {}
-    return {key: results[key].parsed["verdict"] if results[key].ok else FAILED for key in texts}
+    return {key: results[key].parsed["verdict"] if results[key].ok else
+            UNANSWERED if results[key].transient else FAILED for key in texts}
 
 
 # -- one row of the table -------------------------------------------------------------------------------------------
@@ -376,7 +401,7 @@ def score_sample(sample: PairSample, settings: QualitySettings, embedder: Embedd
            "pair_copying": _share(copy >= settings.copy_threshold),
            "pair_irrelevance": {**_share(cos < settings.irrelevance_threshold),
                                 "mean_cosine": float(cos.mean()) if n else None},
-           "non_factual": {"status": "n/a", "count": 0, "n": 0, "failed": 0, "share": None}}
+           "non_factual": {"status": "n/a", "count": 0, "n": 0, "failed": 0, "unanswered": 0, "share": None}}
     if settings.judge_endpoint and settings.judge_sample and n:
         chosen = sample_indices(n, settings.judge_sample, np.random.default_rng([settings.seed, 3]))
         log(f"  {sample.name}: asking the judge ({settings.judge_model}) about {len(chosen)} documents")
@@ -387,9 +412,11 @@ def score_sample(sample: PairSample, settings: QualitySettings, embedder: Embedd
         for i, key in zip(chosen, keys):
             verdicts[i] = answers[key]
         got = [answers[k] for k in keys]
-        judged = sum(v != FAILED for v in got)
+        unanswered = sum(v == UNANSWERED for v in got)
+        judged = sum(v not in (FAILED, UNANSWERED) for v in got)
         bad = sum(v == "non_factual" for v in got)
-        row["non_factual"] = {"status": "judged", "count": bad, "n": judged, "failed": len(got) - judged,
+        row["non_factual"] = {"status": "judged", "count": bad, "n": judged,
+                              "failed": len(got) - judged - unanswered, "unanswered": unanswered,
                               "share": bad / judged if judged else None}
     columns = {"doc": sample.docs, "seed": sample.seeds, "repetition": rep, "duplicate": dup, "copy": copy,
                "cosine": cos, "verdict": verdicts}
@@ -437,9 +464,19 @@ def _open(prefix: str, what: str) -> IndexedDataset:
 
 def measure_quality(synthetic: str, corpus: str, out: str | os.PathLike, settings: QualitySettings, *,
                     pairs: str | None = None, tokenizer: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                    log=print) -> dict:
-    """Score a synthetic prefix against its corpus; write OUT/results.json, results.md and documents.parquet."""
+                    overwrite: bool = False, allow_partial: bool = False, log=print) -> dict:
+    """Score a synthetic prefix against its corpus; write OUT/results.json, results.md and documents.parquet
+    (RESULT_FILES, published together by megasynth.io.atomic_files with results.json last; other files in OUT,
+    such as judge_ledger.jsonl, are left alone). Existing results are refused unless `overwrite`, and an OUT
+    that is, holds or sits inside an input before any work (QualityError). Judge requests left unanswered by
+    the endpoint raise JudgeIncomplete before anything is written, unless `allow_partial` (results.json then
+    says "partial": true and counts them under "missing")."""
     settings.check()
+    refusal = output_refusal({"--out": directory(out, RESULT_FILES)},
+                             {"--synthetic": prefix_spec(synthetic), "--corpus": prefix_spec(corpus), "--pairs": pairs,
+                              "--tokenizer": tokenizer}, overwrite=overwrite)
+    if refusal:
+        raise QualityError(refusal)
     syn, cor = _open(synthetic, "--synthetic"), _open(corpus, "--corpus")
     check_pairing(syn, cor)
     eod = (cor.metadata or {}).get("eod_id", (syn.metadata or {}).get("eod_id"))
@@ -464,9 +501,17 @@ def measure_quality(synthetic: str, corpus: str, out: str | os.PathLike, setting
         "rows": rows,
         "paper": PAPER_ROW,
     }
-    _write_documents(out / "documents.parquet", columns)
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", render_markdown(results))
+    missing = {name: row["non_factual"]["unanswered"] for name, row in rows.items()
+               if row["non_factual"]["unanswered"]}
+    results.update(partial=bool(missing), missing={"judge": missing})
+    if missing and not allow_partial:
+        raise JudgeIncomplete(f"the judge endpoint left {sum(missing.values())} requests unanswered "
+                              f"({', '.join(f'{k} {v}' for k, v in missing.items())}; transient failures past "
+                              f"--judge-transient-budget-s)", missing)
+    with atomic_files(out, RESULT_FILES, commit="results.json", replace=overwrite) as tmp:
+        _write_documents(tmp / "documents.parquet", columns)
+        (tmp / "results.md").write_text(render_markdown(results), encoding="utf-8")
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return results
 
 
@@ -494,7 +539,8 @@ def _cell(metric: dict) -> str:
     if metric["share"] is None:
         return "— (0 judged)" if "failed" in metric else "—"
     text = f"{100 * metric['share']:.1f}% ({metric['count']}/{metric['n']})"
-    return text + (f", {metric['failed']} failed" if metric.get("failed") else "")
+    text += f", {metric['failed']} failed" if metric.get("failed") else ""
+    return text + (f", {metric['unanswered']} unanswered" if metric.get("unanswered") else "")
 
 
 def render_table(results: dict) -> str:

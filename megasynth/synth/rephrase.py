@@ -17,8 +17,9 @@ token target spreads over all documents before repeating any. With `target_token
 at the same token count), the output is the shortest start of the plan whose successful rephrasings hold at
 least that many tokens (EOD included, with the output tokenizer), and only as many requests are sent as that
 needs (in waves, estimated from the lengths seen so far); without it, the whole plan. Records, resumption,
-failures (--retry-failed), the budget stop and the output (prefix + provenance parquet + sidecar, built from
-the records in a fixed order: document, style, sample) work as in megasynth.synth.entigraph.
+failures (transient ones asked again by any rerun, permanent ones with retry_failed; no output while items of
+the selection failed, unless allow_partial), the budget stop and the output (prefix + provenance parquet +
+sidecar, built from the records in a fixed order: document, style, sample) work as in megasynth.synth.entigraph.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult
 from megasynth.synth.prompts import load_prompt, prompts_hash
 from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
 from megasynth.synth.synthetic_prefix import SyntheticDoc, check_synthetic_output, write_synthetic_prefix
-from megasynth.synth.workdir import Finished, WorkDir, load_finished, request_key
+from megasynth.synth.workdir import WorkDir, finished_from, load_finished, request_key
 from megasynth.tokenizer import Tokenizer, load_tokenizer
 
 STYLES = ("plain", "encyclopedic", "qa")
@@ -71,7 +72,9 @@ class RephraseConfig:
     seed: int = 0
     """Derives each request's `seed` sampling parameter."""
     retry_failed: bool = False
-    """Ask again for items an earlier run recorded as failed (default: keep them as failed)."""
+    """Also ask again for items an earlier run recorded as failed for good (transient failures are always)."""
+    allow_partial: bool = False
+    """Write the output even when items of it failed (the sidecar says partial); default: write nothing."""
     overwrite: bool = False
     """Replace an existing output prefix."""
     progress: bool = True
@@ -119,17 +122,17 @@ class _State:
                 self.tokens[key] = self._count(record["text"])
 
     def _count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text)) + 1
+        return len(self.tokenizer.encode(text, parse_special=False)) + 1  # as synthetic_prefix encodes it
 
     def add(self, record: dict) -> None:
         offset = self.log.append(record)
-        self.done[record["key"]] = Finished(offset, record["ok"], record.get("error"))
+        self.done[record["key"]] = finished_from(offset, record)
         if record["ok"] and self.count_tokens:
             self.tokens[record["key"]] = self._count(record["text"])
 
     def pending(self, item: Item, retry_failed: bool) -> bool:
         done = self.done.get(item.key)
-        return done is None or (not done.ok and retry_failed)
+        return done is None or done.pending(retry_failed)
 
 
 def selection(items: list[Item], state: _State, target: int | None) -> tuple[list[Item] | None, int]:
@@ -161,7 +164,7 @@ def next_wave(items: list[Item], state: _State, cfg: RephraseConfig, asked: set[
             total += state.tokens[it.key]
         elif it.key not in asked and state.pending(it, cfg.retry_failed):
             wave.append(it)
-            total += average if average is not None else len(state.tokenizer.encode(it.doc.text)) + 1
+            total += average if average is not None else len(state.tokenizer.encode(it.doc.text, parse_special=False)) + 1
         if total >= cfg.target_tokens:
             break
     return wave
@@ -177,7 +180,7 @@ async def _generate(cfg: RephraseConfig, items: list[Item], state: _State, clien
         if result.ok:
             record.update(text=result.text, finish_reason=result.finish_reason)
         else:
-            record.update(error=result.error, detail=result.detail)
+            record.update(error=result.error, detail=result.detail, transient=result.transient)
         state.add(record)
 
     while True:
@@ -196,7 +199,7 @@ async def _generate(cfg: RephraseConfig, items: list[Item], state: _State, clien
 
 def run_rephrase(cfg: RephraseConfig) -> dict:
     """Generate what is missing, then write the prefix. Returns {"complete", "budget_stopped", "sidecar" (or
-    None), "llm", "counts", "failed"}; raises like megasynth.synth.entigraph.run_entigraph."""
+    None), "llm", "counts", "failed", "missing"}; raises like megasynth.synth.entigraph.run_entigraph."""
     check_synthetic_output(cfg.output_prefix, overwrite=cfg.overwrite)
     docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -206,14 +209,24 @@ def run_rephrase(cfg: RephraseConfig) -> dict:
                 "temperature": cfg.llm.temperature, "max_tokens": cfg.llm.max_tokens, "prompts_hash": phash,
                 "styles": list(cfg.styles), "seed": cfg.seed}
     items = plan(docs, cfg.styles, cfg.samples_per_doc)
-    with WorkDir.open(cfg.work_dir, pipeline="rephrase", settings=manifest) as wd:
+    with WorkDir.open(cfg.work_dir, pipeline="rephrase", settings=manifest, output=cfg.output_prefix) as wd:
         state = _State(wd, tokenizer, count_tokens=cfg.target_tokens is not None)
-        llm_summary, budget_stopped = asyncio.run(_run_client(cfg, items, state, prompts))
+        llm_summary, budget_stopped = asyncio.run(_run_client(cfg, items, state, prompts, tokenizer))
         chosen, _ = selection(items, state, cfg.target_tokens)
         out = {"complete": chosen is not None, "budget_stopped": budget_stopped, "sidecar": None,
-               "llm": llm_summary, "counts": {}, "failed": {}}
+               "llm": llm_summary, "counts": {}, "failed": {}, "missing": {}}
         if chosen is None:
             return out
+        missing = {"transient": {}, "permanent": {}}
+        for it in chosen:
+            done = state.done[it.key]
+            if not done.ok:
+                reasons = missing["transient" if done.transient else "permanent"].setdefault("rephrase", {})
+                reasons[done.error] = reasons.get(done.error, 0) + 1
+        out["missing"] = missing
+        partial = any(missing.values())
+        if partial and not cfg.allow_partial:
+            return out  # nothing published (issue 19): the caller lists what is missing
         order = {style: i for i, style in enumerate(cfg.styles)}
         chosen = sorted(chosen, key=lambda it: (it.doc.index, order[it.style], it.sample))
         counts: Counter = Counter()
@@ -242,7 +255,7 @@ def run_rephrase(cfg: RephraseConfig) -> dict:
             return {"synthetic": {**synthetic, "counts": {"documents": len(docs), "items": len(chosen),
                                                           "rephrasings": n, "by_style": dict(counts),
                                                           "failed": {"rephrase": dict(sorted(failed.items()))}},
-                                  "llm": llm_summary}}
+                                  "partial": partial, "missing": missing, "llm": llm_summary}}
 
         try:
             sidecar = write_synthetic_prefix(cfg.output_prefix, tokenizer, outputs(), columns=PROVENANCE_COLUMNS,
@@ -258,9 +271,11 @@ def run_rephrase(cfg: RephraseConfig) -> dict:
 
 
 async def _run_client(cfg: RephraseConfig, items: list[Item], state: _State,
-                      prompts: dict) -> tuple[dict, bool]:
+                      prompts: dict, tokenizer=None) -> tuple[dict, bool]:
     """(the ledger summary, whether the budget stopped the run)."""
-    async with LLMClient(cfg.llm, ledger_path=os.path.join(cfg.work_dir, LEDGER), seed=cfg.seed) as client:
+    # The output tokenizer counts replies against max_tokens: a longer reply is cut (issue 19).
+    async with LLMClient(cfg.llm, ledger_path=os.path.join(cfg.work_dir, LEDGER), seed=cfg.seed,
+                         tokenizer=tokenizer) as client:
         stopped = False
         try:
             await _generate(cfg, items, state, client, prompts)

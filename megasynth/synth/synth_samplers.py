@@ -14,13 +14,15 @@ generated ids without the stopping EOD and whether it stopped at EOD (False: it 
   tokenized with our tokenizer; finish_reason "stop" means the document ended (the server stopped at its EOS,
   which tools/export_hf.py sets to our EOD), "length" that it hit max_tokens. An EOD token inside the text
   ends the document there. A request that still fails after the client's retries stops the run (naming the
-  sample and the reason); the finished shards stay, and a rerun resumes.
+  sample and the reason; transient failures, 429/408/5xx/timeouts/dropped connections, are first retried for
+  transient_budget_s): the finished shards stay, and a rerun resumes; no sample is ever left out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +85,7 @@ class EndpointSettings:
     timeout_s: float = 300.0
     api_key_env: str = "OPENAI_API_KEY"
     backoff_base_s: float = 1.0
+    transient_budget_s: float = 600.0  # per sample, for 429/408/5xx/timeouts/dropped connections (LLMSettings)
 
     def describe(self) -> dict:
         return {"url": self.url, "served_model": self.served_model, "prompt_format": self.prompt_format}
@@ -95,6 +98,7 @@ class EndpointSampler:
             raise ValueError(f"prompt_format must be 'ids' or 'text', got {endpoint.prompt_format!r}")
         self.endpoint, self.tok, self.sampling = endpoint, tokenizer, sampling
         self.ledger_path, self.progress = ledger_path, progress
+        self._anomalies = ""  # the last "endpoint replies corrected" line printed
 
     def __call__(self, prompts: list[np.ndarray], samples: np.ndarray) -> list[Sampled]:
         return asyncio.run(self._run(prompts, samples))
@@ -119,20 +123,42 @@ class EndpointSampler:
         e = self.endpoint
         settings = LLMSettings(base_url=e.url, model=e.served_model, api_key_env=e.api_key_env,
                                concurrency=e.concurrency, max_attempts=e.max_attempts, timeout_s=e.timeout_s,
-                               backoff_base_s=e.backoff_base_s)
+                               backoff_base_s=e.backoff_base_s, transient_budget_s=e.transient_budget_s)
         requests = [self._request(p, int(i)) for p, i in zip(prompts, samples)]
-        async with LLMClient(settings, self.ledger_path) as client:
+        async with LLMClient(settings, self.ledger_path, tokenizer=self.tok) as client:
             results = await client.map(requests, progress=False)
+            self._report(client.summary())
         return [self._document(results[r.key], r.meta) for r in requests]
+
+    def _report(self, summary: dict) -> None:
+        """One stderr line when the ledger's count of corrected replies (cut, API key removed, usage estimated:
+        issue 19) changed; the sidecar's truncated count covers the cut ones."""
+        from megasynth.synth.ledger import anomalies_text  # noqa: PLC0415
+
+        text = anomalies_text(summary)
+        if text and text != self._anomalies:
+            self._anomalies = text
+            print(f"{self.endpoint.url}: endpoint replies corrected so far: {text} (see {self.ledger_path})",
+                  file=sys.stderr)
 
     def _document(self, result, sample: int) -> Sampled:
         eod = self.tok.eod_id
         if not result.ok:
             # An empty completion that stopped at once comes back ok with "" (an empty document, dropped and
             # counted like the local ones); one that stays empty for another reason fails like any request.
-            raise EndpointError(f"{self.endpoint.url}: sample {sample}: the completion failed after "
-                                f"{result.attempts} attempts ({result.error}: {result.detail})")
-        ids = self.tok.encode(result.text)
-        if eod in ids:
+            why = (f"the endpoint kept failing transiently for {self.endpoint.transient_budget_s:g} s, "
+                   f"{result.attempts} requests" if result.transient else f"{result.attempts} attempts")
+            raise EndpointError(f"{self.endpoint.url}: sample {sample}: the completion failed ({why}; "
+                                f"{result.error}: {result.detail})")
+        # The reply is text: a literal "<|endoftext|>" in it stays text (issue 19); the server's own end of
+        # text is its finish_reason. (An EOD id can still appear where the tokenizer's EOD is not a special token.)
+        ids = self.tok.encode(result.text, parse_special=False)
+        # The client cut a reply over max_tokens (issue 19: a server may send more than asked) and marked it
+        # "length"; its text encodes back to at most a token or so more, so cut the ids too: never a document longer
+        # than max_new_tokens, and one cut here counts as truncated like a local one.
+        limit = self.sampling.max_new_tokens
+        if eod in ids[:limit]:
             return ids[:ids.index(eod)], True
+        if len(ids) > limit:
+            return ids[:limit], False
         return ids, result.finish_reason != "length"

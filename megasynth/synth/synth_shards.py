@@ -11,7 +11,9 @@ name and renamed (megasynth.io.atomic_open), so a shard is on disk whole or not 
 point and started again redoes only the shards that are missing.
 
 Tests set MEGASYNTH_FAULT_SYNTH_KILL_AFTER to "shard:K" (after shard K is written) or "provenance" (after the
-provenance table is written, before the prefix is published) to SIGKILL the process right there.
+provenance table is written, before the prefix is published) to SIGKILL the process right there, or to
+"stop:shard:K" to stop it there with SIGSTOP (locks held) until a SIGCONT: a second run started meanwhile meets
+a first one surely in the middle of its work.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ class ShardError(ValueError):
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process when the fault variable names this point (tests of kill-and-resume)."""
-    if os.environ.get(FAULT_ENV) == name:
+    """SIGKILL this process when the fault variable names this point (tests of kill-and-resume); SIGSTOP it when
+    the variable is "stop:" and this point (tests of concurrent runs)."""
+    value = os.environ.get(FAULT_ENV)
+    if value == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif value == f"stop:{name}":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass

@@ -5,7 +5,9 @@
 
 What a sample is. Sample i (i = 0, 1, 2, ...) is prompted with corpus document seed(i), drawn uniformly among the
 documents that hold at least one token besides their EOD; the prompt is that document's first max_seed_tokens
-tokens and <|sep|> (the layout the synthesizer was tuned on: megasynth.synth.pair_dataset), and the model samples
+tokens and the pair separator (the layout the synthesizer was tuned on: megasynth.synth.pair_dataset; the separator
+is the one recorded in the sidecar of the pair data its checkpoint's config names, else `separator`, else <|sep|>:
+resolve_separator), and the model samples
 at most max_new_tokens tokens (temperature 1 by default, the paper's choice: varied syntheses of one seed),
 stopping at EOD. seed(i) depends only on (seed, i // shard_docs) and the corpus, and the sampling randomness of
 sample i only on (seed, i) (megasynth.generate's per-row streams; an endpoint gets a per-request seed), so a
@@ -33,7 +35,15 @@ settings and the counts (requested, generated, empty dropped, truncated), and OU
 columns doc (int64, the document's index in OUT), seed (int64, its seed document in the corpus) and sample
 (int64, its sample index). The table is published first and the prefix last (.idx is the commit point; the
 sidecar records the table's sha256); an existing output is refused unless overwrite. The work directory is
-removed after a successful run (keep_work keeps it).
+removed after a successful run (keep_work keeps it), before its lock is dropped.
+
+One run per output. Rank 0 locks the output prefix itself for the whole run (OUT.lock beside its files,
+megasynth.run_lock.acquire_path_lock; removed at the end), before it looks at OUT or loads anything: two runs
+with different work directories and the same output prefix would otherwise both pass the existing-output check
+and the second would silently replace the first (issue 19). The refusal names the prefix and the tool holding
+it. A lock rather than a second existence check at publish time, because a check leaves a window in which two
+publishes interleave (one's .bin, the other's .idx); the check is made again before publishing all the same,
+for an output written meanwhile by something that does not take the lock.
 """
 
 from __future__ import annotations
@@ -48,9 +58,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megasynth.chat import PAIR_SEPARATOR
+from megasynth.cli import overlap_refusal
+from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, smallest_token_dtype
-from megasynth.data.prefix import bin_path, check_output_free, idx_path, sidecar_path
+from megasynth.distributed import share_refusal
+from megasynth.data.prefix import check_output_free, idx_path, sidecar_path
 from megasynth.io import atomic_open, file_sha256
+from megasynth.run_lock import RunDirBusy, acquire_path_lock
 from megasynth.synth.pair_dataset import PairDatasetError, document_bodies, pair_separator_id
 from megasynth.synth.synth_samplers import EndpointSampler, EndpointSettings, LocalSampler, Sampled, Sampling
 from megasynth.synth.synth_shards import Shard, ShardStore, fault_point
@@ -58,6 +73,7 @@ from megasynth.synth.synthetic_prefix import provenance_path
 
 _SEED_STREAM = 0x53425053  # "SBPS": the stream of seed draws, apart from every sampling stream
 _ZERO_ROUNDS = 4  # rounds in a row that yield no token before a tokens=T run gives up
+TOOL = "tools/synthesize.py"  # named in the refusals of a second run (megasynth.run_lock)
 
 
 class SynthError(ValueError):
@@ -130,6 +146,7 @@ class Synthesizer:
     max_seq_len: int
     tokenizer: object
     model: object | None
+    data_paths: tuple[str, ...] = ()  # the prefixes it was tuned on (its config's data sources), for their sidecars
 
 
 def load_synthesizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None, *, load_weights: bool,
@@ -149,7 +166,48 @@ def load_synthesizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike
             raise FileNotFoundError(f"{checkpoint}: no tokenizer/ directory in the checkpoint or its run directory; "
                                     "pass --tokenizer DIR")
         tok = load_tokenizer(tok_dir)
-    return Synthesizer(step_dir, file_sha256(step_dir / "meta.json"), cfg.model.max_seq_len, tok, model)
+    try:
+        from megasynth.data.loader import data_sources  # noqa: PLC0415
+
+        data_paths = tuple(str(source.path) for source in data_sources(cfg.data))
+    except (ValueError, AttributeError):
+        data_paths = ()
+    return Synthesizer(step_dir, file_sha256(step_dir / "meta.json"), cfg.model.max_seq_len, tok, model, data_paths)
+
+
+def recorded_separator(synth: Synthesizer) -> tuple[str, int, str] | None:
+    """(text, id, sidecar) of the pair separator the synthesizer was tuned on: sft.pair_separator in the sidecar of
+    a prefix its checkpoint's config trained on (tools/make_pair_dataset.py, preprocess_sft.py --format pair
+    write it); None when no readable sidecar records one. Two different ones are an error."""
+    found: dict[tuple[str, int], str] = {}
+    for prefix in synth.data_paths:
+        try:
+            meta = json.loads(sidecar_path(prefix).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        sep = ((meta.get("sft") or {}) if isinstance(meta, dict) else {}).get("pair_separator")
+        if isinstance(sep, dict) and isinstance(sep.get("text"), str) and isinstance(sep.get("id"), int):
+            found.setdefault((sep["text"], sep["id"]), str(sidecar_path(prefix)))
+    if len(found) > 1:
+        raise SynthError(f"{synth.step_dir}: the synthesizer was tuned on pair data with different separators ("
+                         + ", ".join(f"{where}: {t!r} id {i}" for (t, i), where in found.items()) + ")")
+    return next(((t, i, where) for (t, i), where in found.items()), None)
+
+
+def resolve_separator(synth: Synthesizer, separator: str | None) -> tuple[str, int]:
+    """(text, id) of the separator to prompt with: the one the synthesizer was tuned on (recorded_separator), else
+    `separator`, else <|sep|>. An explicit separator that differs from the recorded one is refused, and so is a
+    recorded one whose id is not what the synthesizer's tokenizer gives it (another tokenizer)."""
+    recorded = recorded_separator(synth)
+    if recorded is not None and separator is not None and separator != recorded[0]:
+        raise SynthError(f"--separator {separator!r} is not the separator the synthesizer was tuned on: "
+                         f"{recorded[2]} records {recorded[0]!r} (id {recorded[1]}); drop --separator or pass that one")
+    text = separator or (recorded[0] if recorded is not None else PAIR_SEPARATOR)
+    sep_id = pair_separator_id(synth.tokenizer, text)
+    if recorded is not None and recorded[1] != sep_id:
+        raise SynthError(f"{recorded[2]}: records the separator {text!r} as id {recorded[1]}, but the synthesizer's "
+                         f"tokenizer {synth.tokenizer.path} gives it id {sep_id}")
+    return text, sep_id
 
 
 def check_corpus_tokenizer(corpus: IndexedDataset, tok) -> None:
@@ -266,13 +324,13 @@ class _Run:
 
 
 def _settings_record(corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sep_id: int,
-                     endpoint: EndpointSettings | None, dtype: torch.dtype) -> dict:
+                     endpoint: EndpointSettings | None, dtype: torch.dtype, separator: str = PAIR_SEPARATOR) -> dict:
     """Everything that decides the output: the work directory's manifest and the sidecar's "synthesis" entry."""
     record = {
         "checkpoint": {"path": os.path.abspath(synth.step_dir), "meta_sha256": synth.meta_sha256},
         "corpus": {"prefix": os.path.abspath(corpus.prefix), "idx_sha256": corpus.idx_sha256,
                    "num_documents": len(corpus)},
-        "tokenizer_sha256": synth.tokenizer.identity()["sha256"], "separator_id": sep_id,
+        "tokenizer_sha256": synth.tokenizer.identity()["sha256"], "separator": separator, "separator_id": sep_id,
         "backend": {"kind": "local", "dtype": str(dtype).removeprefix("torch.")} if endpoint is None else
                    {"kind": "endpoint", **endpoint.describe()},
         **{k: v for k, v in asdict(settings).items() if k != "batch_size"},
@@ -283,9 +341,9 @@ def _settings_record(corpus: IndexedDataset, synth: Synthesizer, settings: Synth
 def _check_output(output_prefix: str, corpus_prefix: str, overwrite: bool) -> None:
     if Path(output_prefix).is_dir():
         raise SynthError(f"{output_prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    corpus_files = {p.resolve() for p in (bin_path(corpus_prefix), idx_path(corpus_prefix))}
-    if {bin_path(output_prefix).resolve(), idx_path(output_prefix).resolve()} & corpus_files:
-        raise SynthError(f"{output_prefix}: the output would overwrite the corpus {corpus_prefix}")
+    refusal = overlap_refusal({"": prefix_spec(output_prefix)}, {"--corpus": prefix_spec(corpus_prefix)})
+    if refusal:  # megasynth.cli: the one overlap rule (also applied by tools/synthesize.py to every input)
+        raise SynthError(refusal)
     # A provenance table without its prefix is what a run killed before publishing leaves: it is replaced.
     check_output_free(output_prefix, overwrite=overwrite)
 
@@ -304,11 +362,32 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
                settings: SynthSettings, *, tokenizer: str | os.PathLike | None = None,
                work_dir: str | os.PathLike | None = None, overwrite: bool = False, keep_work: bool = False,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               endpoint: EndpointSettings | None = None, progress: bool = True) -> dict:
+               endpoint: EndpointSettings | None = None, progress: bool = True, separator: str | None = None) -> dict:
     """Run synthesis (module docstring); on rank 0 return the output's counts, on other ranks {"rank": r}.
+    `separator`: see resolve_separator (default: the one recorded by the pair data it was tuned on, else <|sep|>).
 
     Raises SynthError, PairDatasetError, IndexedDatasetError, TokenizerError, CheckpointError, WorkDirMismatch,
     RunDirBusy or OutputExistsError on bad input, before any sampling."""
+    dist, rank, _ = _dist()
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix")
+        except (RunDirBusy, OSError) as e:
+            refusal = e
+    share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
+    try:
+        return _synthesize(checkpoint, corpus_prefix, output_prefix, settings, tokenizer=tokenizer, work_dir=work_dir,
+                           overwrite=overwrite, keep_work=keep_work, device=device, dtype=dtype, endpoint=endpoint,
+                           progress=progress, separator=separator)
+    finally:
+        if lock is not None:
+            lock.release(remove=True)
+
+
+def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSettings, *, tokenizer, work_dir,
+                overwrite: bool, keep_work: bool, device, dtype, endpoint, progress: bool, separator) -> dict:
+    """synthesize() with the output prefix locked (on rank 0)."""
     from megasynth.synth.workdir import MANIFEST, WorkDir, WorkDirMismatch  # noqa: PLC0415
 
     settings.check()
@@ -317,25 +396,29 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
     corpus = IndexedDataset(corpus_prefix)
     synth = load_synthesizer(checkpoint, tokenizer, load_weights=endpoint is None, device=device, dtype=dtype)
     check_corpus_tokenizer(corpus, synth.tokenizer)
-    sep_id = pair_separator_id(synth.tokenizer)
+    separator, sep_id = resolve_separator(synth, separator)
     max_seed, max_new = prompt_lengths(synth.max_seq_len, settings.max_seed_tokens, settings.max_new_tokens)
     settings = replace(settings, max_seed_tokens=max_seed, max_new_tokens=max_new)
-    record = _settings_record(corpus, synth, settings, sep_id, endpoint, dtype)
+    record = _settings_record(corpus, synth, settings, sep_id, endpoint, dtype, separator)
     dist, rank, _ = _dist()
     own = _own_output(output_prefix, record) if work_path.is_dir() else None
     if dist is not None:
         dist.barrier()  # every rank has looked at OUT and the work directory before rank 0 changes either
     if own is not None and idx_path(output_prefix).is_file() and not overwrite:
         if rank == 0:  # killed after publishing, before the work directory was removed: finish the cleanup
-            WorkDir.open(work_path, pipeline="synthesize", settings=record).close()
-            if not keep_work:
-                _remove_work(work_path)
+            with WorkDir.open(work_path, pipeline="synthesize", settings=record):
+                if not keep_work:
+                    _remove_work(work_path)  # still locked: no run that starts now can be inside it
         return {**own["synthesis"]["counts"], "already_complete": True}
     # Killed while publishing (its .bin/.json in place, no .idx yet): the files are this run's to replace.
     _check_output(output_prefix, corpus_prefix, overwrite or own is not None)
-    wd = None
+    wd, refusal = None, None
     if rank == 0:
-        wd = WorkDir.open(work_path, pipeline="synthesize", settings=record)  # locks it; checks the manifest
+        try:
+            wd = WorkDir.open(work_path, pipeline="synthesize", settings=record)  # locks it; checks the manifest
+        except (WorkDirMismatch, RunDirBusy, OSError) as e:
+            refusal = e
+    share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
     try:
         if dist is not None:
             dist.barrier()
@@ -358,12 +441,14 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
             dist.barrier()  # every shard is on disk
         if rank != 0:
             return {"rank": rank}
+        # Still free? No other synthesize run can have written it (the prefix lock), another tool can have.
+        check_output_free(output_prefix, overwrite=overwrite or own is not None)
         counts = _publish(output_prefix, ShardStore(work_path), num_shards, synth.tokenizer, record)
+        if not keep_work:
+            _remove_work(work_path)  # still locked: no run that starts now can be inside it
     finally:
         if wd is not None:
             wd.close()
-    if not keep_work:
-        _remove_work(work_path)
     return counts
 
 
@@ -416,4 +501,4 @@ def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record
 
 
 __all__ = ["EndpointSettings", "PairDatasetError", "SynthError", "SynthSettings", "prompt_lengths",
-           "shard_seed_documents", "synthesize"]
+           "recorded_separator", "resolve_separator", "shard_seed_documents", "synthesize"]

@@ -81,8 +81,9 @@ def write_synthetic_prefix(
         with IndexedDatasetWriter(prefix, dtype, metadata=meta) as writer:
             with atomic_open(prov, "wb") as f, pq.ParquetWriter(f, schema) as table_writer:
                 for batch in _batches(docs, batch_size):
+                    # An LLM's reply is text: its only EOD is the one appended here (issue 19).
                     tokens, lengths = tokenizer.encode_batch_array([d.text for d in batch], append_eod=True,
-                                                                   dtype=dtype)
+                                                                   dtype=dtype, parse_special=False)
                     first = writer.num_documents
                     writer.add_flat(tokens, lengths)
                     table_writer.write_table(_provenance_table(batch, first, schema))

@@ -6,6 +6,7 @@
         server.base_url                      # "http://127.0.0.1:PORT/v1", for LLMSettings(base_url=...)
         server.inject(Fault.status(429, retry_after=0.2), Fault.status(500), Fault.slow(5), Fault.drop())
         ...                                  # the next four requests get these faults, in order, then replies
+        server.chaos(0.3, seed=1)            # then about 30% of requests get a fault drawn from a seeded schedule
         server.requests                      # [Recorded(path, json, headers, time), ...] in arrival order
         server.max_in_flight                 # the most requests the server held at once (see delay_s)
 
@@ -15,10 +16,22 @@ explicit token counts) or a `Fault` (so a test can script faults per key); it ma
 (`server.reply = ...`). Injected faults are consumed first, one per request, whatever the path. Usage counts
 are ceil(chars / 4) of the prompt (all message contents) and of the reply, unless a Reply gives them.
 
+`chaos(rate, seed, faults=CHAOS_FAULTS)` gives each later request (after the injected ones) a fault with
+probability `rate`, drawn uniformly from `faults`, from one seeded stream in arrival order (the mix of an
+unreliable endpoint: 429 with Retry-After, 500, 503, a dropped connection, a reply slower than the client's
+timeout); `chaos(0)` ends it. `faults_served` counts the faults served, by kind.
+
 Faults: `status(code, retry_after=None)` answers with that HTTP status and an OpenAI-style error body
 (Retry-After header when given: seconds, or a string such as an HTTP date); `slow(seconds)` waits that long
 before answering normally (longer than the client's timeout, so the client gives up); `drop()` closes the
-connection without any response. Malformed JSON is just a scripted reply string.
+connection without any response; `huge(nbytes, status=200, announce=False)` answers with a body of about nbytes
+(a completion whose text is filler), streamed in 64 KiB chunks of one reused buffer, so the server never holds
+it (Content-Length only with announce; it stops when the client hangs up).
+
+Hostile replies (issue 19): `Reply(text, usage=...)` sends that usage object verbatim (strings, negatives,
+bools: whatever the test wants the client to survive); `Reply(text, echo_authorization=True)` puts the
+request's Authorization header before the text, as a server that echoes the API key in a successful reply.
+Malformed JSON is just a scripted reply string.
 
 With `api_key`, a request whose `Authorization` is not `Bearer <api_key>` gets 401 (recorded like the rest).
 The server runs on its own event loop in a daemon thread, binds 127.0.0.1 on an ephemeral port only, and
@@ -35,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -54,10 +68,12 @@ TEST_API_KEY_ENV = "MEGASYNTH_TEST_LLM_KEY"
 class Fault:
     """What the server does instead of (or before) answering; build with the classmethods."""
 
-    kind: str  # "status", "slow" or "drop"
+    kind: str  # "status", "slow", "drop" or "huge"
     status_code: int = 0
     retry_after: float | str | None = None
     seconds: float = 0.0
+    nbytes: int = 0
+    announce: bool = False
 
     @classmethod
     def status(cls, code: int, retry_after: float | str | None = None) -> Fault:
@@ -71,6 +87,16 @@ class Fault:
     def drop(cls) -> Fault:
         return cls("drop")
 
+    @classmethod
+    def huge(cls, nbytes: int, status: int = 200, announce: bool = False) -> Fault:
+        return cls("huge", status_code=status, nbytes=nbytes, announce=announce)
+
+
+# What chaos() draws from by default: the transient failures of a busy or flaky endpoint (issue 19). The slow
+# reply outlasts a client timeout of under a second (tests scale time down).
+CHAOS_FAULTS = (Fault.status(429, retry_after=0.05), Fault.status(500), Fault.status(503), Fault.drop(),
+                Fault.slow(1.5))
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -79,6 +105,8 @@ class Reply:
     text: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    usage: object = None  # sent verbatim as "usage" instead of the counts (a hostile server's: {"prompt_tokens": "1"})
+    echo_authorization: bool = False  # the request's Authorization header, then the text
 
 
 @dataclass
@@ -121,6 +149,8 @@ class OpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._faults: deque[Fault] = deque()
+        self._chaos: tuple[float, random.Random, tuple[Fault, ...]] | None = None
+        self.faults_served: dict[str, int] = {}  # "status_429", "drop", "slow", ... -> count
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -139,16 +169,24 @@ class OpenAIServer:
         with self._lock:
             self._faults.extend(faults)
 
+    def chaos(self, rate: float, seed: int = 0, faults: tuple[Fault, ...] = CHAOS_FAULTS) -> None:
+        """From now on (after the injected faults) each request gets a fault with probability `rate`, drawn from
+        `faults` by a stream seeded with `seed`; rate 0 ends it."""
+        with self._lock:
+            self._chaos = (rate, random.Random(seed), tuple(faults)) if rate > 0 else None
+
     def completion_requests(self) -> list[Recorded]:
         """The recorded POSTs to /v1/chat/completions and /v1/completions."""
         with self._lock:
             return [r for r in self.requests if r.path.endswith("completions")]
 
     def reset(self) -> None:
-        """Forget recorded requests, pending faults and the in-flight maximum."""
+        """Forget recorded requests, pending faults, the chaos schedule and the in-flight maximum."""
         with self._lock:
             self.requests.clear()
             self._faults.clear()
+            self._chaos = None
+            self.faults_served = {}
             self.max_in_flight = self.in_flight
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -231,6 +269,13 @@ class OpenAIServer:
             if self.record:
                 self.requests.append(Recorded(request.path, body, dict(request.headers), time.monotonic()))
             fault = self._faults.popleft() if self._faults else None
+            if fault is None and self._chaos is not None:
+                rate, rng, choices = self._chaos
+                draw, pick = rng.random(), rng.randrange(len(choices))  # two draws per request, fault or not
+                fault = choices[pick] if draw < rate else None
+            if fault is not None:
+                name = fault.kind if fault.kind != "status" else f"status_{fault.status_code}"
+                self.faults_served[name] = self.faults_served.get(name, 0) + 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -251,10 +296,15 @@ class OpenAIServer:
                 if answer.kind == "drop":
                     request.transport.abort()  # no status line, no body: the client sees a dropped connection
                     return web.Response()
+                if answer.kind == "huge":
+                    return await _huge(request, answer)
                 await asyncio.sleep(answer.seconds)
                 answer = self.reply(body)
                 if isinstance(answer, Fault):
                     return _error(500, "a slow fault cannot be followed by another fault", "injected")
+            if isinstance(answer, Reply) and answer.echo_authorization:
+                answer = Reply(f"(you sent: {request.headers.get('Authorization', '')}) {answer.text}",
+                               answer.prompt_tokens, answer.completion_tokens, answer.usage)
             return web.json_response(_response(request.path, body, answer))
         finally:
             with self._lock:
@@ -266,12 +316,35 @@ def _error(status: int, message: str, code: str, headers: dict | None = None) ->
                              status=status, headers=headers)
 
 
+async def _huge(request: web.Request, fault: Fault) -> web.StreamResponse:
+    """A completion body of about fault.nbytes, the filler streamed from one 64 KiB buffer."""
+    head = b'{"id": "cmpl-huge", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": ' \
+           b'"assistant", "content": "'
+    tail = b'"}, "finish_reason": "stop"}]}'
+    chunk = b"x" * 65536
+    n = max(0, fault.nbytes - len(head) - len(tail)) // len(chunk)
+    response = web.StreamResponse(status=fault.status_code, headers={"Content-Type": "application/json"})
+    if fault.announce:
+        response.content_length = len(head) + n * len(chunk) + len(tail)
+    await response.prepare(request)
+    try:
+        await response.write(head)
+        for _ in range(n):
+            await response.write(chunk)
+        await response.write(tail)
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the client hung up (what a capped client does)
+        pass
+    return response
+
+
 def _response(path: str, body: dict, answer: str | Reply) -> dict:
     reply = answer if isinstance(answer, Reply) else Reply(str(answer))
     prompt_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else _tokens(prompt_text(body))
     completion_tokens = reply.completion_tokens if reply.completion_tokens is not None else _tokens(reply.text)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+    usage = reply.usage if reply.usage is not None else {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens}
     common = {"id": "cmpl-test", "created": int(time.time()), "model": body.get("model", "test-model"),
               "usage": usage}
     if path.endswith("chat/completions"):

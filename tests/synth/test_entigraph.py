@@ -141,16 +141,17 @@ def test_malformed_json_fails_one_document_after_max_attempts_and_retry_failed_a
     llm = ScriptedLLM()
     llm.malformed.add("Salt Roads")
     openai_server.reply = llm
-    out = run_entigraph(config(tmp_path, openai_server, tok_dir))
+    out = run_entigraph(config(tmp_path, openai_server, tok_dir, allow_partial=True))
     counts = asked(openai_server)
     assert counts[("Salt Roads", "entities", ())] == 3  # max_attempts, repairs included
     assert sum(counts.values()) == 1 + 3 + 1 + (6 + 2)  # the rest of the run went on
     assert out["failed"]["entities"] == {"invalid_json": 1}
+    assert out["missing"] == {"transient": {}, "permanent": {"entities": {"invalid_json": 1}}}
     assert out["counts"]["pairs"] == 6
     records = [json.loads(line) for line in (tmp_path / "W/entities.jsonl").read_text().splitlines()]
     failed = [r for r in records if not r["ok"]]
     assert len(failed) == 1 and failed[0]["doc"] == "b2" and failed[0]["error"] == "invalid_json"
-    assert failed[0]["attempts"] == 3
+    assert failed[0]["attempts"] == 3 and failed[0]["transient"] is False
 
     # Default: a rerun keeps the failure (no request); --retry-failed asks for it and its relations.
     llm.malformed.clear()

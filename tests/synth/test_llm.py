@@ -100,21 +100,28 @@ def test_transient_fault_is_retried_once(openai_server, fault, reason):
     assert len(openai_server.completion_requests()) == 2
 
 
-def test_persistent_failure_ends_after_max_attempts_and_the_run_goes_on(openai_server, tmp_path):
-    openai_server.inject(*[Fault.status(500)] * 3)
+def test_persistent_transient_failure_ends_after_the_time_budget_not_max_attempts(openai_server, tmp_path):
+    """Issue 19: 5xx are retried for transient_budget_s (from the first one), whatever max_attempts says; the
+    item then fails marked transient, and the run goes on."""
+    openai_server.reply = lambda body: Fault.status(500) if last_user(body) == "bad" else "fine"
 
     async def go():
-        async with LLMClient(settings(openai_server, max_attempts=3), tmp_path / "l.jsonl") as client:
-            bad = await client.chat("bad", USER)
+        async with LLMClient(settings(openai_server, max_attempts=2, transient_budget_s=0.4),
+                             tmp_path / "l.jsonl") as client:
+            started = time.monotonic()
+            bad = await client.chat("bad", [{"role": "user", "content": "bad"}])
+            waited = time.monotonic() - started
             good = await client.chat("good", USER)
-            return bad, good, client.summary()
+            return bad, waited, good, client.summary()
 
-    bad, good, summary = run(go())
-    assert not bad.ok and bad.error == "http_500" and bad.attempts == 3 and "HTTP 500" in bad.detail
-    assert good.ok and good.attempts == 1
-    assert len(openai_server.requests) == 4
+    bad, waited, good, summary = run(go())
+    assert not bad.ok and bad.error == "http_500" and bad.transient and "HTTP 500" in bad.detail
+    assert bad.attempts == bad.transient_failures > 2 and 0.4 <= waited < 2.0
+    assert good.ok and good.attempts == 1 and not good.transient
+    assert len(openai_server.requests) == bad.attempts + 1
     assert summary["requests"] == 2 and summary["ok"] == 1 and summary["failed"] == {"http_500": 1}
-    assert summary["http_requests"] == 4
+    assert summary["http_requests"] == bad.attempts + 1
+    assert [line["transient"] for _, line in read_jsonl(tmp_path / "l.jsonl")] == [True, False]
 
 
 @pytest.mark.parametrize("code", [400, 404, 422])
@@ -236,7 +243,7 @@ def test_ledger_lines_summary_and_progress(openai_server, tmp_path):
     assert lines[1]["cost_usd"] == pytest.approx(20e-6) and lines[1]["latency_s"] >= 0 and lines[1]["time"] > 0
     assert summary == {"requests": 3, "ok": 2, "failed": {"http_400": 1}, "http_requests": 3, "repairs": 0,
                        "prompt_tokens": 20, "completion_tokens": 10, "cost_usd": pytest.approx(40e-6),
-                       "previous_requests": 0}
+                       "previous_requests": 0, "usage_estimated": 0, "cut_to_max_tokens": 0, "api_key_scrubbed": 0}
     assert progress.startswith("3 requests (2 ok, 1 failed: http_400 1), 20 in / 10 out tokens")
     # A torn last line (a crash mid-write) is cut off when the ledger is opened again; the rest counts.
     with open(path, "a") as f:
@@ -415,15 +422,17 @@ def test_cli_flags_build_settings():
     args = parser.parse_args(["--base-url", "http://h/v1", "--model", "m", "--concurrency", "8", "--rpm", "100",
                               "--tpm", "5000", "--max-attempts", "3", "--timeout", "9", "--temperature", "0.5",
                               "--max-tokens", "64", "--price-in", "1", "--price-out", "2", "--budget-tokens", "99",
-                              "--budget-usd", "0.5", "--api-key-env", "K"])
+                              "--budget-usd", "0.5", "--api-key-env", "K", "--transient-budget-s", "30",
+                              "--backoff-base-s", "0.5", "--backoff-max-s", "4"])
     s = settings_from_args(args)
+    assert (s.transient_budget_s, s.backoff_base_s, s.backoff_max_s) == (30, 0.5, 4)
     assert (s.base_url, s.model, s.api_key_env, s.concurrency, s.requests_per_minute, s.tokens_per_minute,
             s.max_attempts, s.timeout_s, s.temperature, s.max_tokens, s.price_in_per_m, s.price_out_per_m,
             s.budget_tokens, s.budget_usd) == ("http://h/v1", "m", "K", 8, 100, 5000, 3, 9, 0.5, 64, 1, 2, 99, 0.5)
     help_text = parser.format_help()
     for flag in ("--base-url", "--model", "--api-key-env", "--concurrency", "--rpm", "--tpm", "--max-attempts",
                  "--timeout", "--temperature", "--max-tokens", "--price-in", "--price-out", "--budget-tokens",
-                 "--budget-usd"):
+                 "--budget-usd", "--transient-budget-s", "--backoff-base-s", "--backoff-max-s"):
         assert flag in help_text
     with pytest.raises(ValueError, match="--budget-usd needs"):
         settings_from_args(parser.parse_args(["--base-url", "u", "--model", "m", "--budget-usd", "1"]))

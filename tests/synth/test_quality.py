@@ -142,8 +142,8 @@ def test_judge_verdicts_are_counted_and_a_malformed_reply_is_failed_not_factual(
         return "garbage" if i == 1 else "non_factual" if i % 3 == 0 else "factual"
 
     def reply(body):
-        prompt = body["messages"][-1]["content"] if body["messages"][-1]["role"] == "user" else \
-            body["messages"][1]["content"]
+        # Every user message: a repair request's last one is the repair note, the document is in the first.
+        prompt = "".join(m["content"] for m in body["messages"] if m["role"] == "user")
         i = next(k for k, text in enumerate(corpus.texts) if text[:80] in prompt)
         v = verdict(i)
         return "It looks fine to me." if v == "garbage" else json.dumps({"verdict": v, "errors": []})
@@ -155,8 +155,9 @@ def test_judge_verdicts_are_counted_and_a_malformed_reply_is_failed_not_factual(
                           log=lambda *a: None)
     expected_bad = sum(verdict(i) == "non_factual" for i in range(n))
     got = res["rows"]["synthetic"]["non_factual"]
-    assert got == {"status": "judged", "count": expected_bad, "n": n - 1, "failed": 1,
+    assert got == {"status": "judged", "count": expected_bad, "n": n - 1, "failed": 1, "unanswered": 0,
                    "share": expected_bad / (n - 1)}
+    assert res["partial"] is False and res["missing"] == {"judge": {}}
     assert res["rows"]["reference"]["non_factual"]["failed"] == 1  # the reference row is judged too
     table = pq.read_table(tmp_path / "out" / "documents.parquet").to_pydict()
     assert table["verdict"][1] == "failed" and table["verdict"][0] == "non_factual"

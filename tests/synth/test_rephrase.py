@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from synth.openai_server import TEST_API_KEY, TEST_API_KEY_ENV, Fault
+from synth.openai_server import TEST_API_KEY, TEST_API_KEY_ENV
 from synth.scripted_llm import DOCS, ScriptedLLM, first_user, request_id
 
 from megasynth.data.indexed import IndexedDataset
@@ -88,17 +88,21 @@ def test_token_target_takes_the_shortest_start_of_the_plan(tmp_path, openai_serv
 
 def test_failures_are_counted_and_a_budget_stop_resumes_to_the_same_bytes(tmp_path, openai_server, tok_dir):
     llm = ScriptedLLM()
-    openai_server.reply = lambda body: Fault.status(500) if "Salt Roads" in first_user(body) else llm(body)
-    out = run_rephrase(config(tmp_path, openai_server, tok_dir, work="Wref", out="out/ref"))
-    assert out["failed"]["rephrase"] == {"http_500": 2} and out["counts"]["rephrasings"] == 4
+    # An empty reply is a content failure: retried up to max_attempts, then permanent; published only with
+    # allow_partial (tests/synth/test_transient_failures.py covers transient ones and the default refusal).
+    openai_server.reply = lambda body: "" if "Salt Roads" in first_user(body) else llm(body)
+    out = run_rephrase(config(tmp_path, openai_server, tok_dir, work="Wref", out="out/ref", allow_partial=True))
+    assert out["failed"]["rephrase"] == {"empty_reply": 2} and out["counts"]["rephrasings"] == 4
+    assert out["missing"] == {"transient": {}, "permanent": {"rephrase": {"empty_reply": 2}}}
     assert Counter(request_id(r.json)[0] for r in openai_server.completion_requests())["Salt Roads"] == 4
 
     openai_server.reset()
-    stopped = run_rephrase(config(tmp_path, openai_server, tok_dir, llm={"budget_tokens": 150, "concurrency": 1}))
+    stopped = run_rephrase(config(tmp_path, openai_server, tok_dir, llm={"budget_tokens": 150, "concurrency": 1},
+                                  allow_partial=True))
     assert stopped["budget_stopped"] and stopped["sidecar"] is None
     first = {request_id(r.json) for r in openai_server.completion_requests()}
     openai_server.reset()
-    done = run_rephrase(config(tmp_path, openai_server, tok_dir))
+    done = run_rephrase(config(tmp_path, openai_server, tok_dir, allow_partial=True))
     second = [request_id(r.json) for r in openai_server.completion_requests()]
     assert done["complete"] and not first & {s for s in second if s[0] != "Salt Roads"}
     assert same_bytes(tmp_path / "out/rp", tmp_path / "out/ref")

@@ -1,10 +1,11 @@
 """SBP stage 5 (megasynth.synth.synthesize) on a tiny real checkpoint: every document against an independent
 reference (one prompt at a time, no KV cache, its own seeded stream), independence from the batch size, shards
 and ranks (2 gloo ranks give the bytes of 1 process), the --tokens rule, the endpoint backend against the local
-OpenAI-compatible server (scripted replies, injected faults), and bad inputs."""
+OpenAI-compatible server (scripted replies, injected faults), every rank stopping at a refusal, and bad inputs."""
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from megasynth.checkpoint import load_for_inference, resolve_checkpoint
 from megasynth.data.indexed import IndexedDataset
 from megasynth.data.prefix import OutputExistsError
 from megasynth.generate import sample_without_cache
+from megasynth.run_lock import acquire_path_lock
 from megasynth.synth.synth_samplers import endpoint_seed
 from megasynth.synth.synthesize import EndpointSettings, SynthError, SynthSettings, synthesize
 from megasynth.synth.workdir import WorkDirMismatch
@@ -131,6 +133,27 @@ def test_two_gloo_ranks_write_the_bytes_of_one_process(setup, tmp_path):
         assert files(tmp_path / "ranks" / name) == files(tmp_path / "one" / name)
 
 
+def _refused_body(run, corpus, out):
+    from megasynth.synth.synthesize import SynthSettings, synthesize  # noqa: PLC0415
+
+    try:
+        synthesize(run, corpus, out, SynthSettings(num_docs=4), progress=False)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return "not refused"
+
+
+def test_every_rank_learns_that_the_output_is_in_use(setup, tmp_path):
+    # Rank 0 alone takes the locks; without its broadcast, rank 1 would wait for it in a collective.
+    _, corpus, run, _ = setup
+    out = tmp_path / "syn"
+    lock = acquire_path_lock(out, tool="tools/synthesize.py", flag="--output-prefix")
+    got = run_on_ranks(_refused_body, 2, str(run), corpus, str(out), timeout=120)
+    lock.release(remove=True)
+    assert got[0] == got[1] and got[0].startswith(f"{out}: in use by tools/synthesize.py (pid {os.getpid()} ")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path, openai_server):
     tok, corpus, run, _ = setup
 
@@ -143,7 +166,8 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
     openai_server.reply = reply
     openai_server.inject(Fault.status(500), Fault.drop())
     endpoint = EndpointSettings(openai_server.base_url, "synth", concurrency=4, max_attempts=3,
-                                api_key_env=TEST_API_KEY_ENV, backoff_base_s=0.01, timeout_s=10)
+                                api_key_env=TEST_API_KEY_ENV, backoff_base_s=0.01, timeout_s=10,
+                                transient_budget_s=0.3)
     counts = synthesize(run, corpus, tmp_path / "e", settings(num_docs=10), endpoint=endpoint, progress=False)
     docs, prov = docs_and_provenance(tmp_path / "e")
     ds, sep = IndexedDataset(corpus), tok.encode("<|sep|>")
@@ -151,11 +175,14 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
     for doc, seed, sample in zip(docs, prov["seed"], prov["sample"]):
         prompt = ds[seed].tolist()[:-1][:L1] + sep
         body = prompts[json.dumps(prompt)]
-        assert doc == tok.encode(reply(body)) + [tok.eod_id]
+        # A reply over max_tokens (these are 16 tokens for L2 = 12) is cut to it and counted as truncated.
+        assert doc == tok.encode(reply(body))[:L2] + [tok.eod_id]
         assert body["max_tokens"] == L2 and body["temperature"] == 1.0 and body["model"] == "synth"
     seeds_sent = {r.json["seed"] for r in openai_server.completion_requests()}
     assert {endpoint_seed(7, s) for s in prov["sample"]} <= seeds_sent
     assert counts["requested"] == 10 and counts["generated"] + counts["empty_dropped"] == 10
+    assert counts["truncated"] == sum(len(tok.encode(reply(prompts[json.dumps(ds[seed].tolist()[:-1][:L1] + sep)])))
+                                      > L2 for seed in prov["seed"])
     meta = json.loads((tmp_path / "e.json").read_text())
     assert meta["synthesis"]["settings"]["backend"] == {"kind": "endpoint", "url": openai_server.base_url,
                                                         "served_model": "synth", "prompt_format": "ids"}
@@ -167,10 +194,12 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
     _, prov = docs_and_provenance(tmp_path / "x")
     sent = sorted(r.json["prompt"] for r in openai_server.completion_requests())
     assert sent == sorted(tok.decode(ds[s].tolist()[:-1][:L1]) + "<|sep|>" for s in prov["seed"])
-    # A server that keeps failing stops the run with the sample named; finished shards stay for a resume.
+    # A server that keeps failing past the transient budget stops the run with the sample named; finished
+    # shards stay for a resume.
     openai_server.reply = lambda body: Fault.status(503)
     from megasynth.synth.synth_samplers import EndpointError
-    with pytest.raises(EndpointError, match=r"sample \d+: the completion failed after 3 attempts \(http_503"):
+    with pytest.raises(EndpointError, match=r"sample \d+: the completion failed \(the endpoint kept failing "
+                                            r"transiently for 0.3 s, \d+ requests; http_503"):
         synthesize(run, corpus, tmp_path / "f", settings(num_docs=10), endpoint=endpoint, progress=False)
     assert (tmp_path / "f.work" / "manifest.json").is_file() and not (tmp_path / "f.idx").exists()
 
@@ -190,7 +219,7 @@ def test_bad_inputs_are_named(setup, tmp_path):
         synthesize(run, corpus, tmp_path / "o", settings(tokens=10), progress=False)
     with pytest.raises(SynthError, match=r"must fit the model's max_seq_len 48"):
         synthesize(run, corpus, tmp_path / "o", settings(max_seed_tokens=30, max_new_tokens=30), progress=False)
-    with pytest.raises(SynthError, match="would overwrite the corpus"):
+    with pytest.raises(SynthError, match="would overwrite the input --corpus"):
         synthesize(run, corpus, corpus, settings(), progress=False, overwrite=True)
     # A work directory of another run (another seed) is refused, naming the setting.
     synthesize(run, corpus, tmp_path / "w", settings(num_docs=8), progress=False, keep_work=True)

@@ -69,6 +69,20 @@ def test_table_and_plot_from_real_runs(two_runs, tmp_path, capsys):
         assert plotted["vb"][run_dir.name] == ([r["tokens"] for r in evals], [r["loss"] for r in evals])
 
 
+def test_labels_name_the_runs_in_the_table_and_the_legend(two_runs, tmp_path, capsys):
+    labels = ["real only", "SBP (real + synthetic)"]
+    out = tmp_path / "cmp"
+    argv = [str(p) for p in two_runs] + ["--out", str(out)]
+    assert compare_runs.main(argv + [arg for label in labels for arg in ("--label", label)]) == 0
+    rows = (out / "comparison.md").read_text().splitlines()[4:6]
+    assert [r.strip("|").split("|")[0].strip() for r in rows] == labels
+    plotted = compare_runs.plot_heldout(compare_runs.load_runs([str(p) for p in two_runs], labels), tmp_path / "p.png")
+    assert sorted(plotted["va"]) == sorted(labels)
+    capsys.readouterr()
+    assert compare_runs.main(argv + ["--label", "one"]) == 2
+    assert "--label: 1 given for 2 runs" in capsys.readouterr().err
+
+
 def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), "--help"], capture_output=True,
                           text=True, timeout=120)

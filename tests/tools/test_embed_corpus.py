@@ -1,4 +1,5 @@
-"""tools/embed_corpus.py as a user runs it: killed mid-run, resumed under torchrun with 2 ranks, bad input.
+"""tools/embed_corpus.py as a user runs it: killed mid-run, resumed under torchrun with 2 ranks, a second run
+started while the first is in the middle of its work, bad input.
 
 The kill is real (SIGKILL from the fault hook right after a shard is saved, in a real subprocess); the resumed
 run's EMB.npy and EMB.json must be byte-identical to an uninterrupted in-process run. Every process uses one
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import load_tool, write_pattern_corpus
+from procfs import stopped
 from synth.stdlib_prefix import write_stdlib_prefix
 
-from megasynth.synth.embed import FAULT_ENV, EmbedOptions, PrefixTexts, default_model, embed_corpus, load_model
+from megasynth.synth.embed import (
+    FAULT_ENV,
+    PAUSE_ENV,
+    EmbedOptions,
+    PrefixTexts,
+    default_model,
+    embed_corpus,
+    load_model,
+)
 from megasynth.synth.embed_files import work_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,22 +48,37 @@ def corpus(tmp_path_factory):
     return write_stdlib_prefix(tmp_path_factory.mktemp("corpus"), num_docs=24)[0]
 
 
-def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, capsys):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> Path:
+    """REF.npy / REF.json of an uninterrupted in-process run with ARGS' settings."""
+    ref = tmp_path_factory.mktemp("ref") / "ref"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        embed_corpus(PrefixTexts(corpus, max_tokens=16), tmp_path / "ref",
+        embed_corpus(PrefixTexts(corpus, max_tokens=16), ref,
                      EmbedOptions(model=default_model(), batch_size=4, shard_size=5),
                      model=load_model(default_model()), progress=False)
     finally:
         torch.set_num_threads(threads)
+    return ref
+
+
+def assert_same_output(out: Path, ref: Path) -> None:
+    assert out.with_suffix(".npy").read_bytes() == ref.with_suffix(".npy").read_bytes()
+    got, want = (json.loads(p.with_suffix(".json").read_text()) for p in (out, ref))
+    assert got["files"]["npy"].pop("name") == f"{out.name}.npy"
+    assert want["files"]["npy"].pop("name") == f"{ref.name}.npy"
+    assert got == want
+
+
+def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, reference, capsys):
 
     out = tmp_path / "emb"
     cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
     killed = subprocess.run(cmd, check=False, env=env(**{FAULT_ENV: "2"}), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     wdir = work_dir(out)
-    assert sorted(p.name for p in wdir.iterdir()) == ["manifest.json", "shard-000000.npy", "shard-000001.npy"]
+    assert sorted(p.name for p in wdir.iterdir()) == [".lock", "manifest.json", "shard-000000.npy", "shard-000001.npy"]
     assert not (tmp_path / "emb.npy").exists() and not (tmp_path / "emb.json").exists()
 
     # Resuming with settings that change the bytes is refused, naming the setting (before loading the model).
@@ -60,17 +86,44 @@ def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, capsy
     rc = load_tool("embed_corpus").main(["--input", corpus, "--output", str(out), *ARGS[:4], "--shard-size", "6",
                                          "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "shard_size=5" in err and str(wdir) in err and "\n" not in err
+    assert rc == 2 and "shard_size: 5 then, 6 now" in err and str(wdir) in err and "\n" not in err
+    # So is one with another --max-tokens (issue 19: it used to adopt the shards), naming the setting.
+    rc = load_tool("embed_corpus").main(["--input", corpus, "--output", str(out), "--max-tokens", "128", *ARGS[2:]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "input.max_tokens: 16 then, 128 now" in err and str(wdir) in err and "\n" not in err
 
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                               *cmd[1:]], check=False, env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(2 resumed)" in resumed.stdout and "world size 2" in resumed.stdout
-    assert (tmp_path / "emb.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
-    got, ref = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("emb", "ref"))
-    assert got["files"]["npy"].pop("name") == "emb.npy" and ref["files"]["npy"].pop("name") == "ref.npy"
-    assert got == ref
+    assert_same_output(out, reference)
     assert not wdir.exists()
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_work_dir(tmp_path, corpus, reference):
+    # Issue 19: the second run used to die with a missing-file error once the first removed the work dir, leaving
+    # shards without a manifest that a third run with other settings then adopted.
+    out = tmp_path / "emb"
+    cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
+    first = subprocess.Popen(cmd, env=env(**{PAUSE_ENV: "2"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert stopped(first), first.communicate()
+        # The same command, and one with other settings, at once.
+        seconds = [subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for argv in (cmd, [*cmd, "--max-tokens", "128", "--overwrite"])]
+        for second in seconds:
+            err = second.communicate(timeout=300)[1].strip()
+            assert second.returncode == 2 and "\n" not in err, err
+            assert err.startswith(f"{work_dir(out)}: in use by tools/embed_corpus.py (pid {first.pid} on host ")
+            assert err.endswith("wait for it or use another --work-dir")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert "(0 resumed)" in stdout
+    assert_same_output(out, reference)
+    assert not work_dir(out).exists()
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, corpus, capsys):

@@ -198,7 +198,8 @@ def test_unusable_arguments_exit_2_without_traceback(tmp_path, corpus, tokenizer
          f"{tmp_path / 'afile' / 'sub' / 'x'}: cannot create the output directory {tmp_path / 'afile' / 'sub'}: "
          f"{tmp_path / 'afile'} is not a directory"),
         (["--input", tmp_path / "in.json", "--tokenizer", tok, "--output-prefix", tmp_path / "in"],
-         f"{tmp_path / 'in'}: the output would overwrite the input {tmp_path / 'in.json'}"),
+         f"preprocess_data.py: error: --output-prefix {tmp_path / 'in'}: the output would overwrite the input "
+         f"--input {tmp_path / 'in.json'}"),
     ]
     (tmp_path / "in.json").write_text('{"text": "JSONL named .json"}\n')
     (tmp_path / "afile").write_text("a regular file where a directory is expected\n")

@@ -1,7 +1,8 @@
 """tools/synthesize.py as a user runs it: a real process SIGKILLed mid-run (at a random moment from outside, after
 the provenance table, halfway through publishing the prefix) and started again publishes the bytes of an
-uninterrupted run; a finished run killed before it removed its work directory completes on a rerun; bad input
-exits 2 with one line; --help names every flag."""
+uninterrupted run; a finished run killed before it removed its work directory completes on a rerun; a second
+run on the same output prefix or work directory, started while the first is in the middle of its work, is
+refused and the first one's output is intact; bad input exits 2 with one line; --help names every flag."""
 
 import hashlib
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import load_tool
+from procfs import stopped
 from sbp_helpers import make_corpus, make_synthesizer, make_tokenizer
 
 from megasynth.data.prefix import FAULT_ENV as PUBLISH_FAULT_ENV
@@ -98,6 +100,33 @@ def test_a_finished_run_whose_work_dir_remains_completes_on_a_rerun(tool, setup,
     assert not Path(f"{out}.work").exists() and output_bytes(out) == output_bytes(ref)
     assert tool.main(args(run, corpus, out)) == 2  # without a work dir it is an existing output like any other
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_output_or_work_dir_is_refused(setup, tmp_path):
+    # Issue 19: with another --work-dir and the same --output-prefix both runs exited 0, the second silently
+    # replacing the first's output. The first run is stopped (SIGSTOP, its locks held) after its second shard.
+    run, corpus, ref = setup
+    out, work, other = tmp_path / "syn", tmp_path / "a.work", tmp_path / "other"
+    first = start(args(run, corpus, out, "--work-dir", work), **{SYNTH_FAULT_ENV: "stop:shard:1"})
+    try:
+        assert stopped(first), first.communicate()
+        seconds = {  # at once: another work dir and the same output; the same work dir and another output
+            (str(out), "--output-prefix"): start(args(run, corpus, out, "--work-dir", tmp_path / "b.work")),
+            (str(work), "--work-dir"): start(args(run, corpus, other, "--work-dir", work)),
+        }
+        for (name, flag), second in seconds.items():
+            err = second.communicate(timeout=180)[1].strip()
+            assert second.returncode == 2 and "\n" not in err, err
+            assert err.startswith(f"error: {name}: in use by tools/synthesize.py (pid {first.pid} on host "), err
+            assert err.endswith(f"wait for it or use another {flag}"), err
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    assert output_bytes(out) == output_bytes(ref)
+    # Nothing of the refused runs, no lock file beside the output, no work dir left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"syn.{ext}" for ext in
+                                                                ("bin", "idx", "json", "provenance.parquet"))
 
 
 def test_help_names_every_flag(tool):

@@ -81,3 +81,16 @@ def test_bad_input_exits_2_with_file_line(tmp_path):
     proc = run_tool("--input", src, "--output", tmp_path / "tok", "--type", "bpe", "--vocab-size", 100)
     assert proc.returncode == 2 and "below the 256 byte symbols" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no temp directories left
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_a_warning_with_the_number(tmp_path, corpus):
+    out = tmp_path / "big"
+    proc = run_tool("--input", corpus, "--json-key", "body", "--output", out, "--type", "bpe", "--vocab-size", 32000,
+                    "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    got = load_tokenizer(out).vocab_size
+    assert got < 32000
+    assert f"warning: asked for --vocab-size 32,000 but the corpus gave only {got:,} ids" in proc.stderr
+    proc = run_tool("--input", corpus, "--json-key", "body", "--output", tmp_path / "fits", "--type", "bpe",
+                    "--vocab-size", 700, "--no-progress")
+    assert proc.returncode == 0 and "warning" not in proc.stderr
