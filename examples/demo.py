@@ -63,7 +63,7 @@ def main() -> int:
 
     print("\n== 2. tokenizer: byte-level BPE, 4096 ids, trained on the training split")
     run([py, "tools/train_tokenizer.py", "--input", corpus / "train.jsonl", "--output", tokenizer,
-         "--type", "bpe", "--vocab-size", "4096", "--chat-tokens"], env)  # chat tokens: examples/sft fine-tunes this
+         "--type", "bpe", "--vocab-size", "4096", "--chat-tokens", "--overwrite"], env)  # chat tokens: examples/sft fine-tunes this
 
     print("\n== 3. preprocessing into .bin/.idx prefixes")
     for split in ("train", "valid"):

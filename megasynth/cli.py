@@ -34,6 +34,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from megasynth.io import owned_names
+
 # The files of a token prefix (the synthetic pipelines add .provenance.parquet): what an output prefix writes
 # unless its tool names other suffixes (embeddings: EMB.npy/.json/.embed-work, pair tables: .parquet/.json/.png).
 TOKEN_SUFFIXES = (".bin", ".idx", ".json", ".mask", ".provenance.parquet", ".max_token_id.json")
@@ -98,7 +100,8 @@ def is_float_type(fn: Any) -> bool:
 class PathSpec:
     """A path and what it names: "prefix", "file", "dir", "run" (a training run or step directory) or "any"
     (an input that may be a file, a directory, a prefix or a glob). `names`: for a "dir" output, the files the
-    tool writes there (what --overwrite may replace); for a "prefix" output, the suffixes it writes."""
+    tool writes there, literal or glob patterns (what --overwrite may replace; without `names` any entry counts);
+    for a "prefix" output, the suffixes it writes."""
 
     path: str
     kind: str
@@ -198,11 +201,12 @@ def overlap_refusal(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> st
 
 
 def existing_outputs(spec: PathSpec) -> list[str]:
-    """The files of an output that exist already (for a "dir" with `names`, only those names count)."""
+    """The files of an output that exist already (for a "dir" with `names`, only the entries they name count:
+    literal names or glob patterns, as megasynth.io.atomic_files owns them)."""
     if spec.kind == "dir":
-        if spec.names is None:
-            return sorted(os.listdir(spec.path)) if os.path.isdir(spec.path) else []
-        return [n for n in spec.names if os.path.lexists(os.path.join(spec.path, n))]
+        if not os.path.isdir(spec.path):  # a file where the directory should be is in the way too
+            return [os.path.basename(spec.path.rstrip(os.sep))] if os.path.lexists(spec.path) else []
+        return sorted(os.listdir(spec.path)) if spec.names is None else owned_names(spec.names, os.listdir(spec.path))
     return [os.path.basename(shown) for shown, _, _ in _entries(spec, output=True) if os.path.lexists(shown)]
 
 

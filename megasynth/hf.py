@@ -21,13 +21,24 @@ from pathlib import Path
 import torch
 
 from megasynth.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
-from megasynth.io import atomic_dir, atomic_write_json
+from megasynth.io import atomic_files, atomic_write_json, owned_names
 from megasynth.model import Transformer, build_model, resolved_dims
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What export_hf owns in its directory (megasynth.io.atomic_files: config.json, the file transformers reads first,
+# is published last), and what --overwrite replaces: the weights in either layout, the configs, and the tokenizer
+# files (megasynth.tokenizer.TOKENIZER_FILES: Tokenizer.save writes some of them, and a stale one of the others,
+# such as a chat_template.jinja, would shadow what the export wrote). Anything else (a README, a model card) is
+# left alone.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                SAFETENSORS_INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "tokenizer.vocab", "chat_template.jinja")
+# What import_hf_checkpoint owns: a weights-only checkpoint (megasynth.checkpoint: DCP shards and .metadata,
+# config.toml, meta.json with every file's checksum, published last) and its tokenizer/ directory.
+IMPORT_FILES = ("meta.json", "config.toml", ".metadata", "*.distcp", "tokenizer")
 # Buffers some older checkpoints store; recomputed by transformers and by us, never weights.
 _IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -289,14 +300,16 @@ def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, to
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Write a transformers-loadable directory (weights, config.json, generation_config.json, tokenizer files).
 
-    bos/eos ids come from the tokenizer when one is given. Atomic: built in a temp directory, then renamed.
+    bos/eos ids come from the tokenizer when one is given. Published like a prefix (megasynth.io.atomic_files):
+    built beside `out_dir` and moved in with config.json last; existing EXPORT_FILES there are refused
+    (FileExistsError) unless `overwrite`, which replaces them all (a stale shard or tokenizer file of an earlier
+    export included) and leaves every other file alone.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite / --overwrite to replace it)")
+    _refuse_existing(out, EXPORT_FILES, overwrite)
     if tokenizer is not None:
         bos_id, eos_id = tokenizer.bos_id, tokenizer.eod_id
-    with atomic_dir(out, replace=overwrite) as tmp:
+    with atomic_files(out, EXPORT_FILES, commit="config.json", replace=overwrite) as tmp:
         write_safetensors(hf_state_dict(model, dtype), tmp, max_shard_bytes)
         atomic_write_json(tmp / "config.json", hf_config(cfg.model, dtype=dtype, bos_id=bos_id, eos_id=eos_id))
         generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": eos_id}
@@ -305,6 +318,16 @@ def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, to
             tokenizer.save(tmp)
             _clear_length_limits(tmp / "tokenizer.json")
     return out
+
+
+def _refuse_existing(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """FileExistsError before any work when `out` holds files these functions own (atomic_files checks again)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    existing = owned_names(names, os.listdir(out)) if out.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(f"{out}: already exists ({', '.join(existing)}); pass overwrite / --overwrite to "
+                              "replace it")
 
 
 def _clear_length_limits(path: Path) -> None:
@@ -333,13 +356,14 @@ def import_hf(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
 def import_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                          dtype: torch.dtype = torch.float32, overwrite: bool = False) -> tuple[Path, str | None]:
     """import_hf + save_model_checkpoint into `out_dir`, with the tokenizer (if the HF directory has a usable
-    one) in OUT_DIR/tokenizer. Returns (out_dir, a warning about the tokenizer or None). Atomic."""
+    one) in OUT_DIR/tokenizer. Returns (out_dir, a warning about the tokenizer or None). Published like a
+    prefix (megasynth.io.atomic_files, meta.json last); existing IMPORT_FILES there are refused (FileExistsError)
+    unless `overwrite`, which replaces them all and leaves every other file alone."""
     from megasynth.checkpoint import save_model_checkpoint  # noqa: PLC0415
     from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite / --overwrite to replace it)")
+    _refuse_existing(out, IMPORT_FILES, overwrite)
     model, cfg = import_hf(hf_dir, dtype)
     tokenizer, warning = None, None
     if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():
@@ -351,8 +375,8 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         warning = f"{hf_dir} holds no tokenizer.json or tokenizer.model: the checkpoint has no tokenizer/"
     meta = {"source": {"huggingface": str(hf_dir.resolve())},
             "tokenizer": tokenizer.identity() if tokenizer is not None else None}
-    with atomic_dir(out, replace=overwrite) as tmp:
-        save_model_checkpoint(model, cfg, tmp, meta=meta)
+    with atomic_files(out, IMPORT_FILES, commit="meta.json", replace=overwrite) as tmp:
+        save_model_checkpoint(model, cfg, tmp, meta=meta)  # publishes its own temp directory as `tmp`
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
     return out, warning

@@ -19,11 +19,13 @@ its name (`.NAME.tmp-PID-HEX`) and removes.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from glob import has_magic as glob_has_magic
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -147,22 +149,39 @@ def atomic_dir(final: str | os.PathLike, *, token: str | None = None, replace: b
     fsync_dir(final.parent)
 
 
+def owned_names(names, entries) -> list[str]:
+    """The entries (names in a directory) that `names` claims: each of `names` is a literal name or a glob
+    pattern (`model-*-of-*.safetensors`: a count the tool does not know up front)."""
+    return sorted(e for e in entries if any(fnmatch.fnmatchcase(e, n) for n in names))
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        remove_dir(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_files(directory: str | os.PathLike, names, *, commit: str, replace: bool = False) -> Iterator[Path]:
-    """Yield an empty temp directory beside `directory`; the caller writes some of `names` (the files this tool
-    owns there, `commit` among them) into it. On a clean exit they are published like a prefix
-    (megasynth/data/prefix.py), leaving every other file in `directory` alone:
+    """Yield an empty temp directory beside `directory`; the caller writes some of `names` (the entries this tool
+    owns there, `commit` among them; a name may be a glob pattern, and an entry a subdirectory, owned whole) into
+    it. On a clean exit they are published like a prefix (megasynth/data/prefix.py), leaving every other entry in
+    `directory` alone:
 
     - `directory` absent: the temp directory is fsynced and renamed to it (it appears whole);
-    - present: the old `commit` file is removed first (from here on no result set is visible), then each new
-      file is renamed in and the owned names this write did not produce are removed, then `commit` is renamed
-      last. A reader that goes by `commit` sees the complete old results, none, or the complete new ones.
+    - present: the old `commit` file is removed first (from here on no result set is visible), then the owned
+      entries this write did not produce (and owned subdirectories it replaces) are removed, each new entry is
+      renamed in, and `commit` is renamed last. A reader that goes by `commit` sees the complete old results,
+      none, or the complete new ones.
 
-    Existing owned files are an error (FileExistsError) unless `replace`. On an exception the temp directory
+    Existing owned entries are an error (FileExistsError) unless `replace`. On an exception the temp directory
     is removed and `directory` is untouched."""
     directory = Path(directory)
     names = tuple(names)
-    if commit not in names:
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise FileExistsError(f"{directory}: exists and is not a directory")
+    if commit not in names or glob_has_magic(commit):
         raise ValueError(f"atomic_files: the commit file {commit!r} is not among the names {names}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_beside(directory)
@@ -170,24 +189,28 @@ def atomic_files(directory: str | os.PathLike, names, *, commit: str, replace: b
     try:
         yield tmp
         written = sorted(p.name for p in tmp.iterdir())
-        unknown = [n for n in written if n not in names]
-        if unknown or commit not in written:
-            raise ValueError(f"atomic_files: wrote {written}; expected some of {names} with {commit!r}")
-        for name in written:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        unknown = [n for n in written if n not in owned_names(names, written)]
+        if unknown or commit not in written or (tmp / commit).is_dir():
+            raise ValueError(f"atomic_files: wrote {written}; expected some of {names} with the file {commit!r}")
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(root)
         if not directory.exists():
             os.replace(tmp, directory)
             fsync_dir(directory.parent)
             return
-        existing = [n for n in names if os.path.lexists(directory / n)]
+        existing = owned_names(names, os.listdir(directory))
         if existing and not replace:
             raise FileExistsError(f"{directory}: already holds {', '.join(existing)}")
         (directory / commit).unlink(missing_ok=True)
-        for name in names:
-            if name not in written:
-                (directory / name).unlink(missing_ok=True)
+        for name in existing:
+            old = directory / name
+            # os.replace puts a file over a file atomically, but not a directory over anything or anything over
+            # a directory: those go first (no result set is visible now that `commit` is gone).
+            if name not in written or (old.is_dir() and not old.is_symlink()) or (tmp / name).is_dir():
+                _remove_entry(old)
         fsync_dir(directory)  # the old results are gone for good before any new file appears
         for name in written:
             if name != commit:

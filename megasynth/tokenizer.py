@@ -38,14 +38,13 @@ import itertools
 import json
 import os
 import re
-import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from megasynth.io import atomic_copy, atomic_dir, atomic_write_json, fsync_dir, temp_path_beside
+from megasynth.io import atomic_copy, atomic_files, atomic_write_json
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -509,44 +508,29 @@ BPE_EOD = "<|endoftext|>"
 MAX_SP_LINE_BYTES = 16384  # SentencePiece skips longer training sentences; documents are fed line by line
 
 
-_TOKENIZER_FILES = (HF_FILE, HF_CONFIG, HF_SPECIAL_MAP, SP_FILE, "tokenizer.vocab", "chat_template.jinja")
+# Every file a tokenizer directory can hold: Tokenizer.save and the trainers write some of them, and a stale one
+# of the others would shadow the new tokenizer (a tokenizer.json left from an earlier BPE beside a new
+# tokenizer.model), so a new tokenizer replaces all of them and nothing else in the directory.
+TOKENIZER_FILES = (HF_FILE, HF_CONFIG, HF_SPECIAL_MAP, SP_FILE, "tokenizer.vocab", "chat_template.jinja")
 
 
-@contextlib.contextmanager
-def _training_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temp directory beside `out` to train into; on success its files become `out`'s.
-
-    A new `out` appears whole (megasynth.io.atomic_dir). An existing directory may hold other files, so only
-    the tokenizer files are replaced, each atomically, and those of the other tokenizer type are removed (a
-    tokenizer.json left from an earlier BPE would shadow a new tokenizer.model). On an error nothing changes.
-    """
-    if not out.exists():
-        with atomic_dir(out) as tmp:
-            yield tmp
-        return
-    if not out.is_dir():
+def _training_dir(out: Path, commit: str) -> contextlib.AbstractContextManager[Path]:
+    """A temp directory beside `out` to train into; on success the tokenizer files in it are published into `out`
+    as one set (megasynth.io.atomic_files, `commit` last), replacing the old tokenizer files and leaving any other
+    file in `out` alone. On an error nothing changes. Whether an existing tokenizer may be replaced is the
+    caller's decision (tools/train_tokenizer.py asks for --overwrite)."""
+    if out.exists() and not out.is_dir():
         raise TokenizerError(f"{out}: exists and is not a directory")
-    tmp = temp_path_beside(out)
-    tmp.mkdir()
-    try:
-        yield tmp
-        new = {f.name for f in tmp.iterdir()}
-        for name in _TOKENIZER_FILES:
-            if name not in new:
-                (out / name).unlink(missing_ok=True)
-        for name in sorted(new):
-            atomic_copy(tmp / name, out / name)
-        fsync_dir(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_files(out, TOKENIZER_FILES, commit=commit, replace=True)
 
 
 def train_bpe_tokenizer(
     texts, output_dir: str | os.PathLike, *, vocab_size: int, min_frequency: int = 2,
-    special_tokens: Sequence[str] = (), progress: bool = False,
+    special_tokens: Sequence[str] = (), progress: bool = False, chat_template: str | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE (Hugging Face `tokenizers`) on an iterable of texts; write tokenizer.json and a
-    tokenizer_config.json (eos_token <|endoftext|>) that transformers' AutoTokenizer loads; return it loaded.
+    tokenizer_config.json (eos_token <|endoftext|>, and `chat_template` when given) that transformers'
+    AutoTokenizer loads; return it loaded.
 
     Byte-level: every string encodes (no unknown token) and decodes back to itself exactly.
     """
@@ -565,15 +549,18 @@ def train_bpe_tokenizer(
                                   initial_alphabet=alphabet, show_progress=progress)
     core.train_from_iterator(texts, trainer)
     out = Path(output_dir)
-    with _training_dir(out) as tmp:
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": BPE_EOD,
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,  # decoding must give the text back, spaces included
+        "model_max_length": 2**60,  # no length limit of its own: the model's sequence length decides
+    }
+    if chat_template is not None:  # where transformers (and megasynth.chat) look for one
+        config["chat_template"] = chat_template
+    with _training_dir(out, commit=HF_FILE) as tmp:
         core.save(str(tmp / HF_FILE))
-        atomic_write_json(tmp / HF_CONFIG, {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": BPE_EOD,
-            "bos_token": None,
-            "clean_up_tokenization_spaces": False,  # decoding must give the text back, spaces included
-            "model_max_length": 2**60,  # no length limit of its own: the model's sequence length decides
-        })
+        atomic_write_json(tmp / HF_CONFIG, config)
     return load_tokenizer(out)
 
 
@@ -597,7 +584,7 @@ def train_sentencepiece_tokenizer(
                     yield line
 
     out = Path(output_dir)
-    with _training_dir(out) as tmp:
+    with _training_dir(out, commit=SP_FILE) as tmp:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines(), model_prefix=str(tmp / "tokenizer"), vocab_size=vocab_size,

@@ -111,8 +111,10 @@ def test_round_trip_through_the_clis_keeps_every_weight_and_the_tokenizer(tmp_pa
     # Every exported file has one mode (safetensors alone used to make its file 0600): a serving user reads all.
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044 == 0o044, modes
-    # An existing output is refused (exit 2), not overwritten silently.
-    assert import_tool.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 2
+    # An existing output is refused (exit 2, before the import), not overwritten silently.
+    with pytest.raises(SystemExit) as exc:
+        import_tool.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")])
+    assert exc.value.code == 2
 
 
 def test_sharded_safetensors_round_trip(tmp_path):

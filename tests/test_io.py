@@ -162,3 +162,33 @@ def test_atomic_files_replaces_only_its_own_files(tmp_path):
             (tmp / "summary.json").write_text("x\n")
             (tmp / "mine.txt").write_text("a name the tool does not own\n")
     assert (out / "mine.txt").read_text() == "the user's\n"
+
+
+def test_atomic_files_owns_patterns_and_subdirectories(tmp_path):
+    names = ("index.json", "part-*.bin", "parts")  # a count known only when written; a subdirectory owned whole
+    out = tmp_path / "out"
+    with atomic_files(out, names, commit="index.json") as tmp:
+        for i in range(3):
+            (tmp / f"part-{i}.bin").write_bytes(b"old")
+        (tmp / "parts").mkdir()
+        (tmp / "parts" / "a.txt").write_text("old\n")
+        (tmp / "index.json").write_text("{}\n")
+    (out / "part.txt").write_text("the user's\n")  # matches no pattern
+    with pytest.raises(FileExistsError, match="already holds index.json, part-0.bin, part-1.bin, part-2.bin, parts"):
+        with atomic_files(out, names, commit="index.json") as tmp:
+            (tmp / "index.json").write_text("new\n")
+    with atomic_files(out, names, commit="index.json", replace=True) as tmp:
+        (tmp / "part-0.bin").write_bytes(b"new")
+        (tmp / "parts").mkdir()  # over the old directory: replaced, not merged
+        (tmp / "parts" / "b.txt").write_text("new\n")
+        (tmp / "index.json").write_text("new\n")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "index.json", "part-0.bin", "part.txt", "parts", "parts/b.txt"]
+    assert (out / "part-0.bin").read_bytes() == b"new" and (out / "part.txt").read_text() == "the user's\n"
+    with atomic_files(out, names, commit="index.json", replace=True) as tmp:  # none this time: the old one goes
+        (tmp / "index.json").write_text("newer\n")
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "part.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(ValueError, match="commit file"):
+        with atomic_files(out, names, commit="part-*.bin"):
+            pass

@@ -9,7 +9,10 @@ writes (megasynth/metrics.py): "train" lines {"step", "tokens", "flops", ...} an
 "tokens", "flops", "name", "loss", "ppl"}. Writes OUT/comparison.md (per run: steps, tokens, FLOPs, and the
 final held-out loss and perplexity per eval set) and OUT/heldout_loss.png (one panel per eval set, one line
 per run). A bad line is an error naming FILE:LINE; a torn last line (a writer killed mid-line) is skipped.
-Exit code 2 on bad input.
+OUT is published like a prefix (comparison.md last: a reader sees the complete old or the complete new
+comparison); other files in OUT are left alone. An existing comparison is refused unless --overwrite (which
+replaces only these two files), and an OUT that is, holds or sits inside a run's files is refused.
+Exit code 2 on bad input, with one line naming it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megasynth.cli import ToolParser, check_outputs, directory, run_dir
-from megasynth.io import JsonlError, atomic_open, atomic_write_text, read_jsonl
+from megasynth.io import JsonlError, atomic_files, atomic_open, atomic_write_text, read_jsonl
 
 EXIT_BAD_INPUT = 2
+RESULT_FILES = ("comparison.md", "heldout_loss.png")  # what --overwrite replaces in --out; comparison.md last
 _TRAIN_KEYS = {"step": int, "tokens": int, "flops": float}
 _EVAL_KEYS = {"step": int, "tokens": int, "flops": float, "name": str, "loss": float, "ppl": float}
 
@@ -214,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run directories (holding metrics.jsonl) or metrics.jsonl files")
-    p.add_argument("--out", required=True, metavar="DIR", help="where comparison.md and heldout_loss.png are written")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where comparison.md and heldout_loss.png are written (other files there are kept)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing comparison in --out (default: refuse, exit 2)")
     p.add_argument("--x-axis", choices=("tokens", "flops"), default="tokens",
                    help="the plot's x axis: training tokens (default) or training FLOPs")
     p.add_argument("--label", action="append", default=None, metavar="NAME",
@@ -226,25 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--out": directory(args.out)}, {"RUN": [run_dir(r) for r in args.runs]})
     if args.label is not None and len(args.label) != len(args.runs):
         print(f"error: --label: {len(args.label)} given for {len(args.runs)} runs (give one per RUN, in order)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+    check_outputs(parser, {"--out": directory(args.out, RESULT_FILES)}, {"RUN": [run_dir(r) for r in args.runs]},
+                  overwrite=args.overwrite)
     try:
         runs = load_runs(args.runs, args.label)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         table = markdown_table(runs)
-        atomic_write_text(out / "comparison.md", "# Run comparison\n\n" + table)
+        with atomic_files(out, RESULT_FILES, commit="comparison.md", replace=args.overwrite) as tmp:
+            atomic_write_text(tmp / "comparison.md", "# Run comparison\n\n" + table)
+            if eval_names(runs):
+                plot_heldout(runs, tmp / "heldout_loss.png", args.x_axis)
         print(table)
         print(f"-> {out / 'comparison.md'}")
         if eval_names(runs):
-            plot_heldout(runs, out / "heldout_loss.png", args.x_axis)
             print(f"-> {out / 'heldout_loss.png'}")
         else:
             print("warning: no run has held-out evaluations (train with train.eval_every > 0 and data.valid_paths); "
                   "no plot written", file=sys.stderr)
+    except FileExistsError as e:  # a comparison appeared while this one was made
+        print(f"error: --out {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (MetricsFileError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -23,8 +23,8 @@ in a fixed order, so every rerun gives the same bytes; PREFIX.provenance.parquet
 step and entities; the sidecar records the model, the prompt hash, the counts and the estimated cost.
 WORK_DIR/ledger.jsonl has one line per finished request.
 
-An --output-prefix that is the --input (or one of its files, or a tokenizer) is refused before anything is
-written, --overwrite or not.
+An --output-prefix that is the --input (or one of its files, or a tokenizer), and a --work-dir that is, holds or
+sits inside one of those, are refused before anything is written, --overwrite or not.
 
 Exit codes: 0 written (complete, or partial with --allow-partial); 1 requests still unanswered (rerun to
 continue); 2 bad input or output (one line on stderr); 3 stopped by the budget (records kept, no output: rerun
@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megasynth.cli import ToolParser, check_outputs, prefix
+from megasynth.cli import ToolParser, check_outputs, directory, prefix
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
 from megasynth.synth.pipeline_cli import add_outcome_arguments, add_source_arguments, run_tool
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},  # before the work dir is touched
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),  # before the work dir is touched
+                           "--work-dir": directory(args.work_dir)},
                   {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer})
     if args.max_pairs_per_doc is not None and args.max_pairs_per_doc < 0 or args.max_triples_per_doc < 0:
         parser.error("--max-pairs-per-doc and --max-triples-per-doc must be >= 0")

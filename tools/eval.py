@@ -7,8 +7,12 @@
 Task files are JSONL, one task per file, named by the file (schemas: docs/eval.md). Writes OUT/results.json
 (per task: metrics, n, config), OUT/results.md (a Markdown table, also printed) and OUT/predictions/TASK.jsonl
 (per-example predictions). Under torchrun each rank scores its share and the sums are reduced exactly.
+OUT is published like a prefix: the report is built beside it and moved in with results.json last, so a reader
+sees the complete old or the complete new report; other files in OUT are left alone. An existing report is
+refused unless --overwrite (which replaces only results.json, results.md and predictions/).
 Task files are checked before the model loads; exit code 2 with FILE:LINE: message on bad input, and with one
-line for an OUT that is, holds or sits inside an input (a task file, a prefix, the checkpoint's files).
+line for an existing report without --overwrite or an OUT that is, holds or sits inside an input (a task file,
+a prefix, the checkpoint's files).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from tqdm import tqdm
 
 from megasynth.chat import ChatTemplateError, load_chat_template
 from megasynth.checkpoint import CheckpointError, read_meta
-from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, prefix, run_dir
+from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, run_dir
+from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, prefix_exists
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.eval.harness import EvalSettings, run_perplexity, run_task
-from megasynth.eval.report import markdown_table, write_report
+from megasynth.eval.report import RESULT_FILES, markdown_table, write_report
 from megasynth.eval.tasks import TASK_TYPES, TaskError, load_task
 from megasynth.generate import load_model_and_tokenizer
 
@@ -43,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task type for lines without a \"type\" field (applies to every --tasks file)")
     p.add_argument("--perplexity", nargs="+", default=[], metavar="PREFIX",
                    help="indexed-dataset prefixes (PREFIX.bin/.idx) to measure loss and perplexity on")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory for results and predictions")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where results.json, results.md and predictions/ are written (other files there are kept)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing report in --out (default: refuse, exit 2)")
     p.add_argument("--num-fewshot", type=int, default=0,
                    help="few-shot examples per prompt, drawn from each file's \"split\": \"fewshot\" lines (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws and of sampling (default 1234)")
@@ -98,9 +106,9 @@ def check_inputs(args) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--out": directory(args.out)},
+    check_outputs(parser, {"--out": directory(args.out, RESULT_FILES)},
                   {"--checkpoint": run_dir(args.checkpoint), "--tokenizer": args.tokenizer, "--tasks": args.tasks,
-                   "--perplexity": [prefix(p) for p in args.perplexity]})
+                   "--perplexity": [prefix_spec(p) for p in args.perplexity]}, overwrite=args.overwrite)
     if not args.tasks and not args.perplexity:
         parser.error("give --tasks FILE ... and/or --perplexity PREFIX ...")
     if args.num_fewshot < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
@@ -159,7 +167,11 @@ def _run(args, tasks, info) -> int:
     finally:
         bar.close()
     if info.is_main:
-        write_report(args.out, results, predictions)
+        try:
+            write_report(args.out, results, predictions, overwrite=args.overwrite)
+        except FileExistsError as e:  # a report appeared while this one was computed
+            print(f"error: --out {e}", file=sys.stderr)
+            return 2
         print(markdown_table(results), end="")
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0

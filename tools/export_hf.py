@@ -5,7 +5,11 @@
 
 Writes model.safetensors (sharded with an index above --max-shard-gb), config.json, generation_config.json
 and the tokenizer files. A model with QK-norm exports as Qwen3ForCausalLM, one without as LlamaForCausalLM.
-The directory is built under a temporary name and renamed when complete. Exit code 2 on bad input.
+The files are built beside --output and moved in with config.json last, so a reader sees the complete old or
+the complete new export; other files there (a README, a model card) are left alone. An existing export is
+refused unless --overwrite (which replaces only these files, stale shards of an earlier export included), and
+an --output that is, holds or sits inside the checkpoint or the tokenizer is refused regardless. Exit code 2 on
+bad input, with one line naming it.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import argparse
 import sys
 
 from megasynth.cli import ToolParser, check_outputs, directory, positive_float, run_dir
-from megasynth.hf import DTYPES, HFError, export_hf
+from megasynth.hf import DTYPES, EXPORT_FILES, HFError, export_hf
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
                         help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
-    parser.add_argument("--output", required=True, metavar="DIR", help="the Hugging Face directory to create")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="the Hugging Face directory to write (other files there are kept)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the exported weights (default float32)")
     parser.add_argument("--tokenizer", metavar="DIR",
@@ -31,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=positive_float, default=5.0,
                         help="largest safetensors file in GiB before the weights are split into shards (default 5)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --output if it already exists (an --output that is, holds or sits inside the "
-                             "checkpoint or the tokenizer is refused regardless)")
+                        help="replace an existing export in --output: the weights, configs and tokenizer files, not "
+                             "other files there (default: refuse, exit 2; an --output that is, holds or sits inside "
+                             "the checkpoint or the tokenizer is refused regardless)")
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--output": directory(args.output)},
-                  {"--checkpoint": run_dir(args.checkpoint), "--tokenizer": args.tokenizer})
+    check_outputs(parser, {"--output": directory(args.output, EXPORT_FILES)},
+                  {"--checkpoint": run_dir(args.checkpoint), "--tokenizer": args.tokenizer}, overwrite=args.overwrite)
 
     from megasynth.checkpoint import CheckpointError, load_for_inference, read_meta, resolve_checkpoint  # noqa: PLC0415
     from megasynth.generate import find_tokenizer_dir  # noqa: PLC0415

@@ -12,8 +12,11 @@
         --real data/real --synthetic data/sbp --oracle data/real_large --out plans/sbp \
         --synthesizer-config examples/configs/llama-1b.toml --synthetic-tokens 2B
 
-The calculus lives in megasynth/mixture.py (epochs = horizon x share / unique tokens). Exit code 2 on bad
-input, with the offending file, flag or token named.
+The calculus lives in megasynth/mixture.py (epochs = horizon x share / unique tokens). The three configs are
+published together like a prefix (baseline.toml last: a reader sees the complete old or the complete new plan);
+other files in OUT (e.g. the default runs root OUT/runs) are left alone. An existing plan is refused unless
+--overwrite (which replaces only the three configs), and an OUT that is, holds or sits inside an input is
+refused. Exit code 2 on bad input, with the offending file, flag or token named.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, positive_float
 from megasynth.config import Config, ConfigError, load_config
 from megasynth.data.blend import BlendError, parse_data_path
+from megasynth.io import atomic_files
 from megasynth.mixture import (
     MixtureError,
     generation_flops,
@@ -40,6 +44,7 @@ from megasynth.mixture import (
 )
 
 EXIT_BAD_INPUT = 2
+PLAN_FILES = ("baseline.toml", "synthetic.toml", "oracle.toml")  # what --overwrite replaces in --out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic", metavar="SOURCE",
                    help="the synthetic data; its weight is its tokens / horizon (capped at 1), so it is seen ~once")
     g.add_argument("--oracle", metavar="SOURCE", help="a larger unique real set (the oracle run reads it alone)")
-    g.add_argument("--out", metavar="DIR", help="where the three configs are written")
+    g.add_argument("--out", metavar="DIR", help="where the three configs are written (other files there are kept)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plan in --out (default: refuse, exit 2)")
     g.add_argument("--runs-root", metavar="DIR",
                    help="each config's train.run_dir is RUNS_ROOT/<run name> (default: OUT/runs)")
     g.add_argument("--synthesis-flops", type=nonnegative_float, metavar="F",
@@ -122,12 +129,17 @@ def run_compute_matched(args, cfg: Config | None, max_rep: float) -> None:
                                 horizon_tokens=resolve_horizon(args, cfg),
                                 runs_root=args.runs_root or out / "runs",
                                 synthesis_flops=synthesis_flops(args, synthetic))
+    try:
+        with atomic_files(out, PLAN_FILES, commit="baseline.toml", replace=args.overwrite) as tmp:
+            for run in runs:
+                write_run_config(run, tmp / f"{run.name}.toml")
+    except FileExistsError as e:  # a plan appeared while this one was made
+        raise MixtureError(f"--out {e}") from None
     for run in runs:
-        path = write_run_config(run, out / f"{run.name}.toml")
         print(render_repetition_table(run.rows(), run.horizon_tokens, max_repetition=max_rep, title=run.name))
         for note in run.notes:
             print(f"note: {note}")
-        print(f"-> {path}\n")
+        print(f"-> {out / f'{run.name}.toml'}\n")
     print(render_plan_summary(runs))
 
 
@@ -136,6 +148,8 @@ def run_table(args, cfg: Config | None, max_rep: float) -> None:
                  "synthetic_tokens"):
         if getattr(args, flag) is not None:
             raise MixtureError(f"--{flag.replace('_', '-')} is used with --compute-matched")
+    if args.overwrite:
+        raise MixtureError("--overwrite is used with --compute-matched")
     if args.sources:
         specs = [(s.path, s.weight, "") for s in parse_data_path(" ".join(shlex.quote(a) for a in args.sources))]
     elif cfg is not None and (cfg.data.sources or cfg.data.data_path.strip()):
@@ -151,9 +165,10 @@ def run_table(args, cfg: Config | None, max_rep: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--out": directory(args.out) if args.out else None},
+    check_outputs(parser, {"--out": directory(args.out, PLAN_FILES) if args.out else None},
                   {"SOURCE": args.sources, "--config": args.config, "--real": args.real, "--synthetic": args.synthetic,
-                   "--oracle": args.oracle, "--synthesizer-config": args.synthesizer_config})
+                   "--oracle": args.oracle, "--synthesizer-config": args.synthesizer_config},
+                  overwrite=args.overwrite)
     try:
         cfg = load_config(args.config) if args.config else None
         max_rep = args.max_repetition if args.max_repetition is not None else (cfg.data.max_repetition if cfg else 8.0)

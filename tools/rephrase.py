@@ -18,8 +18,8 @@ out writes nothing unless --allow-partial (sidecar "partial"), and the prefix (+
 sidecar with model, prompt hash, counts, cost) is built from the records in a fixed order (document, style,
 sample), so reruns give the same bytes.
 
-An --output-prefix that is the --input (or one of its files, a tokenizer or --target-tokens-of) is refused
-before anything is written, --overwrite or not.
+An --output-prefix that is the --input (or one of its files, a tokenizer or --target-tokens-of), and a
+--work-dir that is, holds or sits inside one of those, are refused before anything is written, --overwrite or not.
 
 Exit codes: 0 written (complete, or partial with --allow-partial); 1 requests still unanswered (rerun); 2 bad
 input or output; 3 stopped by the budget (rerun with a larger budget to continue); 4 partial: items failed, no
@@ -32,7 +32,7 @@ import argparse
 import json
 import sys
 
-from megasynth.cli import ToolParser, check_outputs, prefix
+from megasynth.cli import ToolParser, check_outputs, directory, prefix
 from megasynth.data.prefix import sidecar_path
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
 from megasynth.synth.pipeline_cli import add_outcome_arguments, add_source_arguments, run_tool
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},  # before the work dir is touched
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),  # before the work dir is touched
+                           "--work-dir": directory(args.work_dir)},
                   {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer,
                    "--target-tokens-of": args.target_tokens_of})
     styles = [s.strip() for s in args.styles.split(",") if s.strip()]

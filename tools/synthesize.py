@@ -24,11 +24,11 @@ stay; the same command resumes).
 
 Output: OUT.bin/.idx/.json, a normal prefix of the documents in sample order, whose sidecar names the checkpoint
 (and the sha256 of its meta.json), the corpus and its .idx sha256, the settings and the counts; and
-OUT.provenance.parquet (doc, seed, sample). An existing output is refused unless --overwrite, an output that is
-one of the inputs (OUT = --corpus, say) always; a float flag that is not a finite number in its range
-(--temperature nan) is refused while parsing. Bad input (a checkpoint whose tokenizer lacks <|sep|> and no
---separator, a --separator other than the recorded one, a corpus of another tokenizer, --num-docs 0, ...) stops
-with one line and exit code 2. Library: megasynth.synth.synthesize.
+OUT.provenance.parquet (doc, seed, sample). An existing output is refused unless --overwrite, an output or a
+work directory that is, holds or sits inside one of the inputs (OUT = --corpus, say) always; a float flag that
+is not a finite number in its range (--temperature nan) is refused while parsing. Bad input (a checkpoint whose
+tokenizer lacks <|sep|> and no --separator, a --separator other than the recorded one, a corpus of another
+tokenizer, --num-docs 0, ...) stops with one line and exit code 2. Library: megasynth.synth.synthesize.
 """
 
 from __future__ import annotations
@@ -39,7 +39,16 @@ import sys
 import torch
 
 from megasynth.checkpoint import CheckpointError
-from megasynth.cli import ToolParser, check_outputs, float_range, nonnegative_float, positive_float, prefix, run_dir
+from megasynth.cli import (
+    ToolParser,
+    check_outputs,
+    directory,
+    float_range,
+    nonnegative_float,
+    positive_float,
+    prefix,
+    run_dir,
+)
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.run_lock import RunDirBusy
@@ -84,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-docs", type=int, default=d.shard_docs,
                    help=f"samples per shard, the unit of resumable work and of sharing over ranks (default "
                         f"{d.shard_docs})")
-    p.add_argument("--work-dir", metavar="W", help="where shards and the manifest go (default OUT.work/)")
+    p.add_argument("--work-dir", metavar="W", help="where shards and the manifest go (default OUT.work/; one that "
+                   "is, holds or sits inside an input is refused)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory after a successful run")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (default: refuse, exit 2); an output that is an input (the corpus, "
@@ -114,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
+    # The work directory (default OUT.work/) is an output too: it is created, filled and, after a success, removed.
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),
+                           "--work-dir": directory(args.work_dir or f"{args.output_prefix}.work")},
                   {"--corpus": prefix(args.corpus), "--checkpoint": run_dir(args.checkpoint),
                    "--tokenizer": args.tokenizer})
     if (args.endpoint is None) != (args.served_model is None):

@@ -8,26 +8,27 @@ bpe writes OUTPUT/tokenizer.json and tokenizer_config.json (end of document: <|e
 transformers' AutoTokenizer.from_pretrained(OUTPUT) also loads; sentencepiece writes OUTPUT/tokenizer.model
 and tokenizer.vocab (unk 0, BOS 1, EOS 2 = end of document, byte fallback, no normalization). Either loads
 with megasynth.tokenizer.load_tokenizer(OUTPUT) and tools/preprocess_data.py --tokenizer OUTPUT.
-The input flags are those of tools/preprocess_data.py. Exit code 2 on bad input, with `FILE:LINE: message`, and
-on an OUTPUT that is, holds or sits inside an input (one line, before anything is read or written).
+The input flags are those of tools/preprocess_data.py. The tokenizer files appear in OUTPUT as one set (other
+files there are left alone); a tokenizer already there is replaced only with --overwrite. Exit code 2 on bad
+input, with `FILE:LINE: message`, on an OUTPUT that is, holds or sits inside an input, and on an existing
+tokenizer without --overwrite (one line, before anything is read or written).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
 from megasynth.chat import BUILTIN_TEMPLATE, TRAINING_SPECIAL_TOKENS
 from megasynth.cli import ToolParser, check_outputs, directory
 from megasynth.data.readers import BadInputError, InputError, InputReader, add_input_arguments, reader_options_from_args
-from megasynth.io import atomic_write_json
-from megasynth.tokenizer import HF_CONFIG, TokenizerError, load_tokenizer, train_bpe_tokenizer, train_sentencepiece_tokenizer
+from megasynth.tokenizer import (
+    TOKENIZER_FILES, TokenizerError, train_bpe_tokenizer, train_sentencepiece_tokenizer,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sentencepiece: the segmentation model (default unigram)")
     parser.add_argument("--max-documents", type=int, default=0, metavar="N",
                         help="train on the first N documents only (default 0: all)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a tokenizer already in --output (its tokenizer files only; other files there "
+                             "stay; default: refuse, exit 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -65,7 +69,8 @@ def counted(texts, counter: list[int]):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_outputs(parser, {"--output": directory(args.output)}, {"--input": args.input})
+    check_outputs(parser, {"--output": directory(args.output, TOKENIZER_FILES)}, {"--input": args.input},
+                  overwrite=args.overwrite)
     if args.vocab_size < 1 or args.max_documents < 0 or args.min_frequency < 0:
         print("--vocab-size must be >= 1, --max-documents and --min-frequency >= 0", file=sys.stderr)
         return 2
@@ -80,12 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         texts = tqdm(counted(texts, used), unit=" docs", desc="reading", disable=args.no_progress, file=sys.stderr)
         if args.type == "bpe":
             tok = train_bpe_tokenizer(texts, args.output, vocab_size=args.vocab_size,
-                                      min_frequency=args.min_frequency, special_tokens=specials)
-            if args.chat_tokens:  # the built-in template, where transformers (and megasynth.chat) look for one
-                config_path = Path(args.output) / HF_CONFIG
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-                atomic_write_json(config_path, {**config, "chat_template": BUILTIN_TEMPLATE})
-                tok = load_tokenizer(args.output)
+                                      min_frequency=args.min_frequency, special_tokens=specials,
+                                      chat_template=BUILTIN_TEMPLATE if args.chat_tokens else None)
         else:
             tok = train_sentencepiece_tokenizer(texts, args.output, vocab_size=args.vocab_size,
                                                 model_type=args.sentencepiece_model_type,

@@ -85,7 +85,7 @@ def train_tiny_base(out: Path, env: dict) -> None:
     docs = itertools.islice(iter_stdlib_documents(), 150)
     atomic_write_text(corpus, "".join(json.dumps({"text": text}) + "\n" for _, text in docs))
     run([py, "tools/train_tokenizer.py", "--input", corpus, "--output", out / "tokenizer", "--type", "bpe",
-         "--vocab-size", "512", "--no-progress"], env)
+         "--vocab-size", "512", "--overwrite", "--no-progress"], env)
     run([py, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", data / "train",
          "--tokenizer", out / "tokenizer", "--overwrite", "--no-progress"], env)
     vocab = json.loads((data / "train.json").read_text())["vocab_size"]
@@ -164,7 +164,7 @@ def continued_pretraining(base_run: Path, base: Path, synthetic: Path, out: Path
 
 def evaluate(checkpoint_dir: Path, tokenizer: Path, tasks: list[Path], out: Path, env: dict) -> dict:
     run([sys.executable, "tools/eval.py", "--checkpoint", checkpoint_dir, "--tokenizer", tokenizer,
-         "--tasks", *tasks, "--out", out], env)
+         "--tasks", *tasks, "--out", out, "--overwrite"], env)  # a rerun of the example evaluates afresh
     return json.loads((out / "results.json").read_text())["tasks"]
 
 

@@ -148,7 +148,7 @@ def main() -> int:
 
     stage("1. tokenizer: byte-level BPE with the chat tokens (<|sep|>)")
     run([py, "tools/train_tokenizer.py", "--input", corpus / "oracle.jsonl", "--output", tok, "--type", "bpe",
-         "--vocab-size", str(m["vocab"]), "--chat-tokens", "--no-progress"], env)
+         "--vocab-size", str(m["vocab"]), "--chat-tokens", "--overwrite", "--no-progress"], env)
 
     stage("2. preprocessing: real, oracle and held-out prefixes")
     for name in ("real", "oracle", "heldout"):

@@ -75,7 +75,7 @@ def train_tiny_base(out: Path, instructions: Path, env: dict) -> None:
     atomic_write_text(corpus, "".join(json.dumps({"text": r.get("output") or r["messages"][-1]["content"]}) + "\n"
                                       for r in answers))
     run([py, "tools/train_tokenizer.py", "--input", corpus, "--output", out / "tokenizer",
-         "--type", "bpe", "--vocab-size", "512", *_chat_token_flag(), "--no-progress"], env)
+         "--type", "bpe", "--vocab-size", "512", *_chat_token_flag(), "--overwrite", "--no-progress"], env)
     run([py, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", data / "train",
          "--tokenizer", out / "tokenizer", "--overwrite"], env)
     vocab = json.loads((data / "train.json").read_text())["vocab_size"]

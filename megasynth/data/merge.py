@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megasynth.cli import overlap_refusal, prefix
 from megasynth.data.indexed import (
     IndexedDataset,
     IndexedDatasetError,
@@ -109,17 +110,16 @@ def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False,
     Every input must have the same dtype, and the same tokenizer hash, vocab size and EOD id where sidecars
     record them. The sidecar lists the inputs and carries their sources. Loss masks are carried: when any
     input has one, so does the output, and an input without one is refused unless `unmasked_as_all_true`
-    (its tokens all become targets). An existing output is refused unless `overwrite` (OutputExistsError), an
-    output of no documents unless `allow_empty` (EmptyOutputError).
+    (its tokens all become targets). An output that is, holds or sits inside an input is refused (ValueError,
+    megasynth.cli.overlap_refusal), an existing output unless `overwrite` (OutputExistsError), an output of no
+    documents unless `allow_empty` (EmptyOutputError).
     """
     if not prefixes:
         raise ValueError("merge_datasets needs at least one input prefix")
-    out_abs = os.path.abspath(os.fspath(output_prefix))
-    datasets = []
-    for p in prefixes:
-        if os.path.abspath(os.fspath(p)) == out_abs:
-            raise ValueError(f"{output_prefix}: the output prefix is also an input")
-        datasets.append(IndexedDataset(p))
+    refusal = overlap_refusal({"output_prefix": prefix(output_prefix)}, {"prefixes": [prefix(p) for p in prefixes]})
+    if refusal:  # the rule every tool applies (megasynth.cli): resolved paths, a prefix standing for its files
+        raise ValueError(refusal)
+    datasets = [IndexedDataset(p) for p in prefixes]
     _check_compatible(datasets)
     with_mask = _check_masks(datasets, unmasked_as_all_true)
     check_output_free(output_prefix, overwrite=overwrite)

@@ -1,9 +1,11 @@
 """Evaluation results on disk: results.json, a Markdown table (results.md) and per-task predictions JSONL.
 
-    write_report(out_dir, results, predictions={"capitals": records})
+    write_report(out_dir, results, predictions={"capitals": records}, overwrite=False)
 
 `results` is {"checkpoint", "step", "settings", "tasks": {name: {"type", "file", "n", "metrics", "config"}}}.
-Every file is written to a temporary name in the same directory and renamed, so a reader never sees half.
+The report (RESULT_FILES) is published like a prefix by megasynth.io.atomic_files: built beside OUT and moved in
+with results.json last, so a reader sees the complete old or the complete new report; other files in OUT are
+left alone, and predictions/ is replaced whole.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from megasynth.io import atomic_write_text
+from megasynth.io import atomic_files, atomic_write_text
 
+RESULT_FILES = ("results.json", "results.md", "predictions")  # what write_report owns in its directory
 COLUMNS = ("acc", "acc_norm", "exact_match", "f1", "loss", "ppl")
 
 
@@ -30,12 +33,16 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | os.PathLike, results: dict, predictions: dict[str, list[dict]] | None = None) -> Path:
+def write_report(out_dir: str | os.PathLike, results: dict, predictions: dict[str, list[dict]] | None = None, *,
+                 overwrite: bool = False) -> Path:
+    """Publish results.json, results.md and predictions/TASK.jsonl into `out_dir` (FileExistsError when a report
+    is there already, unless `overwrite`, which replaces the report only)."""
     out = Path(out_dir)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    header = f"Checkpoint: `{results.get('checkpoint')}` (step {results.get('step')})\n\n"
-    atomic_write_text(out / "results.md", header + markdown_table(results))
-    for name, records in (predictions or {}).items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_text(out / "predictions" / f"{name}.jsonl", text)
+    with atomic_files(out, RESULT_FILES, commit="results.json", replace=overwrite) as tmp:
+        atomic_write_text(tmp / "results.json", json.dumps(results, indent=2) + "\n")
+        header = f"Checkpoint: `{results.get('checkpoint')}` (step {results.get('step')})\n\n"
+        atomic_write_text(tmp / "results.md", header + markdown_table(results))
+        for name, records in (predictions or {}).items():
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            atomic_write_text(tmp / "predictions" / f"{name}.jsonl", text)
     return out

@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from megasynth.cli import directory, overlap_refusal, prefix
 from megasynth.data.prefix import EmptyOutputError
+from megasynth.data.readers import InputError
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult, LLMSettings
 from megasynth.synth.prompts import load_prompt, prompts_hash
 from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
@@ -346,7 +348,12 @@ def run_entigraph(cfg: EntiGraphConfig) -> dict:
     """Generate what is missing, then write the prefix. Returns {"complete", "budget_stopped", "sidecar" (or
     None: incomplete, budget-stopped, or items failed without allow_partial), "llm" (the ledger summary), "counts",
     "failed", "missing" (the failed items by kind, step and reason; megasynth.synth.pipeline_cli)}. Raises
-    InputError / JsonlError on bad input, OutputExistsError, WorkDirMismatch, RunDirBusy."""
+    InputError / JsonlError on bad input (an output prefix or work dir that is, holds or sits inside an input
+    among them, megasynth.cli.overlap_refusal), OutputExistsError, WorkDirMismatch, RunDirBusy."""
+    refusal = overlap_refusal({"output_prefix": prefix(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
+                              {"input": cfg.input, "input_tokenizer": cfg.input_tokenizer, "tokenizer": cfg.tokenizer})
+    if refusal:
+        raise InputError(refusal)
     check_synthetic_output(cfg.output_prefix, overwrite=cfg.overwrite)
     docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer)

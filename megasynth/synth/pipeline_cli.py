@@ -48,7 +48,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, tokenizer_help: str
     parser.add_argument("--input-tokenizer", default=None, metavar="PATH",
                         help="for a prefix --input: the tokenizer that decodes it (default: the one its sidecar names)")
     parser.add_argument("--work-dir", required=True, metavar="DIR",
-                        help="records, ledger and manifest; the same directory resumes an earlier run")
+                        help="records, ledger and manifest; the same directory resumes an earlier run (one that is, "
+                             "holds or sits inside an input is refused)")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="writes PREFIX.bin/.idx/.json and PREFIX.provenance.parquet")
     parser.add_argument("--tokenizer", required=True, metavar="PATH", help=tokenizer_help)

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from megasynth.cli import directory, overlap_refusal, prefix
 from megasynth.data.prefix import EmptyOutputError
+from megasynth.data.readers import InputError
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult, LLMSettings
 from megasynth.synth.prompts import load_prompt, prompts_hash
 from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
@@ -199,7 +201,12 @@ async def _generate(cfg: RephraseConfig, items: list[Item], state: _State, clien
 
 def run_rephrase(cfg: RephraseConfig) -> dict:
     """Generate what is missing, then write the prefix. Returns {"complete", "budget_stopped", "sidecar" (or
-    None), "llm", "counts", "failed", "missing"}; raises like megasynth.synth.entigraph.run_entigraph."""
+    None), "llm", "counts", "failed", "missing"}; raises like megasynth.synth.entigraph.run_entigraph (InputError
+    for an output prefix or work dir that is, holds or sits inside an input)."""
+    refusal = overlap_refusal({"output_prefix": prefix(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
+                              {"input": cfg.input, "input_tokenizer": cfg.input_tokenizer, "tokenizer": cfg.tokenizer})
+    if refusal:
+        raise InputError(refusal)
     check_synthetic_output(cfg.output_prefix, overwrite=cfg.overwrite)
     docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer)

@@ -450,7 +450,7 @@ def test_merge(tmp_path, monkeypatch):
     wide = write(tmp_path / "w", [[1]], dtype=np.int32)
     with pytest.raises(IndexedDatasetError, match="dtype int32 differs"):
         merge_datasets([parts[0], wide], tmp_path / "bad")
-    with pytest.raises(ValueError, match="also an input"):
+    with pytest.raises(ValueError, match="the output would overwrite the input prefixes"):
         merge_datasets([parts[0], parts[1]], parts[1])
     assert not prefix_exists(tmp_path / "bad")
 

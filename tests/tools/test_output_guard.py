@@ -199,3 +199,203 @@ def test_every_tool_with_an_output_refuses_an_input_as_output(tmp_path, monkeypa
         assert "the output would overwrite the input" in line or "the output is a directory that holds" in line, \
             f"tools/{name}.py: {line}"
     assert snapshot(tmp_path) == {}  # nothing was created on the way
+
+
+# -- result directories: refused unless --overwrite, published whole, other files kept ---------------------------------
+def tiny_checkpoint(tmp: Path) -> tuple[Path, str]:
+    """A weights-only checkpoint of helpers.tiny_config's model, and a prefix it can measure (vocab 64)."""
+    from helpers import tiny_config  # noqa: PLC0415
+
+    from megasynth.checkpoint import save_model_checkpoint  # noqa: PLC0415
+    from megasynth.model import build_model  # noqa: PLC0415
+
+    data = write_pattern_corpus(tmp / "data" / "valid", num_docs=8)
+    cfg = tiny_config(tmp / "run", data)
+    return save_model_checkpoint(build_model(cfg.model, "cpu", seed=0), cfg, tmp / "ckpt"), data
+
+
+def write_metrics(run: Path, with_eval: bool) -> Path:
+    run.mkdir(parents=True)
+    lines = ['{"kind": "train", "step": 1, "loss": 3.0, "tokens": 128, "flops": 1e6}']
+    if with_eval:
+        lines.append('{"kind": "eval", "step": 1, "tokens": 128, "flops": 1e6, "name": "v", "loss": 2.5, "ppl": 12.2}')
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def existing_results_cases(tmp: Path) -> dict[str, tuple[list, str]]:
+    """Per tool: arguments writing into tmp/out, and one of its own files to plant there first. The refusal comes
+    before any input is read, so the inputs need not exist."""
+    out = tmp / "out"
+    return {
+        "eval": (["--checkpoint", tmp / "run", "--perplexity", tmp / "valid", "--out", out], "results.json"),
+        "compare_runs": ([tmp / "run", "--out", out], "heldout_loss.png"),
+        "plan_mixture": (["--compute-matched", "--config", tmp / "c.toml", "--tokens", "1M", "--real", "r=1K",
+                          "--synthetic", "s=1K", "--oracle", "o=1M", "--out", out], "oracle.toml"),
+        "export_hf": (["--checkpoint", tmp / "run", "--output", out], "model-00001-of-00002.safetensors"),
+        "import_hf": (["--input", tmp / "hf", "--output", out], "tokenizer"),
+    }
+
+
+@pytest.mark.parametrize("tool", sorted(existing_results_cases(Path("/x"))))
+def test_existing_results_are_refused_without_overwrite(tmp_path, capsys, tool):
+    argv, own = existing_results_cases(tmp_path)[tool]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("not the tool's\n")  # other files alone are no reason to refuse
+    (out / own).mkdir() if own == "tokenizer" else (out / own).write_text("old\n")
+    before = snapshot(tmp_path)
+    line = refused(capsys, tool, argv)
+    flag = "--output" if "--output" in argv else "--out"
+    assert line.endswith(f"error: {flag} {out}: already exists ({own}); pass --overwrite to replace it"), line
+    assert snapshot(tmp_path) == before
+
+
+def test_compare_runs_overwrite_replaces_its_files_whole(tmp_path, capsys):
+    tool = load_tool("compare_runs")
+    out = tmp_path / "cmp"
+    assert tool.main([str(write_metrics(tmp_path / "a", with_eval=True)), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.md", "heldout_loss.png"]
+    (out / "notes.txt").write_text("mine\n")
+    b = write_metrics(tmp_path / "b", with_eval=False)
+    before = snapshot(tmp_path)
+    refused(capsys, "compare_runs", [b, "--out", out])
+    assert snapshot(tmp_path) == before
+    # A run without evaluations has no plot: the old one goes too, so the comparison never mixes two runs.
+    assert tool.main([str(b), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.md", "notes.txt"]
+    assert "| b |" in (out / "comparison.md").read_text() and (out / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "cmp"]  # no temp directory left
+    capsys.readouterr()
+    file = tmp_path / "file"
+    file.write_text("not a directory\n")  # in the way, --overwrite or not
+    line = refused(capsys, "compare_runs", [b, "--out", file])
+    assert line.endswith(f"error: --out {file}: already exists (file); pass --overwrite to replace it")
+    assert tool.main([str(b), "--out", str(file), "--overwrite"]) == 2
+    assert capsys.readouterr().err == f"error: --out {file}: exists and is not a directory\n"
+    assert (tmp_path / "file").read_text() == "not a directory\n"
+
+
+def test_plan_mixture_overwrite_keeps_the_runs_beside_the_plan(tmp_path, capsys):
+    tool = load_tool("plan_mixture")
+    out = tmp_path / "plans"
+    base = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.toml"
+    argv = ["--compute-matched", "--config", str(base), "--real", "r=10K", "--synthetic", "s=1K", "--oracle", "o=1M",
+            "--out", str(out)]
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")  # not the tool's: no reason to refuse
+    assert tool.main([*argv, "--tokens", "100K"]) == 0
+    first = (out / "oracle.toml").read_text()
+    (out / "runs" / "baseline").mkdir(parents=True)  # the default runs root, OUT/runs: a training run's files
+    (out / "runs" / "baseline" / "metrics.jsonl").write_text("{}\n")
+    assert tool.main([*argv, "--tokens", "200K", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.toml", "notes.txt", "oracle.toml", "runs",
+                                                     "synthetic.toml"]
+    assert (out / "runs" / "baseline" / "metrics.jsonl").read_text() == "{}\n"
+    assert (out / "oracle.toml").read_text() != first
+
+
+def test_eval_overwrite_replaces_the_report_and_its_predictions(tmp_path, capsys):
+    ckpt, valid = tiny_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "old_task.jsonl").write_text("{}\n")  # an earlier report's predictions
+    (out / "results.json").write_text("{}\n")
+    (out / "notes.txt").write_text("mine\n")
+    argv = ["--checkpoint", str(ckpt), "--perplexity", valid, "--perplexity-windows", "1", "--out", str(out)]
+    before = snapshot(tmp_path)
+    line = refused(capsys, "eval", argv)
+    assert line.endswith("already exists (predictions, results.json); pass --overwrite to replace it")
+    assert snapshot(tmp_path) == before
+    assert load_tool("eval").main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json", "results.md"]  # predictions/ too
+    assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["valid"]
+
+
+def test_export_and_import_hf_overwrite_replace_only_their_files(tmp_path, capsys):
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    export, hf = load_tool("export_hf"), tmp_path / "hf"
+    shard = ["--max-shard-gb", "0.00001"]  # 10.5 kB: the tiny model's weights in several shards
+    assert export.main(["--checkpoint", str(ckpt), "--output", str(hf), "--no-tokenizer", *shard]) == 0
+    shards = sorted(p.name for p in hf.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (hf / "README.md").write_text("a model card\n")
+    before = snapshot(tmp_path)
+    line = refused(capsys, "export_hf", ["--checkpoint", ckpt, "--output", hf, "--no-tokenizer"])
+    assert f"--output {hf}: already exists (config.json, generation_config.json, {shards[0]}" in line
+    assert snapshot(tmp_path) == before
+    # One file now: the stale shards and their index would otherwise sit beside model.safetensors.
+    assert export.main(["--checkpoint", str(ckpt), "--output", str(hf), "--no-tokenizer", "--overwrite"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    assert (hf / "README.md").read_text() == "a model card\n"
+
+    back = tmp_path / "back"
+    import_hf = load_tool("import_hf")
+    assert import_hf.main(["--input", str(hf), "--output", str(back)]) == 0
+    assert "the checkpoint has no tokenizer/" in capsys.readouterr().err  # the export above had none
+    (back / "tokenizer").mkdir()  # a tokenizer/ from an earlier import: the checkpoint's, so it is replaced
+    (back / "notes.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    refused(capsys, "import_hf", ["--input", hf, "--output", back])
+    assert snapshot(tmp_path) == before
+    assert import_hf.main(["--input", str(hf), "--output", str(back), "--overwrite"]) == 0
+    names = sorted(p.name for p in back.iterdir())
+    assert "tokenizer" not in names and "notes.txt" in names and "meta.json" in names
+    from megasynth.checkpoint import verify_checkpoint  # noqa: PLC0415
+
+    verify_checkpoint(back)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "ckpt", "data", "hf"]
+
+
+# -- work directories and library entry points -------------------------------------------------------------------------
+@pytest.mark.parametrize("tool", ["entigraph", "rephrase", "synthesize"])
+def test_a_work_dir_holding_an_input_is_refused(tmp_path, capsys, tool):
+    corpus = write_pattern_corpus(tmp_path / "syn.work" / "real")
+    if tool == "synthesize":
+        argv, flag = ["--checkpoint", tmp_path / "run", "--corpus", corpus, "--num-docs", "1"], "--corpus"
+    else:
+        argv, flag = ["--input", corpus, "--tokenizer", tmp_path / "tok", *LLM], "--input"
+    argv += ["--output-prefix", tmp_path / "syn"]
+    work = tmp_path / "syn.work"
+    before = snapshot(tmp_path)
+    line = refused(capsys, tool, [*argv, "--work-dir", work])
+    assert f"--work-dir {work}: the output is a directory that holds the input {flag} {corpus}.bin" in line
+    line = refused(capsys, tool, [*argv, "--work-dir", f"{corpus}.idx"])
+    assert f"--work-dir {corpus}.idx: the output would overwrite the input {flag} {corpus}.idx" in line
+    if tool == "synthesize":  # the default work directory, OUT.work/, is an output too
+        line = refused(capsys, tool, argv)
+        assert f"--work-dir {work}: the output is a directory that holds the input --corpus" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_library_entry_points_apply_the_same_rule(tmp_path):
+    import re  # noqa: PLC0415
+
+    from megasynth.data.merge import merge_datasets  # noqa: PLC0415
+    from megasynth.data.readers import InputError  # noqa: PLC0415
+    from megasynth.synth.entigraph import EntiGraphConfig, run_entigraph  # noqa: PLC0415
+    from megasynth.synth.rephrase import RephraseConfig, run_rephrase  # noqa: PLC0415
+
+    docs = tmp_path / "in" / "docs.jsonl"
+    docs.parent.mkdir()
+    docs.write_text('{"id": "1", "text": "a"}\n')
+    corpus = write_pattern_corpus(tmp_path / "in" / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    before = snapshot(tmp_path)
+    for config, run in ((EntiGraphConfig, run_entigraph), (RephraseConfig, run_rephrase)):
+        # A work directory that holds the input, named through a symlink: the real paths are compared.
+        work = tmp_path / "link"
+        with pytest.raises(InputError, match=re.escape(f"work_dir {work}: the output is a directory that holds the "
+                                                       f"input input {docs}")):
+            run(config(input=str(docs), work_dir=str(work), output_prefix=str(tmp_path / "syn"),
+                       tokenizer=str(tmp_path / "tok")))
+        with pytest.raises(InputError, match=re.escape(f"output_prefix {work / 'real'}: the output would overwrite "
+                                                       f"the input input {corpus}.bin")):
+            run(config(input=corpus, work_dir=str(tmp_path / "w"), output_prefix=str(work / "real"),
+                       tokenizer=str(tmp_path / "tok")))
+    # merge_datasets compared absolute paths: a symlinked spelling of the input passed; now it is refused.
+    with pytest.raises(ValueError, match=re.escape(f"output_prefix {tmp_path / 'link' / 'real'}: the output would "
+                                                   f"overwrite the input prefixes {corpus}.bin")):
+        merge_datasets([corpus], tmp_path / "link" / "real", overwrite=True)
+    assert snapshot(tmp_path) == before

@@ -149,10 +149,17 @@ def test_compute_matched_configs(tmp_path, capsys):
     summary = stdout.splitlines()[-3:]
     assert summary[1].startswith("synthetic") and summary[1].split()[-2:] == ["1e+12", f"{flops.pop() + 1e12:.3g}"]
     assert summary[0].split()[-2] == "0"
-    # Re-running overwrites in place (atomic writes leave no temp files behind).
-    assert run_main(capsys, "--compute-matched", "--config", BASE, "--tokens", "100000", "--real", real,
-                    "--synthetic", "syn=20K", "--oracle", oracle, "--out", out)[0] == 0
+    # Re-running needs --overwrite, which replaces the plan in place (no temp files left behind).
+    again = ["--compute-matched", "--config", BASE, "--tokens", "100000", "--real", real, "--synthetic", "syn=20K",
+             "--oracle", oracle, "--out", out]
+    with pytest.raises(SystemExit) as exc:
+        run_main(capsys, *again)
+    assert exc.value.code == 2 and "already exists (baseline.toml, oracle.toml, synthetic.toml)" in \
+        capsys.readouterr().err
+    assert run_main(capsys, *again, "--overwrite")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["baseline.toml", "oracle.toml", "synthetic.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oracle.bin", "oracle.idx", "oracle.json", "plan",
+                                                          "real.bin", "real.idx", "real.json"]
 
 
 def test_synthetic_weight_is_capped_at_one(tmp_path, capsys):

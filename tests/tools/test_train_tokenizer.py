@@ -94,3 +94,20 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_a_warning_with_the_number(tmp_pa
     proc = run_tool("--input", corpus, "--json-key", "body", "--output", tmp_path / "fits", "--type", "bpe",
                     "--vocab-size", 700, "--no-progress")
     assert proc.returncode == 0 and "warning" not in proc.stderr
+
+
+def test_an_existing_tokenizer_needs_overwrite_and_only_tokenizer_files_are_replaced(tmp_path, corpus):
+    out = tmp_path / "tok"
+    base = ("--input", corpus, "--json-key", "body", "--output", out, "--vocab-size", 700, "--no-progress")
+    assert run_tool(*base, "--type", "bpe", "--chat-tokens").returncode == 0
+    (out / "NOTES.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_tool(*base, "--type", "sentencepiece")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--overwrite" in proc.stderr and str(out) in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite: a SentencePiece model replaces the BPE files (a stale tokenizer.json would shadow it); the
+    # user's own file stays.
+    assert run_tool(*base, "--type", "sentencepiece", "--overwrite").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "tokenizer.model", "tokenizer.vocab"]
+    assert (out / "NOTES.md").read_text() == "mine" and load_tokenizer(out).type == "sentencepiece"
