@@ -50,14 +50,14 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from megasynth.cli import directory, overlap_refusal, prefix
 from megasynth.data.prefix import EmptyOutputError
-from megasynth.data.readers import InputError
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult, LLMSettings
 from megasynth.synth.prompts import load_prompt, prompts_hash
 from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
 from megasynth.synth.synthetic_prefix import SyntheticDoc, check_synthetic_output, write_synthetic_prefix
-from megasynth.synth.workdir import WorkDir, finished_from, load_finished, request_key
+from megasynth.synth.workdir import (
+    WorkDir, finished_from, load_finished, missing_items, refuse_overlapping_paths, request_key,
+)
 from megasynth.tokenizer import load_tokenizer
 
 ENTITIES_LOG = "entities.jsonl"
@@ -281,23 +281,18 @@ async def _generate(cfg: EntiGraphConfig, docs: list[SourceDoc], state: _State, 
 
 
 def _missing(docs: list[SourceDoc], state: _State) -> dict:
-    """{"transient": {step: {reason: count}}, "permanent": {...}} over the failed items of a complete run (a
-    document whose entities failed counts once: its relations were never planned)."""
-    out = {"transient": {}, "permanent": {}}
-
-    def add(step: str, done) -> None:
-        reasons = out["transient" if done.transient else "permanent"].setdefault(step, {})
-        reasons[done.error] = reasons.get(done.error, 0) + 1
-
-    for doc in docs:
-        done = state.entities[request_key(doc.id, "entities")]
-        if not done.ok:
-            add("entities", done)
-            continue
-        for key, step, _ in relation_items(doc.id, state.entities_record(doc)):
-            if not state.relations[key].ok:
-                add(step, state.relations[key])
-    return {kind: {step: dict(sorted(r.items())) for step, r in sorted(steps.items())} for kind, steps in out.items()}
+    """missing_items over the failed items of a complete run (a document whose entities failed counts once: its
+    relations were never planned)."""
+    def failed():
+        for doc in docs:
+            done = state.entities[request_key(doc.id, "entities")]
+            if not done.ok:
+                yield "entities", done
+                continue
+            for key, step, _ in relation_items(doc.id, state.entities_record(doc)):
+                if not state.relations[key].ok:
+                    yield step, state.relations[key]
+    return missing_items(failed())
 
 
 # -- the output --------------------------------------------------------------------------------------------------
@@ -350,10 +345,7 @@ def run_entigraph(cfg: EntiGraphConfig) -> dict:
     "failed", "missing" (the failed items by kind, step and reason; megasynth.synth.pipeline_cli)}. Raises
     InputError / JsonlError on bad input (an output prefix or work dir that is, holds or sits inside an input
     among them, megasynth.cli.overlap_refusal), OutputExistsError, WorkDirMismatch, RunDirBusy."""
-    refusal = overlap_refusal({"output_prefix": prefix(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
-                              {"input": cfg.input, "input_tokenizer": cfg.input_tokenizer, "tokenizer": cfg.tokenizer})
-    if refusal:
-        raise InputError(refusal)
+    refuse_overlapping_paths(cfg)
     check_synthetic_output(cfg.output_prefix, overwrite=cfg.overwrite)
     docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer)

@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from megasynth.cli import directory, overlap_refusal, prefix
 from megasynth.data.prefix import EmptyOutputError
-from megasynth.data.readers import InputError
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult, LLMSettings
 from megasynth.synth.prompts import load_prompt, prompts_hash
 from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
 from megasynth.synth.synthetic_prefix import SyntheticDoc, check_synthetic_output, write_synthetic_prefix
-from megasynth.synth.workdir import WorkDir, finished_from, load_finished, request_key
+from megasynth.synth.workdir import (
+    WorkDir, finished_from, load_finished, missing_items, refuse_overlapping_paths, request_key,
+)
 from megasynth.tokenizer import Tokenizer, load_tokenizer
 
 STYLES = ("plain", "encyclopedic", "qa")
@@ -203,10 +203,7 @@ def run_rephrase(cfg: RephraseConfig) -> dict:
     """Generate what is missing, then write the prefix. Returns {"complete", "budget_stopped", "sidecar" (or
     None), "llm", "counts", "failed", "missing"}; raises like megasynth.synth.entigraph.run_entigraph (InputError
     for an output prefix or work dir that is, holds or sits inside an input)."""
-    refusal = overlap_refusal({"output_prefix": prefix(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
-                              {"input": cfg.input, "input_tokenizer": cfg.input_tokenizer, "tokenizer": cfg.tokenizer})
-    if refusal:
-        raise InputError(refusal)
+    refuse_overlapping_paths(cfg)
     check_synthetic_output(cfg.output_prefix, overwrite=cfg.overwrite)
     docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -224,13 +221,8 @@ def run_rephrase(cfg: RephraseConfig) -> dict:
                "llm": llm_summary, "counts": {}, "failed": {}, "missing": {}}
         if chosen is None:
             return out
-        missing = {"transient": {}, "permanent": {}}
-        for it in chosen:
-            done = state.done[it.key]
-            if not done.ok:
-                reasons = missing["transient" if done.transient else "permanent"].setdefault("rephrase", {})
-                reasons[done.error] = reasons.get(done.error, 0) + 1
-        out["missing"] = missing
+        missing = out["missing"] = missing_items(("rephrase", state.done[it.key]) for it in chosen
+                                                 if not state.done[it.key].ok)
         partial = any(missing.values())
         if partial and not cfg.allow_partial:
             return out  # nothing published (issue 19): the caller lists what is missing

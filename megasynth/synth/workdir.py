@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,28 @@ def finished_from(offset: int, record: dict) -> Finished:
     error = None if ok else str(record.get("error") or "unknown")
     transient = not ok and record.get("transient", is_transient(error)) is True
     return Finished(offset, ok, error, transient)
+
+
+def missing_items(failed: Iterable[tuple[str, Finished]]) -> dict:
+    """What a run's output lacks, from its failed items as (step, Finished): {"transient": {step: {reason: count}},
+    "permanent": {...}}, sorted, so that sidecars and messages are the same for the same failures."""
+    out: dict[str, dict[str, dict[str, int]]] = {"transient": {}, "permanent": {}}
+    for step, done in failed:
+        reasons = out["transient" if done.transient else "permanent"].setdefault(step, {})
+        reasons[done.error] = reasons.get(done.error, 0) + 1
+    return {kind: {step: dict(sorted(r.items())) for step, r in sorted(steps.items())} for kind, steps in out.items()}
+
+
+def refuse_overlapping_paths(cfg) -> None:
+    """An LLM pipeline's output prefix and work dir may not be, hold or sit inside its inputs (megasynth.cli's
+    rule, for library callers that bypass the tools): InputError naming the config fields."""
+    from megasynth.cli import directory, overlap_refusal, prefix  # noqa: PLC0415
+    from megasynth.data.readers import InputError  # noqa: PLC0415
+
+    refusal = overlap_refusal({"output_prefix": prefix(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
+                              {"input": cfg.input, "input_tokenizer": cfg.input_tokenizer, "tokenizer": cfg.tokenizer})
+    if refusal:
+        raise InputError(refusal)
 
 
 def load_finished(log: RecordLog, keep: dict[str, dict] | None = None) -> dict[str, Finished]:
