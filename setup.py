@@ -59,7 +59,7 @@ setup(
     packages=find_packages(include=["megasynth", "megasynth.*"]),
     cmdclass={"build_py": BuildPyWithKernels},
     # Prompt templates are data files; their hash goes into every synthetic prefix's provenance.
-    package_data={"megasynth.synth.prompts": ["*.txt"]},
+    package_data={"megasynth.synth.llm.prompts": ["*.txt"]},
     install_requires=install_requires,
     extras_require={
         "dev": [

@@ -7,7 +7,7 @@ Documents: the first --docs docstrings of the Python standard library, tokenized
 prefix, as the pipeline has them. Both sides use one loaded model, the same --batch-size and the same texts:
   encode       SentenceTransformer.encode(texts, batch_size, normalize_embeddings=True) on the decoded texts
                (decoding not included; its own length sort over all documents)
-  embed_corpus megasynth.synth.embed.embed_corpus end to end from the prefix: decoding the first --max-tokens
+  embed_corpus megasynth.synth.sbp.embed.embed_corpus end to end from the prefix: decoding the first --max-tokens
                tokens of each document, per-shard length sort and batching, float16 conversion, shard files,
                assembling EMB.npy and EMB.json
 Each is run --repeats times, alternating; the best time counts. On a CPU shared with other jobs, process CPU
@@ -29,8 +29,8 @@ import torch
 from megasynth.data.preprocess import preprocess
 from megasynth.data.stdlib_corpus import iter_stdlib_documents
 from megasynth.io import remove_dir
-from megasynth.synth.embed import EmbedOptions, PrefixTexts, default_model, embed_corpus, load_model, resolve_device
-from megasynth.synth.embed_files import load_embeddings
+from megasynth.synth.sbp.embed import EmbedOptions, PrefixTexts, default_model, embed_corpus, load_model, resolve_device
+from megasynth.synth.sbp.embed_files import load_embeddings
 from megasynth.tokenizer import train_bpe_tokenizer
 
 

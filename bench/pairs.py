@@ -6,7 +6,7 @@
 The vectors are synthetic: --clusters random unit centres, each vector a centre plus Gaussian noise (--noise,
 relative to the centre's norm), normalised and stored as float16 like EMB.npy. Real embeddings cluster by topic;
 uniform random vectors in 384 dimensions have no neighbourhood structure and no index helps them. The index is
-built exactly as build_pairs builds it (megasynth.synth.ann: IVF, sqrt(n) lists, float16 codes, trained on a
+built exactly as build_pairs builds it (megasynth.synth.sbp.ann: IVF, sqrt(n) lists, float16 codes, trained on a
 seeded sample of 64 rows per list, nprobe tuned to --target-recall on the recall sample unless --nprobe).
 
 Searching all n vectors exactly takes O(n^2 d) (1M x 1M x 384 ~ 4e14 multiply-adds, hours on 2 cores), so exact
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megasynth.synth.ann import IndexOptions, build_index, exact_knn, measure_recall, recall_at_k, sample_rows
+from megasynth.synth.sbp.ann import IndexOptions, build_index, exact_knn, measure_recall, recall_at_k, sample_rows
 
 
 def clustered_unit_vectors(n: int, d: int, clusters: int, noise: float, seed: int, chunk: int = 1 << 16):

@@ -1,4 +1,4 @@
-"""SBP synthesis throughput: megasynth.synth.synthesize against transformers' generate() on the exported model.
+"""SBP synthesis throughput: megasynth.synth.sbp.synthesize against transformers' generate() on the exported model.
 
     python bench/synthesize.py                      # CPU defaults: dim 384, 6 layers, 64 samples, batch 16
     python bench/synthesize.py --device cuda --dtype bfloat16 --dim 1024 --layers 12 --docs 512 --batch 64
@@ -36,8 +36,8 @@ from megasynth.data.preprocess import preprocess
 from megasynth.data.stdlib_corpus import iter_stdlib_documents
 from megasynth.hf import config_for_model, export_hf
 from megasynth.model import build_model
-from megasynth.synth.pair_dataset import document_bodies
-from megasynth.synth.synthesize import SynthSettings, shard_seed_documents, synthesize
+from megasynth.synth.sbp.pair_dataset import document_bodies
+from megasynth.synth.sbp.synthesize import SynthSettings, shard_seed_documents, synthesize
 from megasynth.tokenizer import train_bpe_tokenizer
 
 

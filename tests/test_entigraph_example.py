@@ -86,7 +86,7 @@ def test_entigraph_example_tiny_runs_every_stage(tmp_path, server):
 
 def test_offline_stand_in_serves_the_prompts(tmp_path):
     """offline_llm.py as run.py starts it (a subprocess on a free port): an entities request gets valid JSON."""
-    from megasynth.synth.prompts import load_prompt
+    from megasynth.synth.llm.prompts import load_prompt
 
     proc = subprocess.Popen([sys.executable, str(REPO / "examples" / "entigraph" / "offline_llm.py")],
                             stdout=subprocess.PIPE, text=True)

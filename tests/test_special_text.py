@@ -126,7 +126,7 @@ def test_rephrase_reply_holding_eod_text_is_one_document(tmp_path, openai_server
 
 
 def test_endpoint_reply_holding_eod_text_is_not_cut(toks):
-    from megasynth.synth.synth_samplers import EndpointSampler, EndpointSettings, Sampling  # noqa: PLC0415
+    from megasynth.synth.sbp.samplers import EndpointSampler, EndpointSettings, Sampling  # noqa: PLC0415
 
     tok = toks["bpe"]
     sampler = EndpointSampler(EndpointSettings("http://unused", "m"), tok, Sampling(0, 1.0, 0, 1.0, 64), "ledger")

@@ -27,9 +27,9 @@ import sys
 
 from megasynth.cli import ToolParser, check_outputs, finite_float, float_range, prefix, unit_float
 from megasynth.data.indexed import IndexedDatasetError
-from megasynth.synth.ann import CODECS, KINDS, IndexOptions, IndexSettingsError
-from megasynth.synth.embed_files import EmbeddingsError, emb_stem
-from megasynth.synth.pairs import NEAR_COPY_METHODS, PairOptions, PairsError, build_pairs, pairs_paths
+from megasynth.synth.sbp.ann import CODECS, KINDS, IndexOptions, IndexSettingsError
+from megasynth.synth.sbp.embed_files import EmbeddingsError, emb_stem
+from megasynth.synth.sbp.pairs import NEAR_COPY_METHODS, PairOptions, PairsError, build_pairs, pairs_paths
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,8 +29,8 @@ from megasynth.cli import ToolParser, check_outputs, prefix
 from megasynth.data.indexed import IndexedDatasetError, idx_path
 from megasynth.io import JsonlError
 from megasynth.run_lock import RunDirBusy
-from megasynth.synth.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, embed_corpus
-from megasynth.synth.embed_files import EmbeddingsError, emb_stem
+from megasynth.synth.sbp.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, embed_corpus
+from megasynth.synth.sbp.embed_files import EmbeddingsError, emb_stem
 from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
 

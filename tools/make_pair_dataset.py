@@ -15,7 +15,7 @@ Train on the output with `packing = "pack"` (examples/sbp/synthesizer.toml). The
 byte-identical on reruns; it is published atomically, and an existing one is refused unless --overwrite.
 Bad input (an index outside the corpus: `PAIRS: row N: ...` counting rows from 0, a pair table built from another
 corpus, a separator that is not one token, an empty table) stops with one line and exit code 2, writing nothing.
-Library: megasynth.synth.pair_dataset.
+Library: megasynth.synth.sbp.pair_dataset.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 
 from megasynth.cli import ToolParser, check_outputs, file, prefix
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
-from megasynth.synth.pair_dataset import PairDatasetError, make_pair_dataset
+from megasynth.synth.sbp.pair_dataset import PairDatasetError, make_pair_dataset
 from megasynth.tokenizer import TokenizerError
 
 

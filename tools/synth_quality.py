@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from megasynth.cli import ToolParser, check_outputs, directory, float_range, nonnegative_float, prefix, unit_float
-from megasynth.synth.quality import (
+from megasynth.synth.sbp.quality import (
     RESULT_FILES,
     JudgeIncomplete,
     QualityError,

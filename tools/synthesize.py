@@ -28,7 +28,7 @@ OUT.provenance.parquet (doc, seed, sample). An existing output is refused unless
 work directory that is, holds or sits inside one of the inputs (OUT = --corpus, say) always; a float flag that
 is not a finite number in its range (--temperature nan) is refused while parsing. Bad input (a checkpoint whose
 tokenizer lacks <|sep|> and no --separator, a --separator other than the recorded one, a corpus of another
-tokenizer, --num-docs 0, ...) stops with one line and exit code 2. Library: megasynth.synth.synthesize.
+tokenizer, --num-docs 0, ...) stops with one line and exit code 2. Library: megasynth.synth.sbp.synthesize.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ from megasynth.cli import (
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.run_lock import RunDirBusy
-from megasynth.synth.synth_samplers import EndpointError
-from megasynth.synth.synth_shards import ShardError
-from megasynth.synth.synthesize import EndpointSettings, SynthSettings, synthesize
+from megasynth.synth.sbp.samplers import EndpointError
+from megasynth.synth.sbp.shards import ShardError
+from megasynth.synth.sbp.synthesize import EndpointSettings, SynthSettings, synthesize
 from megasynth.tokenizer import TokenizerError
 
 

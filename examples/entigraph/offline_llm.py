@@ -6,7 +6,7 @@ same HTTP client, retries, work dir and ledger as a real endpoint.
     python examples/entigraph/offline_llm.py [--port 0]      # prints its base URL, serves until killed
 
 How it answers (deterministically, so reruns give the same corpus): it recognises which of the current prompt
-templates (megasynth/synth/prompts/) a request was rendered from and recovers the title and the document;
+templates (megasynth/synth/llm/prompts) a request was rendered from and recovers the title and the document;
  - entities: {"summary": the first sentences, "entities": dotted identifiers (json.dumps) and capitalised
    names, most frequent first};
  - a pair or triple: a short passage joining the document's sentences that mention those entities;
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megasynth.synth.prompts import CURRENT, load_prompt  # noqa: E402
+from megasynth.synth.llm.prompts import CURRENT, load_prompt  # noqa: E402
 
 MAX_ENTITIES = 12
 _IDENTIFIER = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")

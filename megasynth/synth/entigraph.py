@@ -5,7 +5,7 @@ tools/entigraph.py.
     summary = run_entigraph(EntiGraphConfig(input="docs.jsonl", work_dir="W", output_prefix="data/eg",
                                             tokenizer="tok/", llm=LLMSettings(base_url=..., model=...)))
 
-Per source document (megasynth.synth.source_docs):
+Per source document (megasynth.synth.corpus):
   step 1, "entities": one request returns JSON {"summary", "entities"}, checked against ENTITIES_SCHEMA (the
           client repairs bad JSON a bounded number of times). Entities are normalised (whitespace collapsed) and
           deduplicated case-insensitively, keeping the first spelling. An empty list is a recorded outcome: the
@@ -52,8 +52,8 @@ import pyarrow as pa
 
 from megasynth.data.prefix import EmptyOutputError
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult, LLMSettings
-from megasynth.synth.prompts import load_prompt, prompts_hash
-from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
+from megasynth.synth.llm.prompts import load_prompt, prompts_hash
+from megasynth.synth.corpus import SourceDoc, documents_sha256, read_source_documents
 from megasynth.synth.synthetic_prefix import SyntheticDoc, check_synthetic_output, write_synthetic_prefix
 from megasynth.synth.workdir import (
     WorkDir, finished_from, load_finished, missing_items, refuse_overlapping_paths, request_key,

@@ -27,9 +27,9 @@ from megasynth.data.indexed import IndexedDatasetError
 from megasynth.data.prefix import PrefixOutputError
 from megasynth.data.readers import BadInputError, InputError
 from megasynth.io import JsonlError
-from megasynth.synth.ledger import anomalies_text
+from megasynth.synth.llm.ledger import anomalies_text
 from megasynth.run_lock import RunDirBusy
-from megasynth.synth.prompts import PromptError
+from megasynth.synth.llm.prompts import PromptError
 from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
 

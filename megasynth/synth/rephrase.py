@@ -6,7 +6,7 @@ tools/rephrase.py.
                                           tokenizer="tok/", llm=LLMSettings(...), styles=["plain", "qa"],
                                           samples_per_doc=8, target_tokens=455_000_000))
 
-Styles (prompt templates megasynth/synth/prompts/rephrase_STYLE.vN.txt): plain (simple, clear language),
+Styles (prompt templates megasynth/synth/llm/promptsrephrase_STYLE.vN.txt): plain (simple, clear language),
 encyclopedic (a reference-work article), qa (questions and answers covering the document). Each request is one
 (document, style, sample) with key request_key(document id, "rephrase", style, sample) and its own `seed`
 sampling parameter (derived from --seed and the key), so samples differ at temperature > 0 and an endpoint
@@ -34,8 +34,8 @@ import pyarrow as pa
 
 from megasynth.data.prefix import EmptyOutputError
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMResult, LLMSettings
-from megasynth.synth.prompts import load_prompt, prompts_hash
-from megasynth.synth.source_docs import SourceDoc, documents_sha256, read_source_documents
+from megasynth.synth.llm.prompts import load_prompt, prompts_hash
+from megasynth.synth.corpus import SourceDoc, documents_sha256, read_source_documents
 from megasynth.synth.synthetic_prefix import SyntheticDoc, check_synthetic_output, write_synthetic_prefix
 from megasynth.synth.workdir import (
     WorkDir, finished_from, load_finished, missing_items, refuse_overlapping_paths, request_key,

@@ -47,7 +47,7 @@ from typing import Any
 
 from megasynth.io import JsonlError, atomic_write_json, fsync_dir, remove_stale_temps, truncate_torn_tail
 from megasynth.run_lock import LOCK_NAME, acquire_path_lock, acquire_run_lock
-from megasynth.synth.llm_limits import is_transient
+from megasynth.synth.llm.limits import is_transient
 
 MANIFEST = "manifest.json"
 
@@ -135,7 +135,7 @@ class Finished:
 
 def finished_from(offset: int, record: dict) -> Finished:
     """The Finished of one record. A failure is transient as the record says; records written before issue 19
-    lack the field and are classified by their reason (megasynth.synth.llm_limits.is_transient)."""
+    lack the field and are classified by their reason (megasynth.synth.llm.limits.is_transient)."""
     ok = record.get("ok") is True
     error = None if ok else str(record.get("error") or "unknown")
     transient = not ok and record.get("transient", is_transient(error)) is True

@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
-from megasynth.synth.embed_files import EMB_FORMAT, EMB_FORMAT_VERSION, emb_paths, npy_header
+from megasynth.synth.sbp.embed_files import EMB_FORMAT, EMB_FORMAT_VERSION, emb_paths, npy_header
 
 
 def write_prefix(prefix, docs) -> str:
@@ -22,7 +22,7 @@ def write_prefix(prefix, docs) -> str:
 
 
 def write_emb(out, vecs: np.ndarray, prefix: str | None) -> str:
-    """EMB.npy / EMB.json as megasynth.synth.embed writes them (float16 rows, prefix and its .idx sha)."""
+    """EMB.npy / EMB.json as megasynth.synth.sbp.embed writes them (float16 rows, prefix and its .idx sha)."""
     npy, side = emb_paths(out)
     vecs = np.asarray(vecs, dtype=np.float16)
     npy.write_bytes(npy_header(*vecs.shape) + vecs.astype("<f2").tobytes())

@@ -1,6 +1,6 @@
 """SBP stage 1 library on real data: stdlib docstrings, a trained BPE, the offline MiniLM model.
 
-The reference is sentence-transformers' own `encode` on texts decoded independently of megasynth.synth.embed;
+The reference is sentence-transformers' own `encode` on texts decoded independently of megasynth.synth.sbp.embed;
 the embed-then-pair test compares the flat index's pairs with a numpy brute force over the real embeddings.
 """
 
@@ -15,10 +15,10 @@ import torch
 from synth.stdlib_prefix import stdlib_texts, write_stdlib_prefix
 
 from megasynth.data.indexed import IndexedDataset
-from megasynth.synth.ann import IndexOptions
-from megasynth.synth.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, default_model, embed_corpus, load_model
-from megasynth.synth.embed_files import load_embeddings, work_dir
-from megasynth.synth.pairs import PairOptions, build_pairs
+from megasynth.synth.sbp.ann import IndexOptions
+from megasynth.synth.sbp.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, default_model, embed_corpus, load_model
+from megasynth.synth.sbp.embed_files import load_embeddings, work_dir
+from megasynth.synth.sbp.pairs import PairOptions, build_pairs
 from megasynth.tokenizer import load_tokenizer
 
 

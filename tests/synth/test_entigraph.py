@@ -226,7 +226,7 @@ def test_bad_input_names_the_line(tmp_path, openai_server, tok_dir):
 
 def test_a_prefix_input_is_decoded_with_the_tokenizer_its_sidecar_names(tmp_path, tok_dir):
     from megasynth.data.indexed import IndexedDatasetWriter, smallest_token_dtype
-    from megasynth.synth.source_docs import read_source_documents
+    from megasynth.synth.corpus import read_source_documents
     from megasynth.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)

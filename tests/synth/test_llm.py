@@ -19,7 +19,7 @@ from synth.openai_server import (
 )
 
 from megasynth.io import read_jsonl
-from megasynth.synth.ledger import Ledger
+from megasynth.synth.llm.ledger import Ledger
 from megasynth.synth.llm import (
     BudgetExceeded,
     LLMClient,
@@ -28,8 +28,8 @@ from megasynth.synth.llm import (
     add_llm_arguments,
     settings_from_args,
 )
-from megasynth.synth.llm_json import check_schema, extract_json
-from megasynth.synth.llm_limits import TokenBucket, backoff_delay, http_date, parse_retry_after
+from megasynth.synth.llm.json_replies import check_schema, extract_json
+from megasynth.synth.llm.limits import TokenBucket, backoff_delay, http_date, parse_retry_after
 
 ENTITIES = {"type": "object", "required": ["entities"],
             "properties": {"entities": {"type": "array", "items": {"type": "string"}, "minItems": 1}}}
@@ -461,7 +461,7 @@ def tiny_run(tmp_path_factory):
 
 def test_local_backend_matches_the_reference_sampler_and_keeps_the_interface(tiny_run, tmp_path):
     from megasynth.generate import sample_without_cache
-    from megasynth.synth.local_backend import LocalBackend
+    from megasynth.synth.llm.local_backend import LocalBackend
 
     root, model, tok = tiny_run
     prompts = {f"k{i}": p for i, p in enumerate(["Ada wrote", "the engine", "Babbage", "about", "it"])}

@@ -22,9 +22,9 @@ from synth.scripted_llm import DOCS, ScriptedLLM, request_id
 
 from megasynth.data.indexed import IndexedDataset
 from megasynth.io import read_jsonl
-from megasynth.synth.ledger import Ledger
+from megasynth.synth.llm.ledger import Ledger
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMSettings
-from megasynth.synth.synth_samplers import EndpointSampler, EndpointSettings, Sampling
+from megasynth.synth.sbp.samplers import EndpointSampler, EndpointSettings, Sampling
 from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 USER = [{"role": "user", "content": "Tell me about the lighthouse."}]

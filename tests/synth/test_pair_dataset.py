@@ -1,4 +1,4 @@
-"""SBP stage 3 (megasynth.synth.pair_dataset) on a real tokenizer and corpus: the same sequences as an SFT `pair`
+"""SBP stage 3 (megasynth.synth.sbp.pair_dataset) on a real tokenizer and corpus: the same sequences as an SFT `pair`
 record, the layout and mask built independently from the tokenizer, limits, both directions, every bad input,
 and stage 4: examples/sbp/synthesizer.toml fine-tunes a checkpoint on the result for a couple of steps."""
 
@@ -16,7 +16,7 @@ from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megasynth.data.prefix import OutputExistsError
 from megasynth.data.sft import preprocess_sft
 from megasynth.metrics import read_metrics
-from megasynth.synth.pair_dataset import PairDatasetError, make_pair_dataset
+from megasynth.synth.sbp.pair_dataset import PairDatasetError, make_pair_dataset
 from megasynth.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[2]

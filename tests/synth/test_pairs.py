@@ -14,9 +14,9 @@ import pytest
 from datasketch import MinHash
 from synth.pair_inputs import clustered, unit, write_emb, write_prefix
 
-from megasynth.synth.ann import IndexOptions, build_index, exact_knn, measure_recall, recall_at_k
-from megasynth.synth.embed_files import EmbeddingsError
-from megasynth.synth.near_dup import (
+from megasynth.synth.sbp.ann import IndexOptions, build_index, exact_knn, measure_recall, recall_at_k
+from megasynth.synth.sbp.embed_files import EmbeddingsError
+from megasynth.synth.sbp.near_dup import (
     containment,
     jaccard,
     minhash_jaccard,
@@ -25,7 +25,7 @@ from megasynth.synth.near_dup import (
     ngram_hashes,
     ngram_jaccard,
 )
-from megasynth.synth.pairs import PairOptions, PairsError, build_pairs
+from megasynth.synth.sbp.pairs import PairOptions, PairsError, build_pairs
 
 
 def read_pairs(out) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:

@@ -1,4 +1,4 @@
-"""SBP quality (megasynth/synth/quality.py): each test on constructed cases whose answer is known.
+"""SBP quality (megasynth/synth/sbp/quality): each test on constructed cases whose answer is known.
 
 The token tests are checked against plain-Python references (sets of tuples); the embedding and judge tests
 run end to end on real text (standard-library docstrings, tests/synth/quality_data.py) with the offline MiniLM
@@ -15,7 +15,7 @@ import pytest
 from synth.openai_server import TEST_API_KEY_ENV
 from synth.quality_data import REPEATED_SENTENCE, build_corpus, encode, write_pairs, write_synthetic
 
-from megasynth.synth.quality import (
+from megasynth.synth.sbp.quality import (
     PAPER_ROW,
     QualityError,
     QualitySettings,

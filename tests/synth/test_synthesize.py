@@ -1,4 +1,4 @@
-"""SBP stage 5 (megasynth.synth.synthesize) on a tiny real checkpoint: every document against an independent
+"""SBP stage 5 (megasynth.synth.sbp.synthesize) on a tiny real checkpoint: every document against an independent
 reference (one prompt at a time, no KV cache, its own seeded stream), independence from the batch size, shards
 and ranks (2 gloo ranks give the bytes of 1 process), the --tokens rule, the endpoint backend against the local
 OpenAI-compatible server (scripted replies, injected faults), every rank stopping at a refusal, and bad inputs."""
@@ -21,8 +21,8 @@ from megasynth.data.indexed import IndexedDataset
 from megasynth.data.prefix import OutputExistsError
 from megasynth.generate import sample_without_cache
 from megasynth.run_lock import acquire_path_lock
-from megasynth.synth.synth_samplers import endpoint_seed
-from megasynth.synth.synthesize import EndpointSettings, SynthError, SynthSettings, synthesize
+from megasynth.synth.sbp.samplers import endpoint_seed
+from megasynth.synth.sbp.synthesize import EndpointSettings, SynthError, SynthSettings, synthesize
 from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
 
@@ -115,7 +115,7 @@ def test_tokens_target_takes_whole_shards_until_reached(setup, tmp_path):
 
 
 def _ranks_body(run, corpus, out_dir):
-    from megasynth.synth.synthesize import SynthSettings, synthesize  # noqa: PLC0415
+    from megasynth.synth.sbp.synthesize import SynthSettings, synthesize  # noqa: PLC0415
 
     for name, kw in (("n", {"num_docs": 20}), ("t", {"tokens": 150})):
         synthesize(run, corpus, f"{out_dir}/{name}", SynthSettings(**{"shard_docs": 8, "max_seed_tokens": L1,
@@ -134,7 +134,7 @@ def test_two_gloo_ranks_write_the_bytes_of_one_process(setup, tmp_path):
 
 
 def _refused_body(run, corpus, out):
-    from megasynth.synth.synthesize import SynthSettings, synthesize  # noqa: PLC0415
+    from megasynth.synth.sbp.synthesize import SynthSettings, synthesize  # noqa: PLC0415
 
     try:
         synthesize(run, corpus, out, SynthSettings(num_docs=4), progress=False)
@@ -197,7 +197,7 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
     # A server that keeps failing past the transient budget stops the run with the sample named; finished
     # shards stay for a resume.
     openai_server.reply = lambda body: Fault.status(503)
-    from megasynth.synth.synth_samplers import EndpointError
+    from megasynth.synth.sbp.samplers import EndpointError
     with pytest.raises(EndpointError, match=r"sample \d+: the completion failed \(the endpoint kept failing "
                                             r"transiently for 0.3 s, \d+ requests; http_503"):
         synthesize(run, corpus, tmp_path / "f", settings(num_docs=10), endpoint=endpoint, progress=False)

@@ -25,7 +25,7 @@ from synth.openai_server import TEST_API_KEY_ENV, Fault
 from synth.scripted_llm import DOCS, ScriptedLLM, request_id
 
 from megasynth.synth.llm import LLMClient, LLMSettings
-from megasynth.synth.llm_limits import is_transient
+from megasynth.synth.llm.limits import is_transient
 from megasynth.tokenizer import train_bpe_tokenizer
 
 FULL_RUN = 3 + 9 + 3  # tests/synth/test_entigraph.py explains the count

@@ -21,7 +21,7 @@ from helpers import load_tool, write_pattern_corpus
 from procfs import stopped
 from synth.stdlib_prefix import write_stdlib_prefix
 
-from megasynth.synth.embed import (
+from megasynth.synth.sbp.embed import (
     FAULT_ENV,
     PAUSE_ENV,
     EmbedOptions,
@@ -30,7 +30,7 @@ from megasynth.synth.embed import (
     embed_corpus,
     load_model,
 )
-from megasynth.synth.embed_files import work_dir
+from megasynth.synth.sbp.embed_files import work_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "embed_corpus.py"

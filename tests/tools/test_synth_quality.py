@@ -1,4 +1,4 @@
-"""tools/synth_quality.py: the CLI over megasynth/synth/quality.py (the tests themselves are in tests/synth)."""
+"""tools/synth_quality.py: the CLI over megasynth/synth/sbp/quality (the tests themselves are in tests/synth)."""
 
 from __future__ import annotations
 

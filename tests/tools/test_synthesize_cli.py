@@ -20,7 +20,7 @@ from procfs import stopped
 from sbp_helpers import make_corpus, make_synthesizer, make_tokenizer
 
 from megasynth.data.prefix import FAULT_ENV as PUBLISH_FAULT_ENV
-from megasynth.synth.synth_shards import FAULT_ENV as SYNTH_FAULT_ENV
+from megasynth.synth.sbp.shards import FAULT_ENV as SYNTH_FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_DOCS, SHARD = 24, 4

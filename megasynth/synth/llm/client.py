@@ -61,12 +61,12 @@ Policy (what tests/synth/test_llm.py checks):
   4) and the ledger line says usage_estimated, so a server cannot crash the run or defeat the budget with it.
 - Ledger lines are durable before results: an item's result reaches the caller (on_result, map) only once its
   ledger line is fsynced; a failed ledger write raises LedgerError (an OSError naming the ledger), which stops the
-  batch (megasynth.synth.ledger).
+  batch (megasynth.synth.llm.ledger).
 
 The pieces: this module is LLMClient (the HTTP transport: sending, bounding and reading replies) and re-exports
-the rest; megasynth.synth.llm_backend is LLMBackend (the policy above, for any transport), llm_batch the Batch
+the rest; megasynth.synth.llm.backend is LLMBackend (the policy above, for any transport), llm_batch the Batch
 scheduler, llm_types the request, result and failure types, llm_settings the settings and CLI flags, llm_limits
-the rate limits and backoff, llm_json the JSON checks, and megasynth.synth.ledger the ledger.
+the rate limits and backoff, llm_json the JSON checks, and megasynth.synth.llm.ledger the ledger.
 """
 
 from __future__ import annotations
@@ -76,16 +76,16 @@ import functools
 import json
 import os
 
-from megasynth.synth.ledger import LedgerError
-from megasynth.synth.llm_backend import DETAIL_CHARS, LLMBackend, repair_message
-from megasynth.synth.llm_batch import Batch
-from megasynth.synth.llm_limits import retry_after_from_headers
-from megasynth.synth.llm_settings import (
+from megasynth.synth.llm.ledger import LedgerError
+from megasynth.synth.llm.backend import DETAIL_CHARS, LLMBackend, repair_message
+from megasynth.synth.llm.batch import Batch
+from megasynth.synth.llm.limits import retry_after_from_headers
+from megasynth.synth.llm.settings import (
     LLMSettings,
     add_llm_arguments,
     settings_from_args,
 )
-from megasynth.synth.llm_types import BudgetExceeded, LLMRequest, LLMResult, Usage, _estimate_tokens, _Failure
+from megasynth.synth.llm.types import BudgetExceeded, LLMRequest, LLMResult, Usage, _estimate_tokens, _Failure
 
 # This module is where callers import from; the names defined in the modules above are re-exported here.
 __all__ = ["DETAIL_CHARS", "Batch", "BudgetExceeded", "LLMBackend", "LLMClient", "LLMRequest", "LLMResult",

@@ -42,8 +42,8 @@ from megasynth.cli import directory, output_refusal
 from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import IndexedDataset
 from megasynth.io import atomic_files, atomic_open
-from megasynth.synth.embed import EmbedError, PrefixTexts, default_model, embed_texts, load_model, resolve_device
-from megasynth.synth.near_dup import containment, jaccard, minhash_signatures, near_duplicate_pairs, ngram_hashes
+from megasynth.synth.sbp.embed import EmbedError, PrefixTexts, default_model, embed_texts, load_model, resolve_device
+from megasynth.synth.sbp.near_dup import containment, jaccard, minhash_signatures, near_duplicate_pairs, ngram_hashes
 
 QUALITY_FORMAT = "megasynth-synth-quality"
 RESULT_FILES = ("documents.parquet", "results.md", "results.json")  # what measure_quality writes in OUT
@@ -118,7 +118,7 @@ class QualitySettings:
             raise QualityError("a judge needs both an endpoint and a model name (--judge-endpoint, --judge-model)")
 
 
-# -- token n-gram tests (hashing and MinHash: megasynth/synth/near_dup.py, shared with build_pairs) ---------------
+# -- token n-gram tests (hashing and MinHash: megasynth/synth/sbp/near_dup, shared with build_pairs) ---------------
 def repetition_score(tokens: np.ndarray, n: int) -> float:
     """rep-n: 1 - distinct n-grams / n-grams (0.0 for a document of n tokens or fewer)."""
     total = len(tokens) - n + 1
@@ -147,7 +147,7 @@ def near_duplicate_flags(docs: list[np.ndarray], n: int, threshold: float, num_p
     return flags
 
 
-# -- embedding test (the model and the encoding: megasynth/synth/embed.py, shared with embed_corpus) ----------------
+# -- embedding test (the model and the encoding: megasynth/synth/sbp/embed, shared with embed_corpus) ----------------
 _MODELS: dict[str, object] = {}  # loaded sentence-transformers models, by name: one load per process
 
 
@@ -329,7 +329,7 @@ def judge_texts(texts: dict[str, str], settings: QualitySettings, ledger_path: s
     import asyncio  # noqa: PLC0415
 
     from megasynth.synth.llm import LLMClient, LLMRequest, LLMSettings  # noqa: PLC0415
-    from megasynth.synth.prompts import load_prompt  # noqa: PLC0415
+    from megasynth.synth.llm.prompts import load_prompt  # noqa: PLC0415
 
     prompt = load_prompt("quality_judge")
     llm = LLMSettings(base_url=settings.judge_endpoint, model=settings.judge_model, api_key_env=api_key_env,
@@ -356,7 +356,7 @@ def _share(flags: np.ndarray) -> dict:
 
 class Texts:
     """Decoded documents of a prefix: the first `max_tokens` tokens of each (EOD and BOS left out), decoded with
-    the tokenizer its sidecar names or `tokenizer` (megasynth.synth.embed.PrefixTexts, as embed_corpus reads)."""
+    the tokenizer its sidecar names or `tokenizer` (megasynth.synth.sbp.embed.PrefixTexts, as embed_corpus reads)."""
 
     def __init__(self, tokenizer: str | None = None):
         self.tokenizer = tokenizer

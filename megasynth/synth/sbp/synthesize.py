@@ -1,11 +1,11 @@
 """SBP stage 5: sample synthetic documents from a tuned synthesizer, prompted with random seed documents of a corpus.
 
-    from megasynth.synth.synthesize import SynthSettings, synthesize
+    from megasynth.synth.sbp.synthesize import SynthSettings, synthesize
     summary = synthesize("runs/synthesizer", "data/real", "data/synthetic", SynthSettings(num_docs=10_000))
 
 What a sample is. Sample i (i = 0, 1, 2, ...) is prompted with corpus document seed(i), drawn uniformly among the
 documents that hold at least one token besides their EOD; the prompt is that document's first max_seed_tokens
-tokens and the pair separator (the layout the synthesizer was tuned on: megasynth.synth.pair_dataset; the separator
+tokens and the pair separator (the layout the synthesizer was tuned on: megasynth.synth.sbp.pair_dataset; the separator
 is the one recorded in the sidecar of the pair data its checkpoint's config names, else `separator`, else <|sep|>:
 resolve_separator), and the model samples
 at most max_new_tokens tokens (temperature 1 by default, the paper's choice: varied syntheses of one seed),
@@ -15,7 +15,7 @@ document is the same whatever batch, shard or rank produces it. An output that i
 and counted; one that hits max_new_tokens is kept, counted as truncated, and ends with an EOD like every document.
 
 Shards. Samples are processed in shards of shard_docs consecutive samples, each written to the work directory
-(default OUT.work/) as it finishes (megasynth.synth.synth_shards); the work directory's manifest
+(default OUT.work/) as it finishes (megasynth.synth.sbp.shards); the work directory's manifest
 (megasynth.synth.workdir) records every setting that decides the output, and its lock keeps a second run out.
 A run killed at any point and started again with the same command redoes only the missing shards and publishes
 a prefix byte-identical to an uninterrupted run's; a manifest with other settings is refused. (The model dtype is
@@ -66,9 +66,9 @@ from megasynth.distributed import share_refusal
 from megasynth.data.prefix import check_output_free, idx_path, sidecar_path
 from megasynth.io import atomic_open, file_sha256
 from megasynth.run_lock import RunDirBusy, acquire_path_lock
-from megasynth.synth.pair_dataset import PairDatasetError, document_bodies, pair_separator_id
-from megasynth.synth.synth_samplers import EndpointSampler, EndpointSettings, LocalSampler, Sampled, Sampling
-from megasynth.synth.synth_shards import Shard, ShardStore, fault_point
+from megasynth.synth.sbp.pair_dataset import PairDatasetError, document_bodies, pair_separator_id
+from megasynth.synth.sbp.samplers import EndpointSampler, EndpointSettings, LocalSampler, Sampled, Sampling
+from megasynth.synth.sbp.shards import Shard, ShardStore, fault_point
 from megasynth.synth.synthetic_prefix import provenance_path
 
 _SEED_STREAM = 0x53425053  # "SBPS": the stream of seed draws, apart from every sampling stream

@@ -1,6 +1,6 @@
 """The values the LLM client hands around: a request (LLMRequest), its outcome (LLMResult, with its Usage), the
 budget stop (BudgetExceeded), and the failure of one HTTP request (_Failure) that transports raise and the retry
-loop reads. Used by megasynth.synth.llm_backend, llm_batch and llm; the policy is in megasynth.synth.llm's
+loop reads. Used by megasynth.synth.llm.backend, llm_batch and llm; the policy is in megasynth.synth.llm's
 docstring.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from megasynth.synth.llm_json import Validator
-from megasynth.synth.llm_limits import is_transient
+from megasynth.synth.llm.json_replies import Validator
+from megasynth.synth.llm.limits import is_transient
 
 
 class BudgetExceeded(RuntimeError):

@@ -1,6 +1,6 @@
 """Near-duplicate tests on token sequences: hashed token n-grams, exact Jaccard, MinHash signatures, LSH.
 
-    from megasynth.synth.near_dup import ngram_hashes, jaccard, minhash_signatures, minhash_jaccard
+    from megasynth.synth.sbp.near_dup import ngram_hashes, jaccard, minhash_signatures, minhash_jaccard
     a, b = ngram_hashes(tokens_a, n=5), ngram_hashes(tokens_b, n=5)
     jaccard(a, b)                                   # exact Jaccard of the two n-gram sets
     sig = minhash_signatures([tokens_a, tokens_b])  # [2, 128] uint32, datasketch's affine32 MinHash

@@ -1,4 +1,4 @@
-"""The two ways megasynth.synth.synthesize samples a shard: our KV-cache sampler, or an OpenAI-compatible server.
+"""The two ways megasynth.synth.sbp.synthesize samples a shard: our KV-cache sampler, or an OpenAI-compatible server.
 
 Both take the shard's prompts (token ids: seed tokens + <|sep|>) and sample indices, and return per prompt the
 generated ids without the stopping EOD and whether it stopped at EOD (False: it hit max_new_tokens).
@@ -133,7 +133,7 @@ class EndpointSampler:
     def _report(self, summary: dict) -> None:
         """One stderr line when the ledger's count of corrected replies (cut, API key removed, usage estimated:
         issue 19) changed; the sidecar's truncated count covers the cut ones."""
-        from megasynth.synth.ledger import anomalies_text  # noqa: PLC0415
+        from megasynth.synth.llm.ledger import anomalies_text  # noqa: PLC0415
 
         text = anomalies_text(summary)
         if text and text != self._anomalies:

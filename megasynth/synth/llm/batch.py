@@ -11,10 +11,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, Self
 
-from megasynth.synth.llm_types import BudgetExceeded, LLMRequest
+from megasynth.synth.llm.types import BudgetExceeded, LLMRequest
 
 if TYPE_CHECKING:
-    from megasynth.synth.llm_backend import LLMBackend
+    from megasynth.synth.llm.backend import LLMBackend
 
 
 class Batch:

@@ -1,6 +1,6 @@
 """SBP stage 2: nearest neighbours -> similarity band -> near-copy filter -> per-seed cap -> the pair table.
 
-    from megasynth.synth.pairs import PairOptions, build_pairs
+    from megasynth.synth.sbp.pairs import PairOptions, build_pairs
     summary = build_pairs("runs/emb", "runs/pairs", PairOptions(k=16, min_sim=0.5, max_sim=0.95), corpus="data/train")
     # -> runs/pairs.parquet (seed int64, target int64, similarity float32), runs/pairs.json, runs/pairs.png
 
@@ -10,7 +10,7 @@ usually finds itself). Each (seed, target) candidate is then dropped, for the fi
   below_min   similarity < min_sim (unrelated: nothing for the synthesizer to learn from the pair);
   above_max   similarity >= max_sim (near-duplicates by meaning);
   near_copy   the two token sequences are near-copies: Jaccard of their token n-gram sets >= near_copy_threshold,
-              estimated by MinHash (datasketch's scheme, megasynth/synth/near_dup.py) or computed exactly;
+              estimated by MinHash (datasketch's scheme, megasynth/synth/sbp/near_dup) or computed exactly;
   over_cap    the seed already has max_pairs_per_seed pairs that are more similar (ties: lower target first).
 The similarity of a candidate is recomputed from EMB.npy (float16 rows, dot product accumulated in float64,
 stored as float32), so it does not depend on the index type, the codec or the search chunking.
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.io import atomic_open, atomic_write_json, file_sha256
-from megasynth.synth.ann import IndexOptions, build_index, measure_recall, search_chunks
-from megasynth.synth.embed_files import check_against_prefix, check_unit_rows, emb_paths, load_embeddings
-from megasynth.synth.near_dup import jaccard, minhash_jaccard, minhash_signatures, ngram_hashes
+from megasynth.synth.sbp.ann import IndexOptions, build_index, measure_recall, search_chunks
+from megasynth.synth.sbp.embed_files import check_against_prefix, check_unit_rows, emb_paths, load_embeddings
+from megasynth.synth.sbp.near_dup import jaccard, minhash_jaccard, minhash_signatures, ngram_hashes
 
 PAIRS_FORMAT = "megasynth-pairs"
 PAIRS_FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ class PairOptions:
     num_perm: int = 128
     """MinHash permutations (the estimate's standard error is about sqrt(J(1-J)/num_perm), 0.04 at J=0.6)."""
     index: IndexOptions = field(default_factory=IndexOptions)
-    """Nearest-neighbour index settings (megasynth/synth/ann.py)."""
+    """Nearest-neighbour index settings (megasynth/synth/sbp/ann)."""
 
 
 def pairs_paths(output: str | os.PathLike) -> dict[str, Path]:

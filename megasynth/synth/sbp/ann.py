@@ -1,6 +1,6 @@
 """Nearest neighbours of unit vectors by inner product with faiss: exact, IVF or HNSW, with measured recall.
 
-    from megasynth.synth.ann import IndexOptions, build_index, search_chunks, exact_knn, measure_recall
+    from megasynth.synth.sbp.ann import IndexOptions, build_index, search_chunks, exact_knn, measure_recall
     index, info = build_index(emb, IndexOptions(kind="auto"))    # emb: [n, d] float16 memmap, unit rows
     for start, sims, ids in search_chunks(index, emb, k=17): ...  # every row's k nearest rows, chunk by chunk
 

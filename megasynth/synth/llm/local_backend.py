@@ -23,9 +23,9 @@ import dataclasses
 import os
 import zlib
 
-from megasynth.synth.llm_backend import LLMBackend
-from megasynth.synth.llm_settings import LLMSettings
-from megasynth.synth.llm_types import Usage, _Failure
+from megasynth.synth.llm.backend import LLMBackend
+from megasynth.synth.llm.settings import LLMSettings
+from megasynth.synth.llm.types import Usage, _Failure
 
 _SAMPLING_KEYS = {"temperature", "max_tokens", "top_p", "top_k"}
 DEFAULT_MAX_TOKENS = 256

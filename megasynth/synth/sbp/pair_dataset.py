@@ -1,6 +1,6 @@
 """SBP stage 3: a pair table and its corpus -> a loss-masked prefix for tuning the synthesizer on p(target | seed).
 
-    from megasynth.synth.pair_dataset import make_pair_dataset
+    from megasynth.synth.sbp.pair_dataset import make_pair_dataset
     summary = make_pair_dataset("runs/pairs.parquet", "data/real", "data/pairs", max_seed_tokens=512)
 
 Each pair (seed, target) of PAIRS.parquet (columns `seed`, `target`: int64 document indices of the corpus
@@ -142,7 +142,7 @@ def check_pair_table_exists(path: str | os.PathLike) -> None:
 
 
 def check_pairs_sidecar(pairs_path: str | os.PathLike, corpus: IndexedDataset, pairs_sha256: str) -> None:
-    """PAIRS.json (megasynth.synth.pairs), when present beside the table, must describe this table and this corpus:
+    """PAIRS.json (megasynth.synth.sbp.pairs), when present beside the table, must describe this table and this corpus:
     its recorded parquet sha256, the corpus .idx sha256 (recorded when build_pairs was given the corpus) and the
     number of embedded documents."""
     check_pair_table_exists(pairs_path)

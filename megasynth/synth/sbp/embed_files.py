@@ -1,6 +1,6 @@
 """The embeddings files of SBP stage 1: EMB.npy (float16 [documents, dim], unit rows) and its sidecar EMB.json.
 
-    from megasynth.synth.embed_files import load_embeddings
+    from megasynth.synth.sbp.embed_files import load_embeddings
     emb, meta = load_embeddings("runs/emb")      # emb: read-only np.memmap, meta: the EMB.json dict
     emb[i]                                       # document i's unit vector (float16)
     check_against_prefix(meta, "data/train", n_rows=emb.shape[0])   # the prefix the rows belong to

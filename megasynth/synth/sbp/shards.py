@@ -1,4 +1,4 @@
-"""Shard files of a synthesis run (megasynth.synth.synthesize): one .npz per shard in the run's work directory.
+"""Shard files of a synthesis run (megasynth.synth.sbp.synthesize): one .npz per shard in the run's work directory.
 
     store = ShardStore(work_dir)
     if not store.has(k): store.write(k, shard)

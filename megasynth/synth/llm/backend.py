@@ -1,6 +1,6 @@
 """LLMBackend: everything of the LLM client but the transport (limits, retries, JSON checks and repairs, API-key
 scrubbing, cutting replies to max_tokens, the ledger, the budget, batches). LLMClient (megasynth.synth.llm) sends
-over HTTP, LocalBackend (megasynth.synth.local_backend) samples a checkpoint. The policy it implements is in
+over HTTP, LocalBackend (megasynth.synth.llm.local_backend) samples a checkpoint. The policy it implements is in
 megasynth.synth.llm's docstring.
 """
 
@@ -13,12 +13,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from megasynth.synth.ledger import Ledger
-from megasynth.synth.llm_batch import Batch
-from megasynth.synth.llm_json import Validator, check_reply
-from megasynth.synth.llm_limits import TokenBucket, backoff_delay
-from megasynth.synth.llm_settings import LLMSettings
-from megasynth.synth.llm_types import BudgetExceeded, LLMRequest, LLMResult, Usage, _estimate_tokens, _Failure
+from megasynth.synth.llm.ledger import Ledger
+from megasynth.synth.llm.batch import Batch
+from megasynth.synth.llm.json_replies import Validator, check_reply
+from megasynth.synth.llm.limits import TokenBucket, backoff_delay
+from megasynth.synth.llm.settings import LLMSettings
+from megasynth.synth.llm.types import BudgetExceeded, LLMRequest, LLMResult, Usage, _estimate_tokens, _Failure
 
 DETAIL_CHARS = 300  # error details in results and the ledger are cut to this length
 
@@ -30,7 +30,7 @@ def repair_message(error: str) -> str:
 
 class LLMBackend:
     """Everything but the transport: limits, retries, JSON checks, ledger, budget, batches. Subclasses
-    implement `_send`; LLMClient talks HTTP, megasynth.synth.local_backend.LocalBackend runs a checkpoint."""
+    implement `_send`; LLMClient talks HTTP, megasynth.synth.llm.local_backend.LocalBackend runs a checkpoint."""
 
     def __init__(self, settings: LLMSettings, ledger_path: str | os.PathLike | None = None, *,
                  secrets: Iterable[str] = (), seed: int | None = None, tokenizer=None):

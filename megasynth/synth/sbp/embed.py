@@ -1,6 +1,6 @@
 """SBP stage 1: documents -> unit vectors with a sentence-transformers model, sharded and resumable.
 
-    from megasynth.synth.embed import EmbedOptions, PrefixTexts, embed_corpus
+    from megasynth.synth.sbp.embed import EmbedOptions, PrefixTexts, embed_corpus
     summary = embed_corpus(PrefixTexts("data/train", max_tokens=512), "runs/emb", EmbedOptions(model="..."))
     # -> runs/emb.npy (float16 [documents, dim], unit rows, row i = document i) and runs/emb.json
 
@@ -21,7 +21,7 @@ settings skips the shards it finds; a work directory made with other settings, o
 manifest, is refused naming what differs. Under torchrun rank 0 holds the lock and the other ranks check the
 manifest after a barrier; the shards still to do are split into one contiguous range per rank; after a barrier
 rank 0 streams them in order into EMB.npy and writes EMB.json (the commit point, last), then deletes the work
-directory, still holding its lock. See megasynth/synth/embed_files.py for the files.
+directory, still holding its lock. See megasynth/synth/sbp/embed_files for the files.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.io import atomic_open, atomic_write_json, file_sha256, read_jsonl, remove_dir
-from megasynth.synth.embed_files import (
+from megasynth.synth.sbp.embed_files import (
     EMB_FORMAT,
     EMB_FORMAT_VERSION,
     EmbeddingsError,
