@@ -76,63 +76,78 @@ class LLMSettings:
                              f"{self.transient_budget_s}, {self.backoff_base_s}, {self.backoff_max_s}")
 
 
-def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The endpoint flags every tool that calls an LLM shares; read them back with settings_from_args."""
-    g = parser.add_argument_group("LLM endpoint")
+def add_llm_arguments(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True,
+                      title: str = "LLM endpoint") -> None:
+    """The endpoint flags every tool that calls an LLM shares; read them back with settings_from_args. `prefix`
+    names a second endpoint of the same tool ("judge-" gives --judge-base-url, --judge-model, ...); with
+    required=False the endpoint is optional (no --base-url: no LLM calls)."""
+    group = parser.add_argument_group(title)
+
+    def flag(name: str, *args, **kwargs):
+        if kwargs.get("required"):
+            kwargs["required"] = required
+        group.add_argument(f"--{prefix}{name}", *args, **kwargs)
+
     d = LLMSettings()
-    g.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 "
+    flag("base-url", required=True, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 "
                    "(vLLM/SGLang) or https://api.openai.com/v1")
-    g.add_argument("--model", required=True, help="model name as the endpoint knows it")
-    g.add_argument("--api-key-env", default=d.api_key_env, help="environment variable that holds the API key "
+    flag("model", required=True, help="model name as the endpoint knows it")
+    flag("api-key-env", default=d.api_key_env, help="environment variable that holds the API key "
                    f"(default {d.api_key_env}; unset: the placeholder 'EMPTY' that vLLM accepts). The key is never "
                    "written anywhere")
-    g.add_argument("--concurrency", type=int, default=d.concurrency, help=f"most requests in flight (default "
+    flag("concurrency", type=int, default=d.concurrency, help=f"most requests in flight (default "
                    f"{d.concurrency})")
-    g.add_argument("--rpm", type=positive_float, default=None, help="requests-per-minute limit (default: none)")
-    g.add_argument("--tpm", type=positive_float, default=None, help="tokens-per-minute limit, counting prompt and "
+    flag("rpm", type=positive_float, default=None, help="requests-per-minute limit (default: none)")
+    flag("tpm", type=positive_float, default=None, help="tokens-per-minute limit, counting prompt and "
                    "completion tokens (default: none)")
-    g.add_argument("--max-attempts", type=int, default=d.max_attempts, help="most requests per item that got a "
+    flag("max-attempts", type=int, default=d.max_attempts, help="most requests per item that got a "
                    "reply, JSON repairs and retries after empty or unreadable replies included; then the item is "
                    "recorded as failed, and only --retry-failed asks again. Transient failures (429, 408, 5xx, "
                    f"timeouts, dropped connections) do not count: see --transient-budget-s (default {d.max_attempts})")
-    g.add_argument("--transient-budget-s", type=nonnegative_float, default=d.transient_budget_s, metavar="S",
+    flag("transient-budget-s", type=nonnegative_float, default=d.transient_budget_s, metavar="S",
                    help="seconds an item keeps retrying transient failures, with backoff or the server's Retry-After, "
                    "from its first one; then it is recorded as a transient failure, which a plain rerun asks for "
                    f"again (default {d.transient_budget_s:g})")
-    g.add_argument("--backoff-base-s", type=nonnegative_float, default=d.backoff_base_s, metavar="S",
+    flag("backoff-base-s", type=nonnegative_float, default=d.backoff_base_s, metavar="S",
                    help="the n-th retry waits uniform [0, min(max, base * 2**(n-1))] seconds when the server names no "
                    f"Retry-After (default {d.backoff_base_s:g})")
-    g.add_argument("--backoff-max-s", type=nonnegative_float, default=d.backoff_max_s, metavar="S",
+    flag("backoff-max-s", type=nonnegative_float, default=d.backoff_max_s, metavar="S",
                    help=f"cap of that wait (default {d.backoff_max_s:g})")
-    g.add_argument("--timeout", type=positive_float, default=d.timeout_s, help=f"seconds per HTTP request (default "
+    flag("timeout", type=positive_float, default=d.timeout_s, help=f"seconds per HTTP request (default "
                    f"{d.timeout_s:g})")
-    g.add_argument("--max-reply-bytes", type=int, default=d.max_reply_bytes, metavar="N",
+    flag("max-reply-bytes", type=int, default=d.max_reply_bytes, metavar="N",
                    help="most bytes of one reply body; a longer one is abandoned while it streams in and the item "
                    f"fails as reply_too_large (default {d.max_reply_bytes:,})")
-    g.add_argument("--temperature", type=nonnegative_float, default=None, help="sampling temperature (default: the "
+    flag("temperature", type=nonnegative_float, default=None, help="sampling temperature (default: the "
                    "tool's or the endpoint's)")
-    g.add_argument("--max-tokens", type=int, default=None, help="most completion tokens per request (default: the "
+    flag("max-tokens", type=int, default=None, help="most completion tokens per request (default: the "
                    "tool's or the endpoint's)")
-    g.add_argument("--price-in", type=nonnegative_float, default=0.0, help="US$ per million prompt tokens, for the "
+    flag("price-in", type=nonnegative_float, default=0.0, help="US$ per million prompt tokens, for the "
                    "cost estimate and --budget-usd (default 0)")
-    g.add_argument("--price-out", type=nonnegative_float, default=0.0,
+    flag("price-out", type=nonnegative_float, default=0.0,
                    help="US$ per million completion tokens (default 0)")
-    g.add_argument("--budget-tokens", type=int, default=None, help="stop cleanly once this many tokens are spent "
+    flag("budget-tokens", type=int, default=None, help="stop cleanly once this many tokens are spent "
                    "(prompt + completion, counted over the whole ledger, so a resumed run continues the count)")
-    g.add_argument("--budget-usd", type=nonnegative_float, default=None, help="stop cleanly once the estimated cost "
+    flag("budget-usd", type=nonnegative_float, default=None, help="stop cleanly once the estimated cost "
                    "reaches this (needs --price-in/--price-out)")
 
 
-def settings_from_args(args: argparse.Namespace, **overrides) -> LLMSettings:
-    """LLMSettings from add_llm_arguments' flags; `overrides` set fields the flags do not cover."""
-    if args.budget_usd is not None and args.price_in == 0 and args.price_out == 0:
-        raise ValueError("--budget-usd needs --price-in and/or --price-out (the cost is estimated from them)")
-    fields = {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
-              "concurrency": args.concurrency, "requests_per_minute": args.rpm, "tokens_per_minute": args.tpm,
-              "max_attempts": args.max_attempts, "transient_budget_s": args.transient_budget_s,
-              "backoff_base_s": args.backoff_base_s, "backoff_max_s": args.backoff_max_s, "timeout_s": args.timeout, "temperature": args.temperature,
-              "max_tokens": args.max_tokens, "price_in_per_m": args.price_in, "price_out_per_m": args.price_out,
-              "budget_tokens": args.budget_tokens, "budget_usd": args.budget_usd}
-    fields["max_reply_bytes"] = args.max_reply_bytes
+def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) -> LLMSettings:
+    """LLMSettings from add_llm_arguments' flags (with the same `prefix`); `overrides` set fields the flags do not
+    cover."""
+    def get(name: str):
+        return getattr(args, (prefix + name).replace("-", "_"))
+
+    if get("budget_usd") is not None and get("price_in") == 0 and get("price_out") == 0:
+        raise ValueError(f"--{prefix}budget-usd needs --{prefix}price-in and/or --{prefix}price-out (the cost is "
+                         "estimated from them)")
+    fields = {"base_url": get("base_url"), "model": get("model"), "api_key_env": get("api_key_env"),
+              "concurrency": get("concurrency"), "requests_per_minute": get("rpm"), "tokens_per_minute": get("tpm"),
+              "max_attempts": get("max_attempts"), "transient_budget_s": get("transient_budget_s"),
+              "backoff_base_s": get("backoff_base_s"), "backoff_max_s": get("backoff_max_s"),
+              "timeout_s": get("timeout"), "temperature": get("temperature"), "max_tokens": get("max_tokens"),
+              "price_in_per_m": get("price_in"), "price_out_per_m": get("price_out"),
+              "budget_tokens": get("budget_tokens"), "budget_usd": get("budget_usd"),
+              "max_reply_bytes": get("max_reply_bytes")}
     fields.update(overrides)
     return LLMSettings(**fields)
