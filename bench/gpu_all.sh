@@ -13,7 +13,7 @@
 #   attention     bench/attention.py --quick: ours (pre-pass + each core) vs unfused chains, D 64/128, S 1k-16k
 #   ops           bench/ops.py: rms_norm / swiglu GB/s vs copy bandwidth, linear cross-entropy time and memory
 #   resources     bench/kernel_resources.py: registers, spills and shared memory of every kernel config (AOT)
-#   mfu           bench/mfu.py on llama-1b.toml: sdpa vs triton, without and with torch.compile
+#   mfu           bench/mfu.py on llama-1b.toml: sdpa vs fused_qknorm_rope, without and with torch.compile
 #   generate      bench/generate.py, the GPU row: a 0.8B model, batch 32, ours vs transformers
 # Environment: PYTHON (default .venv/bin/python when present, else python3).
 set -u -o pipefail

@@ -1,8 +1,8 @@
-"""Model FLOPs utilisation of llama-1b on one GPU: attention sdpa vs triton, with and without torch.compile.
+"""Model FLOPs utilisation of llama-1b on one GPU: attention sdpa vs fused_qknorm_rope, with and without torch.compile.
 
     python bench/mfu.py                                   # CUDA: examples/configs/llama-1b.toml in bf16
     python bench/mfu.py --micro-batch-size 2 --seq-len 2048 --steps 20
-    python bench/mfu.py --variants sdpa,triton,triton:triton   # also pin the attention core (model.attention_core)
+    python bench/mfu.py --variants sdpa,fused_qknorm_rope:triton   # also pin the core (model.attention_core)
     python bench/mfu.py --cpu-smoke                       # no GPU: tiny.toml on the CPU, same code path
 
 Each variant builds the model as the trainer does (meta device, init, `parallelize_model` with
@@ -40,21 +40,22 @@ from megasynth.parallelize import parallelize_model
 from megasynth.train import build_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-ATTENTIONS = ("sdpa", "triton")
+ATTENTIONS = ("sdpa", "fused_qknorm_rope", "triton")  # triton: fused_qknorm_rope's former name
 
 
 def parse_variants(spec: str, no_compile: bool) -> list[tuple[str, str | None, bool]]:
-    """'sdpa,triton,triton:flash_attn' -> [(attention, core or None, compiled)], each without then with compile.
-    A ':core' suffix sets model.attention_core (only meaningful for triton); without it the config's core counts."""
+    """'sdpa,fused_qknorm_rope:flash_attn' -> [(attention, core or None, compiled)], each without then with compile.
+    A ':core' suffix sets model.attention_core (only meaningful for fused_qknorm_rope); without it the config's
+    core counts."""
     variants = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         attention, _, core = item.partition(":")
         if attention not in ATTENTIONS:
-            raise ConfigError(f"--variants: {item!r}: expected sdpa, triton or triton:<core>")
+            raise ConfigError(f"--variants: {item!r}: expected sdpa, fused_qknorm_rope or fused_qknorm_rope:<core>")
         for compiled in (False,) if no_compile else (False, True):
             variants.append((attention, core or None, compiled))
     if not variants:
-        raise ConfigError(f"--variants={spec!r}: expected a comma-separated list such as sdpa,triton")
+        raise ConfigError(f"--variants={spec!r}: expected a comma-separated list such as sdpa,fused_qknorm_rope")
     return variants
 
 
@@ -115,8 +116,9 @@ def release(device: torch.device) -> None:
 
 
 def variant_label(cfg, device: torch.device) -> str:
-    """'sdpa', or 'triton (core X)' with the core the model's attention will actually run (auto resolved)."""
-    if cfg.model.attention != "triton":
+    """'sdpa', or 'fused_qknorm_rope (core X)' with the core the model's attention will actually run (auto
+    resolved)."""
+    if cfg.model.attention != "fused_qknorm_rope":
         return cfg.model.attention
     from megasynth.kernels.attention_core import available_backends, choose_core  # noqa: PLC0415
 
@@ -131,7 +133,7 @@ def variant_label(cfg, device: torch.device) -> str:
     except ValueError:
         core = "refused"
     shown = core if cfg.model.attention_core == core else f"{cfg.model.attention_core} -> {core}"
-    return f"triton (core {shown})"
+    return f"fused_qknorm_rope (core {shown})"
 
 
 def format_row(attention: str, compiled: bool, result: dict | str) -> str:
@@ -158,11 +160,12 @@ def parse_args(argv):
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step (default 2)")
     parser.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default: the config's)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's data.seq_len)")
-    parser.add_argument("--variants", default="sdpa,triton",
-                        help="comma-separated attention backends (sdpa, triton, or triton:<core> to pin "
+    parser.add_argument("--variants", default="sdpa,fused_qknorm_rope",
+                        help="comma-separated attention backends (sdpa, fused_qknorm_rope, or "
+                             "fused_qknorm_rope:<core> to pin "
                              "model.attention_core: auto, flash_attn, cudnn, flash, triton, reference) to measure, "
                              "each without and with compile "
-                             "(default sdpa,triton)")
+                             "(default sdpa,fused_qknorm_rope)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor; smoke aot_eager)")
     return parser.parse_known_args(argv)

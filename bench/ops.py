@@ -8,7 +8,7 @@ rms_norm, the QK-norm + RoPE attention pre-pass (qknorm_rope) and swiglu, forwar
 bandwidth in GB/s, counting each input read once and each output written once (the least traffic any
 implementation needs), as a fraction of the measured device copy bandwidth (a large device-to-device copy, read +
 write), against torch eager (the references) and torch.compile of the same references; for qknorm_rope also the
-model's unfused chain (rms_norm per head, then the eager rotation). Issue 14 asks the pre-pass for >= 80% of copy
+model's unfused chain (rms_norm per head, then the eager rotation). The pre-pass's target is >= 80% of copy
 bandwidth. Linear cross-entropy (forward + backward, vocab 128k by default): time and peak memory above the inputs
 (torch.cuda.max_memory_allocated) of the fused Triton path, the chunked PyTorch path, and the
 reference that materialises the logits and calls F.cross_entropy.
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "meets" if min(qk.values()) >= 0.8 else "misses"
     note = " (CPU smoke run: not a measurement)." if args.cpu_smoke else "."
     print(f"\nqknorm_rope (Triton) at {100 * qk['fwd']:.0f}% (fwd) and {100 * qk['bwd']:.0f}% (bwd) of copy "
-          f"bandwidth: {verdict} issue 14's target of >= 80%{note}")
+          f"bandwidth: {verdict} the target of >= 80%{note}")
     print()
     print("\n".join(markdown_linear_ce(results["linear_ce"], args.tokens, args.hidden, args.vocab, dtype_name)))
     return 0

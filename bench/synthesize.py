@@ -36,7 +36,7 @@ from megasynth.data.preprocess import preprocess
 from megasynth.data.stdlib_corpus import iter_stdlib_documents
 from megasynth.hf import config_for_model, export_hf
 from megasynth.model import build_model
-from megasynth.synth.sbp.pair_dataset import document_bodies
+from megasynth.synth.corpus import document_bodies
 from megasynth.synth.sbp.synthesize import SynthSettings, shard_seed_documents, synthesize
 from megasynth.tokenizer import train_bpe_tokenizer
 

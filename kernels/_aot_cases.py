@@ -1,26 +1,14 @@
 """The case table of the ahead-of-time check (aot.py): every public Triton entry point, forward and backward, over
-the configurations a GPU run would meet.
-
-A case calls the Triton entry point itself (not the dispatcher, which would pick the reference on CPU tensors) on
-CPU tensors of realistic shapes; inside `planning_for(arch)` nothing runs, so the tensors are left uninitialised.
-Shapes matter only where host code picks configs from them (hidden size, vocabulary, head_dim).
-
-Full matrix: dtype bf16/fp16 x head_dim 64/128/256 x batched/varlen x causal or not (x, for flash_attention, the
-backward's mode: deterministic or the atomic single pass), for sm_80, sm_89 and sm_90.
-Quick matrix (the test): at each head_dim two pairwise points, (bf16, varlen, causal) and (fp16, batched, not
-causal), so every axis value meets every (arch, head_dim); sm_80 and sm_90 only. The flash-attention backward
-mode alternates as a Latin square: the first point runs the atomic single pass at head_dim 64 and 256 and the
-deterministic split at 128, the second the other way round, so every (arch, head_dim) compiles both modes and
-each mode meets both points, at no more compiles than one mode would cost.
-"""
+the configurations a GPU run would meet (the full and quick matrices: docs/kernels.md)."""
 
 from __future__ import annotations
 
-import importlib
+from functools import partial
 
 import torch
 
 from .aot import Case
+from .attention_core import max_seqlen_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_ARCHS = (80, 89, 90)
@@ -28,17 +16,6 @@ QUICK_ARCHS = (80, 90)
 # The attention kernels' config tables have their own sm_86/89 entries (99 KB of shared memory), so the quick
 # matrix checks sm_89 for them too; the other kernels' configs do not depend on the architecture's limits.
 QUICK_ATTENTION_ARCHS = (80, 89, 90)
-
-_QKNORM_ROPE = "megasynth.kernels._qknorm_rope_triton"
-_FLASH = "megasynth.kernels._flash_attn_triton"
-
-
-def _entry(module: str, name: str):
-    mod = importlib.import_module(module)
-    if not hasattr(mod, name):
-        public = sorted(n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n)))
-        raise AttributeError(f"{module} has no {name} (it has: {', '.join(public)})")
-    return getattr(mod, name)
 
 
 def _backward(outputs) -> None:
@@ -53,40 +30,31 @@ def _leaf(*shape, dtype) -> torch.Tensor:
 # -- per kernel -----------------------------------------------------------------------------------------------------
 
 
-def _rms_norm(dtype: str, hidden: int):
-    def run():
-        from ._rms_norm_triton import rms_norm_triton  # noqa: PLC0415
+def _rms_norm(dtype: str, hidden: int) -> None:
+    from ._rms_norm_triton import rms_norm_triton  # noqa: PLC0415
 
-        x = _leaf(64, hidden, dtype=DTYPES[dtype])
-        w = _leaf(hidden, dtype=DTYPES[dtype])
-        _backward(rms_norm_triton(x, w, 1e-6))
-
-    return run
+    x = _leaf(64, hidden, dtype=DTYPES[dtype])
+    w = _leaf(hidden, dtype=DTYPES[dtype])
+    _backward(rms_norm_triton(x, w, 1e-6))
 
 
-def _swiglu(dtype: str):
-    def run():
-        from ._swiglu_triton import swiglu_triton  # noqa: PLC0415
+def _swiglu(dtype: str) -> None:
+    from ._swiglu_triton import swiglu_triton  # noqa: PLC0415
 
-        gate, up = _leaf(4096, dtype=DTYPES[dtype]), _leaf(4096, dtype=DTYPES[dtype])
-        _backward(swiglu_triton(gate, up))
-
-    return run
+    gate, up = _leaf(4096, dtype=DTYPES[dtype]), _leaf(4096, dtype=DTYPES[dtype])
+    _backward(swiglu_triton(gate, up))
 
 
-def _linear_ce(dtype: str, vocab: int):
-    def run():
-        from ._cross_entropy_triton import linear_cross_entropy_triton  # noqa: PLC0415
+def _linear_ce(dtype: str, vocab: int) -> None:
+    from ._cross_entropy_triton import linear_cross_entropy_triton  # noqa: PLC0415
 
-        # The host code multiplies for real (torch.mm on these CPU tensors): keep N x H small. Zeros, so no NaN.
-        hidden = torch.zeros(8, 64, dtype=DTYPES[dtype], requires_grad=True)
-        weight = torch.zeros(vocab, 64, dtype=DTYPES[dtype], requires_grad=True)
-        targets = torch.zeros(8, dtype=torch.long)
-        linear_cross_entropy_triton(hidden, weight, targets).backward()  # WRITE_GRAD=True
-        with torch.no_grad():
-            linear_cross_entropy_triton(hidden, weight, targets)  # WRITE_GRAD=False
-
-    return run
+    # The host code multiplies for real (torch.mm on these CPU tensors): keep N x H small. Zeros, so no NaN.
+    hidden = torch.zeros(8, 64, dtype=DTYPES[dtype], requires_grad=True)
+    weight = torch.zeros(vocab, 64, dtype=DTYPES[dtype], requires_grad=True)
+    targets = torch.zeros(8, dtype=torch.long)
+    linear_cross_entropy_triton(hidden, weight, targets).backward()  # WRITE_GRAD=True
+    with torch.no_grad():
+        linear_cross_entropy_triton(hidden, weight, targets)  # WRITE_GRAD=False
 
 
 def _attention_inputs(dtype, head_dim, varlen, n_q_heads=8, n_kv_heads=2, seq=2048, batch=2):
@@ -101,30 +69,27 @@ def _attention_inputs(dtype, head_dim, varlen, n_q_heads=8, n_kv_heads=2, seq=20
     q = _leaf(*lead, n_q_heads, head_dim, dtype=dt)
     k = _leaf(*lead, n_kv_heads, head_dim, dtype=dt)
     v = _leaf(*lead, n_kv_heads, head_dim, dtype=dt)
-    max_seqlen = int((cu[1:] - cu[:-1]).max()) if varlen else None
+    max_seqlen = max_seqlen_of(cu) if varlen else None
     return q, k, v, cu, max_seqlen, seq
 
 
-def _qknorm_rope(dtype: str, head_dim: int, varlen: bool):
-    def run():
-        fn = _entry(_QKNORM_ROPE, "qknorm_rope_triton")
-        q, k, _, _, _, seq = _attention_inputs(dtype, head_dim, varlen)
-        rows = q.shape[0] if varlen else seq  # packed: one position per token; batched: per position
-        cos = torch.empty(rows, head_dim // 2, dtype=torch.float32)
-        sin = torch.empty(rows, head_dim // 2, dtype=torch.float32)
-        wq, wk = _leaf(head_dim, dtype=q.dtype), _leaf(head_dim, dtype=q.dtype)
-        _backward(tuple(fn(q, k, wq, wk, cos, sin, eps=1e-6, q_scale=head_dim**-0.5)))
+def _qknorm_rope(dtype: str, head_dim: int, varlen: bool) -> None:
+    from ._qknorm_rope_triton import qknorm_rope_triton  # noqa: PLC0415
 
-    return run
+    q, k, _, _, _, seq = _attention_inputs(dtype, head_dim, varlen)
+    rows = q.shape[0] if varlen else seq  # packed: one position per token; batched: per position
+    cos = torch.empty(rows, head_dim // 2, dtype=torch.float32)
+    sin = torch.empty(rows, head_dim // 2, dtype=torch.float32)
+    wq, wk = _leaf(head_dim, dtype=q.dtype), _leaf(head_dim, dtype=q.dtype)
+    _backward(tuple(qknorm_rope_triton(q, k, wq, wk, cos, sin, eps=1e-6, q_scale=head_dim**-0.5)))
 
 
-def _flash_attention(dtype: str, head_dim: int, varlen: bool, causal: bool, deterministic: bool):
-    def run():
-        fn = _entry(_FLASH, "flash_attention_triton")
-        q, k, v, cu, max_seqlen, _ = _attention_inputs(dtype, head_dim, varlen)
-        _backward(fn(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, causal=causal, deterministic=deterministic))
+def _flash_attention(dtype: str, head_dim: int, varlen: bool, causal: bool, deterministic: bool) -> None:
+    from ._flash_attn_triton import flash_attention_triton  # noqa: PLC0415
 
-    return run
+    q, k, v, cu, max_seqlen, _ = _attention_inputs(dtype, head_dim, varlen)
+    _backward(flash_attention_triton(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, causal=causal,
+                                     deterministic=deterministic))
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
@@ -142,10 +107,10 @@ def cases(quick: bool = False) -> list[Case]:
     out: list[Case] = []
     hiddens = [("bf16", 128), ("fp16", 4096)] if quick else [
         (d, h) for d in DTYPES for h in (64, 128, 256, 2048, 4096, 8192, 16384, 65536)]
-    out += [Case("rms_norm", (("dtype", d), ("hidden", h)), _rms_norm(d, h), archs) for d, h in hiddens]
-    out += [Case("swiglu", (("dtype", d),), _swiglu(d), archs) for d in DTYPES]
+    out += [Case("rms_norm", (("dtype", d), ("hidden", h)), partial(_rms_norm, d, h), archs) for d, h in hiddens]
+    out += [Case("swiglu", (("dtype", d),), partial(_swiglu, d), archs) for d in DTYPES]
     vocabs = [("bf16", 32768), ("fp16", 1000)] if quick else [(d, v) for d in DTYPES for v in (1000, 32768, 128256)]
-    out += [Case("linear_cross_entropy", (("dtype", d), ("vocab", v)), _linear_ce(d, v), archs) for d, v in vocabs]
+    out += [Case("linear_cross_entropy", (("dtype", d), ("vocab", v)), partial(_linear_ce, d, v), archs) for d, v in vocabs]
     points = _attention_points(quick)
     archs = QUICK_ATTENTION_ARCHS if quick else FULL_ARCHS
     # The pre-pass has no causal axis: one case per (dtype, head_dim, layout).
@@ -154,12 +119,12 @@ def cases(quick: bool = False) -> list[Case]:
         if (d, hd, v) not in seen:
             seen.add((d, hd, v))
             params = (("dtype", d), ("head_dim", hd), ("layout", "varlen" if v else "batched"))
-            out.append(Case("qknorm_rope", params, _qknorm_rope(d, hd, v), archs, needs=_QKNORM_ROPE))
+            out.append(Case("qknorm_rope", params, partial(_qknorm_rope, d, hd, v), archs))
     for d, hd, v, c in points:
-        # Quick: the Latin square of the module docstring; full: both backward modes everywhere.
+        # Quick: the Latin square of docs/kernels.md; full: both backward modes everywhere.
         modes = [(d == "bf16") == (hd == 128)] if quick else [False, True]
         for det in modes:
             params = (("dtype", d), ("head_dim", hd), ("layout", "varlen" if v else "batched"), ("causal", c),
                       ("deterministic", det))
-            out.append(Case("flash_attention", params, _flash_attention(d, hd, v, c, det), archs, needs=_FLASH))
+            out.append(Case("flash_attention", params, partial(_flash_attention, d, hd, v, c, det), archs))
     return out

@@ -1,11 +1,4 @@
-"""Choose between a kernel's Triton implementation and its PyTorch reference.
-
-`MEGASYNTH_KERNELS` forces the choice for every kernel:
-  auto       (default) Triton when every tensor is on a CUDA device and Triton imports; the reference otherwise
-             (CPU tensors, DTensors under tensor parallelism, or no Triton);
-  triton     always Triton; on a machine without a GPU this needs TRITON_INTERPRET=1 (the tests set it);
-  reference  always the PyTorch reference.
-"""
+"""Choose between a kernel's Triton implementation and its PyTorch reference (`MEGASYNTH_KERNELS`: docs/kernels.md)."""
 
 from __future__ import annotations
 

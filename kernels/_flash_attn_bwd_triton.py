@@ -1,38 +1,12 @@
-"""Backward kernels of the Triton flash-attention core (FlashAttention-2 backward, Dao 2023, section 3.1).
-
-Two modes, chosen by the host (flash_attention(..., deterministic=)):
-
-Single pass (deterministic=False, the default): 5 matmuls per (key tile, query tile) pair, FA2's algorithm.
-  _flash_attn_bwd_delta_kernel    delta = rowsum(dO * O) per (token, q head), fp32 [H_Q, N_TOKENS], once;
-  _flash_attn_bwd_dkdv_kernel     with ATOMIC_DQ: one program per (key tile, kv head), looping over the q heads of
-                                  its GQA group and their query tiles: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-                                  dK += dS^T Q, and dQ_partial = dS K, added with fp32 atomics into a zeroed fp32
-                                  [N_TOKENS, H_Q, D] accumulator (every key tile of the sequence adds to the same
-                                  query rows, so the sum crosses programs);
-  _flash_attn_bwd_dq_convert_kernel  dQ = scale * accumulator, cast to the input dtype.
-  The order of the atomic additions depends on program scheduling, so dQ's rounding (not its accuracy) varies
-  from run to run on a GPU: not bit-reproducible. Costs 4 bytes x N_TOKENS x H_Q x D of extra memory and the
-  atomic traffic (one [BLOCK_M, D] fp32 add per tile pair; BLOCK_N key rows amortise it).
-
-Deterministic (deterministic=True, or torch.use_deterministic_algorithms(True)): 7 matmuls per pair, no atomics,
-every output element written by exactly one program, so gradients are bit-identical run to run.
-  delta as above; _flash_attn_bwd_dkdv_kernel without ATOMIC_DQ (the 4 matmuls above, no dQ);
-  _flash_attn_bwd_dq_kernel       one program per (query tile, q head); loops over key tiles: S = Q K^T,
-                                  dP = dO V^T, dQ += dS K (S and dP recomputed: the 2 extra matmuls).
-  The dq kernel holds no dK/dV accumulators, so both kernels keep large tiles.
-
-Probabilities are recomputed from the forward's base-2 logsumexp: p = exp2(q.k * qk_scale - lse), with
-qk_scale = softmax_scale * log2(e); then dS = P * (dP - delta), dQ = scale * dS K and dK = scale * dS^T Q.
-
-Host side: _flash_attn_triton.py. Tests: pytest tests/kernels/test_flash_attention.py -q
-"""
+"""Backward kernels of the Triton flash-attention core: the single pass with dQ atomics, or the deterministic
+split (design: docs/kernels.md)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._flash_attn_fwd_triton import _load_rows, _query_tile, _tile_coords
+from ._flash_attn_fwd_triton import _key_ranges, _load_rows, _query_tile, _tile_coords
 
 
 @triton.jit
@@ -237,7 +211,7 @@ def _flash_attn_bwd_dq_kernel(
                                                      SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
     if block * BLOCK_M >= seq_len:
         return
-    kv_head = head // GROUP
+    kv_head = head // GROUP  # inline as in the forward (see there)
     b64 = batch.to(tl.int64)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_len
@@ -256,13 +230,7 @@ def _flash_attn_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + kv_head * stride_kh
     v_base = V + b64 * stride_vb + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    full_keys = (seq_len // BLOCK_N) * BLOCK_N  # key-tile ranges exactly as in the forward
-    if CAUSAL:
-        full_hi = tl.minimum(((block * BLOCK_M) // BLOCK_N) * BLOCK_N, full_keys)
-        hi = tl.minimum((block + 1) * BLOCK_M, seq_len)
-    else:
-        full_hi = full_keys
-        hi = seq_len
+    full_hi, hi = _key_ranges(block, seq_len, BLOCK_M, BLOCK_N, CAUSAL)  # key-tile ranges exactly as in the forward
     dq = _dq_inner(dq, q, do, lse, delta, rows, k_base, v_base, start, seq_len, stride_ks, stride_vs, qk_scale,
                    0, full_hi, D, D_PAD, BLOCK_N, EVEN_D, False, CAUSAL)
     dq = _dq_inner(dq, q, do, lse, delta, rows, k_base, v_base, start, seq_len, stride_ks, stride_vs, qk_scale,

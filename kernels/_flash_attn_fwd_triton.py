@@ -1,23 +1,5 @@
-"""Forward kernel of the Triton flash-attention core, and the tile-coordinate helper the backward shares.
-
-One program computes one query tile (BLOCK_M rows of one batch row or packed document) for one query head: it
-loads the q tile once, walks the key tiles of the same sequence with an online softmax in fp32 (base 2: the
-softmax scale times log2(e) is applied to the fp32 scores and exp2 replaces exp), and writes the output in the
-input dtype plus, per row, the logsumexp of the scaled scores in base 2 (fp32), which the backward reuses.
-q, k and v are attended as they are: QK-norm and RoPE happen before, in kernels/qknorm_rope.py.
-
-The key range of a causal query tile is split in two loops (FlashAttention-2, Dao 2023): key tiles that every
-row of the query tile fully sees run without any mask; the diagonal (and the ragged end of the sequence) run with
-the causal and end-of-sequence masks. head_dim is padded to D_PAD (a power of two >= 16, tl.dot's smallest
-depth); when D == D_PAD the unmasked loop loads without masks at all, so the loads vectorise and pipeline.
-
-Loads are plain pointer arithmetic with masks (no block pointers), so the same code runs under
-TRITON_INTERPRET=1. On sm_90 and sm_100 (USE_TMA, chosen by the host) K and V tiles come through tensor
-descriptors instead: one TMA bulk copy per tile, bounded by the end of the sequence so the copy engine zero-fills
-what the masks would (the interpreter implements descriptors too, so the tests run this path as well).
-Host side, launch configs and autograd: _flash_attn_triton.py. Tests:
-    pytest tests/kernels/test_flash_attention.py -q
-"""
+"""Forward kernel of the Triton flash-attention core, and the tile-coordinate helpers the backward shares
+(design: docs/kernels.md)."""
 
 from __future__ import annotations
 
@@ -45,13 +27,27 @@ def _tile_coords(t, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VA
 @triton.jit
 def _query_tile(pid, H_Q, N_TILES, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VARLEN: tl.constexpr):
     """Program id of a (query tile, q head) program (forward, dq) -> (q head, batch row, first token, sequence
-    length, block index). Heads vary fastest, so the q heads sharing a kv head run side by side (their k/v tiles
-    stay in L2), and tiles run last-first: under causal masking the last query tiles of a sequence have the most
-    keys, and starting them first shortens the tail of the launch."""
+    length, block index). Heads vary fastest (a GQA group's k/v tiles stay in L2); tiles run last-first (under
+    causal masking the last query tiles have the most keys: starting them first shortens the launch's tail)."""
     head = pid % H_Q
     t = N_TILES - 1 - pid // H_Q
     batch, start, seq_len, block = _tile_coords(t, TILE_DOC, TILE_BLOCK, CU_SEQLENS, SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
     return head, batch, start, seq_len, block
+
+
+@triton.jit
+def _key_ranges(block, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """-> (full_hi, hi) for query tile `block`: keys [0, full_hi) are seen by every row of the tile (below its
+    first row when causal, inside the sequence, rounded down to whole key tiles); [full_hi, hi) holds the diagonal
+    and the ragged end. Works for any BLOCK_M / BLOCK_N ratio."""
+    full_keys = (seq_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        full_hi = tl.minimum(((block * BLOCK_M) // BLOCK_N) * BLOCK_N, full_keys)
+        hi = tl.minimum((block + 1) * BLOCK_M, seq_len)
+    else:
+        full_hi = full_keys
+        hi = seq_len
+    return full_hi, hi
 
 
 @triton.jit
@@ -127,6 +123,8 @@ def _flash_attn_fwd_kernel(
                                                      SEQ, BLOCKS_PER_SEQ, IS_VARLEN)
     if block * BLOCK_M >= seq_len:  # a padding tile of the packed schedule
         return
+    # Inline, after the exit of padding tiles, in both query-tile kernels (fwd, dq): computed before it (in a
+    # shared helper) they cost 2-25 registers more in the compiled kernels.
     kv_head = head // GROUP
     b64 = batch.to(tl.int64)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,16 +149,7 @@ def _flash_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    # Keys [0, full_hi) are seen by every row of the tile: below the tile's first row (causal) and inside the
-    # sequence, rounded down to whole key tiles. [full_hi, hi) holds the diagonal and the ragged end. Works for
-    # any BLOCK_M / BLOCK_N ratio.
-    full_keys = (seq_len // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        full_hi = tl.minimum(((block * BLOCK_M) // BLOCK_N) * BLOCK_N, full_keys)
-        hi = tl.minimum((block + 1) * BLOCK_M, seq_len)
-    else:
-        full_hi = full_keys
-        hi = seq_len
+    full_hi, hi = _key_ranges(block, seq_len, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, rows, k_base, v_base, k_desc, v_desc, start, seq_len, stride_ks, stride_vs, qk_scale,
         0, full_hi, D, D_PAD, BLOCK_N, EVEN_D, False, CAUSAL, USE_TMA,

@@ -1,17 +1,5 @@
-"""How host code launches a Triton kernel, and which GPU architecture its launch configs are planned for.
-
-Every Triton host module launches through `launch(kernel, grid, *args, **meta)` and picks its tile sizes from
-`target_arch(device)`, so one code path serves three situations:
-  * a CUDA device: the kernel runs, with the configs for that device's compute capability;
-  * the interpreter (TRITON_INTERPRET=1 on the CPU, how the tests run): target_arch is None and host code picks
-    small tiles so short test sequences still cross several tiles;
-  * ahead-of-time planning (megasynth.kernels.aot): inside `planning_for(arch)` nothing runs; each launch is
-    recorded with its exact arguments and compile-time constants, for the compiler to build a cubin for `arch`
-    on a machine without a GPU. The recorded configs are therefore exactly the ones the dispatcher would pick.
-
-MAX_SHARED_BYTES is the opt-in shared memory per block of each architecture (CUDA C Programming Guide, "Technical
-Specifications per Compute Capability"): a config whose compiled kernel needs more cannot launch there.
-"""
+"""How host code launches a Triton kernel (`launch`), and which GPU architecture its launch configs are planned for
+(`target_arch`, `planning_for`: docs/kernels.md)."""
 
 from __future__ import annotations
 

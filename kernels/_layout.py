@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # both kernels pad head_dim to a power of two; 256 is the widest whose tiles fit
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -25,3 +30,10 @@ class TokenLayout:
     def d_pad(self) -> int:
         """head_dim rounded up to a power of two of at least 16 (tl.arange needs a power of two, tl.dot depth 16)."""
         return max(16, 1 << (self.head_dim - 1).bit_length())
+
+    def check_triton_limits(self, name: str, dtype: torch.dtype) -> None:
+        """What the Triton pre-pass and flash kernels take beyond their contracts: fp16/bf16/fp32, D <= 256."""
+        if dtype not in TRITON_DTYPES:
+            raise ValueError(f"{name}: the Triton kernel takes fp16, bf16 or fp32, got {dtype}")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head_dim {self.head_dim} exceeds the Triton kernel's {MAX_HEAD_DIM}")

@@ -1,20 +1,5 @@
-"""Fused QK-norm + RoPE pre-pass in Triton, forward and backward: `qknorm_rope_triton` (contract in qknorm_rope.py).
-
-The pass is memory-bound, so the kernels are built to touch each byte once:
-  * one program owns BLOCK_T tokens and ALL their heads, q heads then k heads, so the cos/sin rows of those
-    tokens are loaded once and reused by every head (issue 14, item 1); heads go through in chunks of BLOCK_H
-    so the register tile stays ~4k elements whatever the head count;
-  * a head vector is loaded as its two rotate-half halves [BLOCK_T, BLOCK_H, D/2] (padded to a power of two with
-    masks, so head_dim 80 or 96 works), normalised in fp32, rotated, scaled and stored once in the input dtype;
-  * the forward saves only the fp32 reciprocal RMS per (token, head); the backward re-reads q/k, applies the
-    inverse rotation, then the RMSNorm backward.
-The norm-weight gradients are reduced without atomics: every backward program writes one fp32 partial [D] row
-into a [programs, D] buffer and torch.sum folds it, so gradients are bit-reproducible run to run.
-Padded tokens, heads and columns load 0: their statistics stay finite (eps > 0) and add 0 to every sum.
-
-Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests run it):
-    TRITON_INTERPRET=1 pytest tests/kernels/test_qknorm_rope.py -q
-"""
+"""Fused QK-norm + RoPE pre-pass in Triton, forward and backward: `qknorm_rope_triton` (contract in qknorm_rope.py;
+design: docs/kernels.md)."""
 
 from __future__ import annotations
 
@@ -27,27 +12,10 @@ from ._layout import TokenLayout
 from .qknorm_rope import check_inputs
 
 _NAME = "qknorm_rope"
-MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Per GPU architecture: (tokens per program, elements per head-chunk step, num_warps) forward, then backward.
-# A step moves BLOCK_T * BLOCK_H * D elements. Forward: 4k over 8 warps gives each thread 8 contiguous 16-bit
-# elements of each half (one 16-byte vector load) at ~80 registers (4 warps would take 128). Backward: it also
-# holds dy and the weight-gradient accumulators, so 8 elements a thread cost 128-151 registers (one or two blocks
-# per SM); 2k over 8 warps takes ~75 (three blocks of 8 warps). A head too wide for the step takes fewer tokens.
-# Compiled for sm_80/89/90 at head_dim 64/80/128/256 (megasynth.kernels.aot): 64-101 registers, no spills, < 10 KB
-# of shared memory (the cross-warp reduction scratch), far below _launch.MAX_SHARED_BYTES.
-# 16 tokens per program gives ~1k programs at 16k tokens (several waves on 132 SMs). NOT yet tuned on hardware:
-# no GPU has run these kernels; bench/ops.py (the qknorm_rope rows) is the tool to revisit them.
-_GPU_CONFIGS = {
-    80: ((16, 4096, 8), (16, 2048, 8)),
-    86: ((16, 4096, 8), (16, 2048, 8)),
-    89: ((16, 4096, 8), (16, 2048, 8)),
-    90: ((16, 4096, 8), (16, 2048, 8)),
-}
-_DEFAULT_GPU_CONFIG = _GPU_CONFIGS[90]
-# Under the interpreter: 4 tokens and at most 2 heads per step, so tests of ~20 tokens and 3+ heads cross several
-# programs and ragged token and head chunks.
+# (tokens per program, elements per head-chunk step, num_warps), forward then backward, on every architecture;
+# under the interpreter 4 tokens and at most 2 heads per step. Why these: docs/kernels.md.
+_GPU_CONFIG = ((16, 4096, 8), (16, 2048, 8))
 _INTERPRETER_BLOCK_T, _INTERPRETER_BLOCK_H = 4, 2
 
 
@@ -194,14 +162,13 @@ def _qknorm_rope_bwd_kernel(
                HEAD_DIM, HALF_PAD, BLOCK_T, BLOCK_HK)
 
 
-def launch_config(arch: int | None, head_dim: int, heads_q: int, heads_kv: int, backward: bool = False) -> dict:
-    """Compile-time constants and num_warps of the forward (or backward) kernel for `arch` (None = the
-    interpreter): see _GPU_CONFIGS."""
-    half_pad = triton.next_power_of_2(head_dim // 2)
-    if arch is None:
+def _config(layout: TokenLayout, device: torch.device, backward: bool) -> tuple[dict, int]:
+    """-> (compile-time constants and num_warps of the forward or backward kernel, number of programs)."""
+    half_pad = triton.next_power_of_2(layout.head_dim // 2)
+    if target_arch(device) is None:  # the interpreter
         block_t, max_block_h, num_warps = _INTERPRETER_BLOCK_T, _INTERPRETER_BLOCK_H, 4
     else:
-        block_t, tile, num_warps = _GPU_CONFIGS.get(arch, _DEFAULT_GPU_CONFIG)[int(backward)]
+        block_t, tile, num_warps = _GPU_CONFIG[int(backward)]
         block_t = max(1, min(block_t, tile // (2 * half_pad)))  # a wide head (256) takes fewer tokens a step
         # The largest power of two of heads that keeps a step within `tile` elements (at least one head).
         max_block_h = triton.next_power_of_2(max(1, tile // (block_t * 2 * half_pad)) + 1) // 2
@@ -209,8 +176,9 @@ def launch_config(arch: int | None, head_dim: int, heads_q: int, heads_kv: int, 
     def block_h(heads: int) -> int:
         return min(triton.next_power_of_2(max(heads, 1)), max_block_h)
 
-    return {"HEAD_DIM": head_dim, "HALF_PAD": half_pad, "BLOCK_T": block_t, "BLOCK_HQ": block_h(heads_q),
-            "BLOCK_HK": block_h(heads_kv), "num_warps": num_warps}
+    meta = {"HEAD_DIM": layout.head_dim, "HALF_PAD": half_pad, "BLOCK_T": block_t, "BLOCK_HQ": block_h(layout.heads_q),
+            "BLOCK_HK": block_h(layout.heads_kv), "num_warps": num_warps}
+    return meta, triton.cdiv(layout.n_tokens, block_t)
 
 
 def _strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
@@ -221,12 +189,6 @@ def _strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
 def _rope_strides(cos: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, dim) strides of cos/sin: [S|T, D/2] is shared by every batch row, [B, S, D/2] is per row."""
     return (0, *cos.stride()) if cos.dim() == 2 else tuple(cos.stride())
-
-
-def _config(layout: TokenLayout, device: torch.device, backward: bool) -> tuple[dict, int]:
-    """-> (launch meta, number of programs)."""
-    meta = launch_config(target_arch(device), layout.head_dim, layout.heads_q, layout.heads_kv, backward)
-    return meta, triton.cdiv(layout.n_tokens, meta["BLOCK_T"])
 
 
 class _QKNormRopeFunction(torch.autograd.Function):
@@ -279,10 +241,7 @@ class _QKNormRopeFunction(torch.autograd.Function):
 def qknorm_rope_triton(q, k, q_norm_weight, k_norm_weight, cos, sin, *, eps=1e-6, q_scale=1.0):
     """The Triton pre-pass: same contract as qknorm_rope_ref (qknorm_rope.py). cos/sin must not require grad."""
     layout = check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale)
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"{_NAME}: q and k must be fp16, bf16 or fp32 for the Triton kernel, got {q.dtype}")
-    if layout.head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"{_NAME}: head_dim {layout.head_dim} exceeds the Triton kernel's {MAX_HEAD_DIM}")
+    layout.check_triton_limits(_NAME, q.dtype)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError(f"{_NAME}: cos/sin require grad, but the Triton pre-pass treats the RoPE tables as "
                          "constants; pass cos.detach(), sin.detach() (or use qknorm_rope_ref)")

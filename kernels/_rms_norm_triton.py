@@ -1,13 +1,4 @@
-"""Fused RMSNorm in Triton, forward and backward: `rms_norm_triton(x, weight, eps)`.
-
-Same contract as `rms_norm_ref` in rms_norm.py: x [..., H] of any leading shape, weight [H], statistics in fp32,
-output in x's dtype. The forward saves the per-row 1/rms (fp32, 4 bytes a row) so the backward does not
-recompute the reduction. The weight gradient is reduced without atomics: each backward program sums its rows
-into one fp32 row of a [programs, H] buffer and torch.sum folds the buffer, so results are bit-reproducible.
-
-Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests run it):
-    TRITON_INTERPRET=1 pytest tests/kernels/test_rms_norm.py -q
-"""
+"""Fused RMSNorm in Triton, forward and backward: `rms_norm_triton(x, weight, eps)` (contract of rms_norm_ref)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""Fused SwiGLU in Triton, forward and backward: `swiglu_triton(gate, up)` = silu(gate) * up.
-
-Same contract as `swiglu_ref` in swiglu.py for same-shape, same-dtype inputs. Math in fp32, one rounding to the
-input dtype per output. The backward recomputes sigmoid(gate) from the saved inputs instead of saving silu(gate):
-one extra exp per element is cheaper than writing and re-reading an activation-sized tensor.
-
-Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests run it):
-    TRITON_INTERPRET=1 pytest tests/kernels/test_swiglu.py -q
-"""
+"""Fused SwiGLU in Triton, forward and backward: `swiglu_triton(gate, up)` = silu(gate) * up."""
 
 from __future__ import annotations
 

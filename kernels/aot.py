@@ -1,35 +1,20 @@
-"""Ahead-of-time GPU checks without a GPU: compile every recorded Triton launch for sm_80 / sm_89 / sm_90 and report
-its registers, spills and shared memory against the architecture's limit.
+"""Ahead-of-time GPU checks without a GPU: compile every recorded Triton launch for sm_80 / sm_89 / sm_90 and measure
+its registers, spills and shared memory against the architecture's limit (`run_check`; how: docs/kernels.md).
 
-How: a *case* calls a public Triton entry point forward and backward on small CPU tensors inside
-`_launch.planning_for(arch)`, so the host code picks exactly the configs it would pick on that GPU and records each
-launch instead of running it (`record_launches`). Identical launches are merged (`launch_key`), then each is
-compiled by Triton for the target under a stub driver (`stub_driver`; Triton only asks the driver which target to
-build for) and the cubin is read with the bundled `cuobjdump -res-usage` (`compile_launch`).
-
-The compile must happen in a process without TRITON_INTERPRET (@triton.jit picks interpreted-or-compiled when the
-module is imported); the CLI re-executes itself without it. Compiles are CPU-bound: `--jobs` spreads them over a
-process pool.
-
-    python -m megasynth.kernels.aot --quick --jobs 2        # the reduced matrix the test uses
-    python bench/kernel_resources.py --help                 # the same, with the full matrix by default
+The command line (Markdown table, JSON report, exit status) is bench/kernel_resources.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
-import dataclasses
 import importlib.util
 import io
-import json
 import multiprocessing
 import os
 import re
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -116,15 +101,12 @@ def toolchain_problem() -> str | None:
 
 @dataclass(frozen=True)
 class Case:
-    """One configuration of one public Triton entry point: `run()` calls it forward and backward on CPU tensors.
-
-    `needs` names a module that must import for the case to exist (kernels still being written are skipped)."""
+    """One configuration of one public Triton entry point: `run()` calls it forward and backward on CPU tensors."""
 
     kernel: str  # the public kernel family, e.g. "flash_attention"
     params: tuple[tuple[str, object], ...]  # e.g. (("dtype", "bf16"), ("head_dim", 128))
     run: Callable[[], None] = field(compare=False)
     archs: tuple[int, ...] = (80, 90)
-    needs: str | None = None
 
     @property
     def name(self) -> str:
@@ -247,21 +229,16 @@ def _resource_usage(compiled, arch: int, ptxas_log: str, exact_spills: bool) -> 
         text = _run_tool([knobs.nvidia.cuobjdump.path, "-res-usage", cubin])
         fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text.split("Function", 1)[-1]))
         usage = {k: int(v) for k, v in fields.items()}
-        usage["spill_detail"], usage["spill_stores"] = "", None
-        m = _SPILLS.search(ptxas_log)
-        if m:
-            usage["spill_detail"] = f"{m.group(1)} B stores / {m.group(2)} B loads"
-            usage["spill_stores"] = int(m.group(1))
-        elif exact_spills and (usage.get("STACK", 0) or usage.get("LOCAL", 0)):
+        log = ptxas_log
+        if not _SPILLS.search(log) and exact_spills and (usage.get("STACK", 0) or usage.get("LOCAL", 0)):
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(compiled.asm["ptx"])
             log = _run_tool([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
                              f"--gpu-name={sm_arch_from_capability(arch)}", ptx, "-o", os.path.join(tmp, "k.o")])
-            m = _SPILLS.search(log)
-            if m:
-                usage["spill_detail"] = f"{m.group(1)} B stores / {m.group(2)} B loads"
-                usage["spill_stores"] = int(m.group(1))
+    m = _SPILLS.search(log)
+    usage["spill_detail"] = f"{m.group(1)} B stores / {m.group(2)} B loads" if m else ""
+    usage["spill_stores"] = int(m.group(1)) if m else None
     return usage
 
 
@@ -280,18 +257,12 @@ def _cpu_time() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def compile_launch(launch_or_variant, arch: int, exact_spills: bool = True) -> Row:
-    """Compile one launch (or one (jit_function, args, meta) variant) for `arch` -> its resource Row.
+def compile_launch(variant: tuple[object, tuple, dict], arch: int, exact_spills: bool = True) -> Row:
+    """Compile one (jit_function, args, meta) variant of a launch (expand_variants) for `arch` -> its resource Row.
 
     A compile error is reported in the row (error set, fits False), not raised. exact_spills=False skips the
     second ptxas run that a spilling kernel found in Triton's cache needs for its exact spill stores/loads."""
-    if isinstance(launch_or_variant, Launch):
-        variants = expand_variants(launch_or_variant)
-        if len(variants) != 1:
-            raise ValueError(f"{launch_or_variant.name} has {len(variants)} configs: compile each variant")
-        fn, args, meta = variants[0]
-    else:
-        fn, args, meta = launch_or_variant
+    fn, args, meta = variant
     constexpr, options, _ = describe(fn, args, meta)
     dtypes = sorted({_DTYPE_NAMES.get(a.dtype, str(a.dtype)) for a in args if isinstance(a, torch.Tensor)})
     row = Row(
@@ -345,23 +316,12 @@ def load_cases(source: str | None, quick: bool) -> list[Case]:
     return module.cases(quick) if hasattr(module, "cases") else list(module.CASES)
 
 
-def case_available(case: Case) -> str | None:
-    """None when the case can run; otherwise the reason to skip it (its kernel module is not there yet)."""
-    if case.needs is None:
-        return None
-    try:
-        found = importlib.util.find_spec(case.needs) is not None
-    except ModuleNotFoundError:
-        found = False
-    return None if found else f"module {case.needs} not present"
-
-
 # Worker processes re-create the case table and re-record a case rather than receive pickled kernels and tensors.
 _WORKER_RECORDINGS: dict[tuple[str, int], list[Launch]] = {}
 _WORKER_CASES: dict[str, Case] = {}
 
 
-def _quiet() -> None:
+def quiet() -> None:
     # Triton 3.9 warns on every process that TRITON_DEFAULT_FP_FUSION is unset; its default (fusion on) is what a
     # GPU run compiles with, which is what this check must reproduce.
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
@@ -369,7 +329,7 @@ def _quiet() -> None:
 
 def _compile_task(source: str | None, quick: bool, case_name: str, arch: int, launch_index: int, variant: int) -> Row:
     if not _WORKER_CASES:
-        _quiet()
+        quiet()
         _WORKER_CASES.update((c.name, c) for c in load_cases(source, quick))
     key = (case_name, arch)
     if key not in _WORKER_RECORDINGS:
@@ -381,7 +341,6 @@ def _compile_task(source: str | None, quick: bool, case_name: str, arch: int, la
 @dataclass
 class Report:
     rows: list[Row]
-    skipped: list[str]  # "case: reason"
     failed_cases: list[str]  # cases whose host code raised: "case @ sm_XX: error"
     seconds: float
 
@@ -406,12 +365,8 @@ def run_check(
     """Record every case for each architecture, merge identical launches, compile them (`jobs` processes)."""
     start = time.time()
     cases = [c for c in load_cases(source, quick) if not kernels or c.kernel in kernels]
-    skipped, failed, tasks = [], [], {}
+    failed, tasks = [], {}
     for case in cases:
-        reason = case_available(case)
-        if reason:
-            skipped.append(f"{case.name}: {reason}")
-            continue
         for arch in case.archs if archs is None else archs:
             try:
                 launches = record_launches(arch, case.run)
@@ -428,7 +383,7 @@ def run_check(
                     task = tasks.setdefault(key, {"where": (case.name, arch, i, v), "cases": [], "group": group})
                     task["cases"].append(case.name)
     rows = _compile_all(list(tasks.values()), source, quick, jobs, progress)
-    return Report(rows, skipped, failed, time.time() - start)
+    return Report(rows, failed, time.time() - start)
 
 
 def _compile_all(tasks: list[dict], source, quick, jobs: int, progress) -> list[Row]:
@@ -453,107 +408,3 @@ def _compile_all(tasks: list[dict], source, quick, jobs: int, progress) -> list[
                 done(futures[fut], fut.result())
     rows.sort(key=lambda r: (r.kernel, r.arch, r.dtypes, r.config, r.num_warps, r.num_stages))
     return rows
-
-
-# -- output ---------------------------------------------------------------------------------------------------------
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| kernel | arch | dtypes | config | warps | stages | registers | spills | shared B | limit B | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.kernel} | sm_{r.arch} | {r.dtypes} | {r.config} | {r.num_warps} | {r.num_stages} | "
-                         f"| | | {r.limit:,} | **compile error**: {r.error} |")
-            continue
-        spill = "0" if not r.spill_bytes else f"**{r.spill_detail or f'{r.spill_bytes} B stack/local'}**"
-        fits = "yes" if r.fits else ("no (autotune skips it)" if r.group else "**NO**")
-        lines.append(f"| {r.kernel} | sm_{r.arch} | {r.dtypes} | {r.config} | {r.num_warps} | {r.num_stages} | "
-                     f"{r.registers} | {spill} | {r.shared_bytes:,} | {r.limit:,} | {fits} |")
-    return "\n".join(lines)
-
-
-def summary(report: Report) -> str:
-    spilling = sum(1 for r in report.rows if r.spill_bytes)
-    bad = [r for r in report.rows if not r.ok and not r.group]
-    cpu = sum(r.cpu_seconds for r in report.rows)
-    lines = [
-        (f"{len(report.rows)} distinct launches compiled in {report.seconds:.1f} s ({cpu:.0f} CPU s compiling); "
-         f"{len(bad)} would fail; "
-         f"{spilling} spill registers; {len(report.skipped)} cases skipped; {len(report.failed_cases)} cases failed.")
-    ]
-    lines += [f"skipped: {s}" for s in report.skipped]
-    lines += [f"FAILED: {s}" for s in report.failed_cases]
-    lines += [f"WOULD FAIL: {r.kernel} sm_{r.arch} {r.config}: {r.error or f'{r.shared_bytes:,} B > {r.limit:,} B'}"
-              for r in bad]
-    return "\n".join(lines)
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Compile every Triton kernel ahead of time for NVIDIA architectures (no GPU needed) and print "
-        "registers, spills and shared memory per launch as a Markdown table. Exits 1 if any launch would fail "
-        "(compile error or shared memory over the limit), 2 if the toolchain is missing."
-    )
-    p.add_argument("--arch", type=int, nargs="+", default=None, metavar="CC",
-                   help="compute capabilities to check, e.g. 80 86 90 (default: the archs each case lists: 80, 89, 90; "
-                   "with --quick 80 and 90, plus 89 for the attention kernels)")
-    p.add_argument("--quick", action="store_true",
-                   help="the reduced matrix of the test suite (pairwise over dtype / layout / causal) instead of "
-                   "the full product")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="compile processes (compiles are CPU-bound; default: all cores)")
-    p.add_argument("--kernels", nargs="+", default=None, metavar="NAME",
-                   help="only these kernel families (rms_norm swiglu linear_cross_entropy qknorm_rope "
-                   "flash_attention)")
-    p.add_argument("--cases", default=None, metavar="FILE_OR_MODULE",
-                   help="use the case table of this Python file / module (cases(quick) or CASES) instead of the "
-                   "built-in one (tests use it for a deliberately oversized kernel)")
-    p.add_argument("--output", default=None, metavar="PATH", help="also write the Markdown report to PATH")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write the rows, skipped and failed cases as JSON to PATH (what the tests read)")
-    p.add_argument("--verbose", action="store_true", help="print each compile as it finishes (to stderr)")
-    return p
-
-
-def _without_interpreter(argv: list[str], script: str | None) -> None:
-    # @triton.jit reads TRITON_INTERPRET when a kernel module is imported; compiled cubins need it unset.
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, script] if script else [sys.executable, "-m", "megasynth.kernels.aot"]
-        os.execve(sys.executable, cmd + argv, env)
-
-
-def main(argv: list[str] | None = None, script: str | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(os.path.basename(script) if script else "python -m megasynth.kernels.aot").parse_args(argv)
-    _without_interpreter(argv, script)
-    _quiet()
-    problem = toolchain_problem()
-    if problem:
-        print(f"cannot compile ahead of time: {problem}", file=sys.stderr)
-        return 2
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else None
-    report = run_check(args.arch, quick=args.quick, jobs=args.jobs, source=args.cases, kernels=args.kernels,
-                       progress=log)
-    text = markdown_table(report.rows) + "\n\n" + summary(report)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ok": report.ok, "seconds": report.seconds, "skipped": report.skipped,
-                       "failed_cases": report.failed_cases, "rows": [dataclasses.asdict(r) for r in report.rows]},
-                      f, indent=1)
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    # Through the package module, so pool workers unpickle megasynth.kernels.aot's functions, not __main__'s.
-    from megasynth.kernels import aot as _aot  # noqa: PLC0415
-
-    sys.exit(_aot.main())

@@ -1,34 +1,9 @@
-"""The attention core on prepared inputs (q_hat, k_hat, v): which implementation runs, and running it.
+"""The attention core on prepared inputs (q_hat, k_hat, v): which implementation runs, its input checks, running it.
 
     choose_core(requested, *, device_type, capability, dtype, head_dim, varlen, available) -> core name
     run_core(name, q, k, v, *, cu_seqlens, max_seqlen, causal, scale) -> out
 
-Layouts as in flash_attention.py: batched q [B, S, Hq, D], k/v [B, S, Hkv, D]; packed q [T, Hq, D], k/v
-[T, Hkv, D] with int32 cu_seqlens [N+1] (attention never crosses a document). Hq is a multiple of Hkv (GQA).
-Every core has autograd (gradients for q, k, v).
-
-Cores:
-  flash_attn  the flash-attn package (the `[gpu]` extra): FlashAttention-3 (`flash_attn_interface`) on Hopper
-              when installed, else FlashAttention-2 (`flash_attn`). bf16/fp16, D <= 256, sm_80+; varlen and GQA
-              native (flash_attn_varlen_func takes cu_seqlens and max_seqlen).
-  cudnn       torch SDPA restricted to SDPBackend.CUDNN_ATTENTION. Batched only (SDPA has no cu_seqlens).
-  flash       torch SDPA restricted to SDPBackend.FLASH_ATTENTION (FlashAttention-2 inside PyTorch). Batched only.
-              For both SDPA cores GQA goes through enable_gqa when the backend accepts it (the flash backend does;
-              for cuDNN it is probed once per shape class with torch.backends.cuda.can_use_cudnn_attention), else
-              k and v are repeated to Hq heads first (repeat_interleave: extra memory traffic, same result).
-  triton      our Triton flash kernel (flash_attention.py): every CUDA GPU, and the CPU under TRITON_INTERPRET=1.
-  reference   flash_attention_ref: plain PyTorch with a dense mask (CPU, tests, DTensors).
-
-`auto` order (choose_core): flash_attn when installed and the dtype is 16-bit; else cuDNN on sm_90 for batched
-16-bit inputs with D <= 128 (PyTorch itself prefers cuDNN there); else triton on CUDA; reference on the CPU.
-MEGASYNTH_KERNELS=triton forces triton (the interpreter tests), =reference forces reference. This order is a
-starting point from published numbers, not from measurements of ours: bench/attention.py on a GPU (it times
-every core on the same inputs) must confirm it, and the table here changes if it does not.
-
-select_core(requested, q, varlen=...) fills choose_core's arguments in from the tensors and this machine. The
-machine facts (capability, installed packages) are looked up once per device (machine_facts) and then read from
-a dict, which torch.compile traces without a graph break; a model compiled before any eager call should call
-machine_facts(device) once at build time so that the first trace already finds them.
+Shapes (batched, or packed with cu_seqlens), the cores and the `auto` order: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -37,12 +12,17 @@ import functools
 import importlib
 import math
 import os
+from typing import get_args
 
 import torch
 
-from ._dispatch import _is_dtensor, kernel_mode
+from megasynth.config import AttentionCore
 
-CORES = ("flash_attn", "cudnn", "flash", "triton", "reference")
+from ._dispatch import _is_dtensor, kernel_mode
+from ._launch import planning
+from ._layout import TokenLayout
+
+CORES = tuple(name for name in get_args(AttentionCore) if name != "auto")
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _NAME = "attention core"
 
@@ -187,23 +167,90 @@ def select_core(requested: str, q: torch.Tensor, *, varlen: bool, tensors=()) ->
 # ------------------------------------------------------------------------------------------------ running
 
 
-def _check(name, q, k, v, cu_seqlens) -> None:
-    rank = 3 if cu_seqlens is not None else 4
-    form = "packed [T, H, D]" if rank == 3 else "batched [B, S, H, D]"
+def _check_cu_seqlens(cu_seqlens, n_tokens: int, device: torch.device) -> None:
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
+            or cu_seqlens.numel() < 1):
+        got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        raise ValueError(f"{_NAME}: cu_seqlens must be a non-empty 1-D int32 tensor [documents + 1], got {got}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{_NAME}: cu_seqlens on {cu_seqlens.device} but q on {device}")
+    if planning():  # ahead-of-time planning: the values may be placeholders and nothing reads them
+        return
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n_tokens) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    message = f"{_NAME}: cu_seqlens must start at 0, never decrease and end at the token count {n_tokens}"
+    if cu_seqlens.is_cuda:
+        # Reading the values on the host would stall the CPU on every layer; a device-side assert costs nothing
+        # when the offsets are valid and stops the run (instead of reading out of bounds) when they are not.
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        shown = cu_seqlens[:8].tolist()
+        raise ValueError(f"{message}; got {shown}{' ...' if cu_seqlens.numel() > 8 else ''}")
+
+
+def check_inputs(q, k, v, cu_seqlens=None, max_seqlen=None, softmax_scale=None) -> tuple[TokenLayout, float]:
+    """Validate the arguments of an attention core -> (layout, softmax scale, 1/sqrt(D) when None); a ValueError
+    names what is wrong. What one core cannot serve (dtype, head_dim, machine) is choose_core's business."""
+    packed = cu_seqlens is not None
+    form = "packed [T, H, D]" if packed else "batched [B, S, H, D]"
+    rank = 3 if packed else 4
     for label, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != rank:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{_NAME} {name!r}: {label} has shape {got}; the {form} form needs {rank} dims")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{_NAME}: {label} must be a tensor, got {type(t).__name__}")  # noqa: TRY004
+        if t.device != q.device:
+            raise ValueError(f"{_NAME}: {label} on {t.device} but q on {q.device}")
+        if t.dim() != rank:
+            raise ValueError(f"{_NAME}: {label} has shape {tuple(t.shape)}; the {form} form needs {rank} dims")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{_NAME}: q, k, v must share one dtype, a floating-point one; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
     if k.shape != v.shape or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{_NAME} {name!r}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do "
-                         f"not match ({form}: same tokens and head_dim; k and v identical)")
-    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
-        raise ValueError(f"{_NAME} {name!r}: {q.shape[-2]} q heads is not a multiple of {k.shape[-2]} kv heads")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{_NAME} {name!r}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32
-                                   or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1):
-        raise ValueError(f"{_NAME} {name!r}: cu_seqlens must be a 1-D int32 tensor [documents + 1]")
+        raise ValueError(f"{_NAME}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
+                         f"({form}: same tokens and head_dim; k and v identical)")
+    heads_q, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"{_NAME}: {heads_q} q heads is not a multiple of {heads_kv} kv heads (GQA)")
+    if head_dim < 1:
+        raise ValueError(f"{_NAME}: head_dim must be >= 1, got {head_dim}")
+    if packed:
+        _check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    # SymInt: torch.compile turns an int that changes every batch into a symbolic one.
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+                                   or max_seqlen < 0):
+        raise ValueError(f"{_NAME}: max_seqlen must be a non-negative int or None, got {max_seqlen!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if not (math.isfinite(scale) and scale > 0):
+        # > 0: the Triton kernels scale the row maximum instead of every score (max(x) * s = max(x * s) needs s > 0).
+        raise ValueError(f"{_NAME}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if packed:
+        return TokenLayout(True, 1, q.shape[0], heads_q, heads_kv, head_dim), scale
+    return TokenLayout(False, q.shape[0], q.shape[1], heads_q, heads_kv, head_dim), scale
+
+
+def flash_attention_ref(q, k, v, *, cu_seqlens=None, causal=True, softmax_scale=None):
+    """The reference core in plain PyTorch math: scores in fp32 (float64 for float64 inputs), one dense
+    [B, Hq, S, S] score tensor, documents as a block-diagonal mask. For tests and CPU runs, not for speed."""
+    packed = cu_seqlens is not None
+    if packed:  # view the packed tokens as one batch row whose mask is block-diagonal over documents
+        q, k, v = q[None], k[None], v[None]
+    seq, heads_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    group = heads_q // k.shape[2]
+    qh = q.transpose(1, 2).to(compute)  # [B, Hq, S, D]
+    kh = k.transpose(1, 2).to(compute).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).to(compute).repeat_interleave(group, dim=1)
+    idx = torch.arange(seq, device=q.device)
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device)
+    if causal:
+        mask = idx[:, None] >= idx[None, :]
+    if packed:
+        doc = torch.searchsorted(cu_seqlens[1:].to(idx.device), idx, right=True)
+        mask = mask & (doc[:, None] == doc[None, :])
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # Every row sees at least its own token (causal) or its own document, so no row is all -inf.
+    out = (torch.softmax(scores, dim=-1) @ vh).to(q.dtype).transpose(1, 2)
+    return out[0] if packed else out
 
 
 def run_core(name: str, q, k, v, *, cu_seqlens=None, max_seqlen=None, causal=True, scale=None) -> torch.Tensor:
@@ -214,18 +261,14 @@ def run_core(name: str, q, k, v, *, cu_seqlens=None, max_seqlen=None, causal=Tru
     call): callers in a training loop compute it once per batch and pass it to every layer."""
     if name not in CORES:
         raise ValueError(f"{_NAME}: unknown core {name!r}; expected one of {', '.join(CORES)}")
-    if name == "triton":  # its own host code checks everything, and must stay callable while planning
+    if name == "triton":  # checks its inputs itself (check_inputs, then the kernel's own limits)
         from ._flash_attn_triton import flash_attention_triton  # noqa: PLC0415 - Triton is optional
 
         return flash_attention_triton(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal,
                                       softmax_scale=scale)
-    _check(name, q, k, v, cu_seqlens)
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    _, scale = check_inputs(q, k, v, cu_seqlens, max_seqlen, scale)
     if name == "reference":
-        from .flash_attention import flash_attention_ref  # noqa: PLC0415
-
-        return flash_attention_ref(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal,
-                                   softmax_scale=scale)
+        return flash_attention_ref(q, k, v, cu_seqlens=cu_seqlens, causal=causal, softmax_scale=scale)
     if q.numel() == 0 or k.numel() == 0:
         # The external kernels reject empty sequences; keep every input in the graph so autograd sees them.
         return q * 0 + (k.sum() + v.sum()) * 0

@@ -2,21 +2,8 @@
 
     q_hat, k_hat = qknorm_rope(q, k, q_norm_weight, k_norm_weight, cos, sin, *, eps=1e-6, q_scale=1.0)
 
-Batched: q [B, S, Hq, D], k [B, S, Hkv, D], cos/sin [S, D/2] (shared by the batch rows) or [B, S, D/2] (per row,
-e.g. positions restarting at each document). Packed: q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D/2].
-Per (token, head), in fp32:
-    q_hat = rope(rms_norm(q) * q_norm_weight) * q_scale,    k_hat = rope(rms_norm(k) * k_norm_weight)
-with rms_norm(x) = x / sqrt(mean(x^2) + eps) over D and rope the rotate-half rotation of rope.py; outputs are
-contiguous, in the input dtype, with the input shape. q_scale lets the attention core receive q pre-scaled
-(e.g. softmax_scale * log2(e)). This is the same math, in the same order, as the model's unfused chain
-`apply_rope_ref(rms_norm_ref(x, w, eps), cos, sin)`, without the rounding to the input dtype between the two.
-
-Gradients flow to q, k and both norm weights. cos/sin are constant tables: the reference differentiates through
-them like any torch code, the Triton path raises ValueError if they require grad (it would otherwise drop their
-gradient silently). eps must be a finite number > 0 (ValueError otherwise): with eps = 0 an all-zero head
-vector would divide by zero. The Triton path takes fp16/bf16/fp32 q and k with an even head_dim up to 256 (padded
-to a power of two inside the kernel); q and k may be strided views. Like the reference, the statistic is a plain
-fp32 mean of squares: fp32 inputs beyond ~1e18 in magnitude overflow it (no rescaling pass, which would cost a read).
+q_hat = rope(rms_norm(q) * q_norm_weight) * q_scale, k_hat = rope(rms_norm(k) * k_norm_weight) per (token, head)
+in fp32; shapes and limits: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -27,6 +14,8 @@ import torch
 
 from ._dispatch import use_triton
 from ._layout import TokenLayout
+from .rms_norm import rms_norm_ref
+from .rope import apply_rope_ref
 
 _NAME = "qknorm_rope"
 
@@ -74,14 +63,8 @@ def check_inputs(q, k, q_norm_weight, k_norm_weight, cos, sin, eps, q_scale) -> 
 
 
 def _norm_rope_ref(x, weight, cos, sin, eps, scale):
-    # Exactly rms_norm_ref then apply_rope_ref (same fp32 operations in the same order), minus the intermediate
-    # rounding to x.dtype; cos/sin [..., S, D/2] broadcast over heads through unsqueeze(-2), as in apply_rope_ref.
-    x32 = x.float()
-    n = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
-    half = x.shape[-1] // 2
-    n1, n2 = n[..., :half], n[..., half:]
-    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    y = torch.cat((n1 * c - n2 * s, n2 * c + n1 * s), dim=-1)
+    # rms_norm_ref then apply_rope_ref on fp32 input: the same operations, minus the rounding to x.dtype between.
+    y = apply_rope_ref(rms_norm_ref(x.float(), weight, eps), cos, sin)
     if scale != 1.0:
         y = y * scale
     return y.to(x.dtype)

@@ -1,7 +1,5 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
-
-`rms_norm_ref` is the PyTorch reference; `rms_norm` dispatches (see _dispatch.py).
-"""
+"""RMSNorm over the last dimension, y = x / sqrt(mean(x^2) + eps) * weight: `rms_norm` (dispatches, _dispatch.py)
+and its PyTorch reference `rms_norm_ref`."""
 
 from __future__ import annotations
 

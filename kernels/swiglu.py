@@ -1,7 +1,5 @@
-"""SwiGLU activation: silu(gate) * up (the Llama MLP's elementwise part).
-
-`swiglu_ref` is the PyTorch reference; `swiglu` dispatches (see _dispatch.py).
-"""
+"""SwiGLU activation, silu(gate) * up (the Llama MLP's elementwise part): `swiglu` (dispatches, _dispatch.py) and
+its PyTorch reference `swiglu_ref`."""
 
 from __future__ import annotations
 

@@ -1,32 +1,8 @@
-"""Chat templates: conversations -> text, with the assistant spans found (issue 11).
+"""Chat templates: conversations -> text, with the assistant spans found (docs/sft.md, "How it works").
 
     template = load_chat_template(tokenizer)       # the tokenizer's own jinja2 template, else the built-in one
     template.render(messages, add_generation_prompt=True)   # the prompt generate.py --chat feeds the model
     template.segments(messages)                   # [(text, is_target), ...] that concatenate to the rendering
-
-A tokenizer directory that carries a `chat_template` (tokenizer_config.json, or a chat_template.jinja file) is
-rendered with jinja2 exactly as transformers' `apply_chat_template` does: an immutable sandbox with trim_blocks,
-lstrip_blocks and the loop-controls extension, `tojson` that does not escape HTML, `raise_exception`,
-`strftime_now`, and the variables `messages`, `add_generation_prompt` and the special-token strings
-(`bos_token`, `eos_token`, ...). Without one, the built-in template is ChatML:
-
-    <|im_start|>system\\n{content}<|im_end|>\\n          (each message, in order; roles system, user, assistant)
-    <|im_start|>user\\n{content}<|im_end|>\\n
-    <|im_start|>assistant\\n{content}<|im_end|>\\n
-    <|im_start|>assistant\\n                             (the generation prompt)
-
-Its special tokens <|im_start|> and <|im_end|> must be single tokens of the tokenizer
-(`tools/train_tokenizer.py --chat-tokens` adds them, with <|sep|>, the separator of SBP pair records);
-special_token_id() checks that, also for a SentencePiece model whose dummy prefix opens every text with "▁".
-
-Assistant spans. For assistant message i, render messages[:i] with the generation prompt (P) and messages[:i+1]
-without (Q); the span is Q[len(P):] up to and including the end-of-turn marker (trailing whitespace after the
-marker, ChatML's newline, stays context). P must be a prefix of Q and Q a prefix of the whole rendering, else
-the template rewrites earlier turns depending on what follows (some "thinking" templates do) and the record is
-refused: its targets would not be the text the model sees at inference. The end-of-turn marker is what the
-template writes after an assistant message's content (found once, by rendering a probe conversation): the
-target of a turn is its rendered content plus that marker. The built-in template takes a fast path that
-builds the same segments with string concatenation (tests check it against the jinja rendering).
 """
 
 from __future__ import annotations
@@ -58,10 +34,6 @@ class ChatTemplateError(ValueError):
 
 class ConversationError(ValueError):
     """One conversation the template cannot render or split into spans; the caller adds FILE:LINE."""
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _compile(text: str):
@@ -102,7 +74,7 @@ def _compile(text: str):
 
 @dataclass
 class ChatTemplate:
-    """A chat template bound to a tokenizer's special-token strings; see the module docstring."""
+    """A chat template bound to a tokenizer's special-token strings; docs/sft.md has how it works."""
 
     text: str  # the jinja2 source
     name: str  # BUILTIN_NAME, or "tokenizer" for a tokenizer's own template
@@ -120,7 +92,7 @@ class ChatTemplate:
 
     @property
     def sha256(self) -> str:
-        return _sha256(self.text)
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
     def describe(self) -> dict:
         """What a dataset's sidecar records about the template (docs/format.md)."""

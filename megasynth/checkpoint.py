@@ -1,53 +1,14 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): atomic, verified, resumable, reshardable, no code run.
-
-Layout of RUN_DIR/checkpoints/step_00000100/:
-    *.distcp, .metadata   DCP shards of {"model", "optim", "scheduler", "data", "rng", "progress"}
-    config.toml           the resolved Config of the run
-    meta.json             {"step", "tokens", "flops", "blend_fingerprint", "tokenizer", "files", "complete": true}
-
-"model" and "optim" come from `torch.distributed.checkpoint.state_dict.get_state_dict`, so FSDP2/TP DTensor
-shards and plain modules save the same keys and a checkpoint written at one (dp, tp) shape loads at another.
-"scheduler", "data", "rng" and "progress" are JSON strings.
-
-What is atomic. A save writes into a hidden temp directory beside its final name (`.step_00000100.tmp-PID-HEX`,
-megasynth.io's naming) and renames it only after every rank's shards, config.toml and meta.json are written and
-fsynced, so a checkpoint is visible under its final name only when complete. A save that fails (disk full,
-file too large, ...) removes its temp directory and raises CheckpointSaveError, one line naming the path, the
-error, and the space needed against the space free; the earlier checkpoints are untouched. Temp directories
-left by a crashed process are removed at the trainer's start-up (`remove_stale_saves`) and by pruning.
-
-What is verified. meta.json lists every other file of the checkpoint with its size and xxh3_64 checksum
-("files", computed after the shards are on disk; under several ranks each rank hashes a share). Every load
-(resume, train.init_from, load_for_inference for tools/generate.py, eval.py and export_hf.py) first checks
-each file's presence, size and checksum and refuses a damaged checkpoint with DamagedCheckpointError naming
-the file and what is wrong (missing, truncated, bytes changed). `find_latest_intact` (train.resume=auto) skips
-damaged checkpoints, saying so, and returns the newest intact one; an explicit path never falls back.
-Pruning (`keep_last`) never removes the checkpoint just saved, so the newest verified checkpoint survives even
-when newer-numbered ones are damaged. Checkpoints saved before checksums existed load with a warning.
-
-What is refused. Nothing in a checkpoint is unpickled with the full pickle machinery: `.metadata` goes through
-megasynth.safe_unpickle's allow-list of DCP metadata classes ("refusing to unpickle MODULE.NAME from FILE"
-otherwise), tensors through `torch.load(weights_only=True)`, and the other parts are JSON. A checkpoint whose
-model shapes do not fit the model fails with CheckpointError naming the first mismatch.
-
-Other tools use:
-    find_latest(checkpoints_dir) -> Path | None              newest complete checkpoint (not verified)
-    find_latest_intact(checkpoints_dir, say) -> Path | None  newest verified one, reporting the damaged ones
-    verify_checkpoint(path) -> Path                          raises DamagedCheckpointError
-    load_for_inference(path, device="cpu", dtype=torch.float32) -> (Transformer, Config)
-    save_model_checkpoint(model, cfg, path, meta=None)       a weights-only checkpoint in the same layout
-    load_model_weights(model, path)                          weights only (train.init_from)
+Layout: docs/training.md ("Checkpoints"); the save protocol and guarantees: docs/format.md ("Checkpoints").
 """
 
 from __future__ import annotations
 
-import base64
 import errno
 import io
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import sys
@@ -56,40 +17,20 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+    set_state_dict)
 
-from megasynth.checkpoint_verify import (
-    ALGORITHM,
-    CheckpointError,
-    DamagedCheckpointError,
-    checksum_files,
-    file_checksum,
-    find_problems,
-)
+from megasynth.checkpoint_verify import (ALGORITHM, CheckpointError, DamagedCheckpointError, checksum_files,
+    file_checksum, find_problems)
 from megasynth.config import Config, load_config, save_config
-from megasynth.io import (
-    atomic_write_text,
-    fsync_dir,
-    remove_dir,
-    remove_stale_temps,
-    temp_path_beside,
-)
-from megasynth.safe_unpickle import (
-    SafeFileSystemReader,
-    UnsafePickleError,
-    load_metadata,
-)
+from megasynth.distributed import barrier, is_distributed, rank_and_world
+from megasynth.io import atomic_write_text, fsync_dir, remove_dir, remove_stale_temps, temp_path_beside
+from megasynth.safe_unpickle import SafeFileSystemReader, UnsafePickleError, load_metadata
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LEGACY_TEMP = re.compile(r"^step_\d{8}\.tmp-")  # temp directories named by saves before megasynth.io's naming
@@ -242,21 +183,12 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+    return rank_and_world()[0]
 
 
 def _broadcast_str(text: str) -> str:
-    if not _distributed():
+    if not is_distributed():
         return text
     box = [text]
     dist.broadcast_object_list(box, src=0)
@@ -267,14 +199,14 @@ def _dcp_save(state: dict, path: Path) -> None:
     with warnings.catch_warnings():
         # A single process without a process group is a supported case, not worth a warning per save.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+        dcp.save(state, checkpoint_id=path, no_dist=not is_distributed())
 
 
 def _dcp_load(state: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path),
-                 planner=_WeightsOnlyLoadPlanner(), no_dist=not _distributed())
+                 planner=_WeightsOnlyLoadPlanner(), no_dist=not is_distributed())
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -379,7 +311,7 @@ def _publish(state: dict, final: Path, cfg: Config | None, meta: dict) -> Path:
         if failure is not None and _root_os_error(failure) is None:
             raise failure  # a bug rather than a full disk: keep its traceback
         raise CheckpointSaveError(message)
-    _barrier()
+    barrier()
     return final
 
 
@@ -395,51 +327,6 @@ def remove_stale_saves(checkpoints_dir: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
     return removed
-
-
-# ----------------------------------------------------------------------------------------------- RNG
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def rng_state() -> dict:
-    """This process's Python, numpy, torch CPU and CUDA generator states, as JSON-safe values."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-def gather_rng_states() -> dict[str, dict]:
-    """{"rank_R": rng_state()} for every rank (identical on every rank, so DCP stores it once)."""
-    mine = rng_state()
-    if not _distributed():
-        return {"rank_0": mine}
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return {f"rank_{r}": s for r, s in enumerate(states)}
 
 
 # ----------------------------------------------------------------------------------------------- training state
@@ -460,7 +347,7 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, *, model: tor
     final = _publish(state, Path(checkpoints_dir) / step_dir_name(step), cfg, {**meta, "step": step})
     if _rank() == 0:
         prune_checkpoints(checkpoints_dir, keep_last, keep=final)
-    _barrier()
+    barrier()
     return final
 
 

@@ -3,14 +3,7 @@
     files = checksum_files(step_dir, names)     # {name: {"bytes": N, "xxh3_64": HEX}}, at save time
     problems = find_problems(step_dir, files)   # ["__0_0.distcp: 4096 bytes, expected 8192 (truncated)", ...]
 
-xxh3_64 (xxhash) reads at memory bandwidth, so hashing costs about as much as reading the files back once
-(bench/checkpoint_checksum.py; docs/benchmarks.md); it catches flipped bytes, truncation and swapped files, which
-is all a checksum here is for (it is not a signature: whoever can write the files can rewrite meta.json).
-
-Under torch.distributed every rank hashes a share of the files (round robin over the sorted names) and the
-results are all-gathered, so N ranks read a checkpoint's bytes once in total rather than N times. Every rank
-must then call these functions together, as it calls DCP's own save and load; the functions never raise
-between collectives (a file that cannot be read is a problem in the result), so no rank is left waiting.
+Under torch.distributed every rank must call both together (docs/training.md, "Checksums").
 """
 
 from __future__ import annotations
@@ -20,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
+
+from megasynth.distributed import is_distributed, rank_and_world
 
 ALGORITHM = "xxh3_64"
 _CHUNK = 8 << 20  # bytes per read: large enough to run at disk/memory speed, small enough to stay in cache
@@ -53,16 +48,12 @@ def file_checksum(path: str | os.PathLike) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _on_ranks(names: list[str], fn: Callable[[str], object]) -> dict[str, object]:
     """{name: fn(name)} for every name, each rank computing a round-robin share; fn must not raise."""
     names = sorted(names)
-    if not _distributed():
+    if not is_distributed():
         return {name: fn(name) for name in names}
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = rank_and_world()
     mine = {name: fn(name) for name in names[rank::world]}
     shares: list = [None] * world
     dist.all_gather_object(shares, mine)

@@ -1,28 +1,13 @@
-"""What every tool in tools/ checks on its command line before it touches the disk (issue 19): outputs that
+"""What every tool in tools/ checks on its command line before it touches the disk: outputs that
 would destroy an input, existing outputs without --overwrite, and float flags that are not finite numbers.
 
     parser = ToolParser(description=__doc__)        # argparse, but a refusal is ONE stderr line, exit 2
-    parser.add_argument("--temperature", type=nonnegative_float)   # finite_float, positive_float, unit_float,
-                                                                    # float_range(lo, hi, ...) refuse nan/inf
+    parser.add_argument("--temperature", type=nonnegative_float)
     args = parser.parse_args(argv)
     check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
                   {"--input": args.input, "--tokenizer": args.tokenizer})   # exits 2 on a refusal
 
-The overlap rule: an output may never be, contain, or sit inside an input. Paths are compared after
-`os.path.realpath` (symlinks and `..` resolved), file by file: an output prefix `data/x` is the files its tool
-writes (`TOKEN_SUFFIXES`: .bin, .idx, .json, .mask, .provenance.parquet; or the tool's own, e.g. EMB.npy/.json),
-an input prefix every file that may belong to it (`PREFIX_SUFFIXES`), so an output prefix equal to an input
-prefix, or to one of its files, is refused, while an output prefix beside an input prefix in the same directory
-is fine (`--pairs data/pairs.parquet --output-prefix data/pairs` too: no file in common). A directory output
-may not hold an input, and no output may be written inside a directory given as an input (a corpus directory
-would read it back), except `run_dir` inputs (a training run: `--out runs/1b/eval` beside its checkpoints is
-normal; only its checkpoints/, tokenizer/, config.toml and metrics.jsonl are guarded). A raw string input is any
-of: a file, a directory, a prefix, or a glob pattern (expanded).
-
-An existing output needs --overwrite (`check_outputs(..., overwrite=args.overwrite)`; tools whose library checks
-that itself, e.g. to resume a finished run, pass nothing). `overlap_refusal` / `output_refusal` are the same
-rules without argparse, for library functions (they return the one-line message or None). Directory outputs
-are published with `megasynth.io.atomic_files`.
+The overlap rule and the other checks: docs/training.md ("What every tool checks on its command line").
 """
 
 from __future__ import annotations
@@ -31,9 +16,11 @@ import argparse
 import glob
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from megasynth.data.readers import FORMATS, KNOWN_INPUTS, TEXT_MODES, ReaderOptions
 from megasynth.io import owned_names
 
 # The files of a token prefix (the synthetic pipelines add .provenance.parquet): what an output prefix writes
@@ -233,3 +220,144 @@ def check_outputs(parser: argparse.ArgumentParser, outputs: Mapping[str, Any], i
     refusal = output_refusal(outputs, inputs, overwrite=overwrite)
     if refusal:
         parser.error(refusal)
+
+
+# -- the LLM pipelines' tools (tools/entigraph.py, tools/rephrase.py) ------------------------------------------------
+# Exit codes: 0 the output was written (complete, or without the failed items under --allow-partial); 1 requests
+# still without a record (rerun the same command); 2 bad input or output; 3 stopped by the budget; 4 some items
+# failed and nothing was written (a run never drops data silently); 130 interrupted.
+EXIT_INCOMPLETE = 1
+EXIT_BAD_INPUT = 2
+EXIT_BUDGET = 3
+EXIT_PARTIAL = 4
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, *, tokenizer_help: str) -> None:
+    """--input, --input-tokenizer, --work-dir, --output-prefix and --tokenizer of an LLM pipeline."""
+    parser.add_argument("--input", required=True, metavar="PATH",
+                        help="documents JSONL ({'id', 'title'?, 'text'}) or an indexed prefix")
+    parser.add_argument("--input-tokenizer", default=None, metavar="PATH",
+                        help="for a prefix --input: the tokenizer that decodes it (default: the one its sidecar names)")
+    parser.add_argument("--work-dir", required=True, metavar="DIR",
+                        help="records, ledger and manifest; the same directory resumes an earlier run (one that is, "
+                             "holds or sits inside an input is refused)")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="writes PREFIX.bin/.idx/.json and PREFIX.provenance.parquet")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH", help=tokenizer_help)
+
+
+def add_outcome_arguments(parser: argparse.ArgumentParser) -> None:
+    """--retry-failed, --allow-partial and --overwrite: what a rerun asks again, and what gets published."""
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="also ask again for items an earlier run recorded as failed for good (invalid JSON, empty "
+                             "replies, other 4xx after --max-attempts); transient failures (429, 5xx, timeouts, "
+                             "dropped connections) are asked again by any rerun")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="publish the output even when items failed (default: write nothing and exit 4); the "
+                             "sidecar then says \"partial\": true, with the missing counts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+
+
+def _missing_total(missing: dict) -> int:
+    return sum(n for kind in missing.values() for reasons in kind.values() for n in reasons.values())
+
+
+def _report_missing(missing: dict, *, published: bool, output_prefix: str) -> None:
+    """Stderr lines: what the output lacks, by kind, step and reason, and how to continue."""
+    hows = {"transient": "transient: a plain rerun asks again",
+            "permanent": "permanent after --max-attempts: --retry-failed asks again"}
+    for kind, how in hows.items():
+        for step, reasons in sorted(missing.get(kind, {}).items()):
+            if reasons:
+                shown = ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items()))
+                print(f"missing {step} items ({how}): {shown}", file=sys.stderr)
+    transient = sum(n for reasons in missing.get("transient", {}).values() for n in reasons.values())
+    permanent = _missing_total(missing) - transient
+    steps = []
+    if transient:
+        steps.append("rerun the same command" + (" with --overwrite" if published else ""))
+    if permanent:
+        steps.append(("add" if transient else "rerun with") + " --retry-failed"
+                     + (" --overwrite" if published and not transient else ""))
+    todo = " and ".join(steps)
+    if published:
+        print(f"published {output_prefix} without {_missing_total(missing):,} failed items (--allow-partial; the "
+              f"sidecar says partial); to fill them in, {todo}", file=sys.stderr)
+    else:
+        print(f"{_missing_total(missing):,} items failed: no output written to {output_prefix} (exit "
+              f"{EXIT_PARTIAL}); {todo} to ask for them again, or pass --allow-partial to publish without them",
+              file=sys.stderr)
+
+
+def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict | None, int]:
+    """Run an LLM pipeline (megasynth.synth.llm.runner): (its result, 0) when the output was written; (None, exit
+    code) after printing why not."""
+    # Imported here: the library is not loaded for --help.
+    from megasynth.data.indexed import IndexedDatasetError  # noqa: PLC0415
+    from megasynth.data.prefix import PrefixOutputError  # noqa: PLC0415
+    from megasynth.data.readers import BadInputError, InputError  # noqa: PLC0415
+    from megasynth.io import JsonlError  # noqa: PLC0415
+    from megasynth.run_lock import RunDirBusy  # noqa: PLC0415
+    from megasynth.synth.llm.ledger import anomalies_text  # noqa: PLC0415
+    from megasynth.synth.llm.prompts import PromptError  # noqa: PLC0415
+    from megasynth.synth.workdir import WorkDirMismatch  # noqa: PLC0415
+    from megasynth.tokenizer import TokenizerError  # noqa: PLC0415
+
+    try:
+        out = call()
+    except (BadInputError, InputError, JsonlError, TokenizerError, IndexedDatasetError, PrefixOutputError,
+            WorkDirMismatch, RunDirBusy, PromptError) as e:
+        print(f"{e}", file=sys.stderr)
+        print(f"no output written to {output_prefix}", file=sys.stderr)
+        return None, EXIT_BAD_INPUT
+    except OSError as e:  # the work dir or the output directory is not writable, the disk is full
+        print(f"{e.filename or output_prefix}: {e.strerror or e}", file=sys.stderr)
+        print(f"no output written to {output_prefix}", file=sys.stderr)
+        return None, EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; every finished request is recorded, rerun the same command to continue",
+              file=sys.stderr)
+        return None, 130
+    llm = out["llm"]
+    if anomalies_text(llm):  # what a hostile or broken endpoint made the client correct
+        print(f"endpoint replies corrected: {anomalies_text(llm)} (each marked in the ledger)", file=sys.stderr)
+    spent = (f"{llm['requests']:,} requests in the ledger, {llm['prompt_tokens']:,} in / "
+             f"{llm['completion_tokens']:,} out tokens, ${llm['cost_usd']:.4f}")
+    if out["budget_stopped"]:
+        print(f"stopped by the budget ({spent}); the finished requests are recorded: rerun with a larger "
+              f"--budget-tokens/--budget-usd to continue. No output written to {output_prefix}", file=sys.stderr)
+        return None, EXIT_BUDGET
+    if not out["complete"]:
+        print(f"the run ended with requests still missing ({spent}); rerun the same command to continue. No "
+              f"output written to {output_prefix}", file=sys.stderr)
+        return None, EXIT_INCOMPLETE
+    if _missing_total(out["missing"]):
+        _report_missing(out["missing"], published=out["sidecar"] is not None, output_prefix=output_prefix)
+        if out["sidecar"] is None:
+            return None, EXIT_PARTIAL
+    return out, 0
+
+
+# -- the input flags of tools/preprocess_data.py and tools/train_tokenizer.py ---------------------------------------
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=f"input files, directories (searched recursively) or quoted globs; {KNOWN_INPUTS}")
+    g.add_argument("--input-format", choices=("auto", *FORMATS), default="auto",
+                   help="read every input as this format instead of guessing from the suffix (default auto)")
+    g.add_argument("--json-key", default="text", help="JSONL: the key holding each document's text (default text)")
+    g.add_argument("--text-column", default="text", help="Parquet: the column holding the text (default text)")
+    g.add_argument("--text-mode", choices=TEXT_MODES, default="file",
+                   help="plain text: one document per file, per line, or per blank-line-separated paragraph "
+                        "(default file)")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count records that cannot be read (invalid JSON or UTF-8, missing key, "
+                        "non-string value) instead of stopping at the first one")
+    g.add_argument("--max-bad-lines-shown", type=int, default=5, metavar="N",
+                   help="with --skip-bad-lines, how many bad locations the final report lists (default 5)")
+
+
+def reader_options_from_args(args: argparse.Namespace, *, batch_size: int = 1024) -> ReaderOptions:
+    return ReaderOptions(json_key=args.json_key, text_column=args.text_column, text_mode=args.text_mode,
+                         input_format=args.input_format, skip_bad=args.skip_bad_lines, batch_size=batch_size,
+                         max_bad_shown=args.max_bad_lines_shown)

@@ -2,41 +2,30 @@
 
     cfg = load_config("examples/configs/tiny.toml", ["--train.steps=100", "--optim.lr", "3e-4"])
 
-Every field carries a docstring (the string literal under it); `describe_config()` turns them into `--help`.
-Unknown keys and values of the wrong type are errors that name the key, so a typo never silently becomes a
-default. `save_config()` writes the resolved tree back as TOML into the run directory.
+Every field's docstring (the string literal under it) is its `--help` text (`describe_config()`); unknown keys and
+wrong types are errors that name the key, so a typo never silently becomes a default (config_parse.py).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
 import math
 import os
-import sys
-import textwrap
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+from typing import Literal
 
+from megasynth.config_parse import ConfigError, build, describe, read_table
 from megasynth.io import atomic_write_text
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key (and the file, when there is one)."""
-
-
+AttentionKind = Literal["sdpa", "fused_qknorm_rope"]
+"""The values of model.attention."""
 AttentionCore = Literal["auto", "flash_attn", "cudnn", "flash", "triton", "reference"]
-"""The attention cores model.attention_core may name (see megasynth/kernels/attention_core.py)."""
+"""The values of model.attention_core: 'auto' or one of the cores (megasynth.kernels.attention_core.CORES is
+derived from this list; kept here because loading a config must not import torch)."""
+# Values renamed since run directories saved them, {key: {old: new}}: an old config.toml still loads, with one
+# warning, and resolves to the new name.
+RENAMED_VALUES = {"model.attention": {"triton": "fused_qknorm_rope"}}
 
 
 @dataclass
@@ -65,16 +54,17 @@ class ModelConfig:
     """Share the input embedding matrix with the output head."""
     max_seq_len: int = 4096
     """Longest position the RoPE table covers (training sequence length or generation limit)."""
-    attention: Literal["sdpa", "triton"] = "sdpa"
+    attention: AttentionKind = "sdpa"
     """Attention implementation. 'sdpa': QK-norm, RoPE and PyTorch attention as separate ops (SDPA; with
     document masking FlexAttention with a document block mask on CUDA, causal SDPA per document elsewhere; never
-    a dense [B, 1, S, S] mask). 'triton': the fused Triton QK-norm+RoPE pre-pass, then the attention core chosen
-    by model.attention_core (varlen over documents with cu_seqlens/max_seqlen). Needs model.qk_norm=true."""
+    a dense [B, 1, S, S] mask). 'fused_qknorm_rope': one fused QK-norm + RoPE pre-pass (Triton on CUDA), then the
+    attention core named by model.attention_core (varlen over documents with cu_seqlens/max_seqlen). Needs
+    model.qk_norm=true. Its former name 'triton' is still read, with a deprecation warning."""
     attention_core: AttentionCore = "auto"
-    """With model.attention='triton': the attention core after the pre-pass. 'auto': the fastest core available
-    on the machine: flash-attn (FA3's flash_attn_interface on Hopper, else FA2 varlen) when installed, else SDPA
-    cuDNN (batched inputs, sm_90) or our Triton kernel (see kernels/attention_core.py). 'flash_attn': the flash-attn
-    package (the [gpu] extra; bf16/fp16, sm_80+). 'cudnn': SDPA's cuDNN backend (batched only: no document
+    """With model.attention='fused_qknorm_rope': the attention core after the pre-pass. 'auto': the fastest core
+    available on the machine: flash-attn (FA3's flash_attn_interface on Hopper, else FA2 varlen) when installed,
+    else SDPA cuDNN (batched inputs, sm_90) or our Triton kernel (see kernels/attention_core.py). 'flash_attn': the
+    flash-attn package (the [gpu] extra; bf16/fp16, sm_80+). 'cudnn': SDPA's cuDNN backend (batched only: no document
     masking). 'flash': SDPA's flash backend (batched only: no document masking). 'triton': our Triton flash kernel
     (every CUDA GPU; the CPU under TRITON_INTERPRET=1). 'reference': plain PyTorch with a dense mask (debugging
     only: O(S^2) memory). Ignored by model.attention='sdpa'."""
@@ -225,203 +215,29 @@ class Config:
     """Logging sinks."""
 
 
-# ----------------------------------------------------------------------------------------------- docstrings
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass: {field name: the string literal right under it}."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+# ----------------------------------------------------------------------------------------------- load / save
 
 
 def describe_config(cfg: Config | None = None) -> str:
     """Every key with its type, current value and docstring: the body of `--help`."""
-    cfg = cfg or Config()
-    lines = []
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        lines.append(f"[{section.name}]")
-        docs = field_docs(type(sub))
-        hints = typing.get_type_hints(type(sub))
-        for f in dataclasses.fields(sub):
-            value = getattr(sub, f.name)
-            lines.append(f"  --{section.name}.{f.name}={_format_value(value)}  ({_type_name(hints[f.name])})")
-            lines.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent="      ", subsequent_indent="      "))
-    return "\n".join(lines)
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if get_origin(tp) is list:
-        return f"list[{_type_name(get_args(tp)[0])}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _format_value(value: Any) -> str:
-    if dataclasses.is_dataclass(value):
-        return "{" + ", ".join(f"{k}={_format_value(v)}" for k, v in dataclasses.asdict(value).items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return repr(value)
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-# ----------------------------------------------------------------------------------------------- coercion
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (converting int -> float, tables -> dataclasses)."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        (item_tp,) = get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported in the config schema")  # pragma: no cover
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
-
-
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, known, n=1)
-    hint = f" (did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown key '{key}'{hint}; known keys here: {', '.join(known)}")
-
-
-def _build(cls: type, table: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in table:
-        if key not in names:
-            raise _unknown_key(f"{prefix}.{key}" if prefix else key, names)
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in table.items()}
-    return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------------------------- overrides
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value as TOML (numbers, booleans, lists, quoted strings), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """["--a.b=1", "--c.d", "x"] -> {"a.b": 1, "c.d": "x"}; anything else is an error naming the argument."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) <= 2:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
-        body = arg[2:]
-        if "=" in body:
-            key, raw = body.split("=", 1)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, raw = body, args[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"override {arg!r} has no value: write --{body}=VALUE")
-        out[key] = _parse_value(raw)
-        i += 1
-    return out
-
-
-def _set_dotted(table: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = table
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{key}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _check_override_key(key: str) -> None:
-    parts = key.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"override '{key}': expected section.key (e.g. train.steps)")
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    if parts[0] not in sections:
-        raise _unknown_key(parts[0], list(sections))
-    sub = typing.get_type_hints(Config)[parts[0]]
-    names = [f.name for f in dataclasses.fields(sub)]
-    if parts[1] not in names:
-        raise _unknown_key(key, names)
-
-
-# ----------------------------------------------------------------------------------------------- load / save
+    return describe(cfg or Config())
 
 
 def config_from_dict(table: dict, source: str = "") -> Config:
     try:
-        cfg = _build(Config, table, "")
+        cfg = build(Config, table, renamed=RENAMED_VALUES)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}" if source else str(e)) from None
-    validate_config(cfg)
+    # Range and cross-field checks that a type check cannot make: the first problem, naming the key.
+    problem = next(_config_problems(cfg), None)
+    if problem is not None:
+        raise ConfigError(problem)
     return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- the TOML file (if any) <- dotted overrides; validated."""
-    table: dict = {}
-    source = ""
-    if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    for key, value in parse_overrides(overrides or []).items():
-        _check_override_key(key)
-        _set_dotted(table, key, value)
-    return config_from_dict(table, source)
+    return config_from_dict(read_table(Config, path, overrides or []), "" if path is None else str(path))
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -435,41 +251,32 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, tomli_w.dumps(config_to_dict(cfg)))
 
 
-def validate_config(cfg: Config) -> None:
-    """Range and cross-field checks that a type check cannot make. The first problem found is raised as one
-    ConfigError naming the key, its value and what is expected."""
-    problem = next(_config_problems(cfg), None)
-    if problem is not None:
-        raise ConfigError(problem)
-
-
 def _config_problems(cfg: Config) -> Iterator[str]:
     """Every check in order, lazily: a generator stops at the first problem its consumer takes, so a check runs
     only after the checks it depends on have passed (model.dim % model.n_heads only once model.n_heads >= 1)."""
     m, d, par, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.train
 
-    def at_least(key: str, value: int, low: int) -> Iterator[str]:
-        if value < low:
-            yield f"{key} must be >= {low}, got {value}"
+    def at_least(section: str, obj, **lows: int) -> Iterator[str]:
+        for name, low in lows.items():
+            if getattr(obj, name) < low:
+                yield f"{section}.{name} must be >= {low}, got {getattr(obj, name)}"
 
-    def positive_number(key: str, value: float) -> Iterator[str]:
-        if not (math.isfinite(value) and value > 0):
-            yield f"{key} must be a finite number > 0, got {value}"
+    def positive_number(section: str, obj, *names: str) -> Iterator[str]:
+        for name in names:
+            value = getattr(obj, name)
+            if not (math.isfinite(value) and value > 0):
+                yield f"{section}.{name} must be a finite number > 0, got {value}"
 
     def number_in(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> Iterator[str]:
         if not (low <= value and (value < high if high_open else value <= high)):  # NaN fails every comparison
             yield f"{key} must be within [{low}, {high}{')' if high_open else ']'}, got {value}"
 
     # ---- model
-    yield from at_least("model.vocab_size", m.vocab_size, 1)
-    yield from at_least("model.dim", m.dim, 1)
-    yield from at_least("model.n_layers", m.n_layers, 1)
-    yield from at_least("model.n_heads", m.n_heads, 1)
-    yield from at_least("model.n_kv_heads", m.n_kv_heads, 0)
+    yield from at_least("model", m, vocab_size=1, dim=1, n_layers=1, n_heads=1, n_kv_heads=0)
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         yield f"model.n_kv_heads={kv} must divide model.n_heads={m.n_heads}"
-    yield from at_least("model.head_dim", m.head_dim, 0)
+    yield from at_least("model", m, head_dim=0)
     if m.head_dim == 0 and m.dim % m.n_heads:
         yield f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim"
     if m.head_dim % 2:
@@ -477,14 +284,13 @@ def _config_problems(cfg: Config) -> Iterator[str]:
     if m.head_dim == 0 and (m.dim // m.n_heads) % 2:
         yield (f"the head dimension model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates "
                "pairs); change model.dim or model.n_heads, or set model.head_dim")
-    yield from at_least("model.ffn_dim", m.ffn_dim, 0)
-    yield from positive_number("model.norm_eps", m.norm_eps)
-    yield from positive_number("model.rope_theta", m.rope_theta)
-    yield from at_least("model.max_seq_len", m.max_seq_len, 1)
-    yield from positive_number("model.init_std", m.init_std)
-    if m.attention == "triton" and not m.qk_norm:
-        yield "model.attention='triton' fuses QK-norm into attention: it needs model.qk_norm=true"
-    if m.attention == "triton" and m.attention_core in ("cudnn", "flash") and d.document_masking:
+    yield from at_least("model", m, ffn_dim=0)
+    yield from positive_number("model", m, "norm_eps", "rope_theta")
+    yield from at_least("model", m, max_seq_len=1)
+    yield from positive_number("model", m, "init_std")
+    if m.attention == "fused_qknorm_rope" and not m.qk_norm:
+        yield "model.attention='fused_qknorm_rope' fuses QK-norm into attention: it needs model.qk_norm=true"
+    if m.attention == "fused_qknorm_rope" and m.attention_core in ("cudnn", "flash") and d.document_masking:
         yield (f"model.attention_core='{m.attention_core}' (torch SDPA) takes batched inputs only, but "
                "data.document_masking=true needs varlen attention: use 'auto', 'flash_attn' or 'triton', or set "
                "data.document_masking=false")
@@ -502,39 +308,33 @@ def _config_problems(cfg: Config) -> Iterator[str]:
     for i, path in enumerate(d.valid_paths):
         if not path:
             yield f"data.valid_paths[{i}] is empty"
-    yield from at_least("data.seq_len", d.seq_len, 1)
+    yield from at_least("data", d, seq_len=1)
     if d.seq_len > m.max_seq_len:
         yield f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
     if not d.max_repetition > 0:  # inf is allowed: never warn
         yield f"data.max_repetition must be > 0, got {d.max_repetition}"
-    yield from at_least("data.num_workers", d.num_workers, 0)
+    yield from at_least("data", d, num_workers=0)
 
     # ---- parallel
-    yield from at_least("parallel.tp", par.tp, 1)
+    yield from at_least("parallel", par, tp=1)
 
     # ---- optim
-    yield from positive_number("optim.lr", o.lr)
+    yield from positive_number("optim", o, "lr")
     yield from number_in("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
-    yield from at_least("optim.warmup_steps", o.warmup_steps, 0)
+    yield from at_least("optim", o, warmup_steps=0)
     yield from number_in("optim.decay_fraction", o.decay_fraction, 0.0, 1.0)
     if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
         yield f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}"
     yield from number_in("optim.beta1", o.beta1, 0.0, 1.0, high_open=True)
     yield from number_in("optim.beta2", o.beta2, 0.0, 1.0, high_open=True)
-    yield from positive_number("optim.eps", o.eps)
+    yield from positive_number("optim", o, "eps")
     if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):
         yield f"optim.grad_clip must be a finite number >= 0 (0 disables clipping), got {o.grad_clip}"
 
     # ---- train
-    yield from at_least("train.steps", t.steps, 0)
-    yield from at_least("train.global_batch_size", t.global_batch_size, 1)
-    yield from at_least("train.micro_batch_size", t.micro_batch_size, 1)
-    yield from at_least("train.seed", t.seed, 0)  # numpy's generators refuse negative seeds
+    # seed >= 0: numpy's generators refuse negative seeds
+    yield from at_least("train", t, steps=0, global_batch_size=1, micro_batch_size=1, seed=0)
     if not t.run_dir:
         yield "train.run_dir is empty"
-    yield from at_least("train.checkpoint_every", t.checkpoint_every, 0)
-    yield from at_least("train.keep_last", t.keep_last, 0)
-    yield from at_least("train.eval_every", t.eval_every, 0)
-    yield from at_least("train.eval_batches", t.eval_batches, 1)
-    yield from at_least("train.log_every", t.log_every, 0)
-    yield from at_least("train.max_nonfinite_steps", t.max_nonfinite_steps, 1)
+    yield from at_least("train", t, checkpoint_every=0, keep_last=0, eval_every=0, eval_batches=1, log_every=0,
+                        max_nonfinite_steps=1)

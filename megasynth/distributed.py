@@ -90,8 +90,22 @@ def init_distributed(tp: int = 1, device: str = "auto", timeout_minutes: float =
     )
 
 
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 
@@ -102,6 +116,22 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo, group: str | None = None
     pg = info.mesh[group].get_group() if group else None
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=pg)
     return value
+
+
+def rank0_first(info: DistInfo, fn):
+    """Run fn on rank 0 first (it builds caches), then on the other ranks (they read them)."""
+    if info.world_size == 1:
+        return fn()
+    result, error = None, None
+    if info.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # still reach the barrier, so the other ranks do not hang
+            error = e
+    dist.barrier()
+    if error is not None:
+        raise error
+    return fn() if info.rank != 0 else result
 
 
 def share_refusal(refusal: BaseException | None, *, distributed: bool, error_type: type[Exception]) -> None:

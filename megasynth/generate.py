@@ -1,28 +1,15 @@
-"""Batched sampling with a KV cache: prompts of token ids in, continuations out.
+"""Batched sampling with a KV cache: prompts of token ids in, continuations out (front end: tools/generate.py).
 
     from megasynth.generate import generate
     outs = generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=64, temperature=0.8, top_p=0.95, eod_id=0, seed=1)
 
-Layout of a batch: prompts are right-aligned (left-padded) in one [B, P] prefill, so every row writes its next
-token to the same cache slot and one slice assignment per layer updates the whole batch. Each row's RoPE
-positions start at 0 on its first real token (passed to the model with `positions=`), and the attention mask
-hides the padding, so a prompt's result does not depend on what else is in its batch.
-
-Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus), then a
-draw. With a seed, every prompt has its own random stream, seeded from (seed, row id), so a prompt's sample is
-the same whatever batch it shares, its position in it, or the data-parallel rank that runs it. A draw is an
-exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i), so each stream
-consumes exactly one [V] draw per token.
-
-Decoding modes: "dynamic" (default) attends over the filled part of the cache only and drops finished rows
-from the batch; "static" keeps every shape fixed (the full cache, a mask of valid slots, the write slot as a
-tensor), which is what "cuda_graph" captures once and replays per token on a GPU. The command-line front end
-is tools/generate.py (`python tools/generate.py --help`).
+Batch layout, seeded sampling and the decoding modes: docs/training.md ("Generation").
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Literal
@@ -242,7 +229,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
 
     A row stops after max_new_tokens or right after emitting `eod_id` (when stop_at_eod) or any of `stop_ids`;
     the stopping token is INCLUDED as the last element, so a caller can tell a finished document from a
-    truncated one. `row_ids` (default 0..B-1) name each prompt's random stream (see the module docstring);
+    truncated one. `row_ids` (default 0..B-1) name each prompt's random stream (docs/training.md);
     pass global indices when a set of prompts is split over batches or ranks.
     """
     prompts = [list(map(int, p)) for p in prompts]
@@ -433,6 +420,26 @@ def load_model_and_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.
         raise ValueError(f"{tok_dir}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
                          f"{cfg.model.vocab_size} ({step_dir}/config.toml): wrong tokenizer for this checkpoint?")
     return model, cfg, tok, step_dir
+
+
+def run_with_model(args, run, *, require_tokenizer: bool = True) -> int:
+    """A model tool's frame: the process group (torchrun's, or none) on --device, the --checkpoint and --tokenizer
+    loaded in --dtype (a bad one: one stderr line, exit code 2), then run(model, cfg, tokenizer, step_dir, info)."""
+    from megasynth.checkpoint import CheckpointError  # noqa: PLC0415
+    from megasynth.distributed import destroy_distributed, init_distributed  # noqa: PLC0415
+
+    info = init_distributed(tp=1, device=args.device)
+    try:
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        try:
+            loaded = load_model_and_tokenizer(args.checkpoint, args.tokenizer, info.device, dtype,
+                                              require_tokenizer=require_tokenizer)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return run(*loaded, info)
+    finally:
+        destroy_distributed()
 
 
 def default_start_ids(tokenizer) -> list[int]:

@@ -3,12 +3,7 @@
     export_hf(model, cfg, "out/hf", tokenizer=tok)      # then transformers.AutoModelForCausalLM.from_pretrained
     model, cfg = import_hf("Qwen/Qwen3-0.6B-local")      # a local HF directory -> our Transformer + Config
 
-Our parameter names are Qwen3's minus the leading "model." (see megasynth.model), so the weights map one to
-one: embed_tokens -> model.embed_tokens, layers.N.* -> model.layers.N.*, norm -> model.norm, lm_head stays (and
-is left out when the embeddings are tied). A model with qk_norm=false is a Llama and exports as
-LlamaForCausalLM. Imports accept Qwen3 and Llama checkpoints with plain RoPE (no rope scaling: our model has
-none, so a Llama-3.1-style "rope_scaling" is refused rather than silently changing the positions), no biases,
-no sliding window. The command-line front ends are tools/export_hf.py and tools/import_hf.py.
+The name mapping and what an import refuses: docs/training.md ("Hugging Face interop").
 """
 
 from __future__ import annotations
@@ -143,7 +138,7 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
                       "only full_attention is supported")
     dim = _field(hf, "hidden_size", source)
     n_heads = _field(hf, "num_attention_heads", source)
-    mcfg = ModelConfig(
+    return ModelConfig(
         vocab_size=_field(hf, "vocab_size", source),
         dim=dim,
         n_layers=_field(hf, "num_hidden_layers", source),
@@ -158,7 +153,6 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         max_seq_len=_field(hf, "max_position_embeddings", source, default=4096),
         init_std=float(_field(hf, "initializer_range", source, (int, float), 0.02)),
     )
-    return mcfg
 
 
 def config_for_model(mcfg: ModelConfig) -> Config:

@@ -1,13 +1,6 @@
-"""The one home for durable file writes and line-numbered JSONL reading.
+"""The one home for durable file writes and line-numbered JSONL reading (docs/training.md, "Durable writes").
 
-Every file the project publishes (configs, sidecars, caches, reports, checkpoints' run files, tokenizers,
-metrics rewrites) goes through `atomic_write*` or `atomic_dir`: the bytes are written to a temp name beside
-the destination (same directory, so the final rename is atomic on one filesystem), flushed and fsynced, then
-renamed over the destination, and the directory entry is fsynced. A reader therefore sees the old file or the
-whole new one, never a torn one; a crash leaves at most a temp file, which `remove_stale_temps` recognises by
-its name (`.NAME.tmp-PID-HEX`) and removes.
-
-    atomic_write_text(path, "...")           # str; also atomic_write_bytes / atomic_write_json
+    atomic_write_text(path, "...")           # str; also atomic_write_json
     file_sha256(path)                        # the checksum sidecars and manifests record
     with atomic_open(path, "wb") as f: ...   # stream into a file that appears only on success
     with atomic_dir(final) as tmp: ...       # build a directory that appears only on success
@@ -85,11 +78,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
@@ -122,6 +110,14 @@ def remove_dir(path: str | os.PathLike) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _fsync_tree(directory: Path) -> None:
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, token: str | None = None, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temp directory beside `final`; on a clean exit fsync its files and rename it to `final`
@@ -133,11 +129,7 @@ def atomic_dir(final: str | os.PathLike, *, token: str | None = None, replace: b
     tmp.mkdir()
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
-            fsync_dir(root)
+        _fsync_tree(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final}: already exists")
@@ -166,17 +158,9 @@ def _remove_entry(path: Path) -> None:
 def atomic_files(directory: str | os.PathLike, names, *, commit: str, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temp directory beside `directory`; the caller writes some of `names` (the entries this tool
     owns there, `commit` among them; a name may be a glob pattern, and an entry a subdirectory, owned whole) into
-    it. On a clean exit they are published like a prefix (megasynth/data/prefix.py), leaving every other entry in
-    `directory` alone:
-
-    - `directory` absent: the temp directory is fsynced and renamed to it (it appears whole);
-    - present: the old `commit` file is removed first (from here on no result set is visible), then the owned
-      entries this write did not produce (and owned subdirectories it replaces) are removed, each new entry is
-      renamed in, and `commit` is renamed last. A reader that goes by `commit` sees the complete old results,
-      none, or the complete new ones.
-
-    Existing owned entries are an error (FileExistsError) unless `replace`. On an exception the temp directory
-    is removed and `directory` is untouched."""
+    it. On a clean exit they are published like a prefix, `commit` last, leaving every other entry in `directory`
+    alone (docs/training.md, "Durable writes"). Existing owned entries are an error (FileExistsError) unless
+    `replace`. On an exception the temp directory is removed and `directory` is untouched."""
     directory = Path(directory)
     names = tuple(names)
     if os.path.lexists(directory) and not directory.is_dir():
@@ -192,11 +176,7 @@ def atomic_files(directory: str | os.PathLike, names, *, commit: str, replace: b
         unknown = [n for n in written if n not in owned_names(names, written)]
         if unknown or commit not in written or (tmp / commit).is_dir():
             raise ValueError(f"atomic_files: wrote {written}; expected some of {names} with the file {commit!r}")
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
-            fsync_dir(root)
+        _fsync_tree(tmp)
         if not directory.exists():
             os.replace(tmp, directory)
             fsync_dir(directory.parent)

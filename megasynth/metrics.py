@@ -6,14 +6,7 @@
     logger.log_train({"step": 10, "loss": 3.2, ...}, eta_s=...)
     logger.log_eval({"step": 10, "name": "valid", "loss": 3.1, ...})
 
-RUN_DIR/metrics.jsonl holds one JSON object per line, written by rank 0 and flushed per line:
-    {"kind": "train", "step", "loss", "grad_norm", "lr", "tokens", "targets", "flops", "tokens_per_s", "tflops",
-     "mfu", "mem_gb", "time", "data_wait", "nonfinite"}
-    {"kind": "eval", "step", "tokens", "flops", "name", "loss", "ppl", "time"}
-"tokens" and "flops" are totals consumed so far, "tflops" is achieved TFLOP/s per device, "mfu" a fraction of
-the device's peak (null where the peak is unknown, e.g. on the CPU), "time" the Unix time of the line;
-"targets" is the number of tokens the step's loss averages over (all ranks; loss masks and padding excluded).
-A resumed run first drops the lines past its checkpoint's step (`truncate_metrics`) so no step appears twice.
+The metrics.jsonl keys: docs/training.md ("Metrics").
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +92,7 @@ def format_duration(seconds: float) -> str:
 
 
 def format_train_line(rec: dict, total_steps: int, eta_s: float) -> str:
-    """The console line of a training record (see the module docstring for the keys)."""
+    """The console line of a training record (docs/training.md lists the keys)."""
     mfu = "n/a" if rec.get("mfu") is None else f"{100 * rec['mfu']:.1f}%"
     parts = [
         f"step {rec['step']}/{total_steps}",
@@ -125,16 +119,18 @@ def _json_safe(value):
     return value
 
 
+def _parsed(lines) -> Iterator[tuple[str, object]]:
+    """(line, record) of each line that is JSON; a torn line (a killed writer) is skipped."""
+    for line in lines:
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line (a killed writer) is skipped."""
-    records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+        return [record for _, record in _parsed(f)]
 
 
 def truncate_metrics(path: str | os.PathLike, max_step: int) -> int:
@@ -143,14 +139,7 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= max_step:
-            kept.append(line)
+    kept = [line for line, rec in _parsed(lines) if isinstance(rec, dict) and rec.get("step", 0) <= max_step]
     if len(kept) == len(lines):
         return 0
     atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -1,22 +1,10 @@
 """The repetition calculus of a data mixture, and compute-matched run plans (real vs real + synthetic vs oracle).
 
-A mixture is a list of sources, each with a number of unique tokens and a weight; weights are shares of the
-TRAINING tokens (normalised to sum to 1). Over a horizon of H training tokens a source of share s contributes
-s * H tokens, i.e. it is read
-
-    epochs = H * s / unique_tokens
-
-times (DESIGN.md §6: repetition = training-horizon tokens / unique tokens). Worked example: over H = 10T, a
-0.5T-token source at a 20% share is read 10T * 0.2 / 0.5T = 4 times; a 5T-token source at 50% once.
-
     rows = repetition_rows([MixtureSource("real", 500e9, 0.2), MixtureSource("web", 5e12, 0.8)], 10e12)
     print(render_repetition_table(rows, 10e12, max_repetition=8))
 
-Compute matching (SBP, Yang et al. 2025): three runs with the same model, sequence length, global batch and
-steps — hence the same training tokens and FLOPs — that differ only in their data: `baseline` repeats the
-real data, `synthetic` adds synthetic data seen about once (weight = synthetic tokens / horizon, capped at 1)
-with the real data repeated to fill the rest, `oracle` reads a larger set of unique real data.
-`plan_compute_matched` builds the three Configs; tools/plan_mixture.py is the command line over this module.
+The epochs formula, the three compute-matched runs (SBP, Yang et al. 2025) and tools/plan_mixture.py:
+docs/blending.md.
 """
 
 from __future__ import annotations
@@ -29,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megasynth.config import Config, config_from_dict, config_to_dict
-from megasynth.io import atomic_write_text
 
 # Decimal suffixes (token counts are quoted in powers of ten: "a 10T-token horizon"). Upper or lower case.
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12, "P": 10**15}
@@ -61,10 +48,6 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}"
     return f"{n:.0f}" if n == int(n) else f"{n:.2f}"
-
-
-def format_flops(f: float) -> str:
-    return f"{f:.3g}"
 
 
 # ----------------------------------------------------------------------------------------------- repetition
@@ -160,24 +143,6 @@ def max_epochs(rows: Sequence[RepetitionRow]) -> float:
     return max((r.epochs for r in rows), default=0.0)
 
 
-# ----------------------------------------------------------------------------------------------- sources
-
-
-def resolve_source(spec: str, weight: float = 1.0, name: str = "") -> MixtureSource:
-    """A dataset prefix (its unique tokens read from the .idx) or `NAME=COUNT` (e.g. `real=0.5T`)."""
-    from megasynth.data.indexed import IndexedDataset, prefix_exists  # noqa: PLC0415
-
-    spec = str(spec)
-    if prefix_exists(spec):
-        return MixtureSource(name or os.path.basename(spec), IndexedDataset(spec).num_tokens, weight, spec)
-    if "=" in spec:
-        label, count = spec.rsplit("=", 1)
-        if not label:
-            raise MixtureError(f"source {spec!r}: the name before '=' is empty (expected NAME=COUNT, e.g. real=0.5T)")
-        return MixtureSource(name or label, parse_token_count(count, f"source {spec!r}: count"), weight, None)
-    raise MixtureError(f"source {spec!r}: no dataset prefix {spec}.bin/.idx and not NAME=COUNT (e.g. real=0.5T)")
-
-
 # ----------------------------------------------------------------------------------------------- FLOPs
 
 
@@ -185,13 +150,6 @@ def training_flops_per_token(cfg: Config) -> float:
     from megasynth.model import flops_per_token  # noqa: PLC0415 - torch is only needed for FLOP horizons
 
     return flops_per_token(cfg.model, cfg.data.seq_len)
-
-
-def horizon_from_flops(flops: float, cfg: Config) -> int:
-    """Training tokens that cost `flops` with cfg's model at cfg.data.seq_len (Megatron's FLOPs formula)."""
-    if not math.isfinite(flops) or flops <= 0:
-        raise MixtureError(f"--flops must be a positive number, got {flops!r}")
-    return int(flops // training_flops_per_token(cfg))
 
 
 def generation_flops(model_cfg, tokens: float) -> float:
@@ -231,12 +189,6 @@ class PlannedRun:
         return repetition_rows(self.sources, self.horizon_tokens)
 
 
-def steps_for_tokens(tokens: int, cfg: Config) -> int:
-    """Optimizer steps whose global batches cover at least `tokens` training tokens (at least 1)."""
-    per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    return max(1, -(-int(tokens) // per_step))
-
-
 def plan_compute_matched(base: Config, *, real: MixtureSource, synthetic: MixtureSource, oracle: MixtureSource,
                          horizon_tokens: int, runs_root: str | os.PathLike, synthesis_flops: float = 0.0
                          ) -> list[PlannedRun]:
@@ -251,8 +203,9 @@ def plan_compute_matched(base: Config, *, real: MixtureSource, synthetic: Mixtur
             raise MixtureError(f"--{role} {src.name}: holds no tokens")
     if horizon_tokens <= 0:
         raise MixtureError(f"the horizon must be a positive number of tokens, got {horizon_tokens}")
-    steps = steps_for_tokens(horizon_tokens, base)
-    horizon = steps * base.train.global_batch_size * base.data.seq_len
+    per_step = base.train.global_batch_size * base.data.seq_len
+    steps = max(1, -(-int(horizon_tokens) // per_step))  # ceil: the steps' batches cover the horizon
+    horizon = steps * per_step
     train_flops = training_flops_per_token(base) * horizon
 
     syn_share = min(1.0, synthetic.unique_tokens / horizon)
@@ -281,34 +234,3 @@ def plan_compute_matched(base: Config, *, real: MixtureSource, synthetic: Mixtur
         runs.append(PlannedRun(name, config_from_dict(table), sources, horizon, train_flops,
                                synthesis_flops if name == "synthetic" else 0.0, notes[name]))
     return runs
-
-
-def render_plan_summary(runs: Sequence[PlannedRun]) -> str:
-    """One line per run: mixture, steps, tokens, training / synthesis / total FLOPs."""
-    body = []
-    for run in runs:
-        t = run.config.train
-        mix = " + ".join(f"{r.share:.3f} {r.name} ({r.epochs:.2f} ep)" for r in run.rows())
-        body.append([run.name, mix, str(t.steps), format_count(run.horizon_tokens), format_flops(run.train_flops),
-                     format_flops(run.synthesis_flops), format_flops(run.total_flops)])
-    return render_table(["run", "mixture (share, epochs)", "steps", "tokens", "train FLOPs", "synthesis FLOPs",
-                         "total FLOPs"], body, "llrrrrr")
-
-
-def write_run_config(run: PlannedRun, path: str | os.PathLike) -> Path:
-    """Write run.config as TOML (loadable by load_config) under a comment header describing the plan; atomic."""
-    import tomli_w  # noqa: PLC0415
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = [f"# Compute-matched run '{run.name}' (written by tools/plan_mixture.py --compute-matched).",
-              f"# {run.config.train.steps} steps x {run.config.train.global_batch_size} sequences x "
-              f"{run.config.data.seq_len} tokens = {run.horizon_tokens} training tokens, "
-              f"{run.train_flops:.4g} training FLOPs (+ {run.synthesis_flops:.4g} synthesis FLOPs).",
-              *(f"# {r.name}: share {r.share:.4f}, {r.epochs:.3f} epochs of {r.unique_tokens} unique tokens"
-                for r in run.rows()),
-              *(f"# NOTE: {n}" for n in run.notes)]
-    text = "\n".join(header) + "\n\n" + tomli_w.dumps(config_to_dict(run.config))
-    atomic_write_text(path, text)
-    return path
-

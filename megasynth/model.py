@@ -6,18 +6,8 @@
 
 Parameter names follow Qwen3 minus the leading `model.` (embed_tokens, layers.N.self_attn.{q,k,v,o}_proj,
 self_attn.{q,k}_norm, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm, norm, lm_head), so
-exporting to Hugging Face is a renaming. Attention is a switch: `sdpa` runs QK-norm, RoPE and PyTorch attention
-as separate ops; `triton` runs megasynth.kernels.qknorm_rope_attention (the fused QK-norm + RoPE pre-pass, then the
-attention core chosen by `model.attention_core`).
-
-Documents: `doc_ids` [B, S] (non-decreasing per row, from the sample index) make attention block-diagonal per
-document and restart positions at each document start. No dense [B, 1, S, S] mask is ever built (issue 14):
-`attention_inputs` computes, once per forward, what the backend needs and every layer shares it:
-  triton         cu_seqlens and max_seqlen over the flattened B*S tokens (varlen cores; one host sync per batch);
-  sdpa on CUDA   a FlexAttention document-causal BlockMask (torch.compile'd flex_attention, as torchtitan does);
-  sdpa elsewhere cu_seqlens, and causal SDPA per document (FlexAttention has no backward on the CPU).
-A KV cache (see megasynth.generate) plugs into `forward(..., kv_cache=...)`: it stores each layer's keys and values
-and supplies the attention mask; generation keeps plain SDPA with that mask.
+exporting to Hugging Face is a renaming. `model.attention` ("sdpa" or "fused_qknorm_rope") and documents
+(`doc_ids`, never a dense mask): docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -32,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from megasynth.config import AttentionCore, ModelConfig
+from megasynth.config import AttentionCore, AttentionKind, ModelConfig
 from megasynth.kernels import linear_cross_entropy, qknorm_rope_attention, rms_norm, rope_cos_sin, swiglu
-from megasynth.kernels.attention_core import machine_facts
+from megasynth.kernels.attention_core import machine_facts, max_seqlen_of
 from megasynth.kernels.rope import apply_rope_ref
 
 
@@ -65,7 +55,7 @@ class AttentionInputs:
     cos: torch.Tensor  # [B, S, D/2] fp32, per token (positions may restart per document)
     sin: torch.Tensor
     block_mask: BlockMask | None = None  # sdpa on CUDA: document-causal FlexAttention mask (block-sparse)
-    cu_seqlens: torch.Tensor | None = None  # int32 [N+1] over the flattened B*S tokens (triton; sdpa off CUDA)
+    cu_seqlens: torch.Tensor | None = None  # int32 [N+1] over the flattened B*S tokens (fused; sdpa off CUDA)
     max_seqlen: int | None = None  # longest document, with cu_seqlens (the varlen cores size their grids by it)
     kv_cache: KVCacheLike | None = None
 
@@ -89,7 +79,7 @@ class Attention(nn.Module):
         n_kv, head_dim, _ = resolved_dims(cfg)
         self.layer_idx = layer_idx
         self.head_dim = head_dim
-        self.backend = cfg.attention
+        self.fused = cfg.attention == "fused_qknorm_rope"
         self.core = cfg.attention_core
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, n_kv * head_dim, bias=False)
@@ -106,23 +96,20 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(bsz, seq, -1, self.head_dim)  # [B, S, Hq, D]
         k = self.k_proj(x).view(bsz, seq, -1, self.head_dim)  # [B, S, Hkv, D]
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim)
-        if self.backend == "triton" and inputs.kv_cache is None:
+        if self.fused and inputs.kv_cache is None:
             out = self._fused(q, k, v, inputs)
         else:
             out = self._unfused(q, k, v, inputs)
         return self.o_proj(out.reshape(bsz, seq, -1))
 
     def _fused(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
-        bsz, seq = q.shape[:2]
-        if inputs.cu_seqlens is None:
-            return qknorm_rope_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, inputs.cos, inputs.sin,
-                                         eps=self.eps, core=self.core)
-        out = qknorm_rope_attention(
-            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.q_norm.weight, self.k_norm.weight,
-            inputs.cos.flatten(0, 1), inputs.sin.flatten(0, 1),
-            cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen, eps=self.eps, core=self.core,
-        )
-        return out.view(bsz, seq, *out.shape[1:])
+        # With documents the batch is packed: [B*S, H, D] tokens, one varlen call over every document.
+        bsz, seq, packed = q.shape[0], q.shape[1], inputs.cu_seqlens is not None
+        q, k, v, cos, sin = (t.flatten(0, 1) if packed else t for t in (q, k, v, inputs.cos, inputs.sin))
+        out = qknorm_rope_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, cos, sin,
+                                    cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen, eps=self.eps,
+                                    core=self.core)
+        return out.view(bsz, seq, *out.shape[1:]) if packed else out
 
     def _unfused(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         if self.q_norm is not None:
@@ -215,13 +202,8 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
 
-    def attention_inputs(
-        self,
-        input_ids: torch.Tensor,
-        doc_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        kv_cache: KVCacheLike | None = None,
-    ) -> AttentionInputs:
+    def attention_inputs(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                         positions: torch.Tensor | None = None, kv_cache: KVCacheLike | None = None) -> AttentionInputs:
         bsz, seq = input_ids.shape
         device = input_ids.device
         if positions is None:
@@ -234,17 +216,12 @@ class Transformer(nn.Module):
         if doc_ids is not None and kv_cache is None:
             if self.cfg.attention == "sdpa" and device.type == "cuda":
                 inputs.block_mask = document_block_mask(doc_ids)
-            else:  # triton (varlen cores), or sdpa off CUDA (per-document SDPA)
+            else:  # fused_qknorm_rope (varlen cores), or sdpa off CUDA (per-document SDPA)
                 inputs.cu_seqlens, inputs.max_seqlen = cu_seqlens_from_doc_ids(doc_ids)
         return inputs
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        doc_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        kv_cache: KVCacheLike | None = None,
-    ) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, kv_cache: KVCacheLike | None = None) -> torch.Tensor:
         """input_ids [B, S] -> final-norm hidden states [B, S, dim]."""
         inputs = self.attention_inputs(input_ids, doc_ids, positions, kv_cache)
         h = self.embed_tokens(input_ids)
@@ -252,15 +229,9 @@ class Transformer(nn.Module):
             h = block(h, inputs)
         return self.norm(h)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        doc_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        kv_cache: KVCacheLike | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                kv_cache: KVCacheLike | None = None) -> torch.Tensor:
         """Logits [B, S, V] (fp32), or with `labels` [B, S] (-100 = ignored) the mean loss over labelled tokens."""
         h = self.hidden_states(input_ids, doc_ids, positions, kv_cache)
         if labels is None:
@@ -271,8 +242,6 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
-    # ------------------------------------------------------------------------------------------- FLOPs
-
 
 def check_model_config(cfg: ModelConfig) -> None:
     """The checks a model built in code (without load_config's validation) still needs: a clear ValueError naming
@@ -280,11 +249,10 @@ def check_model_config(cfg: ModelConfig) -> None:
     kernel. load_config reports the same problems as ConfigError lines."""
     if not (math.isfinite(cfg.norm_eps) and cfg.norm_eps > 0):
         raise ValueError(f"model.norm_eps must be a finite number > 0, got {cfg.norm_eps}")
-    if cfg.attention not in ("sdpa", "triton"):
-        raise ValueError(f"model.attention must be 'sdpa' or 'triton', got {cfg.attention!r}")
-    cores = get_args(AttentionCore)
-    if cfg.attention_core not in cores:
-        raise ValueError(f"model.attention_core must be one of {', '.join(map(repr, cores))}, got {cfg.attention_core!r}")
+    for key, kind in (("attention", AttentionKind), ("attention_core", AttentionCore)):
+        allowed, value = get_args(kind), getattr(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"model.{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
@@ -294,7 +262,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    if cfg.attention == "triton":
+    if cfg.attention == "fused_qknorm_rope":
         # Look the machine up now: under torch.compile the per-layer core choice then reads a cached dict instead
         # of querying the device (a graph break in every layer of the first trace).
         machine_facts(torch.device(device))
@@ -340,14 +308,12 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """[B, S] -> (int32 cumulative document lengths [N+1] over the flattened B*S tokens, on doc_ids' device;
     the longest document's length). Each row starts a new document, so documents never span two batch rows.
-
-    On CUDA this is the one device-to-host copy of a batch (the document starts, B*S bools): the number of
-    documents and max_seqlen are host values the varlen cores need, so they are read once here, never per layer.
-    """
+    On CUDA this is the batch's one device-to-host copy (the document starts, B*S bools): the varlen cores need the
+    number of documents and max_seqlen on the host, so they are read once here, never per layer."""
     bsz, seq = doc_ids.shape
     starts = torch.nonzero(document_starts(doc_ids).flatten().cpu()).flatten()
     cu = torch.cat([starts, torch.tensor([bsz * seq])]).to(torch.int32)
-    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    max_seqlen = max_seqlen_of(cu)
     # A host-to-device copy from pageable memory is staged at once: no wait for the device's queue.
     return cu.to(doc_ids.device, non_blocking=True), max_seqlen
 

@@ -5,33 +5,7 @@
         loss = model(input_ids, labels, doc_ids=doc_ids)
         loss.backward()
 
-The order is torchtitan's: TP first (it swaps parameters for DTensors sharded over mesh["tp"]), then wrappers
-that only change how blocks run (checkpointing, compile), then FSDP2 last, which shards whatever parameters it
-finds (plain or TP DTensors) over mesh["dp"]. A single process (dp = tp = 1) gets the model back untouched,
-apart from activation checkpointing and compile when asked.
-
-Tensor parallel layout (Megatron's, via torch.distributed.tensor.parallel), for tp > 1:
-  embed_tokens        vocab-parallel: rows sharded, ids replicated in, output reduce-scattered over the sequence
-  input_layernorm,    sequence parallel: each rank normalises S/tp tokens of the residual stream
-  post_attention_layernorm, norm
-  self_attn, mlp      inputs all-gathered over the sequence before the projections
-  q/k/v, gate/up      column-wise (each rank computes n_heads/tp heads, ffn_dim/tp features)
-  o, down             row-wise, output reduce-scattered back to the sequence-sharded residual stream
-  q_norm, k_norm      replicated weight (size head_dim, shared by all heads); each rank normalises its own heads,
-                      so the weight's gradient is a partial sum that is all-reduced over tp (apply_head_sharded_norm)
-  lm_head             column-wise with vocab-sharded logits; the loss is the vocab-parallel cross-entropy of
-                      `loss_parallel()`, so the full [B, S, V] logits never exist on one rank
-Tied embeddings work under TP: the embedding (rows sharded) and the head (output features sharded) shard the
-same [V, dim] matrix the same way, Shard(0), so the one parameter is re-tied after sharding.
-
-Outputs stay plain tensors: the mean loss (replicated over tp) and, without labels, the full logits are
-converted from DTensors by a forward hook, so callers (trainer, evaluation) never see a DTensor.
-
-Kernels under TP: the sequence-parallel RMSNorms see DTensors and take the PyTorch reference path of
-megasynth.kernels (kernels/_dispatch.py); SwiGLU sees plain local shards and keeps its Triton kernel. The
-RMSNorm kernel could run on each rank's sequence shard through `torch.distributed.tensor.experimental.local_map`
-(rows are independent), and fused attention on the local heads given local QK-norm weights whose gradient is
-marked Partial; neither is done yet, so model.attention='triton' with tp > 1 is a clear error for now.
+The order, the tensor-parallel layout and the kernels under TP: docs/parallel.md.
 """
 
 from __future__ import annotations
@@ -42,14 +16,8 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    loss_parallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                               loss_parallel, parallelize_module)
 
 from megasynth.config import ConfigError, ParallelConfig
 from megasynth.distributed import DistInfo
@@ -73,8 +41,7 @@ def parallelize_model(model: Transformer, dist_info: DistInfo, parallel_cfg: Par
     if parallel_cfg.compile:
         apply_compile(model, compile_backend)
     if dist_info.dp_size > 1:
-        # bf16 gathered parameters only where the step computes in bf16 anyway (CUDA autocast); CPU runs and
-        # fp32 runs keep fp32 so that parity with a single process holds to rounding.
+        # bf16 gathered parameters only where the step computes in bf16 anyway: fp32 elsewhere keeps parity.
         bf16 = (dist_info.device.type == "cuda" and parallel_cfg.param_dtype == "bfloat16"
                 and compute_dtype == torch.bfloat16)
         param_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -138,11 +105,11 @@ def check_parallel_shape(cfg, dist_info: DistInfo) -> None:
         )
     if ffn % tp:
         raise ConfigError(f"the MLP width (model.ffn_dim={ffn}) must be divisible by parallel.tp={tp}")
-    if cfg.attention == "triton":
+    if cfg.attention == "fused_qknorm_rope":
         # The fused kernel takes the QK-norm weights as arguments; under TP they are replicated DTensors while
         # q and k are local head shards, a mix DTensor refuses. Supporting it needs the model to hand the
         # kernel `weight.to_local(grad_placements=[Partial()])` (a hook in model.py), not done yet.
-        raise ConfigError(f"model.attention='triton' does not run with parallel.tp={tp} yet; use "
+        raise ConfigError(f"model.attention='fused_qknorm_rope' does not run with parallel.tp={tp} yet; use "
                           "model.attention='sdpa' for tensor-parallel runs")
     if cfg.vocab_size % tp:
         raise ConfigError(
@@ -191,12 +158,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
 
 
 def apply_head_sharded_norm(norm: nn.Module, tp_mesh) -> None:
-    """QK-norm under TP: a replicated weight over inputs that hold only this rank's heads.
-
-    The input q (or k) [B, S, H/tp, D] arrives as a plain local tensor (the column-wise projection's output).
-    Viewed as a DTensor sharded on the head dim, DTensor computes the weight's gradient as a partial sum over
-    the local heads and all-reduces it over tp: the sum over all heads that the single-process model computes.
-    """
+    """QK-norm under TP: a replicated weight over local q (or k) [B, S, H/tp, D] viewed as head-sharded DTensors,
+    so the weight's gradient is all-reduced over tp (docs/parallel.md)."""
 
     def to_head_sharded(module, inputs, mesh):
         (x,) = inputs
@@ -219,13 +182,8 @@ def _outputs_to_local(module, args, output):
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """Recompute block activations in the backward: "none", "selective" (every other block) or "full".
-
-    Selective checkpoints blocks 0, 2, 4, ...: about half the activation memory of none for about half the
-    recompute of full (torchtitan's layer-selective mode with frequency 2). checkpoint_wrapper renames
-    parameters (`_checkpoint_wrapped_module.`), which DCP's state-dict helpers strip, so checkpoints keep the
-    plain names and load with any mode.
-    """
+    """Recompute block activations in the backward: "none", "selective" (blocks 0, 2, 4, ...) or "full"
+    (docs/parallel.md)."""
     if mode == "none":
         return
     if mode not in ("selective", "full"):
@@ -247,11 +205,7 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> None:
 
 def apply_fsdp(model: Transformer, dp_mesh, *, param_dtype: torch.dtype = torch.float32,
                reshard_after_forward: bool = True) -> None:
-    """FSDP2: shard each block, then the root (embedding, final norm, head) over `dp_mesh`.
-
-    Gradients are reduce-scattered in fp32 and averaged over dp ranks (the trainer scales its loss by dp to get
-    the token-weighted sum). The last block is never resharded after the forward: the backward needs it first.
-    """
+    """FSDP2: shard each block, then the root (embedding, final norm, head) over `dp_mesh` (docs/parallel.md)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

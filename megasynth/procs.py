@@ -1,13 +1,6 @@
-"""Worker processes that die with their parent: the one home for it.
+"""Worker processes that die with their parent: the one home for it (docs/training.md, "Worker processes").
 
-    die_with_parent(parent_pid)     # first thing in a pool worker's initializer (parent_pid: os.getpid() of the
-                                    # process that starts the pool, passed in the initializer's arguments)
-
-A pool worker blocks on a queue whose pipe it also holds open, so a SIGKILLed parent leaves its workers (and,
-through them, multiprocessing's resource tracker, which exits only when every holder of its pipe is gone)
-alive as orphans (issue 10). On Linux the kernel kills the worker when its parent dies (prctl
-PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent pid. Either way the worker exits without
-cleanup: it holds nothing that outlives it.
+    die_with_parent(parent_pid)     # first thing in a pool worker's initializer
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
-"""An exclusive lock on a run directory, so that two trainers never write into the same one (issue 10).
+"""An exclusive lock on a run directory, so that two trainers never write into the same one.
 
     lock = acquire_run_lock(run_dir)   # RunDirBusy("... pid 4242 on host gpu-7 ...") if another run holds it
     ...                                # the whole run
     lock.release()                     # or let the process end: the kernel drops the lock either way
 
-The lock is `fcntl.flock(LOCK_EX | LOCK_NB)` on RUN_DIR/.lock, held by keeping the file open. The kernel
-releases it when the holding process exits, however it ends (SIGKILL, OOM, a node reboot), so a crashed run
-never leaves a stale lock behind. The holder writes its pid, host and start time into the file after locking;
-they only make the refusal message useful and are never used to decide anything. The file itself is left in
-place on release: unlinking it would let a waiting process lock the old inode while a third one creates a new
-file and locks that too. A flock belongs to the open file, which a fork shares: forked children (data-loader
-workers) close their copy at once, so that the lock lives exactly as long as the process that took it.
-
-The tools lock their work directories the same way, and synthesize its output prefix (PREFIX.lock beside its
-files, `acquire_path_lock`), passing `tool`: the holder then records its program, and a refused run is told
-"runs/x.work: in use by tools/synthesize.py (pid 1234 on host h, started ...); wait for it or use another
---work-dir" instead of the trainer's wording (issue 19). A tool may delete its locked directory, or the lock file,
-while holding the lock (a finished run removing its work directory): a process that opened the file just before
-finds after locking that the path no longer names the file it locked, and starts again on a fresh one, so two
-processes never both believe they hold the lock.
-
-On a shared file system flock must reach the server: Linux NFS clients implement it with NFS byte-range locks;
-Lustre needs the `flock` mount option (with `localflock` a lock is seen only on its own node).
+How the lock works and what it guarantees (also for the tools' work directories): docs/training.md.
 """
 
 from __future__ import annotations
@@ -47,8 +30,8 @@ class RunLock:
         self.path, self._fd = path, fd
 
     def release(self, *, remove: bool = False) -> None:
-        """Drop the lock; with `remove`, delete the lock file first (while still holding it: see the module
-        docstring for why that is safe), for a lock beside user files that should leave nothing behind."""
+        """Drop the lock; with `remove`, delete the lock file first (while still holding it: docs/training.md says
+        why that is safe), for a lock beside user files that should leave nothing behind."""
         if self._fd is not None:
             if remove:
                 self.path.unlink(missing_ok=True)

@@ -1,15 +1,5 @@
-"""Read a torch.distributed.checkpoint `.metadata` file without running code from it.
-
-DCP's `FileSystemReader.read_metadata` is a plain `pickle.load`: a crafted `.metadata` whose `__reduce__`
-names `os.system` would run it on every load (resume, init_from, generate, eval, export). `SafeFileSystemReader`
-is the same reader with `read_metadata` overridden (DCP's public StorageReader extension point, passed as
-`storage_reader=`), unpickling through `RestrictedUnpickler`, which resolves only the classes DCP metadata is
-made of and refuses anything else with `refusing to unpickle MODULE.NAME from FILE`.
-
-The allow-list was read off real checkpoints (plain modules, FSDP2 and TP DTensor shards, AdamW state,
-weights-only exports): DCP's metadata dataclasses, `_StorageInfo`, `torch.Size`, dtypes, layouts (through
-`torch.serialization._get_layout`) and the checkpoint's own path (`pathlib.PosixPath`). None of them runs code
-when built. Tensor data is never unpickled here: DCP reads shards with `torch.load(weights_only=True)`.
+"""Read a torch.distributed.checkpoint `.metadata` file without running code from it: `SafeFileSystemReader`
+unpickles through an allow-list (docs/training.md, "No code runs on load").
 """
 
 from __future__ import annotations

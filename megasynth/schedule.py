@@ -4,16 +4,7 @@
     ...
     optimizer.step(); scheduler.step()
 
-`lr_factor(step, ...)` is the whole schedule as a pure function of the step: the multiplier of the peak rate
-used by optimizer step number `step` (0-based). The scheduler is a plain `LambdaLR` over it, so its state is
-a step counter and a resumed run follows exactly the rate the uninterrupted run would have used.
-
-Shapes (W = warmup_steps, T = total steps, r = min_lr_ratio, p = progress through the decay in [0, 1]):
-    warmup    step < W:  (step + 1) / W       the first step already moves; step W - 1 runs at the peak
-    cosine    r + (1 - r) * (1 + cos(pi * p)) / 2,   p = (step - W) / (T - W)
-    wsd       1 until the last `decay_fraction` of the steps, then linearly down to r
-    constant  1
-Every schedule reaches r (cosine, wsd) at step T, i.e. once the run is over; steps beyond T stay at r.
+The shapes and why a resumed run follows the same rates: docs/training.md ("Learning-rate schedules").
 """
 
 from __future__ import annotations

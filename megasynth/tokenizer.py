@@ -4,30 +4,7 @@
     ids = tok.encode("Hello", append_eod=True)
     tok.decode(ids), tok.vocab_size, tok.eod_id, tok.identity()
 
-Encoding never adds special tokens on its own: a BOS only with `add_bos=True`, the end-of-document id only
-with `append_eod=True` (a Hugging Face post-processor such as Llama 3's BOS template is bypassed), so the
-preprocessor decides exactly which specials land in a dataset.
-
-Text from data or from an LLM is encoded with `parse_special=False` (issue 19): the literal text of a special
-token ("<|endoftext|>", "<|im_end|>", "<|sep|>" in a web page or a model's reply) is tokenised as ordinary
-text, so it can never become an end-of-document or a chat marker inside a document. The default,
-`parse_special=True`, is for text we build ourselves with markers in it (a rendered chat template). Which strings
-differ between the two is `special_texts`: a Hugging Face file's added tokens marked special (its
-`encode_special_tokens` switch), and a SentencePiece model's user-defined pieces that are special-token names
-(`<|...|>`, or one of EOD_NAMES / BOS_NAMES; its control pieces, </s> and <s>, never come from text anyway).
-Text without those strings gets the same ids either way. Every tokenizer must have an end-of-document
-id; loading one without fails with a message saying how to add one.
-
-Encoding is always of the whole text: a tokenizer.json saved after enable_truncation/enable_padding (common
-for BERT-family files prepared for fixed-length batches) keeps those settings, which would silently cut long
-documents and pad short ones with [PAD] ids (issue 10). They are switched off at load, for every caller; `identity()` says so
-(`"whole_text": true`) and records the settings it dropped under `"ignored_from_file"`.
-
-`identity()["sha256"]` hashes the defining file's bytes together with the EOD and BOS ids (the only thing we
-read from a tokenizer_config.json), so it does not depend on the path, on mtimes, or on `save()` rewriting
-the config: a dataset made with a tokenizer and one made with its saved copy carry the same hash. (The dropped
-truncation and padding settings stay in the hashed bytes: they no longer change any id, and leaving the hash
-alone keeps existing datasets and blends consistent.)
+Special tokens, whole-text encoding and the identity hash: docs/training.md ("Tokenizers").
 """
 
 from __future__ import annotations
@@ -37,7 +14,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +52,11 @@ def limit_tokenizer_threads(n: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = str(n)
 
 
+def tokenizer_threads() -> int | None:
+    """The limit set by limit_tokenizer_threads, None without one."""
+    return _num_threads
+
+
 def _sha256_of(paths: Sequence[Path], extra: dict) -> str:
     """sha256 of the files' bytes, in order, then of `extra` as canonical JSON."""
     h = hashlib.sha256()
@@ -109,7 +90,7 @@ class Tokenizer(ABC):
     @property
     @abstractmethod
     def special_texts(self) -> tuple[str, ...]:
-        """The strings that encode to a special id with parse_special=True and as text without (module docstring)."""
+        """The strings that encode to a special id with parse_special=True and as text without (docs/training.md)."""
 
     @abstractmethod
     def _defining_files(self) -> list[Path]:
@@ -129,7 +110,7 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False,
                      parse_special: bool = True) -> list[list[int]]:
-        """parse_special=False for text from data or an LLM: special-token strings stay text (module docstring)."""
+        """parse_special=False for text from data or an LLM: special-token strings stay text (docs/training.md)."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings; use encode() for one string")
         texts = list(texts)
@@ -329,157 +310,14 @@ def _read_chat_template(directory: Path, config: dict) -> str | None:
                          f"{{\"name\", \"template\"}} with a \"default\" one, got {value!r:.80}")
 
 
-class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece .model; EOD is the model's EOS piece, BOS its BOS piece (when it has one)."""
-
-    type = "sentencepiece"
-
-    def __init__(self, model_path: Path, origin: Path):
-        import sentencepiece as spm  # noqa: PLC0415
-
-        self.path = str(origin.resolve())
-        self._model_path = model_path
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.Load(str(model_path))
-        except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{model_path}: not a SentencePiece model ({e})") from e
-        self.vocab_size = self._sp.get_piece_size()
-        if self._sp.eos_id() < 0:
-            raise TokenizerError(
-                f"{model_path}: the SentencePiece model has no EOS piece (it was trained with eos_id=-1), so there "
-                "is no end-of-document id. Retrain it with an EOS id, e.g. tools/train_tokenizer.py --type sentencepiece"
-            )
-        self.eod_id = self._sp.eos_id()
-        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
-        # Candidates by name first (cheap); only then is the model read for which of them are user-defined.
-        named = {piece for i in range(self.vocab_size) if not self._sp.IsControl(i) and not self._sp.IsUnknown(i)
-                 and _is_special_name(piece := self._sp.IdToPiece(i))}
-        user = {piece for piece, t, _ in _sp_pieces(self._sp.serialized_model_proto()) if t == 4} if named else set()
-        self._special_texts = tuple(sorted(named & user, key=self._sp.PieceToId))
-        self._text_sp = None  # the model with those pieces made control pieces, made at first use
-
-    @property
-    def special_texts(self) -> tuple[str, ...]:
-        return self._special_texts
-
-    def _processor(self, parse_special: bool):
-        """The processor to encode with: for text (parse_special False), one whose special user-defined pieces
-        are control pieces, which SentencePiece never produces from text; every other piece is unchanged."""
-        if parse_special or not self._special_texts:
-            return self._sp
-        if self._text_sp is None:
-            import sentencepiece as spm  # noqa: PLC0415
-
-            proto = _sp_user_pieces_to_control(self._sp.serialized_model_proto(), set(self._special_texts))
-            self._text_sp = spm.SentencePieceProcessor(model_proto=proto)
-        return self._text_sp
-
-    def _threads(self) -> int:
-        return -1 if _num_threads is None else _num_threads  # -1: SentencePiece's own default
-
-    def _encode_batch_raw(self, texts: list[str], parse_special: bool = True) -> list[list[int]]:
-        return self._processor(parse_special).encode(texts, add_bos=False, add_eos=False, num_threads=self._threads())
-
-    def encode_batch_array(self, texts, *, add_bos=False, append_eod=False, dtype=np.int64, parse_special=True):
-        if add_bos:
-            self._require_bos()
-        # SentencePiece hands back one numpy array per text: no Python int per token.
-        arrays = self._processor(parse_special).encode(list(texts), add_bos=add_bos, add_eos=append_eod,
-                                                       num_threads=self._threads(), return_type="numpy")
-        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-        flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
-        return flat.astype(dtype, copy=False), lengths
-
-    def _defining_files(self) -> list[Path]:
-        return [self._model_path]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(self._check_ids(ids))
-
-    def save(self, directory: str | os.PathLike) -> None:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_copy(self._model_path, out / SP_FILE)
-        vocab = self._model_path.with_suffix(".vocab")
-        if vocab.is_file():  # a human-readable listing, not needed to load; kept for people reading the folder
-            atomic_copy(vocab, out / "tokenizer.vocab")
-
-
-_SPECIAL_NAME = re.compile(r"<\|[^\s|]+\|>")
-
-
-def _is_special_name(piece: str) -> bool:
-    """A SentencePiece user-defined piece that names a special token: <|...|>, or an EOD / BOS name."""
-    return piece in EOD_NAMES or piece in BOS_NAMES or _SPECIAL_NAME.fullmatch(piece) is not None
-
-
-def _varint(buf, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _sp_pieces(buf):
-    """(piece, type, offset of the type's varint or None) of every piece of a serialized SentencePiece ModelProto,
-    read from the wire format (field 1 is the repeated SentencePiece {1: piece, 2: score, 3: type}; type 1
-    NORMAL when absent, 3 CONTROL, 4 USER_DEFINED). Avoids a protobuf dependency."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, start = _varint(buf, i)
-            i = start + n
-            if key >> 3 == 1:  # one SentencePiece
-                j, piece, type_at = start, None, None
-                while j < i:
-                    k, j = _varint(buf, j)
-                    if k & 7 == 2:
-                        m, j0 = _varint(buf, j)
-                        if k >> 3 == 1:
-                            piece = bytes(buf[j0:j0 + m]).decode("utf-8", "replace")
-                        j = j0 + m
-                    elif k & 7 == 0:
-                        if k >> 3 == 3:
-                            type_at = j
-                        _, j = _varint(buf, j)
-                    elif k & 7 == 5:
-                        j += 4
-                    else:
-                        j += 8
-                yield piece, (1 if type_at is None else _varint(buf, type_at)[0]), type_at
-        else:
-            raise TokenizerError(f"unexpected wire type {wire} in a SentencePiece model")
-
-
-def _sp_user_pieces_to_control(proto: bytes, pieces: set[str]) -> bytes:
-    """The serialized ModelProto with the USER_DEFINED (4) pieces named in `pieces` retyped CONTROL (3): the
-    same one-byte varint, edited in place, so no length changes."""
-    buf = bytearray(proto)
-    for piece, kind, type_at in list(_sp_pieces(bytes(buf))):
-        if kind == 4 and piece in pieces:
-            buf[type_at] = 3
-    return bytes(buf)
-
-
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a SentencePiece .model, a Hugging Face tokenizer.json, or a directory holding one of them.
 
     In a directory, tokenizer.json wins over tokenizer.model (a Hugging Face folder often holds both, and the
     .json is what its fast tokenizer runs); a directory with neither may hold exactly one other *.model file.
     """
+    from megasynth.tokenizer_sp import SentencePieceTokenizer  # noqa: PLC0415 (it builds on this module)
+
     origin = Path(path)
     if origin.is_dir():
         if (origin / HF_FILE).is_file():

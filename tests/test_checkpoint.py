@@ -14,6 +14,7 @@ from helpers import tiny_config
 
 from megasynth import checkpoint as ck
 from megasynth.model import Transformer
+from megasynth.rng_state import rng_state, set_rng_state
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def save(cfg, root, step, model, opt, keep_last=0, parts=None):
 def test_round_trip_restores_model_optimizer_and_parts(cfg, tmp_path):
     model, opt = trained(cfg)
     parts = {"scheduler": {"last_epoch": 2}, "data": {"consumed_samples": 16}, "progress": {"step": 2},
-             "rng": {"rank_0": ck.rng_state()}}
+             "rng": {"rank_0": rng_state()}}
     path = save(cfg, tmp_path / "ckpt", 2, model, opt, parts=parts)
     assert path.name == "step_00000002"
     assert {"config.toml", "meta.json", ".metadata"} <= {p.name for p in path.iterdir()}
@@ -175,9 +176,9 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
 
 
 def test_rng_state_round_trip():
-    state = ck.rng_state()
+    state = rng_state()
     json.dumps(state)  # JSON-safe: stored as a string inside the checkpoint
     draws = (random.random(), np.random.rand(), torch.rand(3))
-    ck.set_rng_state(json.loads(json.dumps(state)))
+    set_rng_state(json.loads(json.dumps(state)))
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert draws[0] == again[0] and draws[1] == again[1] and torch.equal(draws[2], again[2])

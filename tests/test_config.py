@@ -4,20 +4,14 @@ import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+from megasynth import config_parse
 
-from megasynth.config import (
-    Config,
-    ConfigError,
-    DataSource,
-    describe_config,
-    field_docs,
-    load_config,
-    parse_overrides,
-    save_config,
-)
+from megasynth.config import Config, ConfigError, DataSource, describe_config, load_config, save_config
+from megasynth.config_parse import field_docs, parse_overrides
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +52,7 @@ def test_string_override_without_quotes():
         (["--train.steps=five"], "train.steps: expected an integer, got 'five'"),
         (["--train.steps=1.5"], "train.steps: expected an integer"),
         (["--model.qk_norm=yes"], "model.qk_norm: expected true or false"),
-        (["--model.attention=flash"], "model.attention: expected one of 'sdpa', 'triton'"),
+        (["--model.attention=flash"], "model.attention: expected one of 'sdpa', 'fused_qknorm_rope'"),
         (["--data.valid_paths=x"], "data.valid_paths: expected a list"),
         (["--train.steps"], "has no value"),
         (["steps=5"], "unexpected argument 'steps=5'"),
@@ -92,7 +86,7 @@ def test_file_errors_name_the_file_and_key(tmp_path):
     "args, fragment",
     [
         (["--model.n_heads=6", "--model.n_kv_heads=4"], "model.n_kv_heads=4 must divide model.n_heads=6"),
-        (["--model.attention=triton", "--model.qk_norm=false"], "needs model.qk_norm=true"),
+        (["--model.attention=fused_qknorm_rope", "--model.qk_norm=false"], "needs model.qk_norm=true"),
         (["--data.seq_len=9000", "--model.max_seq_len=4096"], "data.seq_len=9000 exceeds model.max_seq_len=4096"),
         (["--data.data_path=a", '--data.sources=[{path="b", weight=1.0}]'], "not both"),
         (["--train.eval_batches=0"], "train.eval_batches must be >= 1"),
@@ -102,6 +96,21 @@ def test_file_errors_name_the_file_and_key(tmp_path):
 def test_cross_field_validation(args, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, args)
+
+
+def test_renamed_attention_value_still_loads_with_one_warning(tmp_path, monkeypatch):
+    # Run directories saved before the rename hold model.attention = "triton": they load (so the run resumes),
+    # warn once per process, and the resolved config names the new value.
+    monkeypatch.setattr(config_parse, "_WARNED", set())
+    old = write(tmp_path, '[model]\nattention = "triton"\n')
+    with pytest.warns(FutureWarning, match="model.attention='triton' is deprecated and read as 'fused_qknorm_rope'"):
+        cfg = load_config(old)
+    assert cfg.model.attention == "fused_qknorm_rope"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: no warning
+        assert load_config(None, ["--model.attention=triton"]).model.attention == "fused_qknorm_rope"
+    save_config(cfg, tmp_path / "saved.toml")
+    assert tomllib.loads((tmp_path / "saved.toml").read_text())["model"]["attention"] == "fused_qknorm_rope"
 
 
 def test_every_field_has_a_docstring():
@@ -141,8 +150,8 @@ def test_parse_overrides_values():
     }
 
 
-# Every numeric key with a value outside its range: (overrides, the one error line expected). Issue 10: these
-# were accepted (negative warmup or clipping) or crashed (model.n_heads=0: ZeroDivisionError while building
+# Every numeric key with a value outside its range: (overrides, the one error line expected). These
+# were once accepted (negative warmup or clipping) or crashed (model.n_heads=0: ZeroDivisionError while building
 # the list of checks).
 BAD_VALUES = [
     (["--model.vocab_size=0"], "model.vocab_size must be >= 1, got 0"),

@@ -164,8 +164,8 @@ def test_document_masking_equals_separate_sequences():
 
 @pytest.mark.parametrize("kernels", ["triton", "reference"])
 def test_backends_agree_on_loss_and_gradients(kernels, monkeypatch):
-    """The `triton` backend (megasynth.kernels.qknorm_rope_attention: QK-norm + RoPE pre-pass, then the attention
-    core; varlen over documents) against the `sdpa` backend run on the PyTorch reference kernels, with and without
+    """The `fused_qknorm_rope` backend (megasynth.kernels.qknorm_rope_attention: QK-norm + RoPE pre-pass, then the
+    attention core; varlen over documents) against the `sdpa` backend run on the PyTorch reference kernels, with and without
     per-document masking. kernels=triton runs every Triton kernel of the model (pre-pass, flash core, RMSNorm,
     SwiGLU, fused linear cross-entropy) under the interpreter; kernels=reference runs the composite's dense-mask
     reference. Tiny on purpose: the interpreter is slow (2 layers, 12 tokens). On a GPU machine the same test runs
@@ -173,7 +173,7 @@ def test_backends_agree_on_loss_and_gradients(kernels, monkeypatch):
     ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     doc_ids = torch.tensor([[0] * 4 + [1] * 1 + [2] * 8, [0] * 13], device=DEVICE)
     ref_model = build(tiny_cfg(attention="sdpa"), seed=2, device=DEVICE)
-    model = build(tiny_cfg(attention="triton"), seed=2, device=DEVICE)
+    model = build(tiny_cfg(attention="fused_qknorm_rope"), seed=2, device=DEVICE)
     for docs in (None, doc_ids[:, :-1]):
         ref_model.zero_grad()
         model.zero_grad()
@@ -295,7 +295,7 @@ def test_flex_document_block_mask_matches_the_dense_mask():
 
 
 def test_norm_eps_must_be_positive(capsys):
-    """eps = 0 would divide by zero on an all-zero row (NaN gradients; issue 14): refused by the config (one
+    """eps = 0 would divide by zero on an all-zero row (NaN gradients): refused by the config (one
     line naming the field, exit code 2 from the command line) and by a model built in code."""
     with pytest.raises(ConfigError, match=r"^model.norm_eps must be a finite number > 0, got 0.0$"):
         load_config(None, ["--model.norm_eps=0"])
@@ -307,16 +307,20 @@ def test_norm_eps_must_be_positive(capsys):
 
 
 def test_attention_core_is_validated():
-    assert load_config(None, ["--model.attention=triton", "--model.attention_core=flash_attn"]).model.attention_core == "flash_attn"
+    fused = "--model.attention=fused_qknorm_rope"
+    assert load_config(None, [fused, "--model.attention_core=flash_attn"]).model.attention_core == "flash_attn"
     with pytest.raises(ConfigError, match=r"model.attention_core: expected one of 'auto', 'flash_attn', 'cudnn', 'flash', 'triton', 'reference', got 'fa3'"):
         load_config(None, ["--model.attention_core=fa3"])
     # The SDPA cores take batched inputs only; document masking needs a varlen core.
     with pytest.raises(ConfigError, match=r"model.attention_core='cudnn' \(torch SDPA\) takes batched inputs only"):
-        load_config(None, ["--model.attention=triton", "--model.attention_core=cudnn"])
-    cfg = load_config(None, ["--model.attention=triton", "--model.attention_core=cudnn", "--data.document_masking=false"])
+        load_config(None, [fused, "--model.attention_core=cudnn"])
+    cfg = load_config(None, [fused, "--model.attention_core=cudnn", "--data.document_masking=false"])
     assert cfg.model.attention_core == "cudnn"
     with pytest.raises(ValueError, match="model.attention_core must be one of 'auto', .*got 'fa3'"):
         build_model(tiny_cfg(attention_core="fa3"))
+    # A model built in code (no load_config) names the current values; the old name is for saved configs.
+    with pytest.raises(ValueError, match="model.attention must be one of 'sdpa', 'fused_qknorm_rope', got 'triton'"):
+        build_model(tiny_cfg(attention="triton"))
 
 
 def test_init_weights_is_seeded_and_scales_output_projections():
@@ -341,8 +345,8 @@ def test_doc_helpers():
     assert cu.dtype == torch.int32
     assert cu.tolist() == [0, 2, 5, 6, 7, 8, 10, 12]
     assert max_seqlen == 3
-    # The triton backend gets both, computed once per forward for every layer.
-    inputs = build(tiny_cfg(attention="triton")).attention_inputs(torch.zeros(2, 6, dtype=torch.long), doc_ids)
+    # The fused backend gets both, computed once per forward for every layer.
+    inputs = build(tiny_cfg(attention="fused_qknorm_rope")).attention_inputs(torch.zeros(2, 6, dtype=torch.long), doc_ids)
     assert inputs.cu_seqlens.tolist() == cu.tolist() and inputs.max_seqlen == 3 and inputs.block_mask is None
 
 

@@ -95,7 +95,7 @@ def _loader_slices(cfg, info, trainer) -> list[list[int]]:
     from megasynth.data.loader import DistributedBatchLoader, build_train_dataset  # noqa: PLC0415
 
     t = cfg.train
-    dataset = trainer._rank0_first(info, lambda: build_train_dataset(
+    dataset = trainer.rank0_first(info, lambda: build_train_dataset(
         cfg.data, num_samples=t.steps * t.global_batch_size, seed=t.seed, cache_dir=Path(t.run_dir) / "cache"))
     recording = RecordingDataset(dataset)
     loader = DistributedBatchLoader(recording, global_batch_size=t.global_batch_size,
@@ -311,8 +311,8 @@ def test_models_that_tp_cannot_split_are_clear_errors(tmp_path, corpus):
     cfg = layout_config(tmp_path, corpus, 2, **{"model.vocab_size": 63})
     with pytest.raises(ConfigError, match=r"model.vocab_size=63 .* parallel.tp=2"):
         check_parallel_shape(cfg.model, fake_info(4, 2))
-    cfg = layout_config(tmp_path, corpus, 2, **{"model.attention": "triton"})
-    with pytest.raises(ConfigError, match=r"model.attention='triton' does not run with parallel.tp=2"):
+    cfg = layout_config(tmp_path, corpus, 2, **{"model.attention": "fused_qknorm_rope"})
+    with pytest.raises(ConfigError, match=r"model.attention='fused_qknorm_rope' does not run with parallel.tp=2"):
         check_parallel_shape(cfg.model, fake_info(4, 2))
     check_parallel_shape(layout_config(tmp_path, corpus, 2).model, fake_info(4, 2))  # 4 / 2 heads split fine
 

@@ -126,10 +126,11 @@ def test_rephrase_reply_holding_eod_text_is_one_document(tmp_path, openai_server
 
 
 def test_endpoint_reply_holding_eod_text_is_not_cut(toks):
-    from megasynth.synth.sbp.samplers import EndpointSampler, EndpointSettings, Sampling  # noqa: PLC0415
+    from megasynth.synth.llm import LLMSettings  # noqa: PLC0415
+    from megasynth.synth.sbp.samplers import EndpointSampler, Sampling  # noqa: PLC0415
 
     tok = toks["bpe"]
-    sampler = EndpointSampler(EndpointSettings("http://unused", "m"), tok, Sampling(0, 1.0, 0, 1.0, 64), "ledger")
+    sampler = EndpointSampler(LLMSettings("http://unused", "m"), tok, Sampling(0, 1.0, 0, 1.0, 64), "ledger")
     reply = "first part <|endoftext|> second part"
     ids, ended = sampler._document(SimpleNamespace(ok=True, text=reply, finish_reason="stop"), 0)
     assert ended and tok.eod_id not in ids and tok.decode(ids) == reply

@@ -24,7 +24,8 @@ from megasynth.distributed import DistInfo
 from megasynth.metrics import read_metrics
 from megasynth.model import Transformer
 from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
-from megasynth.train import copy_tokenizer, main, train_step
+from megasynth.train import main, train_step
+from megasynth.train_setup import copy_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None, dp_rank=0, dp_size=1,

@@ -1,4 +1,4 @@
-"""EntiGraph: turn a small corpus into a large synthetic one through any OpenAI-compatible LLM (issue 13).
+"""EntiGraph: turn a small corpus into a large synthetic one through any OpenAI-compatible LLM.
 
     OPENAI_API_KEY=... python tools/entigraph.py --input docs.jsonl --work-dir runs/eg --output-prefix data/eg \\
         --tokenizer tok/ --base-url https://api.openai.com/v1 --model gpt-4o-mini --max-pairs-per-doc 200 \\
@@ -9,6 +9,8 @@ Input: JSONL documents {"id", "title" (optional), "text"} (ids unique), or an in
 --input-tokenizer, default the tokenizer its sidecar names). Per document, one request extracts a summary and the
 salient entities (JSON); then, for entity pairs (all, or a seeded sample of --max-pairs-per-doc) and a seeded
 sample of --max-triples-per-doc triples, one request each writes how those entities relate in the document.
+With --entity-questions, also one request per entity (the EntiGraph reference's single-entity step): a
+description of the entity and questions with answers about it, in the context of the document.
 
 Resumable: every finished request is appended to WORK_DIR/entities.jsonl or relations.jsonl before it counts;
 run the same command again after a crash, a kill or a budget stop and only the missing requests are sent.
@@ -37,9 +39,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megasynth.cli import ToolParser, check_outputs, directory, prefix
+from megasynth.cli import (
+    ToolParser, add_outcome_arguments, add_source_arguments, check_outputs, directory, prefix, run_llm_pipeline,
+)
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
-from megasynth.synth.pipeline_cli import add_outcome_arguments, add_source_arguments, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair and triple samples (default 0)")
     parser.add_argument("--include-summaries", action="store_true",
                         help="also write each document's summary as a synthetic document")
+    parser.add_argument("--entity-questions", action="store_true",
+                        help="also the single-entity step: per entity, one request for a description of it and "
+                             "questions with answers about it (off by default; a work dir made without it is refused "
+                             "with it, and the other way round)")
     add_outcome_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_llm_arguments(parser)
@@ -77,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EntiGraphConfig(input=args.input, work_dir=args.work_dir, output_prefix=args.output_prefix,
                           tokenizer=args.tokenizer, llm=llm, input_tokenizer=args.input_tokenizer,
                           max_pairs_per_doc=args.max_pairs_per_doc, max_triples_per_doc=args.max_triples_per_doc,
-                          seed=args.seed, include_summaries=args.include_summaries, retry_failed=args.retry_failed,
+                          seed=args.seed, include_summaries=args.include_summaries,
+                          entity_questions=args.entity_questions, retry_failed=args.retry_failed,
                           allow_partial=args.allow_partial, overwrite=args.overwrite, progress=not args.no_progress)
-    out, code = run_tool(lambda: run_entigraph(cfg), args.output_prefix)
+    out, code = run_llm_pipeline(lambda: run_entigraph(cfg), args.output_prefix)
     if out is None:
         return code
     c = out["counts"]
+    questions = f"{c['entity_questions']:,} entity questions, " if args.entity_questions else ""
     print(f"wrote {args.output_prefix}: {out['sidecar']['num_documents']:,} documents, "
           f"{out['sidecar']['num_tokens']:,} tokens from {c['documents']:,} source documents "
-          f"({c['entities']:,} entities, {c['pairs']:,} pairs, {c['triples']:,} triples, "
+          f"({c['entities']:,} entities, {questions}{c['pairs']:,} pairs, {c['triples']:,} triples, "
           f"{c['summaries']:,} summaries) | {out['llm']['requests']:,} requests in the ledger, "
           f"{out['llm']['prompt_tokens']:,} in / {out['llm']['completion_tokens']:,} out tokens, "
           f"${out['llm']['cost_usd']:.4f}")

@@ -22,19 +22,17 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from megasynth.chat import ChatTemplateError, load_chat_template
-from megasynth.checkpoint import CheckpointError, read_meta
+from megasynth.checkpoint import read_meta
 from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, run_dir
 from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, prefix_exists
-from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.eval.harness import EvalSettings, run_perplexity, run_task
 from megasynth.eval.report import RESULT_FILES, markdown_table, write_report
 from megasynth.eval.tasks import TASK_TYPES, TaskError, load_task
-from megasynth.generate import load_model_and_tokenizer
+from megasynth.generate import run_with_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,21 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = init_distributed(tp=1, device=args.device)
-    try:
-        return _run(args, tasks, info)
-    finally:
-        destroy_distributed()
+    return run_with_model(args, lambda *loaded: _run(args, tasks, *loaded), require_tokenizer=bool(tasks))
 
 
-def _run(args, tasks, info) -> int:
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    try:
-        model, cfg, tok, step_dir = load_model_and_tokenizer(args.checkpoint, args.tokenizer, info.device, dtype,
-                                                             require_tokenizer=bool(tasks))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args, tasks, model, cfg, tok, step_dir, info) -> int:
     settings = EvalSettings(num_fewshot=args.num_fewshot, seed=args.seed, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             quality_title=not args.quality_no_title, quality_answer=args.quality_answer,

@@ -20,14 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from megasynth.chat import ChatTemplateError, ConversationError, load_chat_template
-from megasynth.checkpoint import CheckpointError
 from megasynth.cli import ToolParser, check_outputs, file, float_range, nonnegative_float, run_dir
-from megasynth.distributed import destroy_distributed, init_distributed
-from megasynth.generate import default_start_ids, generate, load_model_and_tokenizer
+from megasynth.generate import default_start_ids, generate, run_with_model
 from megasynth.io import JsonlError, atomic_write_text, read_jsonl
 
 
@@ -121,20 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = init_distributed(tp=1, device=args.device)
-    try:
-        return _run(args, prompts, info)
-    finally:
-        destroy_distributed()
+    return run_with_model(args, lambda *loaded: _run(args, prompts, *loaded))
 
 
-def _run(args, prompts: list[tuple[str, str]], info) -> int:
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    try:
-        model, cfg, tok, _ = load_model_and_tokenizer(args.checkpoint, args.tokenizer, info.device, dtype)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args, prompts: list[tuple[str, str]], model, cfg, tok, _step_dir, info) -> int:
     try:
         template = load_chat_template(tok) if args.chat else None
         texts = {i: template.prompt([{"role": "user", "content": prompts[i][1]}]) if template else prompts[i][1]

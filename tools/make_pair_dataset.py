@@ -25,7 +25,8 @@ import sys
 
 from megasynth.cli import ToolParser, check_outputs, file, prefix
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
-from megasynth.synth.sbp.pair_dataset import PairDatasetError, make_pair_dataset
+from megasynth.synth.corpus import CorpusError
+from megasynth.synth.sbp.pair_dataset import make_pair_dataset
 from megasynth.tokenizer import TokenizerError
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_seed_tokens=args.max_seed_tokens, max_target_tokens=args.max_target_tokens,
                               both_directions=args.both_directions, overwrite=args.overwrite,
                               allow_empty=args.allow_empty, progress=not args.no_progress, separator=args.separator)
-    except (PairDatasetError, IndexedDatasetError, TokenizerError, PrefixOutputError) as e:
+    except (CorpusError, IndexedDatasetError, TokenizerError, PrefixOutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -22,29 +22,81 @@ refused. Exit code 2 on bad input, with the offending file, flag or token named.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from megasynth.cli import ToolParser, check_outputs, directory, nonnegative_float, positive_float
-from megasynth.config import Config, ConfigError, load_config
+from megasynth.config import Config, ConfigError, config_to_dict, load_config
 from megasynth.data.blend import BlendError, parse_data_path
 from megasynth.io import atomic_files
+from megasynth.io import atomic_write_text
 from megasynth.mixture import (
     MixtureError,
+    MixtureSource,
+    PlannedRun,
+    format_count,
     generation_flops,
-    horizon_from_flops,
     parse_token_count,
     plan_compute_matched,
-    render_plan_summary,
     render_repetition_table,
+    render_table,
     repetition_rows,
-    resolve_source,
-    write_run_config,
+    training_flops_per_token,
 )
 
 EXIT_BAD_INPUT = 2
 PLAN_FILES = ("baseline.toml", "synthetic.toml", "oracle.toml")  # what --overwrite replaces in --out
+
+
+def format_flops(f: float) -> str:
+    return f"{f:.3g}"
+
+
+def resolve_source(spec: str, weight: float = 1.0, name: str = "") -> MixtureSource:
+    """A dataset prefix (its unique tokens read from the .idx) or `NAME=COUNT` (e.g. `real=0.5T`)."""
+    from megasynth.data.indexed import IndexedDataset, prefix_exists  # noqa: PLC0415
+
+    spec = str(spec)
+    if prefix_exists(spec):
+        return MixtureSource(name or os.path.basename(spec), IndexedDataset(spec).num_tokens, weight, spec)
+    if "=" in spec:
+        label, count = spec.rsplit("=", 1)
+        if not label:
+            raise MixtureError(f"source {spec!r}: the name before '=' is empty (expected NAME=COUNT, e.g. real=0.5T)")
+        return MixtureSource(name or label, parse_token_count(count, f"source {spec!r}: count"), weight, None)
+    raise MixtureError(f"source {spec!r}: no dataset prefix {spec}.bin/.idx and not NAME=COUNT (e.g. real=0.5T)")
+
+
+def render_plan_summary(runs: list[PlannedRun]) -> str:
+    """One line per run: mixture, steps, tokens, training / synthesis / total FLOPs."""
+    body = []
+    for run in runs:
+        t = run.config.train
+        mix = " + ".join(f"{r.share:.3f} {r.name} ({r.epochs:.2f} ep)" for r in run.rows())
+        body.append([run.name, mix, str(t.steps), format_count(run.horizon_tokens), format_flops(run.train_flops),
+                     format_flops(run.synthesis_flops), format_flops(run.total_flops)])
+    return render_table(["run", "mixture (share, epochs)", "steps", "tokens", "train FLOPs", "synthesis FLOPs",
+                         "total FLOPs"], body, "llrrrrr")
+
+
+def write_run_config(run: PlannedRun, path: Path) -> Path:
+    """Write run.config as TOML (loadable by load_config) under a comment header describing the plan; atomic."""
+    import tomli_w  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = [f"# Compute-matched run '{run.name}' (written by tools/plan_mixture.py --compute-matched).",
+              f"# {run.config.train.steps} steps x {run.config.train.global_batch_size} sequences x "
+              f"{run.config.data.seq_len} tokens = {run.horizon_tokens} training tokens, "
+              f"{run.train_flops:.4g} training FLOPs (+ {run.synthesis_flops:.4g} synthesis FLOPs).",
+              *(f"# {r.name}: share {r.share:.4f}, {r.epochs:.3f} epochs of {r.unique_tokens} unique tokens"
+                for r in run.rows()),
+              *(f"# NOTE: {n}" for n in run.notes)]
+    text = "\n".join(header) + "\n\n" + tomli_w.dumps(config_to_dict(run.config))
+    atomic_write_text(path, text)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +147,9 @@ def resolve_horizon(args, cfg: Config | None) -> int:
     if args.flops is not None:
         if cfg is None:
             raise MixtureError("--flops needs --config (the model and seq_len give the FLOPs per token)")
-        return horizon_from_flops(args.flops, cfg)
+        if not math.isfinite(args.flops) or args.flops <= 0:
+            raise MixtureError(f"--flops must be a positive number, got {args.flops!r}")
+        return int(args.flops // training_flops_per_token(cfg))  # Megatron's FLOPs formula at cfg's seq_len
     if cfg is not None:
         return cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len
     raise MixtureError("no horizon: give --tokens N, or --flops F with --config, or --config alone")

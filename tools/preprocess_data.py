@@ -28,9 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megasynth.cli import ToolParser, check_outputs, prefix
-from megasynth.data.preprocess import preprocess, print_skipped, run_for_cli
-from megasynth.data.readers import add_input_arguments, reader_options_from_args
+from megasynth.cli import ToolParser, add_input_arguments, reader_options_from_args
+from megasynth.data.preprocess import parse_cli_args, preprocess, run_for_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,22 +73,12 @@ def summary_line(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
-                  {"--input": args.input, "--tokenizer": args.tokenizer})
-    if args.workers < 0 or args.batch_size < 1 or args.max_bad_lines_shown < 0:
-        print("--workers must be >= 0, --batch-size >= 1 and --max-bad-lines-shown >= 0", file=sys.stderr)
-        return 2
-    code, summary = run_for_cli(args.output_prefix, lambda: preprocess(
+    args = parse_cli_args(parser, argv)
+    return run_for_cli(args.output_prefix, lambda: preprocess(
         args.input, args.output_prefix, args.tokenizer,
         options=reader_options_from_args(args, batch_size=args.batch_size), add_bos=args.add_bos,
         append_eod=args.append_eod, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite,
-        allow_empty=args.allow_empty))
-    if code:
-        return code
-    print_skipped(summary)
-    print(f"wrote {args.output_prefix}.bin/.idx/.json: {summary_line(summary)}")
-    return 0
+        allow_empty=args.allow_empty), files=".bin/.idx/.json", summary_line=summary_line)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Same pipeline and guarantees as tools/preprocess_data.py: byte-identical output 
 (missing field, empty response, no assistant turn, unknown role, a special token inside a text (any string the
 tokenizer would turn into a special id: content never produces one), more than
 --max-len tokens) stops the run with FILE:LINE: what is wrong, exit code 2 and no output; --skip-bad-lines
-skips and counts them instead. The library is megasynth.data.sft (its docstring has the details).
+skips and counts them instead. The library is megasynth.data.sft; docs/sft.md has the details.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import argparse
 import sys
 
 from megasynth.chat import ChatTemplateError
-from megasynth.cli import ToolParser, check_outputs, prefix
-from megasynth.data.preprocess import print_skipped, run_for_cli
+from megasynth.cli import ToolParser
+from megasynth.data.preprocess import parse_cli_args, run_for_cli
 from megasynth.data.sft import FORMATS, preprocess_sft, resolve_format
 
 
@@ -75,11 +75,7 @@ def summary_line(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix)},
-                  {"--input": args.input, "--tokenizer": args.tokenizer})
-    if args.workers < 0 or args.batch_size < 1 or args.max_bad_lines_shown < 0:
-        parser.error("--workers must be >= 0, --batch-size >= 1 and --max-bad-lines-shown >= 0")
+    args = parse_cli_args(parser, argv)
     if args.max_len is not None and args.max_len < 2:
         parser.error("--max-len must be >= 2")
     if args.truncate and args.max_len is None:
@@ -93,12 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, max_bad_shown=args.max_bad_lines_shown,
                               progress=not args.no_progress, overwrite=args.overwrite, separator=args.separator)
 
-    code, summary = run_for_cli(args.output_prefix, run, bad_input=(ChatTemplateError,))
-    if code:
-        return code
-    print_skipped(summary)
-    print(f"wrote {args.output_prefix}.bin/.idx/.mask/.json: {summary_line(summary)}")
-    return 0
+    return run_for_cli(args.output_prefix, run, files=".bin/.idx/.mask/.json", summary_line=summary_line,
+                       bad_input=(ChatTemplateError,))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,11 @@ import argparse
 import json
 import sys
 
-from megasynth.cli import ToolParser, check_outputs, directory, prefix
+from megasynth.cli import (
+    ToolParser, add_outcome_arguments, add_source_arguments, check_outputs, directory, prefix, run_llm_pipeline,
+)
 from megasynth.data.prefix import sidecar_path
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
-from megasynth.synth.pipeline_cli import add_outcome_arguments, add_source_arguments, run_tool
 
 STYLES = ("plain", "encyclopedic", "qa")  # megasynth.synth.rephrase.STYLES, without importing it for --help
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
-    out, code = run_tool(lambda: run_rephrase(cfg), args.output_prefix)
+    out, code = run_llm_pipeline(lambda: run_rephrase(cfg), args.output_prefix)
     if out is None:
         return code
     if not out["target_reached"]:

@@ -4,7 +4,7 @@ pair-copying), beside the same tests on real neighbour pairs and the paper's 200
     python tools/synth_quality.py --synthetic data/sbp --corpus data/real --out runs/quality \
         --pairs runs/pairs/PAIRS.parquet --sample 10000
     # with an LLM judge for the non-factual column (any OpenAI-compatible endpoint):
-    python tools/synth_quality.py ... --judge-endpoint http://localhost:8000/v1 --judge-model Qwen/Qwen3-8B
+    python tools/synth_quality.py ... --judge-base-url http://localhost:8000/v1 --judge-model Qwen/Qwen3-8B
 
 --synthetic is a prefix written by tools/synthesize.py (its SYNTHETIC.provenance.parquet gives each document's
 seed); --corpus is the prefix the seeds index. Writes OUT/results.json (every count and setting),
@@ -24,18 +24,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from megasynth.cli import ToolParser, check_outputs, directory, float_range, nonnegative_float, prefix, unit_float
-from megasynth.synth.sbp.quality import (
-    RESULT_FILES,
-    JudgeIncomplete,
-    QualityError,
-    QualitySettings,
-    measure_quality,
-    render_table,
-)
+from megasynth.cli import ToolParser, check_outputs, directory, float_range, prefix, unit_float
+from megasynth.synth.llm.settings import add_llm_arguments, settings_from_args
+from megasynth.synth.sbp.quality import JUDGE_DEFAULTS, RESULT_FILES, JudgeIncomplete, QualitySettings, measure_quality
+from megasynth.synth.sbp.quality_report import render_table
 
 EXIT_BAD_INPUT = 2
-EXIT_PARTIAL = 4  # as tools/entigraph.py: items left out, nothing written (megasynth.synth.pipeline_cli)
+EXIT_PARTIAL = 4  # as tools/entigraph.py: items left out, nothing written (megasynth.cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,19 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens of each document decoded for the embedding (default {d.embed_max_tokens})")
     g.add_argument("--embed-batch-size", type=int, default=d.embed_batch_size, metavar="B",
                    help=f"documents per embedding batch (default {d.embed_batch_size})")
-    g = p.add_argument_group("factuality judge (optional; without one the non-factual column is n/a)")
-    g.add_argument("--judge-endpoint", default="", metavar="URL",
-                   help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
-    g.add_argument("--judge-model", default="", metavar="NAME", help="the model name the endpoint serves")
+    g = add_llm_arguments(p, prefix="judge-", required=False, defaults=JUDGE_DEFAULTS,
+                          title="factuality judge (optional; without one the non-factual column is n/a)",
+                          aliases={"base-url": ("--judge-endpoint",)},
+                          omit=("price-in", "price-out", "budget-tokens", "budget-usd"),
+                          helps={"max-attempts": "most requests per document that got a reply (JSON repairs and "
+                                 "retries after empty or unreadable replies included); then its verdict is failed "
+                                 f"(default {JUDGE_DEFAULTS.max_attempts})",
+                                 "transient-budget-s": "seconds a judge request keeps retrying transient failures "
+                                 "(429, 408, 5xx, timeouts, dropped connections) before it counts as unanswered "
+                                 f"(default {JUDGE_DEFAULTS.transient_budget_s:g})"})
     g.add_argument("--judge-sample", type=int, default=d.judge_sample, metavar="K",
                    help=f"documents per row sent to the judge (default {d.judge_sample})")
-    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="environment variable holding the judge's API key (default OPENAI_API_KEY; unset: 'EMPTY', "
-                        "what vLLM accepts); the key is never written anywhere")
-    g.add_argument("--judge-transient-budget-s", type=nonnegative_float, default=d.judge_transient_budget_s,
-                   metavar="S",
-                   help="seconds a judge request keeps retrying transient failures (429, 408, 5xx, timeouts, dropped "
-                        f"connections) before it counts as unanswered (default {d.judge_transient_budget_s:g})")
     g.add_argument("--allow-partial", action="store_true",
                    help="write the results even when judge requests went unanswered (default: write nothing, "
                         "exit 4); results.json then says \"partial\": true")
@@ -104,22 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     check_outputs(parser, {"--out": directory(args.out, RESULT_FILES)},
                   {"--synthetic": prefix(args.synthetic), "--corpus": prefix(args.corpus), "--pairs": args.pairs,
                    "--tokenizer": args.tokenizer}, overwrite=args.overwrite)
-    settings = QualitySettings(
-        sample=args.sample, seed=args.seed, repetition_threshold=args.repetition_threshold,
-        duplicate_threshold=args.duplicate_threshold, copy_threshold=args.copy_threshold,
-        irrelevance_threshold=args.irrelevance_threshold, embed_model=args.embed_model,
-        embed_max_tokens=args.embed_max_tokens, embed_batch_size=args.embed_batch_size,
-        judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, judge_sample=args.judge_sample,
-        judge_transient_budget_s=args.judge_transient_budget_s)
     try:
+        judge = settings_from_args(args, "judge-") if args.judge_base_url or args.judge_model else None
+        settings = QualitySettings(
+            sample=args.sample, seed=args.seed, repetition_threshold=args.repetition_threshold,
+            duplicate_threshold=args.duplicate_threshold, copy_threshold=args.copy_threshold,
+            irrelevance_threshold=args.irrelevance_threshold, embed_model=args.embed_model,
+            embed_max_tokens=args.embed_max_tokens, embed_batch_size=args.embed_batch_size, judge=judge,
+            judge_sample=args.judge_sample)
         results = measure_quality(args.synthetic, args.corpus, args.out, settings, pairs=args.pairs,
-                                  tokenizer=args.tokenizer, api_key_env=args.judge_api_key_env,
-                                  overwrite=args.overwrite, allow_partial=args.allow_partial)
+                                  tokenizer=args.tokenizer, overwrite=args.overwrite, allow_partial=args.allow_partial)
     except JudgeIncomplete as e:
         print(f"error: {e}; no results written to {args.out}: rerun when the endpoint is healthy, or pass "
               "--allow-partial to write them without those verdicts", file=sys.stderr)
         return EXIT_PARTIAL
-    except (QualityError, OSError) as e:
+    except (ValueError, OSError) as e:  # QualityError, CorpusError, TokenizerError, EmbedError, LLMSettings' checks
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if results["partial"]:

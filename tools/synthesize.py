@@ -11,12 +11,13 @@ Sample i is prompted with a corpus document drawn uniformly (seeded by --seed), 
 the pair separator (the layout of tools/make_pair_dataset.py): the one recorded in the sidecar of the pair data the
 checkpoint was tuned on (its config's data sources), else --separator, else <|sep|>; the model samples up to
 --max-new-tokens tokens at --temperature (1 by default: varied syntheses of one seed) and stops at EOD. Empty
-outputs are dropped and counted. A document depends only on (--seed, its sample index): not on the batch size, the number of torchrun
-ranks (each takes a share of the shards) or interruptions. Work goes in shards to --work-dir (default
+outputs are dropped and counted. A document depends only on (--seed, its sample index): not on the batch size,
+the number of torchrun ranks (each takes a share of the shards) or interruptions. Work goes in shards to --work-dir (default
 OUT.work/) with a manifest of the settings; run the same command again after a crash or kill and it resumes,
 publishing the same bytes as an uninterrupted run. --tokens T draws whole shards until the output holds at
-least T tokens (EOD included). With --endpoint the prompts go to an OpenAI-compatible completions server (vLLM
-serving the checkpoint exported with tools/export_hf.py) as token ids, or with --endpoint-prompt text as text.
+least T tokens (EOD included). With --endpoint URL --served-model NAME (the shared LLM flags --base-url and
+--model) the prompts go to an OpenAI-compatible completions server (vLLM serving the checkpoint exported with
+tools/export_hf.py) as token ids, or with --endpoint-prompt text as text.
 No sample is ever left out: transient failures (429 with its Retry-After, 408, 5xx, timeouts, dropped
 connections) are retried for --transient-budget-s per sample without counting as attempts, and a sample that
 still fails, or fails --max-attempts times for its content, stops the run with exit code 1 (the finished shards
@@ -39,22 +40,14 @@ import sys
 import torch
 
 from megasynth.checkpoint import CheckpointError
-from megasynth.cli import (
-    ToolParser,
-    check_outputs,
-    directory,
-    float_range,
-    nonnegative_float,
-    positive_float,
-    prefix,
-    run_dir,
-)
+from megasynth.cli import ToolParser, check_outputs, directory, float_range, nonnegative_float, prefix, run_dir
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
 from megasynth.distributed import destroy_distributed, init_distributed
 from megasynth.run_lock import RunDirBusy
+from megasynth.synth.llm import LLMSettings, add_llm_arguments, settings_from_args
 from megasynth.synth.sbp.samplers import EndpointError
 from megasynth.synth.sbp.shards import ShardError
-from megasynth.synth.sbp.synthesize import EndpointSettings, SynthSettings, synthesize
+from megasynth.synth.sbp.synthesize import SynthSettings, synthesize
 from megasynth.tokenizer import TokenizerError
 
 
@@ -103,21 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the local backend runs (auto: CUDA when available; a rank uses its local GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e = p.add_argument_group("OpenAI-compatible completions backend (instead of sampling here)")
-    e.add_argument("--endpoint", metavar="URL", help="the API root, e.g. http://localhost:8000/v1 (vLLM)")
-    e.add_argument("--served-model", metavar="NAME", help="the model name the server serves (vLLM --served-model-name)")
+    # The endpoint serves the synthesizer itself: the flags above give its sampling and size the run, so the shared
+    # --temperature/--max-tokens and the price/budget flags are not taken here. Only --base-url, --model and
+    # --endpoint-prompt decide the output; the other defaults are LLMSettings' but a longer --timeout.
+    e = add_llm_arguments(
+        p, required=False, title="OpenAI-compatible completions backend (instead of sampling here)",
+        defaults=LLMSettings(timeout_s=300.0), aliases={"base-url": ("--endpoint",), "model": ("--served-model",)},
+        omit=("temperature", "max-tokens", "price-in", "price-out", "budget-tokens", "budget-usd"),
+        helps={"base-url": "the API root, e.g. http://localhost:8000/v1 (vLLM); --endpoint is the same flag",
+               "model": "the model name the server serves (vLLM --served-model-name); --served-model is the same flag",
+               "max-attempts": "requests per sample that got a reply (retries after empty or unreadable ones included) "
+                               "before the run stops (default 5); transient failures do not count, see "
+                               "--transient-budget-s",
+               "transient-budget-s": "seconds a sample keeps retrying transient failures (429 with its Retry-After, "
+                                     "408, 5xx, timeouts, dropped connections) before the run stops, resumable "
+                                     "(default 600)"})
     e.add_argument("--endpoint-prompt", choices=["ids", "text"], default="ids",
                    help="send each prompt as token ids (default; exact, vLLM accepts them) or as decoded text")
-    e.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
-    e.add_argument("--max-attempts", type=int, default=5,
-                   help="requests per sample that got a reply (retries after empty or unreadable ones included) "
-                        "before the run stops (default 5); transient failures do not count, see --transient-budget-s")
-    e.add_argument("--transient-budget-s", type=nonnegative_float, default=600.0, metavar="S",
-                   help="seconds a sample keeps retrying transient failures (429 with its Retry-After, 408, 5xx, "
-                        "timeouts, dropped connections) before the run stops, resumable (default 600)")
-    e.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per request (default 300)")
-    e.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (default OPENAI_API_KEY; unset: 'EMPTY')")
     return p
 
 
@@ -129,21 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                            "--work-dir": directory(args.work_dir or f"{args.output_prefix}.work")},
                   {"--corpus": prefix(args.corpus), "--checkpoint": run_dir(args.checkpoint),
                    "--tokenizer": args.tokenizer})
-    if (args.endpoint is None) != (args.served_model is None):
-        print("error: --endpoint and --served-model go together", file=sys.stderr)
+    if (args.base_url is None) != (args.model is None):
+        print("error: --endpoint and --served-model go together (or --base-url and --model)", file=sys.stderr)
         return 2
     settings = SynthSettings(num_docs=args.num_docs, tokens=args.tokens, seed=args.seed, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, max_seed_tokens=args.max_seed_tokens,
                              max_new_tokens=args.max_new_tokens, shard_docs=args.shard_docs, batch_size=args.batch_size)
-    endpoint = None
-    if args.endpoint:
-        endpoint = EndpointSettings(args.endpoint, args.served_model, args.endpoint_prompt, args.concurrency,
-                                    args.max_attempts, args.timeout, args.api_key_env,
-                                    transient_budget_s=args.transient_budget_s)
     try:
         settings.check()
-        if endpoint is not None and (endpoint.concurrency < 1 or endpoint.max_attempts < 1 or endpoint.timeout_s <= 0):
-            raise ValueError("need --concurrency >= 1, --max-attempts >= 1 and --timeout > 0")
+        endpoint = settings_from_args(args) if args.base_url else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -152,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = synthesize(args.checkpoint, args.corpus, args.output_prefix, settings, tokenizer=args.tokenizer,
                              work_dir=args.work_dir, overwrite=args.overwrite, keep_work=args.keep_work,
                              device=info.device, dtype=getattr(torch, args.dtype), endpoint=endpoint,
-                             progress=not args.no_progress, separator=args.separator)
+                             prompt_format=args.endpoint_prompt, progress=not args.no_progress,
+                             separator=args.separator)
     except EndpointError as e:
         print(f"error: {e}; the finished shards are kept, run the same command again to resume", file=sys.stderr)
         return 1

@@ -24,8 +24,8 @@ import time
 from tqdm import tqdm
 
 from megasynth.chat import BUILTIN_TEMPLATE, TRAINING_SPECIAL_TOKENS
-from megasynth.cli import ToolParser, check_outputs, directory
-from megasynth.data.readers import BadInputError, InputError, InputReader, add_input_arguments, reader_options_from_args
+from megasynth.cli import ToolParser, add_input_arguments, check_outputs, directory, reader_options_from_args
+from megasynth.data.readers import BadInputError, InputError, InputReader
 from megasynth.tokenizer import (
     TOKENIZER_FILES, TokenizerError, train_bpe_tokenizer, train_sentencepiece_tokenizer,
 )

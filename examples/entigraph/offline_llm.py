@@ -9,7 +9,7 @@ How it answers (deterministically, so reruns give the same corpus): it recognise
 templates (megasynth/synth/llm/prompts) a request was rendered from and recovers the title and the document;
  - entities: {"summary": the first sentences, "entities": dotted identifiers (json.dumps) and capitalised
    names, most frequent first};
- - a pair or triple: a short passage joining the document's sentences that mention those entities;
+ - an entity, a pair or a triple: a short passage joining the document's sentences that mention them;
  - a rephrase: the document's sentences in the requested style (plain, encyclopedic, question-answer),
    rotated by the request's `seed` so that several samples of one document differ.
 A request it does not recognise gets HTTP 400. Usage is counted as ceil(characters / 4) tokens per side.
@@ -142,8 +142,8 @@ def reply(body: dict) -> str:
     title, text = values["title"], values["text"]
     if name == "entigraph_entities":
         return json.dumps({"summary": " ".join(sentences(text)[:2]), "entities": entities(title, text)})
-    if name in ("entigraph_pair", "entigraph_triple"):
-        names = [values[k] for k in ("entity_a", "entity_b", "entity_c") if k in values]
+    if name in ("entigraph_entity", "entigraph_pair", "entigraph_triple"):
+        names = [values[k] for k in ("entity", "entity_a", "entity_b", "entity_c") if k in values]
         return relation(title, text, names)
     seed = body.get("seed")
     return rephrase(name, title, text, seed if isinstance(seed, int) else 0)

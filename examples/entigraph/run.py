@@ -23,8 +23,8 @@ Every step runs the command-line tool a user would run, and prints the command f
 Without --base-url the generator is examples/entigraph/offline_llm.py, started here on 127.0.0.1: an
 OpenAI-compatible server that answers the prompts by extracting sentences from the document. It is no language
 model; it runs the pipeline (HTTP client, retries, work dir, ledger, preprocessing, training, evaluation) where
-no endpoint is reachable. (A small checkpoint of ours behind megasynth.synth.llm.local_backend would be the other
-offline choice, but a model that small cannot follow the entity-extraction prompt, so nothing would come out.)
+no endpoint is reachable. (A local model goes through vLLM's OpenAI-compatible server, as --base-url; one as
+small as the demo's cannot follow the entity-extraction prompt, so nothing would come out.)
 --tiny is the test suite's variant: every step in well under a minute, numbers without meaning.
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from megasynth.io import atomic_write_text
 from megasynth.metrics import read_metrics
-from megasynth.synth.sbp.quality import render_table
+from megasynth.synth.sbp.quality_report import render_table
 
 LABELS = {"baseline": "baseline (real data repeated)", "synthetic": "SBP (real + synthetic)",
           "oracle": "oracle (more unique real data)"}

@@ -1,4 +1,4 @@
-"""Weighted blends of several token prefixes into one training dataset.
+"""Weighted blends of several token prefixes into one training dataset (docs/blending.md).
 
     sources = parse_data_path("0.3 data/books 0.7 data/web")           # or cfg.data.sources ([[data.sources]])
     ds = build_blended_dataset(sources, seq_len=2048, num_samples=100_000, seed=1234, cache_dir="cache")
@@ -6,29 +6,7 @@
     print(ds.sources_table(horizon_tokens=steps * global_batch * seq_len))
     ds.fingerprint              # changes when sources, weights, seq_len or seed change
 
-Weights are shares of the TRAINING TOKENS, normalised to sum to 1. Every sample holds the same seq_len + 1
-tokens (seq_len of them new: consecutive windows share one), so a share of samples is the same share of
-tokens, and the blend assigns samples. A source with `packing = "pack"` (SFT examples, whole, per window:
-megasynth.data.packed_dataset) gets its share of windows, padding included; a blend may mix packed masked
-sources with concatenated unmasked ones (instruction data plus pretraining replay). Source k is a GPTDataset of exactly the samples the blend takes from
-it; a small source therefore runs over several epochs, and its repetition is horizon x share / unique tokens
-(megasynth.mixture, printed by `sources_table`).
-
-The blend order, built with numpy and no per-sample Python loop: give the j-th sample of source k the key
-(j + 1/2) / w_k (the point where its target count t * w_k passes j + 1/2) and read samples in increasing key
-order, ties going to the lower source index. Then for EVERY prefix of m samples and every source k, the count
-c_k(m) it holds satisfies
-
-    |c_k(m) - m * w_k|  <=  (1 - w_k) / 2 + w_k * (K - 1) / 2  <=  max(1/2, (K - 1) / 2)     (K sources)
-
-Proof: if the m-th key is T, each source has between T w_l - 1/2 and T w_l + 1/2 samples of key <= T, so
-c_k = T w_k + a with |a| <= 1/2 and m - c_k = T (1 - w_k) + b with |b| <= (K - 1) / 2; then
-c_k - m w_k = a (1 - w_k) - b w_k. Two sources never drift by more than half a sample, three by one.
-(Megatron-LM picks, per sample, the source with the largest deficit: a sequential loop in C++.) The order does
-not depend on num_samples, so a longer run reads the shorter run's source sequence and then more.
-
-The index (source id and sample-within-source per global sample) is cached in cache_dir as
-blend_<fingerprint>_<num_samples>.npz (written atomically); each source's GPTDataset caches its own index.
+The order, its bound on every prefix of samples (with the proof) and the cache: docs/blending.md.
 """
 
 from __future__ import annotations
@@ -50,12 +28,7 @@ from megasynth.data.gpt_dataset import GPTDataset
 from megasynth.data.index_cache import load_npz, save_npz
 from megasynth.data.indexed import IndexedDataset, sidecar_path
 from megasynth.data.packed_dataset import PackedDataset
-from megasynth.mixture import (
-    MixtureSource,
-    max_epochs,
-    render_repetition_table,
-    repetition_rows,
-)
+from megasynth.mixture import MixtureSource, max_epochs, render_repetition_table, repetition_rows
 
 # Bump when the blend order or the fingerprint's content changes, so old caches and checkpoints are not mixed.
 BLEND_FORMAT_VERSION = 1
@@ -121,8 +94,8 @@ def _default_name(prefix: str) -> str:
 def blend_order(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(source id per sample [N] int16, sample index within that source [N] int64): the blend's first N samples.
 
-    `weights` must be normalised (sum 1, all >= 0); zero-weight sources are never drawn. See the module
-    docstring for the order and the bound it guarantees on every prefix. Works in chunks of the key range
+    `weights` must be normalised (sum 1, all >= 0); zero-weight sources are never drawn. The order and the bound
+    it guarantees on every prefix: docs/blending.md. Works in chunks of the key range
     [t0, t1): each chunk holds about _CHUNK samples, and each key is computed by the same expression in every
     chunk, so the half-open filter puts every sample in exactly one chunk.
     """
@@ -154,23 +127,6 @@ def blend_order(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray,
         t0 = t1
     return (np.concatenate(sources) if sources else np.zeros(0, np.int16),
             np.concatenate(samples) if samples else np.zeros(0, np.int64))
-
-
-def prefix_deviation(source_ids: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """max over prefixes m of |c_k(m) - m w_k|, per source k (what the order's bound limits)."""
-    m = np.arange(1, source_ids.size + 1, dtype=np.float64)
-    out = []
-    for k, w in enumerate(weights):
-        counts = np.cumsum(source_ids == k)
-        out.append(float(np.abs(counts - m * w).max()) if source_ids.size else 0.0)
-    return np.asarray(out)
-
-
-def prefix_bound(weights: Sequence[float]) -> np.ndarray:
-    """The guaranteed per-source bound (1 - w_k)/2 + w_k (K - 1)/2, K = number of drawn (w > 0) sources."""
-    w = np.asarray(weights, dtype=np.float64)
-    k = int((w > 0).sum())
-    return (1 - w) / 2 + w * (k - 1) / 2
 
 
 # ----------------------------------------------------------------------------------------------- the dataset

@@ -1,27 +1,13 @@
 """GPT pretraining samples over an indexed dataset: fixed windows of seq_len + 1 tokens, Megatron's semantics.
 
-The selected documents are laid end to end in a seeded, per-epoch shuffled order; sample j is the window
-[j * seq_len, j * seq_len + seq_len + 1) of that token stream (consecutive samples share one token, so every
-token is a label exactly once), crossing document boundaries freely; as many epochs are concatenated as
-num_samples needs; finally the order of samples is shuffled. Three index arrays describe this and are built
-with vectorized numpy (cumsum + searchsorted), then cached under cache_dir/<cache_key>.npz:
-
-    doc_order       int32[E * D]   selected document ids, epoch after epoch, each epoch its own permutation
-    sample_doc      int64[N]       position in doc_order where sample j starts
-    sample_offset   int32[N]       token offset inside that document
-    shuffle         int64[N]       sample i of the dataset is sample shuffle[i] of the stream
-
-Each item is {"tokens": int64[seq_len + 1], "doc_ids": int32[seq_len + 1]}; doc_ids numbers the documents
-inside the window from 0 (so the model can build per-document causal masks and reset positions). A prefix
-with a loss mask adds "loss_mask": bool[seq_len + 1] (True = a prediction target), read with the tokens.
-Short independent examples (SFT) are better packed whole: megasynth.data.packed_dataset.
-
     ds = GPTDataset(IndexedDataset("data/x"), seq_len=2048, num_samples=10_000, seed=1234, cache_dir="cache")
+    ds[j]    # {"tokens": int64[seq_len + 1], "doc_ids": int32[seq_len + 1]} (+ "loss_mask" on masked prefixes)
+
+The document order, the windows, the index arrays and their cache: docs/format.md ("Training samples").
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -29,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megasynth.data.index_cache import load_npz, save_npz
+from megasynth.data.index_cache import index_key, load_npz, save_npz
 from megasynth.data.indexed import IndexedDataset
 
 # Bump when the index construction changes, so caches built by older code are never reused.
@@ -53,7 +39,7 @@ def compute_num_epochs(tokens_per_epoch: int, seq_len: int, num_samples: int) ->
 
 def build_sample_index(doc_lengths: np.ndarray, documents: np.ndarray, *, seq_len: int, num_samples: int,
                        seed: int) -> dict[str, np.ndarray]:
-    """Build the index arrays (see the module docstring) for documents with the given lengths.
+    """Build the index arrays (docs/format.md, "The index arrays and their cache") for documents with the given lengths.
 
     doc_lengths[k] is the length of document documents[k]. Vectorized: memory and time are O(E * D + N).
     """
@@ -97,7 +83,10 @@ class GPTDataset:
         if self.tokens_per_epoch == 0:
             raise ValueError(f"GPTDataset {name!r}: the selected documents of {dataset.prefix} hold no tokens")
         self.num_epochs = compute_num_epochs(self.tokens_per_epoch, self.seq_len, self.num_samples)
-        self.cache_key = self._cache_key(doc_lengths)
+        # Everything the index content depends on, and nothing else (no paths, no mtimes): a copied or renamed
+        # prefix reuses its cache, a changed document selection or length gets a new one.
+        self.cache_key = index_key(f"megasynth-gpt-index:{INDEX_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:"
+                                   f"{self.seed}:", self.documents, doc_lengths)
         self.cache_path = Path(cache_dir) / f"{self.cache_key}.npz" if cache_dir is not None else None
         index = self._load_cache() if self.cache_path is not None else None
         self.loaded_from_cache = index is not None
@@ -128,15 +117,6 @@ class GPTDataset:
         return json.dumps({"name": self.name, "prefix": os.fspath(self.dataset.prefix), "seq_len": self.seq_len,
                            "num_samples": self.num_samples, "seed": self.seed, "num_epochs": self.num_epochs,
                            "num_documents": int(self.documents.size), "index_format_version": INDEX_FORMAT_VERSION})
-
-    def _cache_key(self, doc_lengths: np.ndarray) -> str:
-        # Everything the index content depends on, and nothing else (no paths, no mtimes): a copied or renamed
-        # prefix reuses its cache, a changed document selection or length gets a new one.
-        h = hashlib.sha256()
-        h.update(f"megasynth-gpt-index:{INDEX_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:{self.seed}:".encode())
-        h.update(self.documents.astype("<i8").tobytes())
-        h.update(np.asarray(doc_lengths).astype("<i8").tobytes())
-        return h.hexdigest()[:32]
 
     def _load_cache(self) -> dict[str, np.ndarray] | None:
         index = load_npz(self.cache_path, _ARRAYS, "sample-index")

@@ -6,6 +6,7 @@ truncated copy) is reported as a warning and rebuilt, never trusted and never fa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 import zipfile
@@ -15,6 +16,14 @@ from typing import Sequence
 import numpy as np
 
 from megasynth.io import atomic_open
+
+
+def index_key(header: str, documents: np.ndarray, lengths: np.ndarray) -> str:
+    """32 hex digits of sha256 over `header`, then the selected document ids and their lengths (int64 LE)."""
+    h = hashlib.sha256(header.encode())
+    h.update(documents.astype("<i8").tobytes())
+    h.update(np.asarray(lengths).astype("<i8").tobytes())
+    return h.hexdigest()[:32]
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -1,23 +1,9 @@
-"""The indexed token format: a `.bin`/`.idx` pair (byte-compatible with Megatron-LM, version 1) plus a sidecar.
+"""The indexed token format (a Megatron-compatible `.bin`/`.idx` pair plus our sidecar, docs/format.md): the
+reader, re-exporting the writer (indexed_writer.py), the prefix paths and publish checks (prefix.py).
 
-A *prefix* `data/x` names up to four files:
-
-    data/x.bin    token ids of every document, concatenated, no header
-    data/x.idx    header, int32 lengths[S], int64 byte pointers[S], int64 document indices[D]
-    data/x.json   our sidecar: tokenizer identity, counts, largest id, checksums, sources (absent on Megatron's files)
-    data/x.mask   optional: one loss-mask bit per token (True = predict it), see megasynth/data/loss_mask.py
-
-The byte layout, the dtype codes, every sidecar key and the publish protocol are described in docs/format.md.
-This module is the reader (IndexedDataset) and re-exports the writer (megasynth/data/indexed_writer.py), the
-prefix paths and the publish checks (megasynth/data/prefix.py):
-
-    with IndexedDatasetWriter("data/x", smallest_token_dtype(vocab_size), metadata={...}) as w:
-        w.add_document([1, 2, 3])
     ds = IndexedDataset("data/x"); ds[0]   # -> array([1, 2, 3], dtype=uint16), a view into the memory map
     ds.max_token_id                        # 3: from the sidecar, or computed once and cached for Megatron files
     ds.has_loss_mask, ds.loss_mask(0)      # masked prefixes: a bool array of document 0's length
-
-Merging prefixes and length statistics live in megasynth/data/merge.py.
 """
 
 from __future__ import annotations
@@ -33,34 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.data.indexed_writer import IndexedDatasetWriter
-from megasynth.data.layout import (
-    DTYPE_CODES,
-    HEADER_SIZE,
-    MAGIC,
-    RESERVED_SIDECAR_KEYS,
-    SIDECAR_FORMAT,
-    SIDECAR_VERSION,
-    SIDECAR_VERSIONS_READ,
-    VERSION,
-    is_count,
-    smallest_token_dtype,
-    vocab_sizes,
-)
+from megasynth.data.layout import (DTYPE_CODES, HEADER_SIZE, MAGIC, RESERVED_SIDECAR_KEYS, SIDECAR_FORMAT,
+    SIDECAR_VERSION, SIDECAR_VERSIONS_READ, VERSION, is_count, smallest_token_dtype, vocab_sizes)
 from megasynth.data.loss_mask import LossMaskFile
 from megasynth.data.max_token_id import cached_max_token_id, max_of_tokens
-from megasynth.data.prefix import (
-    EmptyOutputError,
-    IndexedDatasetError,
-    OutputExistsError,
-    PrefixOutputError,
-    bin_path,
-    check_not_empty,
-    check_output_free,
-    idx_path,
-    mask_path,
-    prefix_exists,
-    sidecar_path,
-)
+from megasynth.data.prefix import (EmptyOutputError, IndexedDatasetError, OutputExistsError, PrefixOutputError,
+    bin_path, check_not_empty, check_output_free, idx_path, mask_path, prefix_exists, sidecar_path)
 
 __all__ = [
     "DTYPE_CODES", "HEADER_SIZE", "MAGIC", "RESERVED_SIDECAR_KEYS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "VERSION",
@@ -86,19 +50,10 @@ def _map(path: Path, size: int):
 _IDX_SHA256: dict[tuple[int, int, int, int], str] = {}
 
 
-def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class IndexedDataset:
-    """A read-only, memory-mapped view of PREFIX.bin/.idx (ours or Megatron-LM's), validated on open.
-
-    Opening checks the .idx structure against the .bin, and, when PREFIX.json exists, that the sidecar belongs
-    to these very files (counts, dtype, the .idx sha256, the .bin size, the largest id against the vocabulary)
-    and that a listed PREFIX.mask has the right size and header. `verify()` adds the checks that read every
-    byte (the .bin's largest id, the mask's sha256). `cache_dir` is where the largest id of a prefix without
-    one in its sidecar is cached (default: beside the prefix; see megasynth/data/max_token_id.py).
-    """
+    """A read-only, memory-mapped view of PREFIX.bin/.idx (ours or Megatron-LM's), validated on open
+    (docs/format.md: "Verified on open"; `verify()` reads every byte). `cache_dir` is where the largest id of a
+    prefix without one in its sidecar is cached (default: beside the prefix; megasynth/data/max_token_id.py)."""
 
     def __init__(self, prefix: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None):
         self.prefix = os.fspath(prefix)
@@ -111,7 +66,7 @@ class IndexedDataset:
                 raise IndexedDatasetError(f"{path}: no such file (a prefix needs both .bin and .idx)")
         idx_stat = ipath.stat()
         idx_size = idx_stat.st_size
-        self._idx_identity = _file_identity(idx_stat)
+        self._idx_identity = (idx_stat.st_dev, idx_stat.st_ino, idx_size, idx_stat.st_mtime_ns)
         if idx_size < HEADER_SIZE:
             raise IndexedDatasetError(f"{ipath}: truncated: expected at least {HEADER_SIZE} bytes, found {idx_size}")
         self._idx_buf = _map(ipath, idx_size)

@@ -1,19 +1,11 @@
-"""The streaming writer of the indexed format: documents in, PREFIX.bin/.idx/.json (and PREFIX.mask) out.
-
-Its memory does not grow with the number of documents (Megatron's builder keeps the whole index in Python
-lists, which runs out of memory on large corpora). It sees every token, so it records the largest id in the
-sidecar, and refuses ids outside the dtype or outside a vocabulary size its metadata states. Everything is
-written under temp names and published with megasynth.data.prefix.publish_prefix (.idx last), so a crash
-never leaves a prefix that opens with parts of two writes.
+"""The streaming writer of the indexed format (bounded memory, largest id recorded, atomic publish: docs/format.md).
+Import it from megasynth.data.indexed, which also holds the reader.
 
     with IndexedDatasetWriter("data/x", smallest_token_dtype(vocab_size), metadata={...}) as w:
         w.add_document([1, 2, 3])
         w.add_flat(np.array([4, 5, 6]), np.array([2, 0, 1]))  # three documents [4, 5], [], [6] in one call
-
     with IndexedDatasetWriter("data/sft", np.uint16, loss_mask=True) as w:   # True = predict this token
         w.add_document([1, 2, 3], loss_mask=np.array([False, True, True]))
-
-Import it from megasynth.data.indexed, which also holds the reader.
 """
 
 from __future__ import annotations
@@ -28,17 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import megasynth
-from megasynth.data.layout import (
-    CODE_OF_DTYPE,
-    MAGIC,
-    RESERVED_SIDECAR_KEYS,
-    SIDECAR_FORMAT,
-    SIDECAR_VERSION,
-    VERSION,
-    is_count,
-    token_dtype,
-    vocab_sizes,
-)
+from megasynth.data.layout import (CODE_OF_DTYPE, MAGIC, RESERVED_SIDECAR_KEYS, SIDECAR_FORMAT, SIDECAR_VERSION,
+    VERSION, is_count, token_dtype, vocab_sizes)
 from megasynth.data.loss_mask import LossMaskWriter, checked_mask
 from megasynth.data.prefix import mask_path, publish_prefix, sidecar_path, temp_paths
 

@@ -1,23 +1,9 @@
-"""The training batch loader: rank-sliced, deterministic and resumable.
+"""The training batch loader: rank-sliced, deterministic and resumable (docs/training.md, "The batch loader").
 
     loader = DistributedBatchLoader(dataset, global_batch_size=32, micro_batch_size=4, dp_rank=r, dp_size=2,
                                     fingerprint=dataset.fingerprint)
     for micro in loader.next_step():          # accumulation_steps micro-batches of one optimizer step
         loss = model(micro.input_ids, micro.labels, doc_ids=micro.doc_ids)
-
-Which samples a rank reads is a pure function of the position: the optimizer step that starts at sample
-`consumed`, micro-step m, data-parallel rank r read dataset samples
-
-    [consumed + m * dp * mb + r * mb, ... + mb)
-
-so every dp rank reads a disjoint slice, the tensor-parallel ranks of one dp group read the same one, and the
-union over ranks and micro-steps is the global batch `[consumed, consumed + G)`. The state is that position
-plus the dataset's fingerprint; loading a state whose fingerprint differs is an error unless the caller allows
-a blend change. Nothing depends on time or on worker scheduling, so a resumed run reads exactly the batches
-the uninterrupted run would have read.
-
-A sample is {"tokens": int64[S+1], "doc_ids": int32[S+1]} and optionally "loss_mask" [S+1] (SFT / pair data):
-loss_mask[j] == 0 means token j is not a prediction target, so the label predicting it becomes -100.
 """
 
 from __future__ import annotations
@@ -146,16 +132,14 @@ class DistributedBatchLoader:
             batches = [next(self._worker_iter) for _ in range(self.accumulation_steps)]
         else:
             batches = [
-                collate_samples([self.dataset[i] for i in self._range(m)], self.document_masking)
+                collate_samples([self.dataset[i] for i in sample_range(
+                    self.consumed, m, micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
+                    dp_size=self.dp_size)], self.document_masking)
                 for m in range(self.accumulation_steps)
             ]
         self.consumed += self.global_batch_size
         non_blocking = self.device.type == "cuda"
         return [b.to(self.device, non_blocking=non_blocking) for b in batches]
-
-    def _range(self, micro_step: int) -> range:
-        return sample_range(self.consumed, micro_step, micro_batch_size=self.micro_batch_size,
-                            dp_rank=self.dp_rank, dp_size=self.dp_size)
 
     def _worker_loader(self) -> torch.utils.data.DataLoader:
         # Background processes assemble micro-batches ahead of the loop; the sampler fixes which indices each

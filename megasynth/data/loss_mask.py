@@ -1,17 +1,6 @@
 """The loss-mask file PREFIX.mask: one bit per token of the prefix's token stream (True = predict this token).
-
-Layout (little-endian; docs/format.md has the full description):
-
-    offset 0   8 bytes   magic b"MSLMASK\\x00"
-    offset 8   <Q        version, 1
-    offset 16  <Q        num_tokens, equal to the .bin's token count
-    offset 24  ceil(num_tokens / 8) bytes: bit t of the stream is bit (t % 8) of byte 24 + t // 8
-               (numpy packbits with bitorder="little"); the unused high bits of the last byte are 0
-
-Bits, not spans: a document's mask starts at the token offset the .idx already gives, so any window of any
-document is read in O(1) with no index of its own, at 1/16 of a uint16 .bin (spans would need their own offset
-table and grow with the number of turns). The writer streams (a carry of at most 7 bits between batches); the
-reader memory-maps the file and unpacks only the bytes a window touches.
+The writer streams (a carry of at most 7 bits between batches); the reader memory-maps the file and unpacks
+only the bytes a window touches. Layout and why bits: docs/format.md ("The loss mask").
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""The largest token id of a prefix whose sidecar does not record it (Megatron's files, sidecars of format 1).
-
-Computed once with numpy over the memory-mapped .bin in fixed blocks (bounded memory, one vectorized max per
-block) and cached in a small JSON file keyed by the .idx sha256 and the .bin's size and mtime, so a changed
-prefix never reuses a stale value:
-
-    cache_dir/max_token_id_<idx sha256[:32]>.json   when a cache_dir is given (the trainer's index cache)
-    PREFIX.max_token_id.json                         otherwise, beside the prefix
-
-When the cache cannot be written (a read-only dataset directory) the value is computed and not cached.
-bench/vocab_check.py measures the scan.
+"""The largest token id of a prefix whose sidecar does not record it (Megatron's files, sidecars of format 1):
+computed once over the memory-mapped .bin in blocks and cached (docs/format.md, "Largest token id";
+bench/vocab_check.py measures the scan).
 """
 
 from __future__ import annotations
@@ -36,24 +28,15 @@ def max_of_tokens(tokens: np.ndarray, block: int = BLOCK_TOKENS) -> int:
     return best
 
 
-def _key(idx_sha256: str, bin_path: Path, dtype: np.dtype) -> dict:
-    st = bin_path.stat()
-    return {"format": CACHE_FORMAT, "idx_sha256": idx_sha256, "bin_size": st.st_size,
-            "bin_mtime_ns": st.st_mtime_ns, "dtype": dtype.name}
-
-
-def cache_file(prefix: str | os.PathLike, idx_sha256: str, cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir) / f"max_token_id_{idx_sha256[:32]}.json"
-    return max_id_cache_path(prefix)
-
-
 def cached_max_token_id(prefix: str | os.PathLike, tokens: np.ndarray, *, idx_sha256: str, bin_path: Path,
                         cache_dir: str | os.PathLike | None = None) -> tuple[int, bool]:
     """(largest id, whether it came from the cache). An unreadable or mismatched cache file is recomputed and
     replaced; a cache that cannot be written is skipped."""
-    key = _key(idx_sha256, bin_path, tokens.dtype)
-    path = cache_file(prefix, idx_sha256, cache_dir)
+    st = bin_path.stat()
+    key = {"format": CACHE_FORMAT, "idx_sha256": idx_sha256, "bin_size": st.st_size,
+           "bin_mtime_ns": st.st_mtime_ns, "dtype": tokens.dtype.name}
+    path = (Path(cache_dir) / f"max_token_id_{idx_sha256[:32]}.json" if cache_dir is not None
+            else max_id_cache_path(prefix))
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -16,15 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from megasynth.cli import overlap_refusal, prefix
-from megasynth.data.indexed import (
-    IndexedDataset,
-    IndexedDatasetError,
-    IndexedDatasetWriter,
-    check_not_empty,
-    check_output_free,
-    idx_path,
-    sidecar_path,
-)
+from megasynth.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, check_not_empty,
+    check_output_free, idx_path, sidecar_path)
 
 # One copy run is at most this many sequences and tokens (or a single longer sequence): bounds merge memory
 # (8 MiB of int64 lengths, 32 MiB of uint16 tokens) whatever the inputs' sizes.
@@ -105,15 +98,10 @@ def _copy_runs(ds: IndexedDataset):
 
 def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False, overwrite: bool = False,
                    allow_empty: bool = False, unmasked_as_all_true: bool = False) -> dict:
-    """Concatenate prefixes (in order) into output_prefix, streaming; return the new sidecar.
-
-    Every input must have the same dtype, and the same tokenizer hash, vocab size and EOD id where sidecars
-    record them. The sidecar lists the inputs and carries their sources. Loss masks are carried: when any
-    input has one, so does the output, and an input without one is refused unless `unmasked_as_all_true`
-    (its tokens all become targets). An output that is, holds or sits inside an input is refused (ValueError,
-    megasynth.cli.overlap_refusal), an existing output unless `overwrite` (OutputExistsError), an output of no
-    documents unless `allow_empty` (EmptyOutputError).
-    """
+    """Concatenate prefixes (in order) into output_prefix, streaming; return the new sidecar. What must agree,
+    how loss masks are carried and the sidecar: docs/format.md ("Written by merging"). An output that is, holds
+    or sits inside an input is refused (ValueError, megasynth.cli.overlap_refusal), an existing output unless
+    `overwrite` (OutputExistsError), an output of no documents unless `allow_empty` (EmptyOutputError)."""
     if not prefixes:
         raise ValueError("merge_datasets needs at least one input prefix")
     refusal = overlap_refusal({"output_prefix": prefix(output_prefix)}, {"prefixes": [prefix(p) for p in prefixes]})

@@ -1,38 +1,14 @@
 """Packed samples for instruction / pair data: whole examples placed into windows of seq_len + 1 tokens.
 
-Pretraining concatenates documents and cuts the stream anywhere (megasynth.data.gpt_dataset). Fine-tuning
-data is a set of short, independent examples (prompt + response, seed + target document): cutting one in
-two would train the second half without its prompt. Here every example (one sequence of the prefix) lands
-whole in one window; an example longer than the window is truncated to it and counted. Packing per epoch:
-
-    1. the epoch's seeded permutation of the examples (as GPTDataset's document order),
-    2. best-fit decreasing over it (longest first, ties in the permuted order; each example goes to the open
-       window whose free space fits it most tightly, or opens a new one),
-    3. the windows in a seeded random order.
-
-The number of windows per epoch depends only on the multiset of lengths, so it is the same for every epoch
-and the number of epochs needed for num_samples is known up front. Then, as in GPTDataset, the windows of as
-many epochs as needed are laid end to end and the first num_samples are shuffled. The index is cached under
-cache_dir/pack_<key>.npz:
-
-    window_docs    int32[E * D']   example ids, window after window (D' = non-empty selected examples)
-    window_start   int64[E * W + 1] offsets into window_docs (CSR): window w holds window_docs[s[w]:s[w+1]]
-    shuffle        int64[N]         sample i is window shuffle[i] of the stream (N = num_samples <= E * W)
-
-Each item is {"tokens": int64[S+1], "doc_ids": int32[S+1], "loss_mask": bool[S+1]}: doc_ids number the
-examples of the window from 0 (document masking keeps them from attending to each other and restarts
-positions); the tail is padding (the sidecar's eod_id, else 0) in a segment of its own; loss_mask is the
-prefix's mask (all True without one), False on padding and on each example's first token (nothing in its own
-segment predicts it: the label that would is the previous example's last input).
-
     ds = PackedDataset(IndexedDataset("data/sft"), seq_len=2048, num_samples=10_000, seed=1234, cache_dir="cache")
     ds.efficiency       # share of real tokens in the windows of one epoch
+
+The packing, its cached index and the items: docs/sft.md ("Packing").
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import warnings
@@ -41,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.data.gpt_dataset import _rng
-from megasynth.data.index_cache import load_npz, save_npz
+from megasynth.data.index_cache import index_key, load_npz, save_npz
 from megasynth.data.indexed import IndexedDataset
 
 # Bump when the packing changes, so caches built by older code are never reused.
@@ -104,7 +80,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
 
 def build_pack_index(doc_lengths: np.ndarray, documents: np.ndarray, *, seq_len: int, num_samples: int,
                      seed: int) -> dict[str, np.ndarray]:
-    """The index arrays of the module docstring for the (non-empty) documents with the given lengths."""
+    """The index arrays (docs/sft.md, "Packing") for the (non-empty) documents with the given lengths."""
     capacity = seq_len + 1
     clipped = np.minimum(np.asarray(doc_lengths, dtype=np.int64), capacity)
     docs_out, starts_out, offset, windows = [], [np.zeros(1, np.int64)], 0, None
@@ -156,7 +132,8 @@ class PackedDataset:
         self.truncated_tokens = int((lengths - capacity).clip(min=0).sum())
         self.real_tokens_per_epoch = int(np.minimum(lengths, capacity).sum())
 
-        self.cache_key = self._cache_key(lengths)
+        self.cache_key = index_key(f"megasynth-pack-index:{PACK_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:"
+                                   f"{self.seed}:", self.documents, lengths)
         self.cache_path = Path(cache_dir) / f"pack_{self.cache_key}.npz" if cache_dir is not None else None
         index = self._load_cache() if self.cache_path is not None else None
         self.loaded_from_cache = index is not None
@@ -171,13 +148,6 @@ class PackedDataset:
         self.windows_per_epoch = num_windows // self.num_epochs
         self.efficiency = self.real_tokens_per_epoch / (self.windows_per_epoch * capacity)
         self._token_start = None
-
-    def _cache_key(self, lengths: np.ndarray) -> str:
-        h = hashlib.sha256()
-        h.update(f"megasynth-pack-index:{PACK_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:{self.seed}:".encode())
-        h.update(self.documents.astype("<i8").tobytes())
-        h.update(lengths.astype("<i8").tobytes())
-        return h.hexdigest()[:32]
 
     def _description(self) -> str:
         return json.dumps({"name": self.name, "prefix": os.fspath(self.dataset.prefix), "packing": "pack",

@@ -1,34 +1,19 @@
-"""The files of a prefix, the checks before writing one, and the publish protocol that puts a new one in place.
-
-A prefix `data/x` names up to four files: `x.bin` (tokens), `x.idx` (the index), `x.json` (our sidecar) and
-`x.mask` (an optional per-token loss mask). The index is the commit point: a prefix exists for a reader only
-when its `.idx` does, so publishing
-
-    1. writes every file under a temp name beside its destination (`.x.bin.tmp-PID-HEX`, megasynth.io naming),
-    2. removes the old `.idx` (from here on, no prefix is visible) and any old `.mask` the new one lacks,
-    3. renames `.bin`, `.json`, `.mask` into place, fsyncs the directory,
-    4. renames `.idx` last, fsyncs the directory.
-
-A crash therefore leaves the complete old prefix (before 2), no `.idx` (2 to 4) or the complete new prefix
-(after 4). The sidecar records the `.idx` sha256 and the `.bin` / `.mask` sizes, so a reader also refuses files
-of two different writes that meet by any other route (a Megatron tool rewriting `.bin`/`.idx` beside our
-`.json`). docs/format.md states these guarantees; tests/data/test_publish.py kills a writer at each step.
+"""The files of a prefix, the checks before writing one, and the publish protocol that puts a new one in place
+(`.idx` renamed last: the commit point). The steps and guarantees: docs/format.md ("Publishing a prefix");
+tests/data/test_publish.py kills a writer at each step.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import uuid
 from pathlib import Path
 
+from megasynth.faults import fault_point
 from megasynth.io import fsync_dir, temp_path_beside
 
-# The order in which publish_prefix touches the destination; each name is also a point where the fault hook
-# below can kill the process.
+# The order in which publish_prefix touches the destination; each name is also a fault point (megasynth.faults).
 PUBLISH_STEPS = ("temps-written", "old-idx-removed", "bin-renamed", "json-renamed", "mask-renamed", "idx-renamed")
-# Tests set this to a step name to SIGKILL the publishing process right after that step (a real crash in a
-# real subprocess, which no exception handler can tidy up). Unset in normal use; reading it costs nothing.
 FAULT_ENV = "MEGASYNTH_FAULT_PUBLISH_KILL_AFTER"
 
 
@@ -74,14 +59,9 @@ def prefix_exists(prefix: str | os.PathLike) -> bool:
     return bin_path(prefix).is_file() and idx_path(prefix).is_file()
 
 
-def existing_files(prefix: str | os.PathLike) -> list[Path]:
-    """The files of the prefix (.bin, .idx, .json, .mask) that exist."""
-    return [p for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix), mask_path(prefix)) if p.exists()]
-
-
 def check_output_free(prefix: str | os.PathLike, *, overwrite: bool, flag: str = "--overwrite") -> None:
     """Raise OutputExistsError when any file of the prefix exists and `overwrite` is false."""
-    found = existing_files(prefix)
+    found = [p for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix), mask_path(prefix)) if p.exists()]
     if found and not overwrite:
         names = ", ".join(p.name for p in found)
         raise OutputExistsError(f"{os.fspath(prefix)}: the output prefix exists ({names}); pass {flag} to replace it")
@@ -101,36 +81,31 @@ def temp_paths(prefix: str | os.PathLike, kinds) -> dict[str, Path]:
     return {kind: temp_path_beside(f"{os.fspath(prefix)}.{kind}", token) for kind in kinds}
 
 
-def _fault_point(step: str) -> None:
-    if os.environ.get(FAULT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def publish_prefix(prefix: str | os.PathLike, temps: dict[str, Path]) -> None:
     """Move finished temp files (kinds "bin", "idx", "json", optionally "mask") into place, .idx last.
 
-    Every temp must already be complete and fsynced. See the module docstring for the order and why.
+    Every temp must already be complete and fsynced. The order and why: docs/format.md.
     """
     for kind in ("bin", "idx", "json"):
         if kind not in temps:
             raise ValueError(f"publish_prefix: no temp file for .{kind}")
     directory = idx_path(prefix).parent
-    _fault_point("temps-written")
+    fault_point(FAULT_ENV, "temps-written")
     idx_path(prefix).unlink(missing_ok=True)
     if "mask" not in temps:  # an old mask would be stale beside the new tokens
         mask_path(prefix).unlink(missing_ok=True)
     # A cached largest id of the old files is keyed by their checksum, so it would be ignored; remove the clutter.
     max_id_cache_path(prefix).unlink(missing_ok=True)
     fsync_dir(directory)  # the removal is durable before any new file appears under its final name
-    _fault_point("old-idx-removed")
+    fault_point(FAULT_ENV, "old-idx-removed")
     os.replace(temps["bin"], bin_path(prefix))
-    _fault_point("bin-renamed")
+    fault_point(FAULT_ENV, "bin-renamed")
     os.replace(temps["json"], sidecar_path(prefix))
-    _fault_point("json-renamed")
+    fault_point(FAULT_ENV, "json-renamed")
     if "mask" in temps:
         os.replace(temps["mask"], mask_path(prefix))
-        _fault_point("mask-renamed")
+        fault_point(FAULT_ENV, "mask-renamed")
     fsync_dir(directory)  # .bin, .json and .mask are durable before the commit point can be
     os.replace(temps["idx"], idx_path(prefix))
-    _fault_point("idx-renamed")
+    fault_point(FAULT_ENV, "idx-renamed")
     fsync_dir(directory)

@@ -6,15 +6,7 @@
                          workers=8)
     summary["documents"], summary["tokens"]
 
-The main process reads raw chunks (megasynth.data.readers) and writes the prefix; `workers` processes parse and
-tokenize the chunks (ChunkEncoder), and their results are written in input order, so the output is
-byte-identical whatever the number of workers. Each chunk arrives as one flat token array plus per-document
-lengths and goes to the writer with IndexedDatasetWriter.add_flat. The output directory is created when
-missing (and removed again, if it is still empty, when the run fails). The sidecar keys written here are
-listed in docs/format.md.
-
-Bad input raises BadInputError (`FILE:LINE: what is wrong`), InputError (a path that names nothing usable)
-or TokenizerError, and leaves no output.
+Workers, input order, errors and the sidecar keys: docs/format.md ("Written by preprocessing").
 """
 
 from __future__ import annotations
@@ -27,42 +19,45 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from megasynth.cli import file, overlap_refusal
+from megasynth.cli import check_outputs, file, overlap_refusal
 from megasynth.cli import prefix as prefix_spec
-from megasynth.data.indexed import (
-    IndexedDatasetWriter,
-    bin_path,
-    check_not_empty,
-    check_output_free,
-    idx_path,
-    sidecar_path,
-    smallest_token_dtype,
-)
+from megasynth.data.indexed import (IndexedDatasetWriter, bin_path, check_not_empty, check_output_free, idx_path,
+    mask_path, sidecar_path, smallest_token_dtype)
 from megasynth.data.readers import Chunk, InputError, InputReader, Parsed, ReaderOptions, parse_chunk
 from megasynth.procs import die_with_parent
 from megasynth.tokenizer import Tokenizer, TokenizerError, limit_tokenizer_threads, load_tokenizer
 
 
 # -- the work a worker does -----------------------------------------------------------------------------------------
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # every kept document's ids, concatenated
+    lengths: np.ndarray  # int64 per document
+    mask: np.ndarray | None  # loss-masked prefixes (megasynth.data.sft): bool, as long as tokens, True = a target
+    parsed: Parsed  # positions of the kept records and the skips, without the texts
+    truncated: int = 0
+
+
 class ChunkEncoder:
-    """Parses a chunk and tokenizes its documents into (tokens, lengths, Parsed without the texts)."""
+    """Parses a chunk and tokenizes its documents."""
 
     def __init__(self, tokenizer: Tokenizer, options: ReaderOptions, add_bos: bool, append_eod: bool, dtype):
         self.tokenizer, self.options = tokenizer, options
         self.add_bos, self.append_eod, self.dtype = add_bos, append_eod, np.dtype(dtype)
 
-    def __call__(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, Parsed]:
+    def __call__(self, chunk: Chunk) -> EncodedChunk:
         parsed = parse_chunk(chunk, self.options)
-        # Documents are text: a literal "<|endoftext|>" in a web page is not an end of document (issue 19).
+        # Documents are text: a literal "<|endoftext|>" in a web page is not an end of document.
         tokens, lengths = self.tokenizer.encode_batch_array(
             parsed.texts, add_bos=self.add_bos, append_eod=self.append_eod, dtype=self.dtype, parse_special=False)
         parsed.texts = []  # the texts need not travel back to the main process
-        return tokens, lengths, parsed
+        return EncodedChunk(tokens, lengths, None, parsed)
 
     def worker_spec(self, tokenizer_path: str | os.PathLike) -> tuple:
         """(build, args), both picklable: a worker process rebuilds this encoder as build(*args). Other
@@ -95,7 +90,7 @@ def _encode_in_worker(chunk: Chunk):
 
 
 def encoded_chunks(reader: InputReader, encoder, tokenizer_path: str | os.PathLike, workers: int):
-    """encoder(chunk) per chunk (for a ChunkEncoder: (tokens, lengths, parsed)), in input order; with workers > 0
+    """encoder(chunk) (an EncodedChunk) per chunk, in input order; with workers > 0
     the encoding runs in a process pool, each worker holding the encoder its worker_spec() rebuilds.
 
     At most 2 * workers + 2 chunks are in flight, so memory stays bounded however large the input is
@@ -193,48 +188,78 @@ def preprocess(
         "add_bos": add_bos,
         "created_by": "preprocess_data",
     }
-    bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
-               disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    tokens_total = 0
     results = encoded_chunks(reader, encoder, tokenizer_path, workers)
+    totals = write_encoded(output_prefix, reader, results, dtype=dtype, metadata=metadata, missing_dirs=missing_dirs,
+                           progress=progress, desc="preprocess", unit="docs", started=started, allow_empty=allow_empty)
+    stats = reader.stats
+    return {"documents": stats.documents, "tokens": totals["tokens"], "skipped_empty": stats.skipped_empty,
+            "skipped_bad": stats.skipped_bad, "bad_examples": stats.bad_examples, "input_bytes": reader.total_bytes,
+            "output_bytes": totals["output_bytes"], "seconds": time.perf_counter() - started}
+
+
+def write_encoded(output_prefix: str, reader: InputReader, results, *, dtype, metadata: dict, missing_dirs: list[Path],
+                  progress: bool, desc: str, unit: str, started: float, loss_mask: bool = False,
+                  allow_empty: bool = False) -> dict:
+    """Write `results` (EncodedChunks in input order; closed at the end) as the prefix, with the sidecar's
+    "sources" and "stats"; on any error remove the directories the run created. Returns the totals: tokens,
+    target_tokens and truncated (loss-masked prefixes) and output_bytes."""
+    bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    tokens_total = targets_total = truncated = 0
     try:
         Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-        with IndexedDatasetWriter(output_prefix, dtype, metadata=metadata) as writer:
-            for tokens, lengths, parsed in results:
-                reader.record(parsed)
-                writer.add_flat(tokens, lengths)
-                tokens_total += int(tokens.size)
+        with IndexedDatasetWriter(output_prefix, dtype, metadata=metadata, loss_mask=loss_mask) as writer:
+            for out in results:
+                reader.stats.record(out.parsed)
+                writer.add_flat(out.tokens, out.lengths, loss_mask=out.mask)
+                tokens_total += int(out.tokens.size)
+                if loss_mask:
+                    targets_total += int(np.count_nonzero(out.mask))
+                truncated += out.truncated
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix_str(f"{reader.stats.documents / elapsed:,.0f} docs/s, "
+                bar.set_postfix_str(f"{reader.stats.documents / elapsed:,.0f} {unit}/s, "
                                     f"{tokens_total / elapsed:,.0f} tok/s", refresh=False)
-                bar.update(parsed.done_bytes - bar.n)
-            stats = reader.stats
+                bar.update(out.parsed.done_bytes - bar.n)
+            s = reader.stats
             check_not_empty(output_prefix, writer.num_documents, allow_empty=allow_empty)  # raising aborts the writer
-            writer.finalize(metadata={
-                "sources": reader.sources,
-                "stats": {"documents": stats.documents, "tokens": tokens_total,
-                          "skipped_empty": stats.skipped_empty, "skipped_bad": stats.skipped_bad},
-            })
+            stats = {"documents": s.documents, "tokens": tokens_total,
+                     **({"target_tokens": targets_total} if loss_mask else {}),
+                     "skipped_empty": s.skipped_empty, "skipped_bad": s.skipped_bad,
+                     **({"truncated": truncated} if loss_mask else {})}
+            writer.finalize(metadata={"sources": reader.sources, "stats": stats})
     except BaseException:
         remove_created_dirs(missing_dirs)  # the writer has already removed its temp files
         raise
     finally:
         results.close()  # on an error: stop the workers now, not when the generator is garbage-collected
         bar.close()
-    out_bytes = sum(p.stat().st_size for p in (bin_path(output_prefix), idx_path(output_prefix),
-                                                sidecar_path(output_prefix)))
-    return {"documents": stats.documents, "tokens": tokens_total, "skipped_empty": stats.skipped_empty,
-            "skipped_bad": stats.skipped_bad, "bad_examples": stats.bad_examples, "input_bytes": reader.total_bytes,
-            "output_bytes": out_bytes, "seconds": time.perf_counter() - started}
+    files = [bin_path(output_prefix), idx_path(output_prefix), sidecar_path(output_prefix)]
+    if loss_mask:
+        files.append(mask_path(output_prefix))
+    return {"tokens": tokens_total, "target_tokens": targets_total, "truncated": truncated,
+            "output_bytes": sum(p.stat().st_size for p in files)}
 
 
-def run_for_cli(output_prefix: str | os.PathLike, call, bad_input: tuple[type[BaseException], ...] = ()):
-    """Run a preprocessing `call()` as the command-line tools report it; returns (exit code, summary or None).
+def parse_cli_args(parser, argv: list[str] | None):
+    """A preprocessing tool's arguments; one line and exit code 2 when --output-prefix would overwrite an input
+    or the worker flags are out of range."""
+    args = parser.parse_args(argv)
+    check_outputs(parser, {"--output-prefix": prefix_spec(args.output_prefix)},
+                  {"--input": args.input, "--tokenizer": args.tokenizer})
+    if args.workers < 0 or args.batch_size < 1 or args.max_bad_lines_shown < 0:
+        parser.error("--workers must be >= 0, --batch-size >= 1 and --max-bad-lines-shown >= 0")
+    return args
 
-    An existing or empty output is one line and exit 2; bad input (readers, tokenizer, format, and the extra
-    `bad_input` types) one line plus "no output written" and exit 2; an unwritable output or a full disk
-    likewise; a dead worker 1; Ctrl-C 130. The library guarantees that no partial prefix is left in any of
-    these cases."""
+
+def run_for_cli(output_prefix: str, call, *, files: str, summary_line,
+                bad_input: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a preprocessing `call()` as the command-line tools report it; returns the exit code.
+
+    Success prints the --skip-bad-lines report (the first few skipped records) to stderr and `wrote
+    PREFIX{files}: {summary_line(summary)}`. An existing or empty output is one line and exit 2; bad input
+    (readers, tokenizer, format, and the extra `bad_input` types) one line plus "no output written" and exit 2;
+    an unwritable output or a full disk likewise; a dead worker 1; Ctrl-C 130. The library guarantees that no
+    partial prefix is left in any of these cases."""
     from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
 
     from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError  # noqa: PLC0415
@@ -242,29 +267,29 @@ def run_for_cli(output_prefix: str | os.PathLike, call, bad_input: tuple[type[Ba
 
     errors = (BadInputError, InputError, TokenizerError, IndexedDatasetError, *bad_input)
     try:
-        return 0, call()
+        summary = call()
     except PrefixOutputError as e:  # an existing or empty output: the one line says what to do
         print(f"{e}", file=sys.stderr)
+        return 2
     except errors as e:
         print(f"{e}", file=sys.stderr)
         print(f"no output written to {output_prefix}", file=sys.stderr)
+        return 2
     except OSError as e:  # e.g. the output directory is not writable, the disk is full
         print(f"{e.filename or output_prefix}: {e.strerror or e}", file=sys.stderr)
         print(f"no output written to {output_prefix}", file=sys.stderr)
+        return 2
     except BrokenProcessPool:
         print("a worker process died (out of memory?); no output written", file=sys.stderr)
-        return 1, None
+        return 1
     except KeyboardInterrupt:
         print(f"interrupted; no output written to {output_prefix}", file=sys.stderr)
-        return 130, None
-    return 2, None
-
-
-def print_skipped(summary: dict) -> None:
-    """The --skip-bad-lines report: how many records were skipped and the first few messages."""
+        return 130
     if summary["skipped_bad"]:
         shown = summary["bad_examples"]
         print(f"skipped {summary['skipped_bad']:,} bad records (--skip-bad-lines); the first {len(shown)}:",
               file=sys.stderr)
         for message in shown:
             print(f"  {message}", file=sys.stderr)
+    print(f"wrote {output_prefix}{files}: {summary_line(summary)}")
+    return 0

@@ -5,30 +5,12 @@
         ...
     reader.stats, reader.sources              # counts, and [{"path", "bytes", "sha256"}] of the files read
 
-Inputs: JSONL (`.jsonl`, `.json`, `.ndjson`, each optionally `.gz` or `.zst`) with the text under
-`json_key`; Parquet (`.parquet`) with the text in `text_column`, read one row batch at a time; plain text
-(`.txt`, `.text`, `.md`, `.rst`, optionally compressed) as one document per file, per line, or per
-blank-line-separated paragraph (`text_mode`). An input is a file, a directory (searched recursively for
-those suffixes, hidden files skipped), or a glob.
-
-Reading is split in two so the preprocessor can parallelise it: `InputReader.chunks()` streams raw chunks
-of up to `batch_size` records (cheap: no decoding, no JSON) in the main process, and `parse_chunk()` turns
-one chunk into texts anywhere (a worker process). Iterating the reader does both in-process. Files are
-hashed while they are read (Parquet, which is read by seeking, gets a second sequential pass).
-
-Bad input (invalid JSON, a missing key, a value that is not a string, bytes that are not UTF-8) raises
-`BadInputError`, whose message is `FILE:LINE: what is wrong`; with `skip_bad=True` such records are
-counted and skipped instead. Documents with no non-whitespace character are skipped and counted, not errors.
-Line numbers are 1-based; Parquet rows are numbered from 0, as Parquet tools do.
+Input kinds, chunks vs parsing, and bad input: docs/format.md ("Written by preprocessing").
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
-import gzip
-import hashlib
-import io
 import itertools
 import json
 import os
@@ -37,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megasynth.data.streams import HashingRaw, open_hashed
 from megasynth.io import file_sha256
 
 FORMATS = ("jsonl", "parquet", "text")
@@ -44,8 +27,7 @@ TEXT_MODES = ("file", "line", "paragraph")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
                   ".txt": "text", ".text": "text", ".md": "text", ".rst": "text"}
 _COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-_KNOWN = "JSONL (.jsonl/.json/.ndjson), Parquet (.parquet) or text (.txt/.text/.md/.rst), optionally .gz/.zst"
-_READ_BLOCK = 1 << 20
+KNOWN_INPUTS = "JSONL (.jsonl/.json/.ndjson), Parquet (.parquet) or text (.txt/.text/.md/.rst), optionally .gz/.zst"
 
 
 class BadInputError(ValueError):
@@ -156,8 +138,10 @@ def detect_format(path: Path, input_format: str = "auto") -> tuple[str, str | No
     return fmt, compression
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _files_under(root: Path, input_format: str) -> list[Path]:
+    """The input files below a directory, sorted; hidden files and directories are skipped."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and detect_format(p, input_format) is not None
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], input_format: str = "auto") -> list[InputFile]:
@@ -169,23 +153,21 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], input_format: str = "auto
         spec = os.fspath(spec)
         path = Path(spec)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path)
-                           and detect_format(p, input_format) is not None)
+            files = _files_under(path, input_format)
             if not files:
-                raise InputError(f"{spec}: directory holds no input files ({_KNOWN})")
+                raise InputError(f"{spec}: directory holds no input files ({KNOWN_INPUTS})")
             found.extend(files)
         elif path.is_file():
             if detect_format(path, input_format) is None:
-                raise InputError(f"{spec}: unknown input format: expected {_KNOWN}, or pass --input-format")
+                raise InputError(f"{spec}: unknown input format: expected {KNOWN_INPUTS}, or pass --input-format")
             found.append(path)
         elif any(c in spec for c in "*?["):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             files = [p for p in matches if p.is_file() and detect_format(p, input_format) is not None]
             for d in (p for p in matches if p.is_dir()):
-                files.extend(sorted(p for p in d.rglob("*") if p.is_file() and not _is_hidden(p, d)
-                                    and detect_format(p, input_format) is not None))
+                files.extend(_files_under(d, input_format))
             if not files:
-                raise InputError(f"{spec}: no input file matches this pattern ({_KNOWN})")
+                raise InputError(f"{spec}: no input file matches this pattern ({KNOWN_INPUTS})")
             found.extend(files)
         else:
             raise InputError(f"{spec}: no such file or directory")
@@ -199,91 +181,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], input_format: str = "auto
     return out
 
 
-# -- streaming bytes, hashed as they are read ----------------------------------------------------------------------
-class _HashingRaw(io.RawIOBase):
-    """A raw file that feeds every byte it reads to sha256 and counts them."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self._f.readinto(b)
-        if n:
-            self.sha256.update(memoryview(b)[:n])
-            self.count += n
-        return n
-
-    def drain(self) -> None:
-        """Hash what the decompressor left unread (padding after the last frame), so the hash is the file's."""
-        while block := self._f.read(_READ_BLOCK):
-            self.sha256.update(block)
-            self.count += len(block)
-
-
-class _ZstdRaw(io.RawIOBase):
-    """Zstandard frames, one after another, that raises on a truncated frame (zstandard's stream_reader
-    returns the truncated data silently)."""
-
-    def __init__(self, raw):
-        import zstandard  # noqa: PLC0415
-
-        self._zstd = zstandard
-        self._raw = raw
-        self._d = zstandard.ZstdDecompressor().decompressobj()
-        self._in_frame = False
-        self._out = memoryview(b"")  # decompressed bytes not yet handed out (a view: no copy per read)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not len(self._out):
-            data = self._raw.read(_READ_BLOCK)
-            if not data:
-                if self._in_frame:
-                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
-                return 0
-            parts = []
-            while data:
-                self._in_frame = True
-                try:
-                    parts.append(self._d.decompress(data))
-                except self._zstd.ZstdError as e:
-                    raise ValueError(f"corrupt zstd data ({e})") from e
-                if not self._d.eof:
-                    break
-                data, self._in_frame = self._d.unused_data, False  # the next frame starts in the same block
-                self._d = self._zstd.ZstdDecompressor().decompressobj()
-            self._out = memoryview(b"".join(parts))
-        n = min(len(b), len(self._out))
-        b[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-
-def _open_stream(file: InputFile) -> tuple[_HashingRaw, io.BufferedIOBase]:
-    try:
-        f = open(file.path, "rb", buffering=0)
-    except OSError as e:
-        raise InputError(f"{file.path}: cannot read ({e.strerror})") from e
-    raw = _HashingRaw(f)
-    if file.compression == "gzip":
-        stream = gzip.GzipFile(fileobj=io.BufferedReader(raw, _READ_BLOCK), mode="rb")
-    elif file.compression == "zstd":
-        stream = io.BufferedReader(_ZstdRaw(raw), _READ_BLOCK)
-    else:
-        stream = io.BufferedReader(raw, _READ_BLOCK)
-    return raw, stream
-
-
 # -- the reader ------------------------------------------------------------------------------------------------
 class InputReader:
-    """Documents from input files: iterate for `(text, location)`, or use chunks() + parse_chunk() + record()."""
+    """Documents from input files: iterate for `(text, location)`, or use chunks() + parse_chunk() + stats.record()."""
 
     def __init__(self, inputs: Sequence[str | os.PathLike], options: ReaderOptions | None = None):
         self.options = options or ReaderOptions()
@@ -295,12 +195,8 @@ class InputReader:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         for chunk in self.chunks():
             parsed = parse_chunk(chunk, self.options)
-            self.record(parsed)
+            self.stats.record(parsed)
             yield from zip(parsed.texts, parsed.locations())
-
-    def record(self, parsed: Parsed) -> None:
-        """Count a parsed chunk's documents and skips (the caller parses; see chunks())."""
-        self.stats.record(parsed)
 
     def chunks(self) -> Iterator[Chunk]:
         """Raw chunks of every file in order; a file's entry joins `sources` once its last chunk is out."""
@@ -310,7 +206,11 @@ class InputReader:
                 yield from self._parquet_chunks(file, done)
                 sha = file_sha256(file.path)
             else:
-                raw, stream = _open_stream(file)
+                try:
+                    f = open(file.path, "rb", buffering=0)
+                except OSError as e:
+                    raise InputError(f"{file.path}: cannot read ({e.strerror})") from e
+                raw, stream = open_hashed(f, file.compression)
                 try:
                     yield from self._line_chunks(file, raw, stream, done)
                     raw.drain()
@@ -320,7 +220,7 @@ class InputReader:
             done += file.size
             self.sources.append({"path": str(file.path.resolve()), "bytes": file.size, "sha256": sha})
 
-    def _line_chunks(self, file: InputFile, raw: _HashingRaw, stream, done: int) -> Iterator[Chunk]:
+    def _line_chunks(self, file: InputFile, raw: HashingRaw, stream, done: int) -> Iterator[Chunk]:
         name = str(file.path)
         kind = "jsonl" if file.format == "jsonl" else self.options.text_mode
         line = 1
@@ -574,29 +474,3 @@ def parse_chunk(chunk: Chunk, options: ReaderOptions) -> Parsed:
     else:
         raise ValueError(f"unknown chunk kind {chunk.kind!r}")
     return out.parsed()
-
-
-# -- the command-line flags both tools share -----------------------------------------------------------------------
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The input flags of tools/preprocess_data.py and tools/train_tokenizer.py."""
-    g = parser.add_argument_group("input")
-    g.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help=f"input files, directories (searched recursively) or quoted globs; {_KNOWN}")
-    g.add_argument("--input-format", choices=("auto", *FORMATS), default="auto",
-                   help="read every input as this format instead of guessing from the suffix (default auto)")
-    g.add_argument("--json-key", default="text", help="JSONL: the key holding each document's text (default text)")
-    g.add_argument("--text-column", default="text", help="Parquet: the column holding the text (default text)")
-    g.add_argument("--text-mode", choices=TEXT_MODES, default="file",
-                   help="plain text: one document per file, per line, or per blank-line-separated paragraph "
-                        "(default file)")
-    g.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip and count records that cannot be read (invalid JSON or UTF-8, missing key, "
-                        "non-string value) instead of stopping at the first one")
-    g.add_argument("--max-bad-lines-shown", type=int, default=5, metavar="N",
-                   help="with --skip-bad-lines, how many bad locations the final report lists (default 5)")
-
-
-def reader_options_from_args(args: argparse.Namespace, *, batch_size: int = 1024) -> ReaderOptions:
-    return ReaderOptions(json_key=args.json_key, text_column=args.text_column, text_mode=args.text_mode,
-                         input_format=args.input_format, skip_bad=args.skip_bad_lines, batch_size=batch_size,
-                         max_bad_shown=args.max_bad_lines_shown)

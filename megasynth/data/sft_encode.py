@@ -1,23 +1,6 @@
-"""SFT records -> (tokens, loss mask) for a chunk: the work a preprocess_sft worker does (issue 11).
+"""SFT records -> (tokens, loss mask) for a chunk: the work a preprocess_sft worker does.
 
-Two ways, both giving the tokens the model sees at inference (the context is exactly what generate.py --chat
-feeds as the prompt; the targets are the answer as tokenized after it):
-
-- Whole text (the built-in ChatML template and pair records): each record is rendered and tokenized as ONE text,
-  the same tokenizer call as plain pretraining data, and the targets are found in the ids. Every message opens
-  with the <|im_start|> id and closes with the <|im_end|> id (texts may not hold them), so the k-th of each in a
-  chunk belong to the k-th message; an assistant turn's target runs from after its header ("assistant\\n", as
-  the tokenizer writes it after <|im_start|>) through its <|im_end|>. When the ids after <|im_start|> are not
-  exactly the header's (the answer merged with the header's newline, e.g. an answer opening with spaces), the
-  record is refused: no token boundary falls where the answer starts. A pair's target is everything after its
-  <|sep|> id, EOD included. The mask is built for the whole chunk with numpy.
-- Pieces (a tokenizer's own jinja template): the template's segments (context, target, ...) are tokenized apart
-  and concatenated. Where two pieces meet away from a special token, the tokens around the boundary (two before,
-  one after) are re-tokenized jointly; a disagreement refuses the record. Checks are cached by the boundary ids.
-
-SentencePiece. A model with the default dummy prefix puts "\u2581" in front of every text it encodes. A record
-is one text and starts with it like any document; a piece that continues a record is encoded after a special
-token whose ids are then dropped (megasynth.chat.text_start_ids), so no piece gains a space of its own.
+The two encodings (whole text, pieces) and their refusals: docs/sft.md ("Records to tokens and a mask").
 """
 
 from __future__ import annotations
@@ -25,26 +8,13 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from megasynth.chat import (
-    IM_END,
-    IM_START,
-    PAIR_SEPARATOR,
-    ConversationError,
-    load_chat_template,
-    special_token_id,
-    text_start_ids,
-)
-from megasynth.data.readers import (
-    BadInputError,
-    Chunk,
-    Parsed,
-    RecordProblem,
-    parse_json_chunk,
-)
+from megasynth.chat import (IM_END, IM_START, PAIR_SEPARATOR, ConversationError, load_chat_template, special_token_id,
+    text_start_ids)
+from megasynth.data.preprocess import EncodedChunk
+from megasynth.data.readers import BadInputError, Chunk, Parsed, RecordProblem, parse_json_chunk
 from megasynth.data.sft_records import SftOptions, check_texts, record_texts
 from megasynth.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -57,17 +27,8 @@ MERGED = ("tokenizing the record in one go puts no token boundary where {what} s
           "sees (see megasynth/data/sft_encode.py)")
 
 
-@dataclass
-class EncodedChunk:
-    tokens: np.ndarray  # every kept example's ids, concatenated
-    lengths: np.ndarray  # int64 per example
-    mask: np.ndarray  # bool, as long as tokens: True = predict this token
-    parsed: Parsed  # positions of the kept records, skips
-    truncated: int
-
-
 class SftEncoder:
-    """Parses a chunk of records and turns them into (tokens, lengths, loss mask); see the module docstring."""
+    """Parses a chunk of records and turns them into (tokens, lengths, loss mask); docs/sft.md says how."""
 
     def __init__(self, tokenizer: Tokenizer, options: SftOptions, dtype):
         self.tokenizer, self.options, self.dtype = tokenizer, options, np.dtype(dtype)
@@ -90,13 +51,13 @@ class SftEncoder:
         if special_token_id(tokenizer, eod_text) == tokenizer.eod_id:
             specials = (*specials, eod_text)
         self.specials = tuple(dict.fromkeys(specials))
-        # Every other string the tokenizer turns into a special id is refused in a text too (issue 19): the
+        # Every other string the tokenizer turns into a special id is refused in a text too: the
         # template's markers are special ids, the content never produces one (a record is tokenized in one go).
         others = [s for s in tokenizer.special_texts if s not in self.specials]
         self._other_specials = re.compile("|".join(map(re.escape, sorted(others, key=len, reverse=True)))) \
             if others else None
         self.whole = self.template is None or self.template.builtin
-        # A special token to continue after (see the module docstring), and what the tokenizer opens a text with.
+        # A special token to continue after (docs/sft.md), and what the tokenizer opens a text with.
         self.anchor = next((s for s in self.specials if special_token_id(tokenizer, s) is not None), None)
         self.lead = text_start_ids(tokenizer, self.anchor) if self.anchor else []
         if self.whole and self.template is not None:

@@ -1,6 +1,6 @@
-"""SFT record formats: a JSON object -> the conversation (or pair) it stands for, validated (issue 11).
+"""SFT record formats: a JSON object -> the conversation (or pair) it stands for, validated.
 
-The formats and their rules are documented in megasynth.data.sft; this module only reads records. A bad record
+The formats and their rules are docs/sft.md's; this module only reads records. A bad record
 raises RecordProblem (megasynth.data.readers adds FILE:LINE).
 """
 

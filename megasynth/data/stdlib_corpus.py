@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+from megasynth.io import atomic_open
 
 _SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -58,25 +61,14 @@ def is_heldout(origin: str, valid_fraction: float) -> bool:
 
 def write_stdlib_corpus(out_dir: str | os.PathLike, valid_fraction: float = 0.05) -> dict:
     """Write train.jsonl and valid.jsonl ({"text", "origin"} per line) atomically; return counts."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {"train": [0, 0], "valid": [0, 0]}  # documents, characters
-    tmp = {split: out / f".{split}.jsonl.tmp{os.getpid()}" for split in counts}
-    handles = {split: open(path, "w", encoding="utf-8") for split, path in tmp.items()}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = {split: stack.enter_context(atomic_open(Path(out_dir) / f"{split}.jsonl", "w")) for split in counts}
         for origin, text in iter_stdlib_documents():
             split = "valid" if is_heldout(origin, valid_fraction) else "train"
             handles[split].write(json.dumps({"text": text, "origin": origin}) + "\n")
             counts[split][0] += 1
             counts[split][1] += len(text)
-    except BaseException:
-        for split, f in handles.items():
-            f.close()
-            tmp[split].unlink(missing_ok=True)
-        raise
-    for split, f in handles.items():
-        f.close()
-        os.replace(tmp[split], out / f"{split}.jsonl")
     return {split: {"documents": d, "characters": c} for split, (d, c) in counts.items()}
 
 

@@ -1,17 +1,5 @@
 """Generative QA: sample an answer (greedy by default), then exact match and token F1 against the gold answers.
-
-Normalisation (SQuAD / TriviaQA): lowercase, drop punctuation, drop the articles a / an / the, collapse
-whitespace. Per example:
-    exact_match  1 if the normalised prediction equals some normalised gold answer
-    f1           the best token-overlap F1 over the gold answers (bag of normalised words; when either side
-                 is empty, 1 if both are, else 0)
-The prompt is the example's "prompt" verbatim, after k few-shot examples rendered as prompt + " " + first
-answer and joined with blank lines; it starts with the start token (BOS, else EOD). Generation stops at EOD,
-at any token whose text contains a newline, or after max_new_tokens; the answer is the generated text up to
-its first newline, stripped. A prompt that does not fit leaves tokens at its left end.
-Chat (tools/eval.py --chat): the few-shot prefix and the prompt are one user turn rendered with the chat template
-and its generation prompt (no start token: the template writes its own); generation also stops at the
-template's end-of-turn token.
+Normalisation, prompts, stopping rules and chat rendering: docs/eval.md ("Prompts", "Metrics").
 """
 
 from __future__ import annotations

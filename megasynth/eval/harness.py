@@ -1,12 +1,9 @@
-"""Runs evaluation tasks and perplexity on one process or data-parallel under torchrun, with exact reduction.
+"""Runs evaluation tasks and perplexity on one process or data-parallel under torchrun, with exact reduction
+(docs/eval.md, "Data-parallel runs").
 
     settings = EvalSettings(num_fewshot=5)
     result, records = run_task(model, tokenizer, load_task("qa.jsonl"), settings)   # rank 0: all records
     result, _ = run_perplexity(model, "data/valid", settings, seq_len=1024)
-
-Sharding: rank r scores examples r::world_size (windows r::world_size for perplexity). Every metric is a
-sum over examples (or tokens) all-reduced together with the count, then divided once, so the result equals
-a single-process run's (no mean of per-rank means). Rank 0 also gathers the per-example records.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megasynth.data.indexed import IndexedDataset
+from megasynth.distributed import is_distributed, rank_and_world
 from megasynth.eval.generative import evaluate_generative
 from megasynth.eval.multiple_choice import PromptOptions, evaluate_multiple_choice
 from megasynth.eval.perplexity import perplexity_metrics, perplexity_sums
@@ -41,17 +39,9 @@ class EvalSettings:
     chat: bool = False  # prompts are a user turn in the tokenizer's chat template (run_task gets the template)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-
-
 def all_reduce_sums(values: list[float]) -> list[float]:
     """Element-wise sums over ranks, in float64 (counts stay exact)."""
-    if not _distributed():
+    if not is_distributed():
         return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -61,7 +51,7 @@ def all_reduce_sums(values: list[float]) -> list[float]:
 
 def gather_records(records: list[dict]) -> list[dict] | None:
     """Every rank's records on rank 0, in example order (None on other ranks)."""
-    if not _distributed():
+    if not is_distributed():
         return sorted(records, key=lambda r: r["index"])
     everything: list = [None] * dist.get_world_size()
     dist.all_gather_object(everything, records)

@@ -4,9 +4,7 @@
     scores[i].logprob     # sum over the continuation's tokens of log p(token | everything before it)
     scores[i].is_greedy   # every continuation token was the argmax at its position
 
-Requests are sorted longest first and right-padded into batches (a causal model never looks right, so padding
-changes nothing); the output head runs only on the positions that predict continuation tokens, so no [B, S, V]
-logits tensor is ever built. A request longer than max_len + 1 tokens loses context tokens from the left.
+Batching, padding and truncation: docs/eval.md ("Scoring").
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ class Score:
 @torch.no_grad()
 def score_continuations(model: Transformer, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                         batch_size: int = 16, max_len: int | None = None) -> list[Score]:
-    """Score each (context, continuation) pair of token-id lists; see the module docstring."""
+    """Score each (context, continuation) pair of token-id lists; see docs/eval.md ("Scoring")."""
     max_len = max_len or model.cfg.max_seq_len
     device = model.embed_tokens.weight.device
     for i, (ctx, cont) in enumerate(requests):

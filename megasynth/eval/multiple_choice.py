@@ -1,26 +1,5 @@
-"""Multiple-choice evaluation by log-likelihood (lm-evaluation-harness style), including closed-book QuALITY.
-
-For each example, every choice is scored as the continuation " " + choice after the prompt, all choices of all
-examples in one batched pass (megasynth.eval.loglik). Per example:
-    acc       1 if the choice with the highest summed log-likelihood is the gold one
-    acc_norm  the same after dividing each choice's log-likelihood by len(choice) in characters (the choice
-              text itself, without the leading space), which removes the bias towards short answers
-Ties go to the lower index. Metrics are sums over examples divided by their count (see harness.py).
-
-Prompts (docs/eval.md has examples):
-    multiple_choice  the example's "context" verbatim
-    quality          closed-book: the article is NOT shown, only its title (unless include_title=False)
-                     "Title: {title}\nQuestion: {question}\nAnswer:" and the choices are the option texts;
-                     with answer_format="letter" the options are listed as "A. ...", "B. ..." and the choices
-                     scored are the letters " A", " B", ...
-Few-shot (k > 0): k examples drawn without replacement from the file's "fewshot" pool with a generator seeded
-by (seed, example index), each rendered as its prompt + " " + its gold choice, joined with blank lines
-("\n\n") in front of the prompt. Every context starts with the start token (BOS, else EOD). Context and
-continuation are tokenised separately, so a choice's scored tokens never depend on the context.
-Chat (tools/eval.py --chat): the few-shot prefix and the prompt are one user turn rendered with the checkpoint
-tokenizer's chat template and its generation prompt (megasynth.chat, as generate.py --chat does); the template
-writes its own opening tokens (no start token) and a choice is scored as the assistant's answer, right after
-the template's assistant header, without the " " delimiter.
+"""Multiple-choice evaluation by log-likelihood (lm-evaluation-harness style), including closed-book QuALITY:
+acc and acc_norm, the prompts, few-shot draws and chat rendering are docs/eval.md's.
 """
 
 from __future__ import annotations
@@ -98,7 +77,7 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence, indices: Sequ
                              template=None) -> list[dict]:
     """Per-example records {"index", "id", "gold", "pred", "pred_norm", "acc", "acc_norm", "logliks"} for
     examples[i] (i in `indices`: this rank's share; `indices` also seed the few-shot draws). template: a
-    megasynth.chat.ChatTemplate to wrap each context in (see the module docstring), or None."""
+    megasynth.chat.ChatTemplate to wrap each context in (docs/eval.md), or None."""
     options = options or PromptOptions()
     requests, spans, meta = [], [], []
     for i in indices:

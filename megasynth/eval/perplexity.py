@@ -1,16 +1,7 @@
-"""Perplexity of a model on an indexed-dataset prefix (PREFIX.bin/.idx), token-weighted.
+"""Perplexity of a model on an indexed-dataset prefix (PREFIX.bin/.idx), token-weighted (docs/eval.md, "Metrics").
 
     sums = perplexity_sums(model, IndexedDataset("data/valid"), seq_len=1024)       # {"nll", "tokens", "windows"}
     loss = sums["nll"] / sums["tokens"]; ppl = exp(loss)
-
-The prefix's tokens, in file order (not shuffled), are cut into windows of seq_len + 1 tokens that overlap by
-one token, exactly the training sample layout: window w is tokens [w * seq_len, w * seq_len + seq_len + 1), the
-first seq_len are inputs and the last seq_len labels, so over all windows every token but the very first is
-predicted exactly once (the last window may be shorter). `num_windows` takes the first N windows instead of
-all of them. With document masking (the training default) each window attends only within documents and
-positions restart at each document start, as in training. The loss is the sum of the token losses divided by
-the number of predicted tokens (token-weighted, never a mean of per-window means); each rank of a
-data-parallel run takes windows rank::world_size and the sums are added.
 """
 
 from __future__ import annotations

@@ -4,22 +4,7 @@
     split = split_articles(result.articles, held_out_fraction=0.2, seed=0)     # or split_by_files(...)
     write_import(out_dir, result, split, fewshot=5, seed=0, settings={...})
 
-QuALITY (Pang et al., 2022) ships one JSON object per line: an article (`article_id`, `set_unique_id`,
-`title`, `author`, `article`, ...) with the `questions` one writer set wrote about it (`question`, 4
-`options`, a 1-based `gold_label`, `difficult`, `question_unique_id`, ...). The same article appears on
-several lines (one per writer set), so articles are merged by `article_id` (the first line's text is kept;
-a later line whose text differs is counted and reported, not silently merged) and questions are kept once
-(by `question_unique_id`, and by identical article + question + options). The releases without
-`htmlstripped` in the name hold HTML; `html="auto"` turns a text that looks like HTML into plain paragraphs.
-
-A record that cannot be imported (a missing field, `gold_label` outside 1..4, not exactly 4 options) is a
-BadInputError `FILE:LINE: ...`; with `skip_bad` the whole line is skipped and counted instead. The test
-split's lines carry no `gold_label` (its labels are not public): they are reported as such.
-
-Output (schemas in docs/eval.md): `documents.jsonl` ({"id", "title", "text"}: what EntiGraph synthesizes
-from), `quality.jsonl` (closed-book questions about those articles, gold 0-based), and with a split by
-article `heldout_documents.jsonl` + `quality_heldout.jsonl` (articles kept out of the corpus: a control, and
-the few-shot pool), plus `import.json` (counts, settings, sources).
+Merging, de-duplication, bad records and the output files: docs/eval.md ("Importing QuALITY").
 """
 
 from __future__ import annotations
@@ -74,10 +59,6 @@ class ImportResult:
     skipped_bad: int = 0
     bad_examples: list[str] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)
-
-    @property
-    def num_questions(self) -> int:
-        return sum(len(a.questions) for a in self.articles.values())
 
 
 # -- HTML -----------------------------------------------------------------------------------------------------------
@@ -215,7 +196,7 @@ def read_quality(inputs: Sequence[str | os.PathLike], *, skip_bad: bool = False,
     seen_content: set[str] = set()
     for chunk in reader.chunks():
         parsed, records = parse_json_chunk(chunk, lambda obj, line: parse_record(obj, html_mode), skip_bad)
-        reader.record(parsed)
+        reader.stats.record(parsed)
         for where, rec in zip(parsed.locations(), records):
             result.lines += 1
             article = result.articles.get(rec["article_id"])

@@ -1,11 +1,7 @@
-"""Evaluation results on disk: results.json, a Markdown table (results.md) and per-task predictions JSONL.
+"""Evaluation results on disk: results.json, a Markdown table (results.md) and per-task predictions JSONL,
+published together with results.json last (megasynth.io.atomic_files; docs/eval.md).
 
     write_report(out_dir, results, predictions={"capitals": records}, overwrite=False)
-
-`results` is {"checkpoint", "step", "settings", "tasks": {name: {"type", "file", "n", "metrics", "config"}}}.
-The report (RESULT_FILES) is published like a prefix by megasynth.io.atomic_files: built beside OUT and moved in
-with results.json last, so a reader sees the complete old or the complete new report; other files in OUT are
-left alone, and predictions/ is replaced whole.
 """
 
 from __future__ import annotations

@@ -4,12 +4,8 @@
     task = load_task("qa.jsonl", task_type="generative")        # or given for the whole file
     task.examples, task.fewshot                                 # "split": "test" (default) / "fewshot"
 
-Types:
-    multiple_choice  {"context": str, "choices": [str, ...], "gold": int}
-    generative       {"prompt": str, "answers": [str, ...]}
-    quality          {"article_id": str, "title": str (optional), "question": str, "options": [str, ...], "gold": int}
-Every line may also carry "id" (str or int; default: the line number), "type" and "split". Other fields are
-ignored. Any problem is a TaskError "FILE:LINE: field "name": what was expected".
+The types are multiple_choice, generative and quality (TASK_TYPES); any problem is a TaskError
+"FILE:LINE: field "name": what was expected".
 """
 
 from __future__ import annotations

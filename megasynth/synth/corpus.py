@@ -1,16 +1,13 @@
-"""The source documents of an LLM pipeline (EntiGraph, rephrase): a JSONL file or an indexed prefix.
+"""Corpus access for every synthetic-data stage: source documents, a prefix with its tokenizer, document bodies,
+the pair separator id and Parquet tables of document indices.
 
-    docs = read_source_documents("quality/articles.jsonl")         # [SourceDoc(index, id, title, text), ...]
-    docs = read_source_documents("data/books", tokenizer="tok/")    # a prefix: each document decoded
-    documents_sha256(docs)                                          # what the work-dir manifest records
+    docs = read_source_documents("quality/articles.jsonl")   # or a prefix; [SourceDoc(index, id, title, text)]
+    corpus = PrefixCorpus("data/real")                        # the prefix and the tokenizer its sidecar names
+    corpus.text(i, max_tokens=512)                            # document i decoded, without a leading BOS and its EOD
+    starts, bodies = document_bodies(ds, eod_id)              # where each document starts, its length without EOD
+    cols = read_index_columns("PAIRS.parquet", {"seed": (n, "data/real"), "target": (n, "data/real")})
 
-JSONL: one object a line, {"id": str or int, "title": str (optional), "text": str}; a missing or empty text,
-a wrong type or a repeated id is an InputError naming FILE:LINE (the first line for a repeat, too). A prefix
-(PATH.bin/.idx) gives one document per sequence, its trailing EOD removed, id = its index as a string and no
-title; it is decoded with `tokenizer` when given, else with the tokenizer its sidecar names (whose checksum
-must match the sidecar's). The source corpus of these pipelines is small (EntiGraph's QuALITY: 265 books,
-1.3M tokens), so the documents are held in memory.
-"""
+Input formats and the tokenizer check: docs/synth.md, "Source documents"."""
 
 from __future__ import annotations
 
@@ -19,12 +16,160 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from megasynth.chat import PAIR_SEPARATOR, special_token_id
+from megasynth.cli import overlap_refusal
+from megasynth.cli import prefix as cli_prefix
 from megasynth.data.indexed import IndexedDataset, idx_path
+from megasynth.data.prefix import check_output_free, sidecar_path
 from megasynth.data.readers import InputError
+from megasynth.data.sft_encode import separator_problem
 from megasynth.io import read_jsonl
-from megasynth.tokenizer import load_tokenizer
+from megasynth.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 
+class CorpusError(ValueError):
+    """A table of document indices that does not fit its corpus; one line naming the file (and the row)."""
+
+
+# -- a prefix and its tokenizer ----------------------------------------------------------------------------------------
+def recorded_tokenizer(ds: IndexedDataset) -> dict | None:
+    """The tokenizer identity the prefix's sidecar records (Tokenizer.identity()), None without one."""
+    recorded = (ds.metadata or {}).get("tokenizer")
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_tokenizer(ds: IndexedDataset, tok: Tokenizer, role: str = "the tokenizer") -> None:
+    """TokenizerError unless `tok` is the tokenizer the prefix's sidecar records (when it records a checksum)."""
+    recorded = recorded_tokenizer(ds) or {}
+    sha, actual = recorded.get("sha256"), tok.identity()["sha256"]
+    if sha and sha != actual:
+        raise TokenizerError(f"{ds.prefix}: tokenized with {recorded.get('path')} (sha256 {sha[:12]}...), not with "
+                             f"{role} {tok.path} (sha256 {actual[:12]}...): its ids would decode to other texts")
+
+
+def prefix_tokenizer(ds: IndexedDataset, tokenizer: str | os.PathLike | None = None, *,
+                     flag: str = "--tokenizer") -> Tokenizer:
+    """`tokenizer`, else the one the prefix's sidecar names; checked against the sidecar (check_tokenizer)."""
+    if tokenizer is None:
+        recorded = recorded_tokenizer(ds)
+        if recorded is None or not recorded.get("path"):
+            raise TokenizerError(f"{sidecar_path(ds.prefix)}: names no tokenizer (a Megatron prefix or one written "
+                                 f"without one); pass {flag} PATH")
+        tokenizer = recorded["path"]
+    tok = load_tokenizer(tokenizer)
+    check_tokenizer(ds, tok)
+    return tok
+
+
+class PrefixCorpus:
+    """The documents of a prefix as text, decoded with prefix_tokenizer(ds, tokenizer, flag=flag)."""
+
+    def __init__(self, prefix: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
+                 flag: str = "--tokenizer"):
+        self.prefix = os.fspath(prefix)
+        self.ds = IndexedDataset(self.prefix)
+        self.tokenizer = prefix_tokenizer(self.ds, tokenizer, flag=flag)
+        self.tokenizer_sha256 = self.tokenizer.identity()["sha256"]
+        self.eod_id = (self.ds.metadata or {}).get("eod_id", self.tokenizer.eod_id)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def text(self, i: int, max_tokens: int | None = None) -> str:
+        """Document i's first `max_tokens` tokens (all when None) decoded, a leading BOS and a trailing EOD left out."""
+        length = int(self.ds.sequence_lengths[i])
+        ids = self.ds.get(i, 0, length if max_tokens is None else min(max_tokens, length)).tolist()
+        bos = self.tokenizer.bos_id
+        if ids and bos is not None and ids[0] == bos:
+            ids = ids[1:]
+        if ids and ids[-1] == self.eod_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids)
+
+
+def document_bodies(ds: IndexedDataset, eod_id: int | None,
+                    indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(first token position in ds.tokens, number of tokens before the trailing EOD) of every document, or of
+    `indices` only, as int64 arrays (eod_id None: no EOD to leave out)."""
+    starts = ds.sequence_pointers.astype(np.int64) // ds.dtype.itemsize
+    lengths = ds.sequence_lengths.astype(np.int64)
+    if indices is not None:
+        starts, lengths = starts[indices], lengths[indices]
+    if eod_id is None or not ds.tokens.size:
+        return starts, lengths
+    last = np.where(lengths > 0, starts + lengths - 1, 0)
+    return starts, lengths - ((lengths > 0) & (ds.tokens[last] == eod_id))
+
+
+def pair_separator_id(tokenizer: Tokenizer, separator: str | None = None) -> int:
+    """The id of the pair separator (default <|sep|>) as megasynth.data.sft's pair format defines it; TokenizerError
+    naming the token and the tokenizer when it is not one id, or is the EOD."""
+    separator = separator or PAIR_SEPARATOR
+    sep_id = special_token_id(tokenizer, separator)
+    if sep_id is None or sep_id == tokenizer.eod_id:
+        raise TokenizerError(separator_problem(tokenizer, separator))
+    return sep_id
+
+
+def check_output_prefix(output_prefix: str, inputs: dict, *, overwrite: bool, error: type[Exception]) -> None:
+    """`error` unless the output prefix is no directory, does not overlap `inputs` (megasynth.cli's one overlap
+    rule: {flag: path spec}) and is free (megasynth.data.prefix.check_output_free)."""
+    if Path(output_prefix).is_dir():
+        raise error(f"{output_prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
+    refusal = overlap_refusal({"": cli_prefix(output_prefix)}, inputs)
+    if refusal:
+        raise error(refusal)
+    check_output_free(output_prefix, overwrite=overwrite)
+
+
+# -- Parquet tables of document indices --------------------------------------------------------------------------------
+def check_table_exists(path: str | os.PathLike) -> None:
+    """CorpusError for a missing table, pointing at PATH.parquet when PATH is its stem (build_pairs.py's --output
+    names the stem: its PAIRS.json beside it would otherwise seem to describe another table)."""
+    path = Path(path)
+    if path.is_file():
+        return
+    hint = f"; did you mean {path}.parquet?" if path.suffix != ".parquet" and Path(f"{path}.parquet").is_file() else ""
+    raise CorpusError(f"{path}: no such file{hint}" if hint or not path.exists() else
+                      f"{path}: not a file (expected a Parquet table)")
+
+
+def read_index_columns(path: str | os.PathLike, columns: dict[str, tuple[int, str]]) -> dict[str, np.ndarray]:
+    """The int64 columns of a Parquet table of document indices; `columns` maps each name to (the number of
+    documents it indexes, the prefix they belong to). CorpusError naming the file, and the row counting from 0,
+    for a missing file or column, a non-integer column, a null or an index outside [0, number)."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    check_table_exists(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+    out = {}
+    for name, (limit, prefix) in columns.items():
+        if name not in table.column_names:
+            raise CorpusError(f"{path}: no column {name!r} (expected columns {', '.join(columns)}, found "
+                              f"{', '.join(table.column_names) or 'none'})")
+        column = table.column(name)
+        if not pa.types.is_integer(column.type):
+            raise CorpusError(f"{path}: column {name!r} is {column.type}, expected int64 document indices")
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise CorpusError(f"{path}: row {row}: {name} is null")
+        values = column.to_numpy().astype(np.int64, copy=False)
+        bad = np.flatnonzero((values < 0) | (values >= limit))
+        if bad.size:
+            row = int(bad[0])
+            raise CorpusError(f"{path}: row {row}: {name} {int(values[row])} is not a document of {prefix} "
+                              f"({limit:,} documents); was the table made for another prefix?")
+        out[name] = values
+    return out
+
+
+# -- the source documents of an LLM pipeline ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SourceDoc:
     index: int  # position in the input, which orders the output
@@ -73,27 +218,11 @@ def _from_jsonl(path: Path) -> list[SourceDoc]:
     return docs
 
 
-def _from_prefix(prefix: Path, tokenizer_path) -> list[SourceDoc]:
-    ds = IndexedDataset(prefix)
-    meta = ds.metadata or {}
-    ident = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else None
-    if tokenizer_path is None:
-        if ident is None or not ident.get("path"):
-            raise InputError(f"{prefix}: its sidecar names no tokenizer; pass the tokenizer to decode it with")
-        tokenizer_path = ident["path"]
-        tok = load_tokenizer(tokenizer_path)
-        if ident.get("sha256") and tok.identity()["sha256"] != ident["sha256"]:
-            raise InputError(f"{prefix}: the tokenizer its sidecar names ({tokenizer_path}) has changed since the "
-                             "prefix was written (checksum differs); pass the right tokenizer")
-    else:
-        tok = load_tokenizer(tokenizer_path)
-    eod = meta.get("eod_id", tok.eod_id)
+def _from_prefix(prefix: Path, tokenizer: str | os.PathLike | None) -> list[SourceDoc]:
+    corpus = PrefixCorpus(prefix, tokenizer, flag="--input-tokenizer")
     docs = []
-    for i in range(len(ds)):
-        ids = ds[i]
-        if ids.size and int(ids[-1]) == eod:
-            ids = ids[:-1]
-        text = tok.decode(ids.tolist())
+    for i in range(len(corpus)):
+        text = corpus.text(i)
         if not text.strip():
             raise InputError(f"{prefix}: document {i} decodes to an empty text")
         docs.append(SourceDoc(i, str(i), None, text))

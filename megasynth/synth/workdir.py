@@ -1,4 +1,4 @@
-"""The work directory of a resumable LLM pipeline (EntiGraph, rephrase): a manifest and append-only record logs.
+"""The work directory of a resumable pipeline (EntiGraph, rephrase, embedding, synthesis): a manifest and logs.
 
     with WorkDir.open(path, pipeline="entigraph", settings={...}) as wd:   # locks it; checks the manifest
         log = wd.log("relations.jsonl")
@@ -7,37 +7,11 @@
         done = load_finished(log)                    # {key: Finished}; done[key].pending(retry_failed)
         log.read_at(offset)                          # one record back, by the offset load() gave
 
-Why this shape. A request is worth money, so a finished one must never be asked again: its record reaches
-the disk (write + flush + fsync of one line) before the pipeline counts it as done, and a run killed at any
-point resumes from the records. A kill can tear at most the line being written; load() drops such a tail
-(and truncates it away, so the next append starts on a fresh line). A malformed line in the middle cannot come
-from a kill and is reported as corruption (FILE:LINE), never skipped. The pipelines keep only keys and byte
-offsets of relation records in memory and read the texts back by offset when they build the output, so memory
-does not grow with the size of the synthetic corpus.
-
-A failed request is recorded too, with its reason and "transient": whether the endpoint was at fault (429, 408,
-5xx, timeout, dropped connection after the client's time budget) or the content (invalid JSON, empty reply,
-another 4xx after max_attempts). Transient failures are not data loss (issue 19): a plain rerun asks for them
-again (Finished.pending); permanent ones only with retry_failed.
-
-The manifest (manifest.json, written once, atomically) holds the settings that decide what the records
-contain: input checksum, model, prompt hash, seed, sampling limits. A later run with different ones is refused
-(WorkDirMismatch names the fields) instead of mixing two experiments in one directory; settings that only
-change how the run goes (concurrency, budget, retries) are not in it. The directory is locked for the run
-(megasynth.run_lock), so two processes never append to the same logs; a second run is refused naming the
-directory and the tool that holds it. The manifest is written (or checked) under the lock before the caller
-writes anything, and a directory that holds files but no manifest is refused rather than adopted: its files
-could come from any settings (issue 19). Settings known only once the run has started (an embedding model's
-dimension) join the manifest through add_settings(), also before any work. Under torchrun one rank opens the
-directory and the others check its manifest with WorkDir.check after a barrier, so ranks of one run never
-lock each other out.
-
-Request keys are JSON arrays (request_key): unambiguous whatever characters a document id or entity holds,
-and deterministic, so a resumed run recognises its finished requests.
-"""
+Guarantees (durable records, torn lines, the manifest, the lock, request keys): docs/synth.md, "The work directory"."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -45,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megasynth.cli import directory, overlap_refusal
+from megasynth.cli import prefix as prefix_spec
+from megasynth.data.readers import InputError
 from megasynth.io import JsonlError, atomic_write_json, fsync_dir, remove_stale_temps, truncate_torn_tail
 from megasynth.run_lock import LOCK_NAME, acquire_path_lock, acquire_run_lock
-from megasynth.synth.llm.limits import is_transient
 
 MANIFEST = "manifest.json"
 
@@ -61,19 +37,29 @@ def request_key(*parts: str | int) -> str:
     return json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
 
 
+def derive_seed(*parts: str | int, bits: int = 31) -> int:
+    """The one way a seed is derived from others (a run's seed and a request key, a document id, a sample): the low
+    `bits` (at most 64) of sha256 over the parts joined by NUL. 31 by default: endpoints take int32 seeds."""
+    digest = hashlib.sha256("\0".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)
+
+
 class RecordLog:
-    """One append-only JSONL file of finished requests (see the module docstring)."""
+    """One durable append-only JSONL file of records with a "key": a pipeline's finished requests, the LLM ledger
+    (guarantees: docs/synth.md, "The work directory")."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = None
+        self._fd: int | None = None
         self._reader = None
+        self.torn = 0
+        """Bytes of a torn last line that load() cut off."""
 
     def load(self) -> Iterator[tuple[int, dict]]:
         """Yield (byte offset, record) for every complete line; a torn last line is truncated away first."""
         if not self.path.exists():
             return
-        truncate_torn_tail(self.path)
+        self.torn = truncate_torn_tail(self.path)
         with open(self.path, "rb") as f:
             offset = 0
             for line_no, raw in enumerate(f, 1):
@@ -92,16 +78,21 @@ class RecordLog:
 
     def append(self, record: dict) -> int:
         """Write one record as one line, durably; return its byte offset."""
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-        if self._file is None:
+        return self.write((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
+
+    def write(self, lines: bytes) -> int:
+        """Append whole lines, written and fsynced before it returns; return the offset of the first. Unbuffered
+        (os.write): after a failed write nothing stays buffered to land later, after the torn line load() cuts."""
+        if self._fd is None:
             new = not self.path.exists()
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for appends, closed by close()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # closed by close()
             if new:
                 fsync_dir(self.path.parent)
-        offset = self._file.seek(0, os.SEEK_END)
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        offset = os.lseek(self._fd, 0, os.SEEK_END)
+        view = memoryview(lines)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
         return offset
 
     def read_at(self, offset: int) -> dict:
@@ -111,10 +102,11 @@ class RecordLog:
         return self._parse(self._reader.readline(), -1)
 
     def close(self) -> None:
-        for f in (self._file, self._reader):
-            if f is not None:
-                f.close()
-        self._file = self._reader = None
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._reader is not None:
+            self._reader.close()
+        self._fd = self._reader = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ class Finished:
     ok: bool
     error: str | None
     transient: bool = False
-    """A failure the endpoint caused (429, 5xx, timeout, connection): a plain rerun asks again (issue 19)."""
+    """A failure the endpoint caused (429, 5xx, timeout, connection): a plain rerun asks again."""
 
     def pending(self, retry_failed: bool) -> bool:
         """Whether a rerun asks for this item again: a transient failure always, a permanent one with
@@ -134,8 +126,10 @@ class Finished:
 
 
 def finished_from(offset: int, record: dict) -> Finished:
-    """The Finished of one record. A failure is transient as the record says; records written before issue 19
+    """The Finished of one record. A failure is transient as the record says; records written by older versions
     lack the field and are classified by their reason (megasynth.synth.llm.limits.is_transient)."""
+    from megasynth.synth.llm.limits import is_transient  # noqa: PLC0415 - the llm ledger imports this module
+
     ok = record.get("ok") is True
     error = None if ok else str(record.get("error") or "unknown")
     transient = not ok and record.get("transient", is_transient(error)) is True
@@ -155,10 +149,7 @@ def missing_items(failed: Iterable[tuple[str, Finished]]) -> dict:
 def refuse_overlapping_paths(cfg) -> None:
     """An LLM pipeline's output prefix and work dir may not be, hold or sit inside its inputs (megasynth.cli's
     rule, for library callers that bypass the tools): InputError naming the config fields."""
-    from megasynth.cli import directory, overlap_refusal, prefix  # noqa: PLC0415
-    from megasynth.data.readers import InputError  # noqa: PLC0415
-
-    refusal = overlap_refusal({"output_prefix": prefix(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
+    refusal = overlap_refusal({"output_prefix": prefix_spec(cfg.output_prefix), "work_dir": directory(cfg.work_dir)},
                               {"input": cfg.input, "input_tokenizer": cfg.input_tokenizer, "tokenizer": cfg.tokenizer})
     if refusal:
         raise InputError(refusal)
@@ -193,7 +184,7 @@ class WorkDir:
              output: str | os.PathLike | None = None) -> WorkDir:
         """Lock PATH (RunDirBusy naming it and the holding `tool`, default tools/PIPELINE.py) and write or check
         its manifest. `output`: the prefix the run will publish, locked too until close() (OUT.lock beside it,
-        then removed), so that two runs with different work dirs cannot both publish to it (issue 19)."""
+        then removed), so that two runs with different work dirs cannot both publish to it."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise WorkDirMismatch(f"{path}: the work dir is not a directory")
@@ -204,7 +195,7 @@ class WorkDir:
             if output is not None:
                 output_lock = acquire_path_lock(output, tool=tool, flag="--output-prefix")
             remove_stale_temps(path)
-            manifest = {"pipeline": pipeline, "settings": json.loads(json.dumps(settings))}
+            manifest = _manifest(pipeline, settings)
             mpath = path / MANIFEST
             created = not mpath.exists()
             if not created:
@@ -233,23 +224,20 @@ class WorkDir:
         differs."""
         mpath = Path(path) / MANIFEST
         old = _read_manifest(mpath)
-        _check_same(mpath, old, {"pipeline": pipeline, "settings": json.loads(json.dumps(settings))})
+        _check_same(mpath, old, _manifest(pipeline, settings))
         if later is not None:
-            _check_same(mpath, {"pipeline": pipeline, "settings": old.get("later", {})},
-                        {"pipeline": pipeline, "settings": json.loads(json.dumps(later))})
+            _check_same(mpath, _manifest(pipeline, old.get("later", {})), _manifest(pipeline, later))
 
     def add_settings(self, more: dict[str, Any]) -> None:
         """Settings known only once the run has started (a loaded model's identity): checked against those an
         earlier run recorded (WorkDirMismatch), or recorded in the manifest's "later" if there are none yet. Call
         before writing any work, so that no work exists without them."""
-        more = json.loads(json.dumps(more))
-        mpath = self.path / MANIFEST
+        mpath, new = self.path / MANIFEST, _manifest(self.manifest["pipeline"], more)
         have = self.manifest.get("later")
         if have is not None:
-            _check_same(mpath, {"pipeline": self.manifest["pipeline"], "settings": have},
-                        {"pipeline": self.manifest["pipeline"], "settings": more})
+            _check_same(mpath, _manifest(self.manifest["pipeline"], have), new)
             return
-        self.manifest = {**self.manifest, "later": more}
+        self.manifest = {**self.manifest, "later": new["settings"]}
         atomic_write_json(mpath, self.manifest)
 
     def log(self, name: str) -> RecordLog:
@@ -269,6 +257,10 @@ class WorkDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _manifest(pipeline: str, settings: dict[str, Any]) -> dict:
+    return {"pipeline": pipeline, "settings": json.loads(json.dumps(settings))}  # as JSON gives them back
 
 
 def _read_manifest(mpath: Path) -> dict:

@@ -16,13 +16,28 @@ from megasynth.data.blend import (
     blend_order,
     build_blended_dataset,
     parse_data_path,
-    prefix_bound,
-    prefix_deviation,
 )
 from megasynth.data.gpt_dataset import GPTDataset
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
 
 SOURCE_VOCAB = 100  # source s writes ids in [s * 100, s * 100 + 100), so every window names its source
+
+
+def prefix_deviation(source_ids: np.ndarray, weights) -> np.ndarray:
+    """max over prefixes m of |c_k(m) - m w_k|, per source k (what the order's bound limits)."""
+    m = np.arange(1, source_ids.size + 1, dtype=np.float64)
+    out = []
+    for k, w in enumerate(weights):
+        counts = np.cumsum(source_ids == k)
+        out.append(float(np.abs(counts - m * w).max()) if source_ids.size else 0.0)
+    return np.asarray(out)
+
+
+def prefix_bound(weights) -> np.ndarray:
+    """The guaranteed per-source bound (1 - w_k)/2 + w_k (K - 1)/2, K = number of drawn (w > 0) sources."""
+    w = np.asarray(weights, dtype=np.float64)
+    k = int((w > 0).sum())
+    return (1 - w) / 2 + w * (k - 1) / 2
 
 
 def make_source(prefix, s, *, num_docs=20, doc_len=30, tokenizer_sha="tok-a", seed=0):

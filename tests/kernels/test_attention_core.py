@@ -190,6 +190,16 @@ def test_run_core_checks_shapes():
         run_core("fast", q, k, v)
 
 
+@pytest.mark.parametrize("name", ["reference", "triton", "flash"])
+def test_one_validator_for_every_core(name):
+    # attention_core.check_inputs speaks for every core, before any of them computes.
+    q, k, v, cu = make([3, 4], 2, 1, 16, FP32)
+    with pytest.raises(ValueError, match="^attention core: softmax_scale must be a positive finite number"):
+        run_core(name, q[None], k[None], v[None], scale=-1.0)
+    with pytest.raises(ValueError, match="^attention core: cu_seqlens must be a non-empty 1-D int32 tensor"):
+        run_core(name, q, k, v, cu_seqlens=cu.long())
+
+
 @CUDA_ONLY
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("packed", [False, True])

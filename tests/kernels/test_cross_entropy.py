@@ -271,7 +271,7 @@ def sixteen_bit_matmul_rtol(dtype: torch.dtype, reduction_len: int) -> float:
 @pytest.mark.parametrize("impl, dtype", AUTOCAST_CASES)
 @pytest.mark.parametrize("chunk_rows", [None, 16])
 def test_autocast_runs_the_head_in_the_autocast_dtype(impl, dtype, chunk_rows):
-    # Issue 14 item 5: torch.mm(..., out=) is not an autocast op, so without the explicit cast the head ran in
+    # torch.mm(..., out=) is not an autocast op, so without the explicit cast the head ran in
     # fp32 under bf16 autocast. Here the result must match the autocast reference within what a 16-bit matmul
     # may differ by on any machine, and the fp32 computation must lie beyond that (bf16: gradients 3.3e-3 away,
     # fp16: 4.4e-4), so a head left in fp32 fails the first check.

@@ -36,6 +36,9 @@ def request_id(body: dict) -> tuple:
     title = re.search(r"^Title: (.*)$", user, re.MULTILINE).group(1)
     if '"entities"' in user:
         return title, "entities", ()
+    entity = re.search(r"^Entity: (.*)$", user, re.MULTILINE)
+    if entity:
+        return title, "entity", (entity.group(1),)
     ents = tuple(re.findall(r"^\d\. (.*)$", user, re.MULTILINE))
     if ents:
         return title, "pair" if len(ents) == 2 else "triple", ents
@@ -54,6 +57,8 @@ class ScriptedLLM:
                 return '{"summary": "cut off'
             reply = json.dumps({"summary": f"A summary of {title}.", "entities": ENTITIES[title]})
             return "```json\n" + reply + "\n```"  # fenced, as chat models often answer
+        if step == "entity":
+            return f"Q: What is {what[0]} in {title}?\nA: {what[0]} is part of {title}."
         if step == "rephrase":
             return f"[{what} {body.get('seed')}] {title} retold: " + first_user(body).rsplit("\n\n", 1)[-1]
         return f"In {title}, " + " and ".join(what) + " are connected."

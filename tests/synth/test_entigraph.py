@@ -29,6 +29,7 @@ from megasynth.synth.entigraph import (
     unrank_combination,
 )
 from megasynth.synth.llm import LLMSettings
+from megasynth.synth.llm.prompts import load_prompt, prompts_hash
 from megasynth.synth.workdir import RecordLog, WorkDirMismatch
 from megasynth.tokenizer import train_bpe_tokenizer
 
@@ -187,6 +188,52 @@ def test_budget_stops_cleanly_and_a_bigger_budget_completes_without_repeats(tmp_
     assert sum(first.values()) + sum(second.values()) == FULL_RUN
     relations = [json.loads(line)["key"] for line in (tmp_path / "W/relations.jsonl").read_text().splitlines()]
     assert len(relations) == len(set(relations)) == 12
+
+
+def test_entity_questions_are_off_by_default_and_when_on_give_one_text_per_entity_and_resume(
+        tmp_path, openai_server, tok_dir):
+    openai_server.reply = ScriptedLLM()
+    entity_steps = {(d["title"], "entity", (e,)) for d in DOCS for e in NORMALISED[d["title"]]}
+    # Off (the default): no entity request, and neither the manifest nor the prompt hash mentions the step.
+    run_entigraph(config(tmp_path, openai_server, tok_dir, work="off", out="out/off"))
+    assert not {c for c in asked(openai_server) if c[1] == "entity"}
+    off = json.loads((tmp_path / "off/manifest.json").read_text())["settings"]
+    assert "entity_questions" not in off
+    assert off["prompts_hash"] == prompts_hash(load_prompt(f"entigraph_{n}") for n in ("entities", "pair", "triple"))
+
+    # On: stopped by the budget part way, then resumed; every request is asked exactly once over the two runs.
+    openai_server.reset()
+    out = run_entigraph(config(tmp_path, openai_server, tok_dir, entity_questions=True,
+                               llm={"budget_tokens": 900, "concurrency": 2}))
+    assert out["budget_stopped"] and out["sidecar"] is None
+    first = asked(openai_server)
+    openai_server.reset()
+    out = run_entigraph(config(tmp_path, openai_server, tok_dir, entity_questions=True))
+    second = asked(openai_server)
+    assert out["complete"] and not set(first) & set(second) and max((first + second).values()) == 1
+    assert set(first + second) >= entity_steps and sum((first + second).values()) == FULL_RUN + len(entity_steps)
+    assert out["counts"]["entity_questions"] == out["counts"]["entity_questions_planned"] == len(entity_steps)
+
+    prov = pq.read_table(tmp_path / "out/eg.provenance.parquet").to_pylist()
+    assert [(r["source_id"], r["step"]) for r in prov] == (
+        [("b1", "entity")] * 4 + [("b1", "pair")] * 6 + [("b1", "triple")] * 2
+        + [("b2", "entity")] * 3 + [("b2", "pair")] * 3 + [("b2", "triple")])
+    from megasynth.tokenizer import load_tokenizer
+    ds, tok = IndexedDataset(tmp_path / "out/eg"), load_tokenizer(tok_dir)
+    title = {d["id"]: d["title"] for d in DOCS}
+    for i, r in enumerate(prov):
+        if r["step"] == "entity":
+            (name,) = r["entities"]
+            assert tok.decode(ds[i][:-1].tolist()) == f"Q: What is {name} in {title[r['source_id']]}?\nA: {name} " \
+                                                      f"is part of {title[r['source_id']]}."
+    meta = ds.metadata["synthetic"]
+    assert [t["name"] for t in meta["prompts"]["templates"]][-1] == "entigraph_entity"
+    assert meta["settings"]["entity_questions"] is True and meta["prompts"]["hash"] != off["prompts_hash"]
+    records = [json.loads(line) for line in (tmp_path / "W/relations.jsonl").read_text().splitlines()]
+    assert sum(r["step"] == "entity" for r in records) == len(entity_steps)
+    # A work dir made without the step is refused with it (its records came from other prompts).
+    with pytest.raises(WorkDirMismatch, match="entity_questions"):
+        run_entigraph(config(tmp_path, openai_server, tok_dir, work="off", out="out/x", entity_questions=True))
 
 
 # -- the work dir and the input ------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The LLM client against the local OpenAI-compatible server: exact request counts under scripted replies and
-faults, Retry-After, JSON repair, budget, ledger, API-key hygiene, concurrency; the local checkpoint backend."""
+faults, Retry-After, JSON repair, budget, ledger, API-key hygiene, concurrency."""
 
 import argparse
 import asyncio
@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import time
+from datetime import UTC, datetime
 
 import pytest
 from synth.openai_server import (
@@ -29,11 +30,16 @@ from megasynth.synth.llm import (
     settings_from_args,
 )
 from megasynth.synth.llm.json_replies import check_schema, extract_json
-from megasynth.synth.llm.limits import TokenBucket, backoff_delay, http_date, parse_retry_after
+from megasynth.synth.llm.limits import TokenBucket, backoff_delay, parse_retry_after
 
 ENTITIES = {"type": "object", "required": ["entities"],
             "properties": {"entities": {"type": "array", "items": {"type": "string"}, "minItems": 1}}}
 USER = [{"role": "user", "content": "List the entities."}]
+
+
+def http_date(seconds_from_now: float) -> str:
+    """An HTTP date seconds_from_now in the future (a Retry-After as a date)."""
+    return email.utils.format_datetime(datetime.fromtimestamp(time.time() + seconds_from_now, UTC), usegmt=True)
 
 
 def settings(server, **kw) -> LLMSettings:
@@ -436,57 +442,6 @@ def test_cli_flags_build_settings():
         assert flag in help_text
     with pytest.raises(ValueError, match="--budget-usd needs"):
         settings_from_args(parser.parse_args(["--base-url", "u", "--model", "m", "--budget-usd", "1"]))
-
-
-# ---------------------------------------------------------------------------------------------- local backend
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """RUN/checkpoints/step_00000001 and RUN/tokenizer (with the chat tokens), a random 2-layer model."""
-    from megasynth.chat import TRAINING_SPECIAL_TOKENS
-    from megasynth.checkpoint import save_model_checkpoint
-    from megasynth.config import ModelConfig
-    from megasynth.hf import config_for_model
-    from megasynth.model import build_model
-    from megasynth.tokenizer import train_bpe_tokenizer
-
-    root = tmp_path_factory.mktemp("run")
-    tok = train_bpe_tokenizer(["Ada wrote about the analytical engine and Babbage built it."] * 30,
-                              root / "tokenizer", vocab_size=300, special_tokens=TRAINING_SPECIAL_TOKENS)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
-                      max_seq_len=256, rope_theta=10000.0, init_std=0.3)
-    model = build_model(cfg, "cpu", seed=3)
-    save_model_checkpoint(model, config_for_model(cfg), root / "checkpoints" / "step_00000001", meta={"step": 1})
-    return root, model.eval(), tok
-
-
-def test_local_backend_matches_the_reference_sampler_and_keeps_the_interface(tiny_run, tmp_path):
-    from megasynth.generate import sample_without_cache
-    from megasynth.synth.llm.local_backend import LocalBackend
-
-    root, model, tok = tiny_run
-    prompts = {f"k{i}": p for i, p in enumerate(["Ada wrote", "the engine", "Babbage", "about", "it"])}
-
-    async def go():
-        s = LLMSettings(model="tiny", max_tokens=8, json_repair_attempts=1)
-        async with LocalBackend(root, settings=s, ledger_path=tmp_path / "l.jsonl", batch_size=2) as llm:
-            greedy = await llm.map([LLMRequest(k, prompt=p, sampling={"temperature": 0.0}) for k, p in prompts.items()])
-            sampled = await llm.map([LLMRequest(k, prompt=p) for k, p in prompts.items()])
-            alone = await llm.complete("k3", prompts["k3"])
-            chat = await llm.chat("c", [{"role": "user", "content": "Name the entities."}], schema=ENTITIES)
-            long = await llm.complete("long", "Ada " * 300)
-            return greedy, sampled, alone, chat, long, llm.summary()
-
-    greedy, sampled, alone, chat, long, summary = run(go())
-    for key, p in prompts.items():
-        ids = [tok.eod_id] + tok.encode(p)  # this tokenizer has no BOS: prompts start with EOD
-        ref = sample_without_cache(model, [ids], max_new_tokens=8, temperature=0.0, eod_id=tok.eod_id)[0]
-        text = tok.decode(ref[:-1] if ref[-1] == tok.eod_id else ref)
-        assert greedy[key].ok and greedy[key].text == text and greedy[key].usage.prompt_tokens == len(ids)
-    assert alone.text == sampled["k3"].text  # a key's sample does not depend on its batch
-    # A random model's JSON: not expected to be valid; the failure is counted after 1 + 1 repair requests.
-    assert chat.attempts == (1 if chat.ok else 2) and (chat.ok or chat.error == "invalid_json")
-    assert not long.ok and long.error == "prompt_too_long" and long.attempts == 1
-    assert summary["requests"] == 13 and len(list(read_jsonl(tmp_path / "l.jsonl"))) == 13
 
 
 def test_an_empty_text_completion_that_stopped_is_a_result_but_an_empty_chat_reply_is_retried(openai_server):

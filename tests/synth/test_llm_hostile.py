@@ -24,7 +24,7 @@ from megasynth.data.indexed import IndexedDataset
 from megasynth.io import read_jsonl
 from megasynth.synth.llm.ledger import Ledger
 from megasynth.synth.llm import BudgetExceeded, LLMClient, LLMRequest, LLMSettings
-from megasynth.synth.sbp.samplers import EndpointSampler, EndpointSettings, Sampling
+from megasynth.synth.sbp.samplers import EndpointSampler, Sampling
 from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 USER = [{"role": "user", "content": "Tell me about the lighthouse."}]
@@ -74,8 +74,8 @@ def test_a_reply_over_max_tokens_is_cut_to_the_limit_and_counted(openai_server, 
 def test_synthesize_endpoint_keeps_at_most_max_new_tokens_and_counts_them_truncated(openai_server, tmp_path, tok):
     # The reproduction: a completion of 43+ tokens for a limit of 16 was kept whole and counted as ended.
     openai_server.reply = lambda body: LONG
-    endpoint = EndpointSettings(openai_server.base_url, "synth", concurrency=2, max_attempts=2,
-                                api_key_env=TEST_API_KEY_ENV, backoff_base_s=0.01, timeout_s=10)
+    endpoint = LLMSettings(openai_server.base_url, "synth", concurrency=2, max_attempts=2,
+                           api_key_env=TEST_API_KEY_ENV, backoff_base_s=0.01, timeout_s=10)
     sampler = EndpointSampler(endpoint, tok, Sampling(seed=1, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16),
                               tmp_path / "ledger.jsonl")
     prompt = np.asarray(tok.encode("the keeper") + tok.encode("<|sep|>"), np.int64)

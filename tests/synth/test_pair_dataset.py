@@ -16,6 +16,7 @@ from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megasynth.data.prefix import OutputExistsError
 from megasynth.data.sft import preprocess_sft
 from megasynth.metrics import read_metrics
+from megasynth.synth.corpus import CorpusError
 from megasynth.synth.sbp.pair_dataset import PairDatasetError, make_pair_dataset
 from megasynth.tokenizer import TokenizerError
 
@@ -151,7 +152,7 @@ def test_bad_pair_tables_are_refused_naming_file_and_row(inputs, tmp_path, case,
     elif case == "stale_json":
         write_pairs(path, [(0, 1)])
         (tmp_path / "pairs.json").write_text(json.dumps({"files": {"parquet": {"sha256": "0123456789ab" * 5}}}))
-    with pytest.raises(PairDatasetError, match=message):
+    with pytest.raises(CorpusError, match=message):
         make_pair_dataset(path, corpus, tmp_path / "out", progress=False)
     assert not list(tmp_path.glob("out*"))
 
@@ -170,7 +171,7 @@ def test_tokenizer_without_separator_or_of_another_corpus_is_refused(inputs, tmp
     pairs = write_pairs(tmp_path / "pairs.parquet", [(0, 1)])
     with pytest.raises(TokenizerError, match=r"plain.*<\|sep\|>.*tools/train_tokenizer.py --chat-tokens"):
         make_pair_dataset(pairs, plain_corpus, tmp_path / "p", progress=False)
-    with pytest.raises(PairDatasetError, match=r"plain: not the tokenizer of .*real"):
+    with pytest.raises(TokenizerError, match=r"real: tokenized with .*tok.*, not with the tokenizer .*plain"):
         make_pair_dataset(pairs, corpus, tmp_path / "p", tokenizer=plain.path, progress=False)
     with pytest.raises(PairDatasetError, match="max_seed_tokens must be >= 1"):
         make_pair_dataset(pairs, corpus, tmp_path / "p", max_seed_tokens=0, progress=False)

@@ -1,4 +1,4 @@
-"""Issue 19, case 16: SBP with a pretrained tokenizer that has no <|sep|>. make_pair_dataset, preprocess_sft
+"""SBP with a pretrained tokenizer that has no <|sep|>. make_pair_dataset, preprocess_sft
 --format pair and synthesize take --separator (any token that is one id, not the EOD); a separator that is not
 one id is refused with exit 2 and one line naming it and the tokenizer; the pair prefix's sidecar records the
 separator, and synthesize prompts with the one the synthesizer was tuned on (read from the sidecar of the pair

@@ -23,7 +23,6 @@ from megasynth.synth.sbp.near_dup import (
     minhash_signatures,
     near_duplicate_pairs,
     ngram_hashes,
-    ngram_jaccard,
 )
 from megasynth.synth.sbp.pairs import PairOptions, PairsError, build_pairs
 
@@ -44,7 +43,7 @@ def test_ngram_jaccard_matches_python_sets():
         ga = {tuple(a[i:i + 3]) for i in range(len(a) - 2)} if len(a) >= 3 else ({tuple(a)} if len(a) else set())
         gb = {tuple(b[i:i + 3]) for i in range(len(b) - 2)} if len(b) >= 3 else ({tuple(b)} if len(b) else set())
         expected = 1.0 if not ga and not gb else len(ga & gb) / len(ga | gb)
-        assert ngram_jaccard(a, b, n=3) == pytest.approx(expected)
+        assert jaccard(ngram_hashes(a, 3), ngram_hashes(b, 3)) == pytest.approx(expected)
         if gb:
             assert containment(ngram_hashes(b, 3), ngram_hashes(a, 3)) == pytest.approx(len(ga & gb) / len(gb))
     assert jaccard(ngram_hashes([1, 2, 3, 4, 5, 6]), ngram_hashes([1, 2, 3, 4, 5, 6])) == 1.0
@@ -67,7 +66,7 @@ def test_minhash_estimate_and_lsh_find_constructed_duplicates():
     near[::50] = 999  # 6 of 300 tokens changed: Jaccard of 5-grams ~0.82
     docs = [*base, near, base[3].copy()]
     sig = minhash_signatures(docs)
-    truth = ngram_jaccard(base[0], near)
+    truth = jaccard(ngram_hashes(base[0]), ngram_hashes(near))
     assert 0.7 < truth < 0.95
     assert abs(minhash_jaccard(sig[0], sig[6]) - truth) < 0.12  # 3 standard errors at 128 permutations
     assert near_duplicate_pairs(sig, threshold=0.7) == [(0, 6), (3, 7)]

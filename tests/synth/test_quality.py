@@ -8,6 +8,7 @@ and, for the judge, the local OpenAI-compatible server with scripted verdicts.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,16 +16,10 @@ import pytest
 from synth.openai_server import TEST_API_KEY_ENV
 from synth.quality_data import REPEATED_SENTENCE, build_corpus, encode, write_pairs, write_synthetic
 
-from megasynth.synth.sbp.quality import (
-    PAPER_ROW,
-    QualityError,
-    QualitySettings,
-    copy_score,
-    measure_quality,
-    near_duplicate_flags,
-    repetition_score,
-    sample_indices,
-)
+from megasynth.synth.corpus import CorpusError
+from megasynth.synth.sbp.embed import default_model, load_model
+from megasynth.synth.sbp.quality import JUDGE_DEFAULTS, QualityError, QualitySettings, measure_quality, sample_indices
+from megasynth.synth.sbp.quality_metrics import copy_score, near_duplicate_flags, repetition_score
 
 # Short texts keep the embedding cheap; the tests' documents are ~130-320 tokens.
 FAST = dict(embed_max_tokens=32)
@@ -97,10 +92,11 @@ def test_exact_copies_score_full_pair_copying(corpus, tmp_path):
     assert row["non_factual"]["status"] == "n/a"
     ref = res["rows"]["reference"]  # random corpus documents with their nearest neighbour in the sample
     assert ref["documents"] == n and ref["pair_copying"]["count"] == 0
-    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert on_disk["rows"]["synthetic"]["pair_copying"]["share"] == 1.0 and on_disk["paper"] == PAPER_ROW
-    md = (tmp_path / "out" / "results.md").read_text()
-    assert "| synthetic (this run) | 30 |" in md.replace(str(n), "30") and "100.0% (" in md and "25.6%" in md
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == res
+    md = (tmp_path / "out" / "results.md").read_text().splitlines()
+    # repetition, duplicate@n, non-factual, pair-irrelevance, pair-copying; then Yang et al.'s published row
+    assert f"| synthetic (this run) | {n} | 0.0% (0/{n}) | 0.0% (0/{n}) | n/a | 0.0% (0/{n}) | 100.0% ({n}/{n}) |" in md
+    assert "| paper, 200B scale (Yang et al. 2025) | — | 4.3% | 0.8% (@1M) | 15.1% | 25.6% | 0.1% |" in md
     table = pq.read_table(tmp_path / "out" / "documents.parquet").to_pydict()
     assert table["row"].count("synthetic") == n and set(table["copy"][:n]) == {1.0}
 
@@ -121,17 +117,38 @@ def test_shuffled_seeds_score_high_pair_irrelevance_and_planted_cases_are_counte
     assert row["pair_copying"]["count"] == 1  # the second copy of document 2 names it as its seed
     ref = res["rows"]["reference"]
     assert ref["documents"] == 3  # target 4 appears in two pairs: one of them is kept
-    assert sorted(pq.read_table(tmp_path / "out" / "documents.parquet").to_pydict()["doc"][-3:]) == [4, 5, 6]
+    table = pq.read_table(tmp_path / "out" / "documents.parquet").to_pydict()
+    assert sorted(table["doc"][-3:]) == [4, 5, 6]
+    # Each document's cosine with its own seed, against a float64 reference from the model's plain encode of
+    # the first 32 tokens decoded (the stored vectors are float16: a few 1e-4 apart).
+    model = load_model(default_model(), "cpu")
+
+    def vectors(token_lists):
+        v = model.encode([corpus.tokenizer.decode(t[:32].tolist()) for t in token_lists]).astype(np.float64)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    want = np.einsum("nd,nd->n", vectors(docs), vectors([corpus.docs[s] for s in seeds]))
+    assert table["doc"][:n + 2] == list(range(n + 2)) and table["seed"][:n + 2] == seeds
+    np.testing.assert_allclose(table["cosine"][:n + 2], want, atol=3e-3)
+    assert row["pair_irrelevance"]["count"] == int((want < 0.3).sum())
 
 
 def test_sample_limits_the_documents_measured(corpus, tmp_path):
     n = len(corpus.docs)
     syn = write_synthetic(tmp_path / "s", corpus, corpus.docs, list(range(n)))
-    res = measure_quality(syn, corpus.prefix, tmp_path / "a", QualitySettings(sample=10, **FAST), log=lambda *a: None)
-    assert res["rows"]["synthetic"]["documents"] == 10 and res["rows"]["reference"]["documents"] == 10
-    docs = pq.read_table(tmp_path / "a" / "documents.parquet").to_pydict()["doc"][:10]
-    assert docs == sample_indices(n, 10, np.random.default_rng([0, 1])).tolist()  # seeded, sorted, distinct
-    assert len(set(docs)) == 10 and sample_indices(5, 10, np.random.default_rng(0)).tolist() == [0, 1, 2, 3, 4]
+
+    def sampled(out, seed):
+        res = measure_quality(syn, corpus.prefix, tmp_path / out, QualitySettings(sample=10, seed=seed, **FAST),
+                              log=lambda *a: None)
+        assert res["rows"]["synthetic"]["documents"] == 10 and res["rows"]["reference"]["documents"] == 10
+        table = pq.read_table(tmp_path / out / "documents.parquet").to_pydict()
+        assert table["row"] == ["synthetic"] * 10 + ["reference"] * 10
+        return table["doc"][:10]
+
+    docs = sampled("a", 0)
+    assert docs == sorted(set(docs)) and len(docs) == 10 and 0 <= docs[0] and docs[-1] < n  # sorted, distinct
+    assert sampled("b", 0) == docs and sampled("c", 1) != docs  # the seed decides the sample
+    assert sample_indices(5, 10, np.random.default_rng(0)).tolist() == [0, 1, 2, 3, 4]  # all when fewer
 
 
 def test_judge_verdicts_are_counted_and_a_malformed_reply_is_failed_not_factual(corpus, tmp_path, openai_server):
@@ -150,9 +167,9 @@ def test_judge_verdicts_are_counted_and_a_malformed_reply_is_failed_not_factual(
 
     openai_server.reply = reply
     syn = write_synthetic(tmp_path / "copies", corpus, corpus.docs, list(range(n)))
-    settings = QualitySettings(judge_endpoint=openai_server.base_url, judge_model="judge", **FAST)
-    res = measure_quality(syn, corpus.prefix, tmp_path / "out", settings, api_key_env=TEST_API_KEY_ENV,
-                          log=lambda *a: None)
+    judge = replace(JUDGE_DEFAULTS, base_url=openai_server.base_url, model="judge", api_key_env=TEST_API_KEY_ENV)
+    settings = QualitySettings(judge=judge, **FAST)
+    res = measure_quality(syn, corpus.prefix, tmp_path / "out", settings, log=lambda *a: None)
     expected_bad = sum(verdict(i) == "non_factual" for i in range(n))
     got = res["rows"]["synthetic"]["non_factual"]
     assert got == {"status": "judged", "count": expected_bad, "n": n - 1, "failed": 1, "unanswered": 0,
@@ -167,7 +184,8 @@ def test_judge_verdicts_are_counted_and_a_malformed_reply_is_failed_not_factual(
 def test_bad_provenance_is_refused_with_its_file_named(corpus, tmp_path):
     n = len(corpus.docs)
     syn = write_synthetic(tmp_path / "short", corpus, corpus.docs, list(range(n - 1)) + [n + 5])
-    with pytest.raises(QualityError, match=r"short\.provenance\.parquet: row \d+: seed = \d+ is not a document"):
+    with pytest.raises(CorpusError, match=rf"short\.provenance\.parquet: row {n - 1}: seed {n + 5} is not a "
+                                          rf"document of .*corpus \({n} documents\)"):
         measure_quality(syn, corpus.prefix, tmp_path / "out", QualitySettings(**FAST))
     import pyarrow as pa
 
@@ -179,7 +197,7 @@ def test_bad_provenance_is_refused_with_its_file_named(corpus, tmp_path):
         measure_quality(write_synthetic(tmp_path / "ok", corpus, corpus.docs, list(range(n))), corpus.prefix,
                         tmp_path / "out", QualitySettings(**FAST), pairs=write_pairs(tmp_path / "p.parquet", [], []))
     with pytest.raises(QualityError, match="--judge-model"):
-        QualitySettings(judge_endpoint="http://x/v1").check()
+        QualitySettings(judge=replace(JUDGE_DEFAULTS, base_url="http://x/v1")).check()
 
 
 def test_a_synthetic_prefix_of_another_corpus_or_provenance_is_refused(corpus, tmp_path):

@@ -22,7 +22,8 @@ from megasynth.data.prefix import OutputExistsError
 from megasynth.generate import sample_without_cache
 from megasynth.run_lock import acquire_path_lock
 from megasynth.synth.sbp.samplers import endpoint_seed
-from megasynth.synth.sbp.synthesize import EndpointSettings, SynthError, SynthSettings, synthesize
+from megasynth.synth.llm import LLMSettings
+from megasynth.synth.sbp.synthesize import SynthError, SynthSettings, shard_seed_documents, synthesize
 from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
 
@@ -71,20 +72,27 @@ def test_documents_match_an_uncached_one_by_one_reference(setup, tmp_path):
     tok, corpus, run, _ = setup
     counts = synthesize(run, corpus, tmp_path / "syn", settings(batch_size=5), progress=False)
     docs, prov = docs_and_provenance(tmp_path / "syn")
-    assert counts["requested"] == 24 and counts["generated"] == len(docs) == 24 - counts["empty_dropped"]
-    assert 0 < counts["empty_dropped"] < 12 and counts["truncated"] > 0  # the model makes all three kinds
+    assert counts["requested"] == 24 and counts["generated"] == len(docs)
     assert prov["doc"] == list(range(len(docs)))
     assert prov["sample"] == sorted(prov["sample"]) and set(prov["sample"]) <= set(range(24))
+    # Every sample's reference: its seed document (uniform over the documents with a token besides the EOD, drawn
+    # per shard of 8), without its EOD and cut, then <|sep|>; sampled one at a time, without a KV cache.
     model, _ = load_for_inference(resolve_checkpoint(run))
     ds, sep = IndexedDataset(corpus), tok.encode("<|sep|>")
-    for doc, seed, sample in zip(docs, prov["seed"], prov["sample"]):
-        prompt = ds[seed].tolist()[:-1][:L1] + sep  # the seed document without its EOD, cut, then <|sep|>
-        ref = sample_without_cache(model, [prompt], max_new_tokens=L2, temperature=1.0, eod_id=tok.eod_id,
-                                   seed=7, row_ids=[sample])[0]
+    candidates = np.flatnonzero(ds.sequence_lengths > 1)
+    seeds = np.concatenate([shard_seed_documents(7, k, 8, candidates) for k in range(3)])
+    refs = [sample_without_cache(model, [ds[int(seed)].tolist()[:-1][:L1] + sep], max_new_tokens=L2,
+                                 temperature=1.0, eod_id=tok.eod_id, seed=7, row_ids=[sample])[0]
+            for sample, seed in enumerate(seeds)]
+    empty = [i for i, ref in enumerate(refs) if ref[0] == tok.eod_id]
+    out_of_vocab = [i for i, ref in enumerate(refs) if i not in empty and max(ref) >= tok.vocab_size]
+    kept = [i for i in range(24) if i not in empty and i not in out_of_vocab]
+    assert prov["sample"] == kept and prov["seed"] == seeds[kept].tolist()
+    for doc, sample in zip(docs, kept):
+        ref = refs[sample]
         assert doc == (ref if ref[-1] == tok.eod_id else ref + [tok.eod_id])
-    # The empty samples are exactly the ones missing, and they are empty in the reference too.
-    missing = sorted(set(range(24)) - set(prov["sample"]))
-    assert len(missing) == counts["empty_dropped"]
+    assert counts["empty_dropped"] == len(empty) and counts["out_of_vocab_dropped"] == len(out_of_vocab)
+    assert counts["truncated"] == sum(refs[i][-1] != tok.eod_id for i in kept)
     meta = json.loads((tmp_path / "syn.json").read_text())
     s = meta["synthesis"]["settings"]
     assert s["checkpoint"]["meta_sha256"] == hashlib.sha256(
@@ -165,9 +173,8 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
 
     openai_server.reply = reply
     openai_server.inject(Fault.status(500), Fault.drop())
-    endpoint = EndpointSettings(openai_server.base_url, "synth", concurrency=4, max_attempts=3,
-                                api_key_env=TEST_API_KEY_ENV, backoff_base_s=0.01, timeout_s=10,
-                                transient_budget_s=0.3)
+    endpoint = LLMSettings(openai_server.base_url, "synth", concurrency=4, max_attempts=3,
+                           api_key_env=TEST_API_KEY_ENV, backoff_base_s=0.01, timeout_s=10, transient_budget_s=0.3)
     counts = synthesize(run, corpus, tmp_path / "e", settings(num_docs=10), endpoint=endpoint, progress=False)
     docs, prov = docs_and_provenance(tmp_path / "e")
     ds, sep = IndexedDataset(corpus), tok.encode("<|sep|>")
@@ -189,8 +196,8 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
     # As text: the decoded prompt, <|sep|> written out.
     openai_server.reset()
     openai_server.reply = lambda body: " plain text"
-    text_endpoint = EndpointSettings(**{**endpoint.__dict__, "prompt_format": "text"})
-    synthesize(run, corpus, tmp_path / "x", settings(num_docs=4), endpoint=text_endpoint, progress=False)
+    synthesize(run, corpus, tmp_path / "x", settings(num_docs=4), endpoint=endpoint, prompt_format="text",
+               progress=False)
     _, prov = docs_and_provenance(tmp_path / "x")
     sent = sorted(r.json["prompt"] for r in openai_server.completion_requests())
     assert sent == sorted(tok.decode(ds[s].tolist()[:-1][:L1]) + "<|sep|>" for s in prov["seed"])
@@ -211,7 +218,7 @@ def test_bad_inputs_are_named(setup, tmp_path):
     plain_run = make_synthesizer(tmp_path / "plain_run", plain, plain_corpus)
     with pytest.raises(TokenizerError, match=r"plain_run/tokenizer.*<\|sep\|>.*--chat-tokens"):
         synthesize(plain_run, plain_corpus, tmp_path / "o", settings(), progress=False)
-    with pytest.raises(SynthError, match=r"plain_corpus: tokenized with .*plain.*not with the synthesizer's tokenizer"):
+    with pytest.raises(TokenizerError, match=r"plain_corpus: tokenized with .*plain.*not with the synthesizer's tokenizer"):
         synthesize(run, plain_corpus, tmp_path / "o", settings(), progress=False)
     with pytest.raises(SynthError, match="--num-docs must be >= 1"):
         synthesize(run, corpus, tmp_path / "o", settings(num_docs=0), progress=False)

@@ -23,7 +23,6 @@ from synth.stdlib_prefix import write_stdlib_prefix
 
 from megasynth.synth.sbp.embed import (
     FAULT_ENV,
-    PAUSE_ENV,
     EmbedOptions,
     PrefixTexts,
     default_model,
@@ -105,7 +104,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_work_dir(tmp_path, co
     # shards without a manifest that a third run with other settings then adopted.
     out = tmp_path / "emb"
     cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
-    first = subprocess.Popen(cmd, env=env(**{PAUSE_ENV: "2"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    first = subprocess.Popen(cmd, env=env(**{FAULT_ENV: "stop:2"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
         assert stopped(first), first.communicate()

@@ -2,10 +2,11 @@
 limits, retries, JSON replies, ledger, budget), its settings and flags (settings.py), versioned prompt files
 (prompts/), and the runner that every LLM method (EntiGraph, rephrase) is built on (runner.py)."""
 
-from megasynth.synth.llm.client import (
-    DETAIL_CHARS, Batch, BudgetExceeded, LLMBackend, LLMClient, LLMRequest, LLMResult, LLMSettings, LedgerError,
-    Usage, add_llm_arguments, repair_message, settings_from_args,
-)
+from megasynth.synth.llm.batch import Batch
+from megasynth.synth.llm.client import LLMClient
+from megasynth.synth.llm.ledger import LedgerError
+from megasynth.synth.llm.settings import LLMSettings, add_llm_arguments, settings_from_args
+from megasynth.synth.llm.types import BudgetExceeded, LLMRequest, LLMResult, Usage
 
-__all__ = ["DETAIL_CHARS", "Batch", "BudgetExceeded", "LLMBackend", "LLMClient", "LLMRequest", "LLMResult",
-           "LLMSettings", "LedgerError", "Usage", "add_llm_arguments", "repair_message", "settings_from_args"]
+__all__ = ["Batch", "BudgetExceeded", "LLMClient", "LLMRequest", "LLMResult", "LLMSettings", "LedgerError", "Usage",
+           "add_llm_arguments", "settings_from_args"]

@@ -1,7 +1,4 @@
-"""Batch: the scheduler behind LLMBackend.batch() and map(): runs submitted requests as tasks, at most
-`max_pending` waiting at once, hands each result to on_result (which may submit more), stops on the budget or an
-on_result error, and shows an optional tqdm bar. Its contract is in megasynth.synth.llm's docstring.
-"""
+"""Batch: the scheduler behind LLMClient.batch() and map(). Contract: docs/synth.md, "Batches"."""
 
 from __future__ import annotations
 
@@ -14,13 +11,11 @@ from typing import TYPE_CHECKING, Self
 from megasynth.synth.llm.types import BudgetExceeded, LLMRequest
 
 if TYPE_CHECKING:
-    from megasynth.synth.llm.backend import LLMBackend
+    from megasynth.synth.llm.client import LLMClient
 
 
 class Batch:
-    """Concurrent keyed requests; see LLMBackend.batch and megasynth.synth.llm's docstring."""
-
-    def __init__(self, backend: LLMBackend, on_result, *, max_pending: int, progress: str | bool):
+    def __init__(self, backend: LLMClient, on_result, *, max_pending: int, progress: str | bool):
         self.backend = backend
         self.on_result = on_result
         self._slots = asyncio.Semaphore(max_pending)

@@ -1,16 +1,11 @@
 """JSON replies from an LLM: find the JSON in the text, check it against a small schema or a callable.
 
-    value = extract_json('Sure! ```json\\n{"entities": ["a", "b"]}\\n``` Hope that helps.')   # {"entities": [...]}
+    value = extract_json('Sure! ```json\n{"entities": ["a", "b"]}\n``` Hope that helps.')   # {"entities": [...]}
     check_schema(value, {"type": "object", "required": ["entities"],
                          "properties": {"entities": {"type": "array", "items": {"type": "string"}, "minItems": 1}}})
     parsed, error = check_reply(text, schema=..., validate=...)   # error: None, or what a repair request says
 
-Models wrap JSON in ``` fences and surround it with prose; extract_json takes the first complete JSON object or
-array in the text (fences or not). The schema language is the subset of JSON Schema the prompts need: `type`
-(object, array, string, integer, number, boolean, null, or a list of them), `required`, `properties`,
-`additionalProperties: false`, `items`, `minItems`, `maxItems`, `minLength`, `enum`. Unknown keywords are an
-error, so a schema never silently checks less than its author thinks.
-"""
+The schema language (a subset of JSON Schema; unknown keywords are an error): docs/synth.md, "JSON replies"."""
 
 from __future__ import annotations
 

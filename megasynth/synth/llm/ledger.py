@@ -7,20 +7,7 @@
     ledger.progress_text()  # "1 requests (1 ok, 0 failed), 812 in / 95 out tokens, $0.0030"
     ledger.close()          # writes what is queued, fsyncs, stops the writer thread
 
-Lines are written by a background thread that flushes and fsyncs after each small batch (whatever queued while
-the previous batch was on disk), so the event loop never blocks on the disk. `record_durable` returns only once
-its line is written, flushed and fsynced (the client awaits it before handing a result to the caller, so a
-result recorded as finished always has its ledger line: issue 19, budgets must not under-count after a
-disk-full resume); a failed write raises LedgerError there, and for every later line, so the run stops instead
-of going on unledgered. `record` (no waiting) is for callers without an event loop. A ledger that exists is
-appended to and its lines count in the totals (a resumed run's budget covers what the killed run spent); a torn
-last line from a crash or a failed write is cut off first (with a note on stderr). Each line: key, model, outcome ("ok", "failed", "budget": stopped by the budget before finishing),
-attempts (HTTP requests made), repairs, prompt_tokens, completion_tokens, cost_usd, latency_s, error (the
-reason, e.g. "timeout", "http_429", "invalid_json"), detail (the message, scrubbed of the API key), time (unix);
-and, only when true: usage_estimated (the endpoint's usage was missing or invalid, so the tokens are estimates),
-cut_to_max_tokens (a reply was longer than max_tokens and was cut), api_key_scrubbed (a reply held the API key,
-replaced by a marker). The summary counts each of these.
-"""
+Durability, resumption and each line's fields: docs/synth.md, "The ledger"."""
 
 from __future__ import annotations
 
@@ -35,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from megasynth.io import read_jsonl, truncate_torn_tail
+from megasynth.synth.workdir import RecordLog
 
 _BATCH_LINES = 256
 _FLAGS = ("usage_estimated", "cut_to_max_tokens", "api_key_scrubbed")  # per-line flags counted in the summary
@@ -58,6 +45,7 @@ class Ledger:
     def __init__(self, path: str | os.PathLike | None = None, *, price_in_per_m: float = 0.0,
                  price_out_per_m: float = 0.0):
         self.path = None if path is None else Path(path)
+        self._log = None if path is None else RecordLog(path)
         self.price_in_per_m = price_in_per_m
         self.price_out_per_m = price_out_per_m
         self.requests = self.ok = self.http_requests = self.repairs = 0
@@ -73,7 +61,6 @@ class Ledger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._load_existing()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # closed by close()
             self._thread = threading.Thread(target=self._writer, name="llm-ledger", daemon=True)
             self._thread.start()
 
@@ -82,14 +69,12 @@ class Ledger:
 
     # -- reading an existing ledger ------------------------------------------------------------------------------
     def _load_existing(self) -> None:
-        if not self.path.exists():
-            return
-        torn = truncate_torn_tail(self.path)
-        if torn:
-            print(f"{self.path}: cut off a torn last line ({torn} bytes) left by an interrupted run", file=sys.stderr)
-        for _, entry in read_jsonl(self.path):
+        for _, entry in self._log.load():
             self._count(entry)
             self.previous += 1
+        if self._log.torn:
+            print(f"{self.path}: cut off a torn last line ({self._log.torn} bytes) left by an interrupted run",
+                  file=sys.stderr)
 
     # -- recording -----------------------------------------------------------------------------------------------
     def _count(self, entry: dict) -> None:
@@ -114,27 +99,16 @@ class Ledger:
                            "stopped, and the request whose line was lost is not recorded as finished: free space and "
                            "rerun the same command to continue", os.fspath(self.path))
 
-    def _entry(self, entry: dict) -> dict:
+    async def record_durable(self, entry: dict) -> dict:
+        """Count one finished request (filling in cost_usd and time) and wait, without blocking the event loop,
+        until its line is on disk. Raises LedgerError when that write or an earlier one failed: the caller must not
+        treat the request as finished."""
         if self._error is not None:
             raise self._failure() from self._error
         entry = dict(entry)
         entry.setdefault("cost_usd", self.cost(entry.get("prompt_tokens", 0), entry.get("completion_tokens", 0)))
         entry.setdefault("time", round(time.time(), 3))
         self._count(entry)
-        return entry
-
-    def record(self, entry: dict) -> dict:
-        """Count one finished request and queue its line (not waiting for the disk); fills in cost_usd and time.
-        Raises LedgerError if an earlier write failed."""
-        entry = self._entry(entry)
-        if self._thread is not None:
-            self._queue.put((json.dumps(entry, ensure_ascii=False) + "\n", None))
-        return entry
-
-    async def record_durable(self, entry: dict) -> dict:
-        """record(), then wait (without blocking the event loop) until the line is written, flushed and fsynced.
-        Raises LedgerError when the write fails: the caller must not treat the request as finished."""
-        entry = self._entry(entry)
         if self._thread is not None:
             loop = asyncio.get_running_loop()
             done = loop.create_future()
@@ -149,12 +123,9 @@ class Ledger:
             while True:
                 if item is None:
                     stop = True
-                elif isinstance(item, threading.Event):
-                    waiters.append(item)
                 else:
                     lines.append(item[0])
-                    if item[1] is not None:
-                        waiters.append(item[1])
+                    waiters.append(item[1])
                 if len(lines) >= _BATCH_LINES:
                     break
                 try:
@@ -163,19 +134,11 @@ class Ledger:
                     break
             if lines and self._error is None:
                 try:
-                    # os.write, not a buffered file: after a failed write nothing stays buffered to land later,
-                    # glued after the torn line that the next run cuts off.
-                    data = memoryview("".join(lines).encode("utf-8"))
-                    while data:
-                        data = data[os.write(self._fd, data):]
-                    os.fsync(self._fd)
+                    self._log.write("".join(lines).encode("utf-8"))
                 except OSError as e:
                     self._error = e
             for w in waiters:
-                if isinstance(w, threading.Event):
-                    w.set()
-                else:
-                    self._resolve(*w)
+                self._resolve(*w)
             if stop:
                 return
 
@@ -194,23 +157,13 @@ class Ledger:
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
-    def flush(self, timeout: float = 60.0) -> None:
-        """Block until every line recorded so far is on disk."""
-        if self._thread is None or not self._thread.is_alive():
-            return
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
-        if self._error is not None:
-            raise self._failure() from self._error
-
     def close(self) -> None:
         if self._thread is None:
             return
         self._queue.put(None)
         self._thread.join()
         self._thread = None
-        os.close(self._fd)
+        self._log.close()
         if self._error is not None:
             raise self._failure() from self._error
 

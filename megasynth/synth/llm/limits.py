@@ -15,7 +15,7 @@ import email.utils
 import math
 import random
 import time
-from datetime import UTC, datetime
+from datetime import UTC
 
 # A bucket holds this many seconds of its rate: enough to absorb jitter, not a whole minute at once (providers
 # quantise per-minute limits into short windows, so a minute's burst at start-up earns 429s).
@@ -96,10 +96,8 @@ def retry_after_from_headers(headers) -> float | None:
 
 
 def is_transient(reason: str | None) -> bool:
-    """Whether a failure reason says the endpoint, not the request, was at fault (issue 19): rate limited (429),
-    request timeout (408), a server error (5xx), no reply in time, or a dropped connection. Such a failure is
-    retried within a time budget, and an item left out by one is asked again by a plain rerun; every other reason
-    (invalid JSON, an empty reply, another 4xx, ...) is a content failure, bounded by max_attempts."""
+    """Whether a failure reason says the endpoint, not the request, was at fault (429, 408, 5xx, timeout,
+    connection); every other reason is a content failure (docs/synth.md, "Retry policy")."""
     if reason in ("timeout", "connection", "http_408", "http_429"):
         return True
     return bool(reason) and len(reason) == 8 and reason.startswith("http_5") and reason[5:].isdigit()
@@ -109,9 +107,3 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     """Exponential backoff with full jitter (AWS architecture blog, 2015): uniform in [0, min(cap, base *
     2**(attempt-1))], so clients that failed together do not retry together."""
     return rng.uniform(0.0, min(cap, base * 2.0 ** max(0, attempt - 1)))
-
-
-def http_date(seconds_from_now: float) -> str:
-    """An HTTP date seconds_from_now in the future (for tests of Retry-After as a date)."""
-    return email.utils.format_datetime(datetime.fromtimestamp(time.time() + seconds_from_now, UTC),
-                                       usegmt=True)

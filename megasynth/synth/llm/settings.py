@@ -30,24 +30,20 @@ class LLMSettings:
     """Tokens-per-minute limit; a request is charged prompt chars / 4 + max_tokens before it is sent and
     corrected with the reported usage afterwards. None: unlimited."""
     max_attempts: int = 5
-    """Most HTTP requests per item that got a reply (retries after unreadable or empty replies, JSON repairs, and
-    the first request), then the item fails with the reason. Transient failures (429, 408, 5xx, timeouts, dropped
-    connections) do not count: transient_budget_s bounds them (issue 19)."""
+    """Most HTTP requests per item that got a reply (the first, retries after unreadable or empty replies, JSON
+    repairs), then the item fails with the reason; transient failures do not count (docs/synth.md)."""
     transient_budget_s: float = 600.0
-    """Seconds an item keeps retrying transient failures (429, 408, 5xx, timeouts, dropped connections), with
-    backoff or the server's Retry-After, counted from its first one; then it fails marked transient, and a plain
-    rerun of a pipeline asks for it again. 0: a transient failure ends the item at once."""
+    """Seconds an item keeps retrying transient failures, counted from its first one; then it fails marked
+    transient (a plain rerun asks again). 0: a transient failure ends the item at once."""
     timeout_s: float = 60.0
     """Seconds one HTTP request may take before it is abandoned (and retried)."""
     max_reply_bytes: int = 4 * 1024 * 1024
-    """Most bytes of one HTTP reply body (errors included); a longer one is abandoned as it streams in, before it is
-    all downloaded, and the item fails with reason "reply_too_large" (issue 19: a hostile endpoint's 300 MB body
-    must not exhaust memory). A reply of max_tokens tokens is a few kB of JSON, so the default is ample."""
+    """Most bytes of one HTTP reply body (errors included); a longer one is abandoned as it streams in (reason
+    "reply_too_large"). A reply of max_tokens tokens is a few kB of JSON, so the default is ample."""
     backoff_base_s: float = 1.0
     """Backoff after the n-th failed attempt: uniform in [0, min(backoff_max_s, backoff_base_s * 2**(n-1))]."""
     backoff_max_s: float = 60.0
-    """Cap of the backoff wait. A server's Retry-After is honoured even when longer (up to 10 minutes); one longer
-    than what is left of transient_budget_s ends the item at once, as a transient failure."""
+    """Cap of the backoff wait (a server's Retry-After may be longer: docs/synth.md, "Retry policy")."""
     json_repair_attempts: int = 2
     """Repair requests allowed after a reply that is not valid JSON for the schema."""
     temperature: float | None = None
@@ -77,68 +73,76 @@ class LLMSettings:
 
 
 def add_llm_arguments(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True,
-                      title: str = "LLM endpoint") -> None:
+                      title: str = "LLM endpoint", *, defaults: LLMSettings | None = None,
+                      aliases: dict[str, tuple[str, ...]] | None = None, omit: tuple[str, ...] = (),
+                      helps: dict[str, str] | None = None) -> argparse._ArgumentGroup:
     """The endpoint flags every tool that calls an LLM shares; read them back with settings_from_args. `prefix`
     names a second endpoint of the same tool ("judge-" gives --judge-base-url, --judge-model, ...); with
-    required=False the endpoint is optional (no --base-url: no LLM calls)."""
+    required=False the endpoint is optional (no --base-url: no LLM calls). `defaults`: the tool's defaults (an
+    LLMSettings); `aliases`: more option strings of a flag, e.g. {"model": ("--served-model",)}; `omit`: flags the
+    tool does not take (the fields keep their defaults); `helps`: a tool's own help text of a flag. Returns the
+    argument group, for a tool's own endpoint flags."""
     group = parser.add_argument_group(title)
 
     def flag(name: str, *args, **kwargs):
+        if name in omit:
+            return
         if kwargs.get("required"):
             kwargs["required"] = required
-        group.add_argument(f"--{prefix}{name}", *args, **kwargs)
+        if helps and name in helps:
+            kwargs["help"] = helps[name]
+        group.add_argument(f"--{prefix}{name}", *(aliases or {}).get(name, ()), *args, **kwargs)
 
-    d = LLMSettings()
-    flag("base-url", required=True, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 "
-                   "(vLLM/SGLang) or https://api.openai.com/v1")
+    d = defaults or LLMSettings()
+    flag("base-url", required=True,
+         help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 (vLLM/SGLang) or https://api.openai.com/v1")
     flag("model", required=True, help="model name as the endpoint knows it")
-    flag("api-key-env", default=d.api_key_env, help="environment variable that holds the API key "
-                   f"(default {d.api_key_env}; unset: the placeholder 'EMPTY' that vLLM accepts). The key is never "
-                   "written anywhere")
-    flag("concurrency", type=int, default=d.concurrency, help=f"most requests in flight (default "
-                   f"{d.concurrency})")
-    flag("rpm", type=positive_float, default=None, help="requests-per-minute limit (default: none)")
-    flag("tpm", type=positive_float, default=None, help="tokens-per-minute limit, counting prompt and "
-                   "completion tokens (default: none)")
-    flag("max-attempts", type=int, default=d.max_attempts, help="most requests per item that got a "
-                   "reply, JSON repairs and retries after empty or unreadable replies included; then the item is "
-                   "recorded as failed, and only --retry-failed asks again. Transient failures (429, 408, 5xx, "
-                   f"timeouts, dropped connections) do not count: see --transient-budget-s (default {d.max_attempts})")
+    flag("api-key-env", default=d.api_key_env, help=f"environment variable that holds the API key (default "
+         f"{d.api_key_env}; unset: the placeholder 'EMPTY' that vLLM accepts). The key is never written anywhere")
+    flag("concurrency", type=int, default=d.concurrency, help=f"most requests in flight (default {d.concurrency})")
+    flag("rpm", type=positive_float, default=d.requests_per_minute, help="requests-per-minute limit (default: none)")
+    flag("tpm", type=positive_float, default=d.tokens_per_minute,
+         help="tokens-per-minute limit, counting prompt and completion tokens (default: none)")
+    flag("max-attempts", type=int, default=d.max_attempts, help="most requests per item that got a reply, JSON "
+         "repairs and retries after empty or unreadable replies included; then the item is recorded as failed, and "
+         "only --retry-failed asks again. Transient failures (429, 408, 5xx, timeouts, dropped connections) do not "
+         f"count: see --transient-budget-s (default {d.max_attempts})")
     flag("transient-budget-s", type=nonnegative_float, default=d.transient_budget_s, metavar="S",
-                   help="seconds an item keeps retrying transient failures, with backoff or the server's Retry-After, "
-                   "from its first one; then it is recorded as a transient failure, which a plain rerun asks for "
-                   f"again (default {d.transient_budget_s:g})")
+         help="seconds an item keeps retrying transient failures, with backoff or the server's Retry-After, from "
+         "its first one; then it is recorded as a transient failure, which a plain rerun asks for again (default "
+         f"{d.transient_budget_s:g})")
     flag("backoff-base-s", type=nonnegative_float, default=d.backoff_base_s, metavar="S",
-                   help="the n-th retry waits uniform [0, min(max, base * 2**(n-1))] seconds when the server names no "
-                   f"Retry-After (default {d.backoff_base_s:g})")
+         help="the n-th retry waits uniform [0, min(max, base * 2**(n-1))] seconds when the server names no "
+         f"Retry-After (default {d.backoff_base_s:g})")
     flag("backoff-max-s", type=nonnegative_float, default=d.backoff_max_s, metavar="S",
-                   help=f"cap of that wait (default {d.backoff_max_s:g})")
-    flag("timeout", type=positive_float, default=d.timeout_s, help=f"seconds per HTTP request (default "
-                   f"{d.timeout_s:g})")
-    flag("max-reply-bytes", type=int, default=d.max_reply_bytes, metavar="N",
-                   help="most bytes of one reply body; a longer one is abandoned while it streams in and the item "
-                   f"fails as reply_too_large (default {d.max_reply_bytes:,})")
-    flag("temperature", type=nonnegative_float, default=None, help="sampling temperature (default: the "
-                   "tool's or the endpoint's)")
-    flag("max-tokens", type=int, default=None, help="most completion tokens per request (default: the "
-                   "tool's or the endpoint's)")
-    flag("price-in", type=nonnegative_float, default=0.0, help="US$ per million prompt tokens, for the "
-                   "cost estimate and --budget-usd (default 0)")
-    flag("price-out", type=nonnegative_float, default=0.0,
-                   help="US$ per million completion tokens (default 0)")
-    flag("budget-tokens", type=int, default=None, help="stop cleanly once this many tokens are spent "
-                   "(prompt + completion, counted over the whole ledger, so a resumed run continues the count)")
-    flag("budget-usd", type=nonnegative_float, default=None, help="stop cleanly once the estimated cost "
-                   "reaches this (needs --price-in/--price-out)")
+         help=f"cap of that wait (default {d.backoff_max_s:g})")
+    flag("timeout", type=positive_float, default=d.timeout_s,
+         help=f"seconds per HTTP request (default {d.timeout_s:g})")
+    flag("max-reply-bytes", type=int, default=d.max_reply_bytes, metavar="N", help="most bytes of one reply body; "
+         f"a longer one is abandoned while it streams in and the item fails as reply_too_large (default "
+         f"{d.max_reply_bytes:,})")
+    flag("temperature", type=nonnegative_float, default=d.temperature,
+         help="sampling temperature (default: the tool's or the endpoint's)")
+    flag("max-tokens", type=int, default=d.max_tokens,
+         help="most completion tokens per request (default: the tool's or the endpoint's)")
+    flag("price-in", type=nonnegative_float, default=d.price_in_per_m,
+         help="US$ per million prompt tokens, for the cost estimate and --budget-usd (default 0)")
+    flag("price-out", type=nonnegative_float, default=d.price_out_per_m,
+         help="US$ per million completion tokens (default 0)")
+    flag("budget-tokens", type=int, default=d.budget_tokens, help="stop cleanly once this many tokens are spent "
+         "(prompt + completion, counted over the whole ledger, so a resumed run continues the count)")
+    flag("budget-usd", type=nonnegative_float, default=d.budget_usd,
+         help="stop cleanly once the estimated cost reaches this (needs --price-in/--price-out)")
+    return group
 
 
 def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) -> LLMSettings:
     """LLMSettings from add_llm_arguments' flags (with the same `prefix`); `overrides` set fields the flags do not
     cover."""
     def get(name: str):
-        return getattr(args, (prefix + name).replace("-", "_"))
+        return getattr(args, (prefix + name).replace("-", "_"), _OMITTED)
 
-    if get("budget_usd") is not None and get("price_in") == 0 and get("price_out") == 0:
+    if get("budget_usd") not in (None, _OMITTED) and get("price_in") == 0 and get("price_out") == 0:
         raise ValueError(f"--{prefix}budget-usd needs --{prefix}price-in and/or --{prefix}price-out (the cost is "
                          "estimated from them)")
     fields = {"base_url": get("base_url"), "model": get("model"), "api_key_env": get("api_key_env"),
@@ -149,5 +153,9 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) 
               "price_in_per_m": get("price_in"), "price_out_per_m": get("price_out"),
               "budget_tokens": get("budget_tokens"), "budget_usd": get("budget_usd"),
               "max_reply_bytes": get("max_reply_bytes")}
+    fields = {k: v for k, v in fields.items() if v is not _OMITTED}  # add_llm_arguments(omit=...): the defaults
     fields.update(overrides)
     return LLMSettings(**fields)
+
+
+_OMITTED = object()

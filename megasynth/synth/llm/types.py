@@ -1,7 +1,5 @@
 """The values the LLM client hands around: a request (LLMRequest), its outcome (LLMResult, with its Usage), the
-budget stop (BudgetExceeded), and the failure of one HTTP request (_Failure) that transports raise and the retry
-loop reads. Used by megasynth.synth.llm.backend, llm_batch and llm; the policy is in megasynth.synth.llm's
-docstring.
+budget stop (BudgetExceeded), and the failure of one HTTP request (AttemptFailed) that the retry loop reads.
 """
 
 from __future__ import annotations
@@ -66,7 +64,7 @@ class LLMRequest:
             raise ValueError(f"LLMRequest {self.key!r}: give exactly one of messages (chat) or prompt (completion)")
 
 
-class _Failure(Exception):
+class AttemptFailed(Exception):
     """One failed HTTP request: reason (short, for counting), detail, whether to retry, the server's wait."""
 
     def __init__(self, reason: str, detail: str, *, retryable: bool, retry_after: float | None = None):
@@ -76,7 +74,7 @@ class _Failure(Exception):
         self.transient = retryable and is_transient(reason)
 
 
-def _estimate_tokens(payload: list[dict] | list[int] | str, max_tokens: int | None) -> int:
+def estimate_tokens(payload: list[dict] | list[int] | str, max_tokens: int | None) -> int:
     if isinstance(payload, list) and all(isinstance(t, int) for t in payload):  # a prompt given as token ids
         prompt = len(payload)
     else:

@@ -1,22 +1,9 @@
 """Nearest neighbours of unit vectors by inner product with faiss: exact, IVF or HNSW, with measured recall.
 
-    from megasynth.synth.sbp.ann import IndexOptions, build_index, search_chunks, exact_knn, measure_recall
     index, info = build_index(emb, IndexOptions(kind="auto"))    # emb: [n, d] float16 memmap, unit rows
     for start, sims, ids in search_chunks(index, emb, k=17): ...  # every row's k nearest rows, chunk by chunk
 
-Kinds: "flat" (exact; faiss IndexFlatIP, float32 copy of every vector in RAM), "ivf" (IndexIVFScalarQuantizer:
-k-means over a seeded sample of the rows gives `nlist` lists; vectors are stored as float16 - lossless for our
-float16 embeddings - or 8-bit codes, `codec`), "hnsw" (IndexHNSWFlat). "auto" is flat up to `flat_max` rows and
-IVF above. Vectors are read from the memory map and added / searched `chunk` rows at a time, so apart from the
-index itself (n x d x 2 bytes for IVF fp16, x 1 for sq8) memory stays bounded.
-
-Recall@k is measured on a seeded sample of query rows against exact search (numpy inner products over the
-memory map, chunk by chunk: an independent reference, not faiss). With nprobe (IVF) or efSearch (HNSW) left at 0,
-the smallest power of two from 8 whose measured recall reaches `target_recall` is chosen.
-
-faiss GPU builds are used when present and `gpu` allows (flat and IVF; HNSW has no GPU version); the import is
-guarded, faiss-cpu is all this module needs.
-"""
+The kinds and how recall picks nprobe / efSearch: docs/sbp.md, "How each stage works"."""
 
 from __future__ import annotations
 
@@ -26,13 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
+CODECS = ("fp16", "sq8")
+_GPU_RESOURCES: list = []
 
 
 class IndexSettingsError(ValueError):
     """Index settings that cannot work for this corpus or this faiss build; one line naming the setting."""
-
-CODECS = ("fp16", "sq8")
-_GPU_RESOURCES: list = []
 
 
 @dataclass
@@ -77,14 +63,6 @@ def faiss_gpu_available() -> bool:
         return False
 
 
-def choose_kind(n: int, options: IndexOptions) -> str:
-    if options.kind not in KINDS:
-        raise IndexSettingsError(f"index kind must be one of {KINDS}, got {options.kind!r}")
-    if options.kind != "auto":
-        return options.kind
-    return "flat" if n <= options.flat_max else "ivf"
-
-
 def _rows_f32(emb: np.ndarray, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(emb[start:stop], dtype=np.float32)
 
@@ -102,7 +80,9 @@ def build_index(emb: np.ndarray, options: IndexOptions, progress=None):
     import faiss  # noqa: PLC0415
 
     n, d = emb.shape
-    kind = choose_kind(n, options)
+    if options.kind not in KINDS:
+        raise IndexSettingsError(f"index kind must be one of {KINDS}, got {options.kind!r}")
+    kind = options.kind if options.kind != "auto" else "flat" if n <= options.flat_max else "ivf"
     use_gpu = options.gpu == "on" or (options.gpu == "auto" and faiss_gpu_available())
     if options.gpu == "on" and not faiss_gpu_available():
         raise IndexSettingsError("--faiss-gpu on: this faiss has no GPU support or sees no GPU")
@@ -139,13 +119,6 @@ def build_index(emb: np.ndarray, options: IndexOptions, progress=None):
             progress(f"adding rows {start}..{min(n, start + options.chunk)} of {n}")
         index.add(_rows_f32(emb, start, start + options.chunk))
     return index, info
-
-
-def set_search_param(index, kind: str, value: int) -> None:
-    if kind == "ivf":
-        index.nprobe = value  # CPU IVF indexes and the GPU ones index_cpu_to_gpu returns both have it
-    elif kind == "hnsw":
-        index.hnsw.efSearch = value
 
 
 def search_rows(index, emb: np.ndarray, rows: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +193,10 @@ def measure_recall(index, info: dict, emb: np.ndarray, k: int, options: IndexOpt
         name, fixed, ceiling = param
         candidates = [fixed] if fixed else _powers_from(8 if kind == "ivf" else max(16, k), ceiling)
         for value in candidates:
-            set_search_param(index, kind, value)
+            if kind == "ivf":
+                index.nprobe = value  # CPU IVF indexes and the GPU ones index_cpu_to_gpu returns both have it
+            else:
+                index.hnsw.efSearch = value
             _, ids = search_rows(index, emb, rows, k, options.chunk)
             recall = recall_at_k(ids, exact_ids)
             if progress:
@@ -229,9 +205,8 @@ def measure_recall(index, info: dict, emb: np.ndarray, k: int, options: IndexOpt
                 break
         info[name] = value
         info[f"{name}_tuned"] = not fixed
-    record = {"k": k, "queries": int(rows.size), "recall": round(float(recall), 6), "seed": options.seed,
-              "reference": "exact inner product over all rows (numpy float32)"}
-    return record
+    return {"k": k, "queries": int(rows.size), "recall": round(float(recall), 6), "seed": options.seed,
+            "reference": "exact inner product over all rows (numpy float32)"}
 
 
 def _powers_from(start: int, ceiling: int) -> list[int]:

@@ -1,42 +1,25 @@
 """SBP stage 1: documents -> unit vectors with a sentence-transformers model, sharded and resumable.
 
-    from megasynth.synth.sbp.embed import EmbedOptions, PrefixTexts, embed_corpus
     summary = embed_corpus(PrefixTexts("data/train", max_tokens=512), "runs/emb", EmbedOptions(model="..."))
     # -> runs/emb.npy (float16 [documents, dim], unit rows, row i = document i) and runs/emb.json
-
     embed_texts(model, ["a text", ...], batch_size=64)   # the same encoding for any list of texts
 
-The documents are cut into work shards of `shard_size` consecutive documents. Within a shard they are sorted by
-length (as sentence-transformers' own `encode` does, so little padding is computed) and encoded in batches of
-`batch_size`; the vectors go back to document order. A shard's batches depend only on its documents, never on
-the number of ranks or on what an earlier, interrupted run finished, so the output is byte-identical whatever
-the rank count and however often the run was stopped (on the same device type and library versions: padding
-changes float32 results in the last bits, which is why batches must not depend on anything else).
-
-Each finished shard is saved to `EMB.embed-work/shard-NNNNNN.npy` (atomically). The work directory is a
-megasynth.synth.workdir.WorkDir: locked for the whole run (a second run on the same output is refused naming
-the directory and the tool), with a manifest of the settings that determine the bytes, written before any
-shard (the model's identity joins it once the model is loaded, still before any shard). A rerun with the same
-settings skips the shards it finds; a work directory made with other settings, or holding shards but no
-manifest, is refused naming what differs. Under torchrun rank 0 holds the lock and the other ranks check the
-manifest after a barrier; the shards still to do are split into one contiguous range per rank; after a barrier
-rank 0 streams them in order into EMB.npy and writes EMB.json (the commit point, last), then deletes the work
-directory, still holding its lock. See megasynth/synth/sbp/embed_files for the files.
-"""
+Sharding, resumption and byte identity: docs/sbp.md, "How each stage works"."""
 
 from __future__ import annotations
 
 import datetime
 import hashlib
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megasynth.faults import fault_point
 from megasynth.io import atomic_open, atomic_write_json, file_sha256, read_jsonl, remove_dir
+from megasynth.synth.corpus import PrefixCorpus
 from megasynth.synth.sbp.embed_files import (
     EMB_FORMAT,
     EMB_FORMAT_VERSION,
@@ -48,12 +31,8 @@ from megasynth.synth.sbp.embed_files import (
 from megasynth.run_lock import RunDirBusy
 from megasynth.synth.workdir import WorkDir, WorkDirMismatch
 
-# Tests set this to N to SIGKILL the embedding process right after it has saved N shards (a real crash that
-# no handler can tidy up), as megasynth/data/prefix.py does for publishing. Unset in normal use.
+# Fault points (megasynth.faults): "N" right after this process has saved N shards.
 FAULT_ENV = "MEGASYNTH_FAULT_EMBED_KILL_AFTER_SHARDS"
-# Likewise, N here stops the process with SIGSTOP after N shards (still holding its lock) until a SIGCONT: the
-# concurrency tests start a second run against a first one that is surely in the middle of its work.
-PAUSE_ENV = "MEGASYNTH_FAULT_EMBED_STOP_AFTER_SHARDS"
 PIPELINE, TOOL = "embed", "tools/embed_corpus.py"
 
 
@@ -81,48 +60,21 @@ class EmbedOptions:
 
 
 # -- document sources ---------------------------------------------------------------------------------------------
-class PrefixTexts:
-    """The documents of a prefix as text: the first `max_tokens` tokens of each (a trailing EOD and a leading
-    BOS left out), decoded with the tokenizer its sidecar names (or `tokenizer`, which must be the same one)."""
+class PrefixTexts(PrefixCorpus):
+    """The documents of a prefix as text (megasynth.synth.corpus.PrefixCorpus): the first `max_tokens` of each."""
 
     def __init__(self, prefix: str | os.PathLike, *, max_tokens: int = 512, tokenizer: str | None = None):
-        from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
-        from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
-
         if max_tokens < 1:
             raise EmbedError(f"--max-tokens must be >= 1, got {max_tokens}")
-        self.prefix, self.max_tokens = os.fspath(prefix), max_tokens
-        self.ds = IndexedDataset(prefix)
-        recorded = (self.ds.metadata or {}).get("tokenizer")
-        if tokenizer is None:
-            if not isinstance(recorded, dict) or not recorded.get("path"):
-                raise EmbedError(f"{self.prefix}.json: names no tokenizer (a Megatron prefix or one written without "
-                                 "one); pass --tokenizer PATH")
-            tokenizer = recorded["path"]
-        self.tokenizer = load_tokenizer(tokenizer)
-        ident = self.tokenizer.identity()
-        if isinstance(recorded, dict) and recorded.get("sha256") and recorded["sha256"] != ident["sha256"]:
-            raise EmbedError(f"{tokenizer}: this tokenizer (sha256 {ident['sha256'][:16]}...) is not the one "
-                             f"{self.prefix}.json records ({recorded['sha256'][:16]}...): decoding would give other "
-                             "texts")
-        self.tokenizer_sha256 = ident["sha256"]
-        self.num_documents = len(self.ds)
+        super().__init__(prefix, tokenizer)
+        self.max_tokens, self.num_documents = max_tokens, len(self.ds)
 
     def identity(self) -> dict:
         return {"type": "prefix", "prefix": os.path.abspath(self.prefix), "idx_sha256": self.ds.idx_sha256,
                 "tokenizer_sha256": self.tokenizer_sha256, "max_tokens": self.max_tokens}
 
     def texts(self, start: int, stop: int) -> list[str]:
-        tok = self.tokenizer
-        out = []
-        for i in range(start, stop):
-            ids = self.ds.get(i, 0, min(self.max_tokens, int(self.ds.sequence_lengths[i]))).tolist()
-            if ids and tok.bos_id is not None and ids[0] == tok.bos_id:
-                ids = ids[1:]
-            if ids and ids[-1] == tok.eod_id:
-                ids = ids[:-1]
-            out.append(tok.decode(ids))
-        return out
+        return [self.text(i, self.max_tokens) for i in range(start, stop)]
 
 
 class JsonlTexts:
@@ -177,11 +129,6 @@ def embedding_dim(model) -> int:
     return int(get())
 
 
-def model_identity(model, name: str) -> dict:
-    return {"name": name, "dim": embedding_dim(model),
-            "max_seq_length": int(model.max_seq_length), "similarity": "cosine (inner product of unit rows)"}
-
-
 def embed_texts(model, texts: list[str], batch_size: int, progress=None) -> np.ndarray:
     """Unit vectors (float16 [len(texts), dim]) of `texts`, in their order.
 
@@ -204,25 +151,18 @@ def embed_texts(model, texts: list[str], batch_size: int, progress=None) -> np.n
 # -- the run ------------------------------------------------------------------------------------------------------
 def _dist_setup() -> tuple[int, int, bool]:
     """(rank, world size, whether we created the process group). torchrun's variables decide."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, False
     import torch.distributed as dist  # noqa: PLC0415
 
-    created = False
-    if not dist.is_initialized():
+    from megasynth.distributed import is_distributed, rank_and_world  # noqa: PLC0415
+
+    created = not is_distributed()
+    if created:
         # gloo on every device: ranks only meet at barriers, no tensors travel. A rank that resumes with little
         # left waits at the barrier for the others, hence the long timeout.
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist  # noqa: PLC0415
-
-        dist.barrier()
+    return *rank_and_world(), created
 
 
 def _shard_path(wdir: Path, s: int) -> Path:
@@ -252,7 +192,7 @@ def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, mo
     """Embed every document of `source` (PrefixTexts or JsonlTexts) into EMB.npy / EMB.json; return a summary.
 
     `model`: an already loaded SentenceTransformer (options.model must still name it, for EMB.json). Under
-    torchrun every rank calls this; see the module docstring for sharding and resumption."""
+    torchrun every rank calls this (sharding and resumption: docs/sbp.md)."""
     if options.batch_size < 1 or options.shard_size < 1:
         raise EmbedError("--batch-size and --shard-size must be >= 1")
     check_output(output, overwrite=overwrite)
@@ -287,7 +227,8 @@ def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, mo
             WorkDir.check(wdir, pipeline=PIPELINE, settings=settings)
         if model is None:
             model = load_model(name, device)
-        settings["model"] = model_identity(model, name)
+        settings["model"] = {"name": name, "dim": embedding_dim(model), "max_seq_length": int(model.max_seq_length),
+                             "similarity": "cosine (inner product of unit rows)"}
         if wd is not None:
             try:
                 wd.add_settings({"model": settings["model"]})  # before any shard
@@ -302,14 +243,16 @@ def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, mo
         if wd is not None:
             wd.close()
         if created:
-            import torch.distributed as dist  # noqa: PLC0415
+            from megasynth.distributed import destroy_distributed  # noqa: PLC0415
 
-            dist.destroy_process_group()
+            destroy_distributed()
 
 
 def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int, world: int, progress: bool,
          overwrite: bool) -> dict:
     from tqdm import tqdm  # noqa: PLC0415
+
+    from megasynth.distributed import barrier  # noqa: PLC0415
 
     t0 = time.perf_counter()
     n, size, dim = settings["num_documents"], options.shard_size, settings["model"]["dim"]
@@ -319,10 +262,9 @@ def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int
     todo = [s for s in range(num_shards) if not _shard_done(_shard_path(wdir, s), bounds[s][1] - bounds[s][0], dim)]
     # The shards still to do, one contiguous range per rank (np.array_split's balanced split).
     mine = [int(s) for s in np.array_split(np.asarray(todo, dtype=np.int64), world)[rank]]
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
-    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
-    bar = tqdm(total=sum(bounds[s][1] - bounds[s][0] for s in mine), unit="docs", desc=f"embed rank {rank}",
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    done_docs = sum(bounds[s][1] - bounds[s][0] for s in mine)
+    bar = tqdm(total=done_docs, unit="docs", desc=f"embed rank {rank}", disable=not progress or rank != 0,
+               dynamic_ncols=True)
     written = 0
     with bar:
         for s in mine:
@@ -331,18 +273,14 @@ def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int
             with atomic_open(_shard_path(wdir, s), "wb") as f:
                 np.save(f, vecs)
             written += 1
-            if fault_after and written >= fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if pause_after and written == pause_after:
-                os.kill(os.getpid(), signal.SIGSTOP)
-    _barrier(world)
+            fault_point(FAULT_ENV, str(written))
+    barrier()
     summary = {"documents": n, "dim": dim, "shards": num_shards, "shards_resumed": num_shards - len(todo),
                "rank": rank, "world_size": world}
     if rank == 0:
         summary["files"] = _assemble(output, settings, options, wdir, bounds, dim, overwrite)
-    _barrier(world)  # no rank reports success before the output exists
+    barrier()  # no rank reports success before the output exists
     seconds = time.perf_counter() - t0
-    done_docs = sum(bounds[s][1] - bounds[s][0] for s in mine)
     summary.update(seconds=seconds, docs_embedded_here=done_docs, docs_per_s=done_docs / max(seconds, 1e-9))
     return summary
 

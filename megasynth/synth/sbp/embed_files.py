@@ -1,24 +1,21 @@
 """The embeddings files of SBP stage 1: EMB.npy (float16 [documents, dim], unit rows) and its sidecar EMB.json.
 
-    from megasynth.synth.sbp.embed_files import load_embeddings
     emb, meta = load_embeddings("runs/emb")      # emb: read-only np.memmap, meta: the EMB.json dict
     emb[i]                                       # document i's unit vector (float16)
     check_against_prefix(meta, "data/train", n_rows=emb.shape[0])   # the prefix the rows belong to
 
-`EMB` names both files (`EMB.npy`, `EMB.json`); a trailing `.npy` is accepted and ignored. EMB.json is written
-last, so it is the commit point: an EMB.npy without it (a crash while publishing) is refused. EMB.json records
-the model, dim, count, input (prefix path and its .idx sha256, or JSONL path and sha256), max tokens, the
-normalisation ("l2"), and EMB.npy's size and sha256 (checked here by size only; `verify_sha=True` rereads it).
-"""
+The format: docs/sbp.md, "File formats"."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from megasynth.data.indexed import IndexedDataset
 from megasynth.io import file_sha256
 
 EMB_FORMAT = "megasynth-embeddings"
@@ -32,10 +29,7 @@ class EmbeddingsError(ValueError):
 def emb_stem(output: str | os.PathLike) -> str:
     """EMB from EMB, EMB.npy or EMB.json."""
     out = os.fspath(output)
-    for suffix in (".npy", ".json"):
-        if out.endswith(suffix):
-            return out.removesuffix(suffix)
-    return out
+    return out.removesuffix(".npy") if out.endswith(".npy") else out.removesuffix(".json")
 
 
 def emb_paths(output: str | os.PathLike) -> tuple[Path, Path]:
@@ -51,8 +45,6 @@ def work_dir(output: str | os.PathLike) -> Path:
 
 def npy_header(n_rows: int, dim: int) -> bytes:
     """The .npy header of a C-order little-endian float16 array [n_rows, dim] (what np.save would write)."""
-    import io  # noqa: PLC0415
-
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "<f2", "fortran_order": False, "shape": (n_rows, dim)})
     return buf.getvalue()
@@ -92,10 +84,8 @@ def load_embeddings(output: str | os.PathLike, *, verify_sha: bool = False) -> t
     return emb, meta
 
 
-def check_against_prefix(meta: dict, prefix: str | os.PathLike, *, n_rows: int, source: str = "EMB.json") -> None:
-    """Raise EmbeddingsError unless the embeddings were made from this prefix (row count and .idx sha256)."""
-    from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
-
+def check_against_prefix(meta: dict, prefix: str | os.PathLike, *, n_rows: int, source: str = "EMB.json"):
+    """The prefix's IndexedDataset; EmbeddingsError unless the embeddings were made from it (row count, .idx sha256)."""
     ds = IndexedDataset(prefix)
     if len(ds) != n_rows:
         raise EmbeddingsError(f"{source}: {n_rows} embedding rows but {os.fspath(prefix)} has {len(ds)} documents: "
@@ -105,9 +95,11 @@ def check_against_prefix(meta: dict, prefix: str | os.PathLike, *, n_rows: int, 
         raise EmbeddingsError(f"{source}: the embeddings were made from {inp.get('type')!r} input, not a prefix, so "
                               f"nothing ties their rows to {os.fspath(prefix)}")
     if inp.get("idx_sha256") != ds.idx_sha256:
-        raise EmbeddingsError(f"{source}: made from a prefix whose .idx sha256 is {str(inp.get('idx_sha256'))[:16]}..., "
+        recorded = str(inp.get("idx_sha256"))[:16]
+        raise EmbeddingsError(f"{source}: made from a prefix whose .idx sha256 is {recorded}..., "
                               f"{os.fspath(prefix)}.idx has {ds.idx_sha256[:16]}...: the embeddings belong to another "
                               "corpus (or the prefix was rewritten); embed it again")
+    return ds
 
 
 def check_unit_rows(emb: np.ndarray, *, tol: float = 1e-2, chunk: int = 1 << 16, source: str = "EMB.npy") -> None:

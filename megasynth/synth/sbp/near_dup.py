@@ -1,24 +1,12 @@
 """Near-duplicate tests on token sequences: hashed token n-grams, exact Jaccard, MinHash signatures, LSH.
 
-    from megasynth.synth.sbp.near_dup import ngram_hashes, jaccard, minhash_signatures, minhash_jaccard
     a, b = ngram_hashes(tokens_a, n=5), ngram_hashes(tokens_b, n=5)
     jaccard(a, b)                                   # exact Jaccard of the two n-gram sets
     sig = minhash_signatures([tokens_a, tokens_b])  # [2, 128] uint32, datasketch's affine32 MinHash
     minhash_jaccard(sig[0], sig[1])                 # its estimate of the same Jaccard
     near_duplicate_pairs(sig, threshold=0.8)        # [(i, j), ...] i < j, found with datasketch's MinHashLSH
 
-A document is the set of its token n-grams (n consecutive token ids; a document shorter than n is one n-gram
-of all its tokens; an empty one is the empty set). Each n-gram is hashed to 64 bits (a polynomial over the ids
-then the MurmurHash3 64-bit finaliser), so sets of hashes stand for sets of n-grams: two different n-grams
-collide with probability ~2^-64, which is what "exact" means here.
-
-MinHash is datasketch's (2.x, scheme "affine32"): its permutation parameters (a, b) come from
-`datasketch.MinHash(num_perm, seed).permutations`, each 32-bit input hash is pre-mixed with MurmurHash3's
-32-bit finaliser and permuted as a*h+b mod 2^32, and a signature keeps the minimum per permutation. We apply
-that formula to many documents at once with numpy (datasketch's own update_batch calls a Python hash function
-per n-gram, ~100x slower); tests/synth/test_pairs.py checks that the signatures equal datasketch's, value for
-value. The 32-bit input of an n-gram is the top half of its 64-bit hash.
-"""
+The hashing and MinHash scheme: docs/sbp.md, "How each stage works"."""
 
 from __future__ import annotations
 
@@ -83,11 +71,6 @@ def containment(part: np.ndarray, whole: np.ndarray) -> float:
     return np.intersect1d(part, whole, assume_unique=True).size / part.size
 
 
-def ngram_jaccard(a_tokens, b_tokens, n: int = 5) -> float:
-    """Exact Jaccard similarity of two documents' token n-gram sets."""
-    return jaccard(ngram_hashes(a_tokens, n), ngram_hashes(b_tokens, n))
-
-
 def minhash_permutations(num_perm: int = 128, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's affine32 permutation parameters (a, b), each uint32 [num_perm]."""
     from datasketch import MinHash  # noqa: PLC0415 - only the near-copy paths need it
@@ -102,8 +85,7 @@ def minhash_signatures(token_lists, *, n: int = 5, num_perm: int = 128, seed: in
 
     Row i equals `datasketch.MinHash(num_perm, seed, scheme="affine32", hashfunc=int)` updated with the top 32
     bits of document i's `ngram_hashes(...)`. An empty document gets all-0xFFFFFFFF (datasketch's empty
-    signature). Documents are processed in groups of about `batch_ngrams` n-grams, so memory stays bounded.
-    """
+    signature). Documents are processed in groups of about `batch_ngrams` n-grams, so memory stays bounded."""
     a, b = minhash_permutations(num_perm, seed)
     docs = list(token_lists)
     out = np.full((len(docs), num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
@@ -145,8 +127,7 @@ def near_duplicate_pairs(signatures: np.ndarray, threshold: float = 0.8, *, seed
 
     Candidates come from datasketch's MinHashLSH (banding tuned for `threshold`), then each is checked on the
     full signatures, so no pair below the threshold is reported; LSH may miss a few pairs just above it.
-    `seed` must be the seed the signatures were made with.
-    """
+    `seed` must be the seed the signatures were made with."""
     from datasketch import MinHash, MinHashLSH  # noqa: PLC0415
 
     sig = np.asarray(signatures, dtype=np.uint32)

@@ -1,25 +1,9 @@
 """SBP stage 2: nearest neighbours -> similarity band -> near-copy filter -> per-seed cap -> the pair table.
 
-    from megasynth.synth.sbp.pairs import PairOptions, build_pairs
     summary = build_pairs("runs/emb", "runs/pairs", PairOptions(k=16, min_sim=0.5, max_sim=0.95), corpus="data/train")
     # -> runs/pairs.parquet (seed int64, target int64, similarity float32), runs/pairs.json, runs/pairs.png
 
-For every document (the seed) the index returns its k+1 nearest documents (one more than k, since the seed
-usually finds itself). Each (seed, target) candidate is then dropped, for the first reason that applies, as:
-  self        target == seed;
-  below_min   similarity < min_sim (unrelated: nothing for the synthesizer to learn from the pair);
-  above_max   similarity >= max_sim (near-duplicates by meaning);
-  near_copy   the two token sequences are near-copies: Jaccard of their token n-gram sets >= near_copy_threshold,
-              estimated by MinHash (datasketch's scheme, megasynth/synth/sbp/near_dup) or computed exactly;
-  over_cap    the seed already has max_pairs_per_seed pairs that are more similar (ties: lower target first).
-The similarity of a candidate is recomputed from EMB.npy (float16 rows, dot product accumulated in float64,
-stored as float32), so it does not depend on the index type, the codec or the search chunking.
-
-PAIRS.parquet is ordered by seed, then similarity descending, then target; PAIRS.json holds every count
-(candidates = kept + sum of dropped), the similarity histograms of candidates and kept pairs, the recall of the
-index against exact search, the index type and parameters, and the near-copy method; it is written last (the
-commit point). The PNG draws the histograms. No timings go into the files, so equal inputs give equal files.
-"""
+The drop reasons and the files: docs/sbp.md, "How each stage works" and "File formats"."""
 
 from __future__ import annotations
 
@@ -169,7 +153,7 @@ def _check_options(options: PairOptions) -> None:
 def build_pairs(embeddings: str | os.PathLike, output: str | os.PathLike, options: PairOptions, *,
                 corpus: str | os.PathLike | None = None, overwrite: bool = False, allow_empty: bool = False,
                 progress: bool = True) -> dict:
-    """Pair the documents of EMB (see the module docstring); write PAIRS.parquet/.json/.png; return PAIRS.json."""
+    """Pair the documents of EMB (docs/sbp.md); write PAIRS.parquet/.json/.png; return PAIRS.json."""
     import pyarrow as pa  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
@@ -191,10 +175,7 @@ def build_pairs(embeddings: str | os.PathLike, output: str | os.PathLike, option
                              "pass --corpus PREFIX or --near-copy off")
         corpus = meta["input"]["prefix"]
     if corpus is not None:
-        from megasynth.data.indexed import IndexedDataset  # noqa: PLC0415
-
-        check_against_prefix(meta, corpus, n_rows=n, source=str(emb_paths(embeddings)[1]))
-        ds = IndexedDataset(corpus)
+        ds = check_against_prefix(meta, corpus, n_rows=n, source=str(emb_paths(embeddings)[1]))
     check_unit_rows(emb, source=str(npy_path))
 
     log = (lambda msg: tqdm.write(f"build_pairs: {msg}")) if progress else None
@@ -232,7 +213,8 @@ def build_pairs(embeddings: str | os.PathLike, output: str | os.PathLike, option
         if kept == 0 and not allow_empty:
             writer.close()
             raise PairsError(f"{os.fspath(output)}: no pair survived ({candidates} candidates, dropped "
-                             f"{_fmt_dropped(dropped)}); widen --min-sim/--max-sim or pass --allow-empty")
+                             + ", ".join(f"{v} {k}" for k, v in dropped.items())
+                             + "); widen --min-sim/--max-sim or pass --allow-empty")
         writer.close()
         if overwrite:  # the old commit point goes before the old parquet is replaced: no stale PAIRS.json
             paths["json"].unlink(missing_ok=True)
@@ -293,10 +275,6 @@ class _RowGroups:
                                     row_group_size=self.size)
         self.parts = [(s[cut:], t[cut:], v[cut:])] if cut < s.size else []
         self.rows = s.size - cut
-
-
-def _fmt_dropped(dropped: dict) -> str:
-    return ", ".join(f"{v} {k}" for k, v in dropped.items())
 
 
 def write_histogram_png(path: Path, summary: dict) -> None:

@@ -4,27 +4,17 @@
     if not store.has(k): store.write(k, shard)
     shard = store.read(k)
 
-The work directory itself (its manifest of the settings that decide the output, the lock that keeps a second run
-out) is megasynth.synth.workdir's. Shard k holds the synthetic documents of samples [k * shard_docs, ...): their
-tokens, lengths, sample indices and seed documents, and the shard's counts. Each file is written under a temp
-name and renamed (megasynth.io.atomic_open), so a shard is on disk whole or not at all, and a run killed at any
-point and started again redoes only the shards that are missing.
-
-Tests set MEGASYNTH_FAULT_SYNTH_KILL_AFTER to "shard:K" (after shard K is written) or "provenance" (after the
-provenance table is written, before the prefix is published) to SIGKILL the process right there, or to
-"stop:shard:K" to stop it there with SIGSTOP (locks held) until a SIGCONT: a second run started meanwhile meets
-a first one surely in the middle of its work.
-"""
+What a shard holds, atomicity and the fault points: docs/sbp.md, "How each stage works"."""
 
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megasynth.faults import fault_point
 from megasynth.io import atomic_open
 
 FAULT_ENV = "MEGASYNTH_FAULT_SYNTH_KILL_AFTER"
@@ -32,16 +22,6 @@ FAULT_ENV = "MEGASYNTH_FAULT_SYNTH_KILL_AFTER"
 
 class ShardError(ValueError):
     """A damaged shard file; one line naming it."""
-
-
-def fault_point(name: str) -> None:
-    """SIGKILL this process when the fault variable names this point (tests of kill-and-resume); SIGSTOP it when
-    the variable is "stop:" and this point (tests of concurrent runs)."""
-    value = os.environ.get(FAULT_ENV)
-    if value == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif value == f"stop:{name}":
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass
@@ -79,7 +59,7 @@ class ShardStore:
         with atomic_open(self.shard_path(k), "wb") as f:
             np.savez(f, tokens=shard.tokens, lengths=shard.lengths, samples=shard.samples, seeds=shard.seeds,
                      counts=np.array([getattr(shard, c) for c in _COUNTS], np.int64))
-        fault_point(f"shard:{k}")
+        fault_point(FAULT_ENV, f"shard:{k}")
 
     def read(self, k: int) -> Shard:
         path = self.shard_path(k)

@@ -1,50 +1,8 @@
 """SBP stage 5: sample synthetic documents from a tuned synthesizer, prompted with random seed documents of a corpus.
 
-    from megasynth.synth.sbp.synthesize import SynthSettings, synthesize
     summary = synthesize("runs/synthesizer", "data/real", "data/synthetic", SynthSettings(num_docs=10_000))
 
-What a sample is. Sample i (i = 0, 1, 2, ...) is prompted with corpus document seed(i), drawn uniformly among the
-documents that hold at least one token besides their EOD; the prompt is that document's first max_seed_tokens
-tokens and the pair separator (the layout the synthesizer was tuned on: megasynth.synth.sbp.pair_dataset; the separator
-is the one recorded in the sidecar of the pair data its checkpoint's config names, else `separator`, else <|sep|>:
-resolve_separator), and the model samples
-at most max_new_tokens tokens (temperature 1 by default, the paper's choice: varied syntheses of one seed),
-stopping at EOD. seed(i) depends only on (seed, i // shard_docs) and the corpus, and the sampling randomness of
-sample i only on (seed, i) (megasynth.generate's per-row streams; an endpoint gets a per-request seed), so a
-document is the same whatever batch, shard or rank produces it. An output that is empty (EOD first) is dropped
-and counted; one that hits max_new_tokens is kept, counted as truncated, and ends with an EOD like every document.
-
-Shards. Samples are processed in shards of shard_docs consecutive samples, each written to the work directory
-(default OUT.work/) as it finishes (megasynth.synth.sbp.shards); the work directory's manifest
-(megasynth.synth.workdir) records every setting that decides the output, and its lock keeps a second run out.
-A run killed at any point and started again with the same command redoes only the missing shards and publishes
-a prefix byte-identical to an uninterrupted run's; a manifest with other settings is refused. (The model dtype is
-one of those settings; the device is not: resuming on another kind of device may change the remaining shards'
-samples, since their logits may differ in the last bits.)
-
-How much. num_docs=N: samples 0..N-1 (the output holds N minus the empty ones). tokens=T: whole shards 0..K,
-where K is the first shard at which the output's running token count (EOD included) reaches T; the output
-therefore holds at least T tokens and less than T plus one shard's tokens. Both are deterministic: they depend
-on the samples, not on the number of ranks or on interruptions.
-
-Ranks. Under torchrun every rank loads the model and takes shards k with k % world_size == rank (with tokens=T
-in rounds of world_size shards, the ranks sharing each round's token counts); rank 0 then assembles the shards
-in order into the output: a normal prefix (the documents in sample order) whose sidecar names the checkpoint
-(path, sha256 of its meta.json, which lists every file's checksum), the corpus (prefix, .idx sha256), the
-settings and the counts (requested, generated, empty dropped, truncated), and OUT.provenance.parquet with
-columns doc (int64, the document's index in OUT), seed (int64, its seed document in the corpus) and sample
-(int64, its sample index). The table is published first and the prefix last (.idx is the commit point; the
-sidecar records the table's sha256); an existing output is refused unless overwrite. The work directory is
-removed after a successful run (keep_work keeps it), before its lock is dropped.
-
-One run per output. Rank 0 locks the output prefix itself for the whole run (OUT.lock beside its files,
-megasynth.run_lock.acquire_path_lock; removed at the end), before it looks at OUT or loads anything: two runs
-with different work directories and the same output prefix would otherwise both pass the existing-output check
-and the second would silently replace the first (issue 19). The refusal names the prefix and the tool holding
-it. A lock rather than a second existence check at publish time, because a check leaves a window in which two
-publishes interleave (one's .bin, the other's .idx); the check is made again before publishing all the same,
-for an output written meanwhile by something that does not take the lock.
-"""
+Seeds, determinism, shards, resumption, torchrun and the output: docs/sbp.md, "How each stage works"."""
 
 from __future__ import annotations
 
@@ -56,20 +14,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from megasynth.chat import PAIR_SEPARATOR
-from megasynth.cli import overlap_refusal
+from megasynth.checkpoint import resolve_checkpoint, verify_checkpoint
 from megasynth.cli import prefix as prefix_spec
-from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter, smallest_token_dtype
-from megasynth.distributed import share_refusal
-from megasynth.data.prefix import check_output_free, idx_path, sidecar_path
-from megasynth.io import atomic_open, file_sha256
+from megasynth.config import load_config
+from megasynth.data.indexed import IndexedDataset, smallest_token_dtype
+from megasynth.data.prefix import idx_path, sidecar_path
+from megasynth.distributed import is_distributed, rank_and_world, share_refusal
+from megasynth.faults import fault_point
+from megasynth.generate import find_tokenizer_dir, load_model_and_tokenizer
+from megasynth.io import file_sha256, remove_dir
 from megasynth.run_lock import RunDirBusy, acquire_path_lock
-from megasynth.synth.sbp.pair_dataset import PairDatasetError, document_bodies, pair_separator_id
-from megasynth.synth.sbp.samplers import EndpointSampler, EndpointSettings, LocalSampler, Sampled, Sampling
-from megasynth.synth.sbp.shards import Shard, ShardStore, fault_point
-from megasynth.synth.synthetic_prefix import provenance_path
+from megasynth.synth.corpus import check_output_prefix, check_tokenizer, document_bodies, pair_separator_id
+from megasynth.synth.llm.settings import LLMSettings
+from megasynth.synth.sbp.samplers import EndpointSampler, LocalSampler, Sampled, Sampling
+from megasynth.synth.sbp.shards import FAULT_ENV, Shard, ShardStore
+from megasynth.synth.synthetic_prefix import write_synthetic_prefix
+from megasynth.synth.workdir import WorkDir, WorkDirMismatch
+from megasynth.tokenizer import load_tokenizer
 
 _SEED_STREAM = 0x53425053  # "SBPS": the stream of seed draws, apart from every sampling stream
 _ZERO_ROUNDS = 4  # rounds in a row that yield no token before a tokens=T run gives up
@@ -151,11 +116,6 @@ class Synthesizer:
 
 def load_synthesizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None, *, load_weights: bool,
                      device="cpu", dtype=torch.float32) -> Synthesizer:
-    from megasynth.checkpoint import resolve_checkpoint, verify_checkpoint  # noqa: PLC0415
-    from megasynth.config import load_config  # noqa: PLC0415
-    from megasynth.generate import find_tokenizer_dir, load_model_and_tokenizer  # noqa: PLC0415
-    from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
-
     if load_weights:
         model, cfg, tok, step_dir = load_model_and_tokenizer(checkpoint, tokenizer, device, dtype)
     else:  # an endpoint serves the weights; the checkpoint gives the tokenizer, the limits and its identity
@@ -210,26 +170,14 @@ def resolve_separator(synth: Synthesizer, separator: str | None) -> tuple[str, i
     return text, sep_id
 
 
-def check_corpus_tokenizer(corpus: IndexedDataset, tok) -> None:
-    """The corpus must be tokenized with the synthesizer's tokenizer (its sidecar's record, when it has one)."""
-    recorded = (corpus.metadata or {}).get("tokenizer")
-    sha = recorded.get("sha256") if isinstance(recorded, dict) else None
-    if sha and sha != tok.identity()["sha256"]:
-        raise SynthError(f"{corpus.prefix}: tokenized with {recorded.get('path')} (sha256 {sha[:12]}...), not with "
-                         f"the synthesizer's tokenizer {tok.path}")
-
-
 # -- the run -----------------------------------------------------------------------------------------------------------
 def _dist():
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if dist.is_available() and dist.is_initialized():
-        return dist, dist.get_rank(), dist.get_world_size()
-    return None, 0, 1
+    """(torch.distributed or None when not distributed, rank, world size)."""
+    return (torch.distributed if is_distributed() else None), *rank_and_world()
 
 
 class _Run:
-    """One synthesis run on this rank (see the module docstring)."""
+    """One synthesis run on this rank."""
 
     def __init__(self, corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sampler, sep_id: int,
                  store: ShardStore, progress: bool):
@@ -324,28 +272,20 @@ class _Run:
 
 
 def _settings_record(corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sep_id: int,
-                     endpoint: EndpointSettings | None, dtype: torch.dtype, separator: str = PAIR_SEPARATOR) -> dict:
-    """Everything that decides the output: the work directory's manifest and the sidecar's "synthesis" entry."""
+                     endpoint: LLMSettings | None, prompt_format: str, dtype: torch.dtype, separator: str) -> dict:
+    """Everything that decides the output: the work directory's manifest and the sidecar's "synthesis" entry (of
+    an endpoint only its url, served model and prompt format)."""
     record = {
         "checkpoint": {"path": os.path.abspath(synth.step_dir), "meta_sha256": synth.meta_sha256},
         "corpus": {"prefix": os.path.abspath(corpus.prefix), "idx_sha256": corpus.idx_sha256,
                    "num_documents": len(corpus)},
         "tokenizer_sha256": synth.tokenizer.identity()["sha256"], "separator": separator, "separator_id": sep_id,
         "backend": {"kind": "local", "dtype": str(dtype).removeprefix("torch.")} if endpoint is None else
-                   {"kind": "endpoint", **endpoint.describe()},
+                   {"kind": "endpoint", "url": endpoint.base_url, "served_model": endpoint.model,
+                    "prompt_format": prompt_format},
         **{k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
     return json.loads(json.dumps(record))
-
-
-def _check_output(output_prefix: str, corpus_prefix: str, overwrite: bool) -> None:
-    if Path(output_prefix).is_dir():
-        raise SynthError(f"{output_prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    refusal = overlap_refusal({"": prefix_spec(output_prefix)}, {"--corpus": prefix_spec(corpus_prefix)})
-    if refusal:  # megasynth.cli: the one overlap rule (also applied by tools/synthesize.py to every input)
-        raise SynthError(refusal)
-    # A provenance table without its prefix is what a run killed before publishing leaves: it is replaced.
-    check_output_free(output_prefix, overwrite=overwrite)
 
 
 def _own_output(output_prefix: str, record: dict) -> dict | None:
@@ -362,12 +302,13 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
                settings: SynthSettings, *, tokenizer: str | os.PathLike | None = None,
                work_dir: str | os.PathLike | None = None, overwrite: bool = False, keep_work: bool = False,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               endpoint: EndpointSettings | None = None, progress: bool = True, separator: str | None = None) -> dict:
-    """Run synthesis (module docstring); on rank 0 return the output's counts, on other ranks {"rank": r}.
+               endpoint: LLMSettings | None = None, prompt_format: str = "ids", progress: bool = True,
+               separator: str | None = None) -> dict:
+    """Run synthesis (docs/sbp.md); on rank 0 return the output's counts, on other ranks {"rank": r}.
     `separator`: see resolve_separator (default: the one recorded by the pair data it was tuned on, else <|sep|>).
-
-    Raises SynthError, PairDatasetError, IndexedDatasetError, TokenizerError, CheckpointError, WorkDirMismatch,
-    RunDirBusy or OutputExistsError on bad input, before any sampling."""
+    `endpoint`: sample through this OpenAI-compatible server instead of locally, sending each prompt as token ids
+    or, with prompt_format="text", as text. Raises SynthError, IndexedDatasetError, TokenizerError,
+    CheckpointError, WorkDirMismatch, RunDirBusy or OutputExistsError on bad input, before any sampling."""
     dist, rank, _ = _dist()
     lock, refusal = None, None
     if rank == 0:
@@ -379,27 +320,26 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
     try:
         return _synthesize(checkpoint, corpus_prefix, output_prefix, settings, tokenizer=tokenizer, work_dir=work_dir,
                            overwrite=overwrite, keep_work=keep_work, device=device, dtype=dtype, endpoint=endpoint,
-                           progress=progress, separator=separator)
+                           prompt_format=prompt_format, progress=progress, separator=separator)
     finally:
         if lock is not None:
             lock.release(remove=True)
 
 
 def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSettings, *, tokenizer, work_dir,
-                overwrite: bool, keep_work: bool, device, dtype, endpoint, progress: bool, separator) -> dict:
+                overwrite: bool, keep_work: bool, device, dtype, endpoint, prompt_format: str, progress: bool,
+                separator) -> dict:
     """synthesize() with the output prefix locked (on rank 0)."""
-    from megasynth.synth.workdir import MANIFEST, WorkDir, WorkDirMismatch  # noqa: PLC0415
-
     settings.check()
     corpus_prefix, output_prefix = os.fspath(corpus_prefix), os.fspath(output_prefix)
     work_path = Path(work_dir) if work_dir is not None else Path(f"{output_prefix}.work")
     corpus = IndexedDataset(corpus_prefix)
     synth = load_synthesizer(checkpoint, tokenizer, load_weights=endpoint is None, device=device, dtype=dtype)
-    check_corpus_tokenizer(corpus, synth.tokenizer)
+    check_tokenizer(corpus, synth.tokenizer, role="the synthesizer's tokenizer")
     separator, sep_id = resolve_separator(synth, separator)
     max_seed, max_new = prompt_lengths(synth.max_seq_len, settings.max_seed_tokens, settings.max_new_tokens)
     settings = replace(settings, max_seed_tokens=max_seed, max_new_tokens=max_new)
-    record = _settings_record(corpus, synth, settings, sep_id, endpoint, dtype, separator)
+    record = _settings_record(corpus, synth, settings, sep_id, endpoint, prompt_format, dtype, separator)
     dist, rank, _ = _dist()
     own = _own_output(output_prefix, record) if work_path.is_dir() else None
     if dist is not None:
@@ -408,10 +348,12 @@ def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSetting
         if rank == 0:  # killed after publishing, before the work directory was removed: finish the cleanup
             with WorkDir.open(work_path, pipeline="synthesize", settings=record):
                 if not keep_work:
-                    _remove_work(work_path)  # still locked: no run that starts now can be inside it
+                    remove_dir(work_path)  # still locked (so present): no run that starts now can be inside it
         return {**own["synthesis"]["counts"], "already_complete": True}
-    # Killed while publishing (its .bin/.json in place, no .idx yet): the files are this run's to replace.
-    _check_output(output_prefix, corpus_prefix, overwrite or own is not None)
+    # Killed while publishing (its .bin/.json in place, no .idx yet): the files are this run's to replace. A
+    # provenance table without its prefix (killed before publishing) is replaced in any case.
+    check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)},
+                        overwrite=overwrite or own is not None, error=SynthError)
     wd, refusal = None, None
     if rank == 0:
         try:
@@ -420,18 +362,15 @@ def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSetting
             refusal = e
     share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
     try:
-        if dist is not None:
-            dist.barrier()
-            if rank != 0:
-                found = json.loads((work_path / MANIFEST).read_text(encoding="utf-8")).get("settings")
-                if found != record:
-                    raise WorkDirMismatch(f"{work_path / MANIFEST}: rank {rank} has other settings than rank 0")
+        if rank != 0:  # after share_refusal, a barrier: rank 0 has written or checked the manifest
+            WorkDir.check(work_path, pipeline="synthesize", settings=record)
         sampling = Sampling(settings.seed, settings.temperature, settings.top_k, settings.top_p,
                             settings.max_new_tokens)
         if endpoint is None:
             sampler = LocalSampler(synth.model, synth.tokenizer.eod_id, sampling, settings.batch_size)
         else:
-            sampler = EndpointSampler(endpoint, synth.tokenizer, sampling, work_path / f"ledger.rank{rank}.jsonl")
+            sampler = EndpointSampler(endpoint, synth.tokenizer, sampling, work_path / f"ledger.rank{rank}.jsonl",
+                                      prompt_format)
         run = _Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)
         try:
             num_shards = run.run()
@@ -441,64 +380,42 @@ def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSetting
             dist.barrier()  # every shard is on disk
         if rank != 0:
             return {"rank": rank}
-        # Still free? No other synthesize run can have written it (the prefix lock), another tool can have.
-        check_output_free(output_prefix, overwrite=overwrite or own is not None)
-        counts = _publish(output_prefix, ShardStore(work_path), num_shards, synth.tokenizer, record)
+        # Still free (checked again by the writer)? No other synthesize run can have written it (the prefix lock),
+        # another tool can have.
+        counts = _publish(output_prefix, ShardStore(work_path), num_shards, synth.tokenizer, record,
+                          overwrite or own is not None)
         if not keep_work:
-            _remove_work(work_path)  # still locked: no run that starts now can be inside it
+            remove_dir(work_path)  # still locked (so present): no run that starts now can be inside it
     finally:
         if wd is not None:
             wd.close()
     return counts
 
 
-def _remove_work(path: Path) -> None:
-    from megasynth.io import remove_dir  # noqa: PLC0415
-
-    if path.is_dir():
-        remove_dir(path)
-
-
-def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record: dict) -> dict:
+def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record: dict, overwrite: bool) -> dict:
     """Shards 0..num_shards-1 in order -> OUT.provenance.parquet, then the prefix (its .idx last)."""
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    schema = pa.schema([("doc", pa.int64()), ("seed", pa.int64()), ("sample", pa.int64())])
     counts = {"requested": 0, "generated": 0, "empty_dropped": 0, "truncated": 0, "out_of_vocab_dropped": 0,
               "tokens": 0, "shards": num_shards}
-    meta = {"tokenizer": tok.identity(), "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "append_eod": True,
-            "add_bos": False, "created_by": "synthesize"}
-    prov = provenance_path(output_prefix)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    with IndexedDatasetWriter(output_prefix, smallest_token_dtype(tok.vocab_size), metadata=meta) as writer:
-        with atomic_open(prov, "wb") as f, pq.ParquetWriter(f, schema) as table:
-            for k in range(num_shards):
-                shard = store.read(k)
-                first = writer.num_documents
-                writer.add_flat(shard.tokens, shard.lengths)
-                n = int(shard.lengths.size)
-                table.write_table(pa.Table.from_arrays(
-                    [pa.array(np.arange(first, first + n, dtype=np.int64)), pa.array(shard.seeds),
-                     pa.array(shard.samples)], schema=schema))
-                counts["requested"] += shard.requested
-                counts["generated"] += n
-                counts["empty_dropped"] += shard.empty
-                counts["truncated"] += shard.truncated
-                counts["out_of_vocab_dropped"] += shard.out_of_vocab
-                counts["tokens"] += shard.num_tokens
-        fault_point("provenance")
-        if writer.num_documents == 0:
-            prov.unlink(missing_ok=True)
+
+    def shards():
+        for k in range(num_shards):
+            shard = store.read(k)
+            counts["requested"] += shard.requested
+            counts["generated"] += int(shard.lengths.size)
+            counts["empty_dropped"] += shard.empty
+            counts["truncated"] += shard.truncated
+            counts["out_of_vocab_dropped"] += shard.out_of_vocab
+            counts["tokens"] += shard.num_tokens
+            yield shard.tokens, shard.lengths, {"seed": shard.seeds, "sample": shard.samples}
+
+    def synthesis() -> dict:  # called once the table is published, before the prefix is
+        fault_point(FAULT_ENV, "provenance")
+        if counts["generated"] == 0:
             raise SynthError(f"{output_prefix}: all {counts['requested']:,} samples were empty or dropped "
                              f"({counts['empty_dropped']:,} empty): no document to write")
-        writer.finalize(metadata={
-            "synthesis": {"settings": record, "counts": counts},
-            "provenance": {"file": prov.name, "rows": writer.num_documents, "sha256": file_sha256(prov),
-                           "columns": list(schema.names)},
-        })
+        return {"synthesis": {"settings": record, "counts": counts}}
+
+    write_synthetic_prefix(output_prefix, tok, (), columns={"seed": pa.int64(), "sample": pa.int64()},
+                           generator="synthesize", late_metadata=synthesis, overwrite=overwrite, allow_empty=True,
+                           tokenized=shards())
     return counts
-
-
-__all__ = ["EndpointSettings", "PairDatasetError", "SynthError", "SynthSettings", "prompt_lengths",
-           "recorded_separator", "resolve_separator", "shard_seed_documents", "synthesize"]

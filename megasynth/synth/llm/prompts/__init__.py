@@ -1,18 +1,10 @@
-"""Versioned prompt templates for the synthetic-data pipelines (EntiGraph, the rephrase baseline).
-
-Each template is a file NAME.vN.txt in this folder: comment lines ("# ...") first, then a "=== system ==="
-section and a "=== user ===" section. Placeholders are `$name` (string.Template): a value is inserted as
-is, never re-parsed, so documents holding braces or dollar signs are safe. A change of wording is a new
-file with a higher version (the old one stays, so an old run can be reproduced); CURRENT names the version
-each pipeline uses.
+"""Versioned prompt templates (NAME.vN.txt in this folder) for the synthetic-data pipelines.
 
     prompt = load_prompt("entigraph_pair")                 # Prompt(name, version, system, user, sha256)
     messages = prompt.messages(title=..., text=..., entity_a=..., entity_b=...)
     prompts_hash([prompt, ...])                            # recorded in the work dir and the output sidecar
 
-The hash covers the names, versions and the exact bytes of the files used, so any edit of a template changes
-it, and a work dir made with other prompts is refused instead of being silently mixed (megasynth.synth.workdir).
-"""
+The file format, versioning and what the hash covers: docs/synth.md, "Prompts"."""
 
 from __future__ import annotations
 
@@ -28,6 +20,7 @@ CURRENT = {
     "entigraph_entities": 1,
     "entigraph_pair": 1,
     "entigraph_triple": 1,
+    "entigraph_entity": 1,
     "rephrase_plain": 1,
     "rephrase_encyclopedic": 1,
     "rephrase_qa": 1,
@@ -39,6 +32,7 @@ PLACEHOLDERS = {
     "entigraph_entities": {"title", "text"},
     "entigraph_pair": {"title", "text", "entity_a", "entity_b"},
     "entigraph_triple": {"title", "text", "entity_a", "entity_b", "entity_c"},
+    "entigraph_entity": {"title", "text", "entity"},
     "rephrase_plain": {"title", "text"},
     "rephrase_encyclopedic": {"title", "text"},
     "rephrase_qa": {"title", "text"},
@@ -72,16 +66,12 @@ class Prompt:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
-def prompt_path(name: str, version: int) -> Path:
-    return PROMPT_DIR / f"{name}.v{version}.txt"
-
-
 def load_prompt(name: str, version: int | None = None) -> Prompt:
     """The template NAME at `version` (default: CURRENT[name]), parsed and checked."""
     if name not in CURRENT:
         raise PromptError(f"unknown prompt {name!r}; known: {', '.join(sorted(CURRENT))}")
     version = CURRENT[name] if version is None else version
-    path = prompt_path(name, version)
+    path = PROMPT_DIR / f"{name}.v{version}.txt"
     try:
         raw = path.read_bytes()
     except OSError as e:

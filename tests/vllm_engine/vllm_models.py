@@ -1,0 +1,106 @@
+"""Checkpoints for the vLLM tests, made with the tools a user runs (called in-process), exported for vLLM.
+
+    base, sft = build_models(tmp / "models")     # two run directories with their tokenizer (chat tokens)
+    export(base, tmp / "hf_base")                  # tools/export_hf.py
+
+The base model is the SFT example's tiny shape (examples/sft/run.py --tiny: 2 layers, dim 64, QK-norm, tied
+embeddings, so it exports as Qwen3ForCausalLM) trained until it has memorised a dozen sentences, so that it
+writes varied text (different prompts, different continuations, not one token repeated), which a greedy parity
+test needs. The SFT model is a few steps of it on chat records (the built-in ChatML template, which
+tools/train_tokenizer.py --chat-tokens writes into tokenizer_config.json, so vLLM serves it too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import load_tool
+
+from megasynth.config import DataSource, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+# A small corpus the model memorises in a few dozen steps: greedy continuations of different prompts then
+# differ and run over many tokens (a barely trained model on varied text writes "s.<|endoftext|>" whatever the
+# prompt, and every engine agrees on that).
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A list keeps its items in order; a set keeps each item once.",
+    "Dictionaries map keys to values, and keys must be hashable.",
+    "The json module reads and writes JSON text.",
+    "Tuples are immutable sequences, often used for records.",
+    "A generator yields values lazily, one at a time.",
+    "Exceptions propagate up the call stack until something handles them.",
+    "The os module talks to the operating system: files, paths, processes.",
+    "Strings are sequences of Unicode code points.",
+    "A class bundles data and the functions that act on it.",
+    "Iterators remember where they are in a sequence.",
+    "Sorting is stable: equal items keep their order.",
+]
+QUESTIONS = ["What is a fox?", "What does a list keep?", "Tell me about dictionaries.", "What is json for?",
+             "What are tuples?", "What does a generator do?", "Where do exceptions go?", "What is os?",
+             "What is a string?", "What is a class?", "What do iterators remember?", "Is sorting stable?"]
+BASE_STEPS = 80
+SFT_STEPS = 8
+MODEL = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
+         "--model.ffn_dim=128", "--model.max_seq_len=128", "--data.seq_len=32"]
+
+
+def _run(args: list) -> None:
+    """tools/NAME.py ARGS (args[0] = NAME) or `-m megasynth.train ARGS`, in this process (no interpreter start)."""
+    name, argv = args[0], [str(a) for a in args[1:]]
+    if name == "-m megasynth.train":
+        from megasynth.train import main  # noqa: PLC0415
+    else:
+        main = load_tool(name).main
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"{name} {' '.join(argv)}: exit code {code}")
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def build_models(out: Path) -> tuple[Path, Path]:
+    """(base run directory, SFT run directory), both with tokenizer/ (its chat_template the built-in ChatML)."""
+    out = Path(out)
+    data, tok = out / "data", out / "tokenizer"
+    corpus = _jsonl(out / "corpus.jsonl", [{"text": t} for t in TEXTS * 4])
+    _run(["train_tokenizer", "--input", corpus, "--output", tok, "--type", "bpe", "--vocab-size", "320",
+          "--chat-tokens", "--no-progress"])
+    _run(["preprocess_data", "--input", corpus, "--output-prefix", data / "text", "--tokenizer", tok,
+          "--no-progress"])
+    vocab = json.loads((data / "text.json").read_text())["vocab_size"]
+    base = out / "base"
+    _run(["-m megasynth.train", "--config", REPO / "examples" / "configs" / "demo.toml",
+          f"--data.data_path={data / 'text'}", f"--model.vocab_size={vocab}", f"--train.run_dir={base}",
+          "--train.resume=none", f"--train.steps={BASE_STEPS}", "--train.eval_every=0", "--train.checkpoint_every=0",
+          "--train.global_batch_size=8", "--train.micro_batch_size=8", "--optim.warmup_steps=5", "--optim.lr=1e-2",
+          "--optim.weight_decay=0", *MODEL])
+
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in zip(QUESTIONS, TEXTS)]
+    chat = _jsonl(out / "chat.jsonl", chats * 4)
+    _run(["preprocess_sft", "--input", chat, "--tokenizer", tok, "--output-prefix", data / "chat",
+          "--format", "chat", "--no-progress"])
+    cfg = load_config(base / "config.toml")
+    cfg.data.data_path, cfg.data.valid_paths, cfg.data.cache_dir = "", [], ""
+    cfg.data.seq_len = 64
+    cfg.data.sources = [DataSource(path=str(data / "chat"), weight=1.0, name="chat", packing="pack")]
+    sft = out / "sft"
+    t = cfg.train
+    t.run_dir, t.resume, t.init_from, t.steps = str(sft), "none", str(base), SFT_STEPS
+    t.eval_every, t.checkpoint_every, t.log_every = 0, 0, 1
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 1
+    save_config(cfg, out / "sft.toml")
+    _run(["-m megasynth.train", "--config", out / "sft.toml"])
+    return base, sft
+
+
+def export(run_dir: Path, out: Path) -> Path:
+    """tools/export_hf.py --checkpoint RUN_DIR --output OUT (float32, with the run's tokenizer)."""
+    _run(["export_hf", "--checkpoint", run_dir, "--output", out])
+    return Path(out)
