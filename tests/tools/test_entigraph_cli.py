@@ -123,11 +123,3 @@ def test_a_run_where_everything_fails_says_so_and_retry_failed_recovers(tmp_path
     assert tool.main(setup("W", "out/eg", "--retry-failed")) == 0
     assert len(openai_server.completion_requests()) == ALL_REQUESTS
 
-
-def test_help_names_every_flag():
-    out = load_tool("entigraph").build_parser().format_help()
-    for flag in ("--input", "--work-dir", "--output-prefix", "--tokenizer", "--max-pairs-per-doc",
-                 "--max-triples-per-doc", "--seed", "--include-summaries", "--retry-failed", "--overwrite",
-                 "--allow-partial", "--concurrency", "--max-attempts", "--transient-budget-s", "--budget-tokens",
-                 "--budget-usd", "--base-url", "--model"):
-        assert flag in out

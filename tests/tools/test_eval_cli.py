@@ -173,13 +173,3 @@ def test_chat_without_the_template_tokens_exits_2_and_writes_nothing(setup, tmp_
     err = capsys.readouterr().err
     assert err.startswith("error: --chat:") and "--chat-tokens" in err and not out.exists()
 
-
-def test_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        load_tool("eval").main(["--help"])
-    text = capsys.readouterr().out
-    for flag in ("--checkpoint", "--tokenizer", "--tasks", "--task-type", "--perplexity", "--out", "--num-fewshot",
-                 "--seed", "--batch-size", "--max-new-tokens", "--temperature", "--quality-answer",
-                 "--quality-no-title", "--no-start-token", "--seq-len", "--perplexity-windows",
-                 "--no-document-masking", "--chat", "--device", "--dtype"):
-        assert flag in text

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from megasynth.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megasynth.data.preprocess import preprocess
@@ -27,18 +26,6 @@ def write(prefix, docs, dtype=np.uint16, metadata=None):
     with IndexedDatasetWriter(prefix, dtype, metadata=metadata) as w:
         w.add_documents([np.asarray(d) for d in docs])
     return str(prefix)
-
-
-@pytest.mark.parametrize("tool, flags", [
-    ("merge_datasets.py", ["--inputs", "--input-dir", "--output", "--quiet", "--overwrite", "--allow-empty",
-                           "--unmasked-as-all-true"]),
-    ("inspect_dataset.py", ["--doc", "--tokenizer", "--max-tokens", "--verify"]),
-])
-def test_help_lists_every_flag(tool, flags):
-    proc = run_tool(tool, "--help")
-    assert proc.returncode == 0
-    for flag in flags:
-        assert flag in proc.stdout
 
 
 def test_merge_inputs_and_input_dir(tmp_path):

@@ -55,15 +55,6 @@ def test_chat_tokens_make_a_tokenizer_with_the_builtin_template(tok_dir):
         "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nIt is four.<|im_end|>\n"
 
 
-def test_help_explains_every_flag():
-    proc = run_tool("preprocess_sft", "--help")
-    assert proc.returncode == 0
-    for flag in ("--input", "--tokenizer", "--output-prefix", "--format", "--max-len", "--truncate", "--workers",
-                 "--batch-size", "--skip-bad-lines", "--max-bad-lines-shown", "--overwrite", "--no-progress"):
-        assert flag in proc.stdout
-    assert "--chat-tokens" in run_tool("train_tokenizer", "--help").stdout
-
-
 def test_output_is_byte_identical_for_any_number_of_workers(tmp_path, tok_dir):
     records = []
     for i in range(60):

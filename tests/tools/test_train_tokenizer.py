@@ -28,14 +28,6 @@ def corpus(tmp_path_factory):
     return path
 
 
-def test_help_explains_every_flag():
-    proc = run_tool("--help")
-    assert proc.returncode == 0
-    for flag in ("--input", "--json-key", "--text-mode", "--output", "--type", "--vocab-size", "--min-frequency",
-                 "--special-tokens", "--max-documents", "--sentencepiece-model-type", "--skip-bad-lines"):
-        assert flag in proc.stdout
-
-
 def test_bpe_loads_here_and_in_transformers(tmp_path, corpus):
     out = tmp_path / "bpe"
     proc = run_tool("--input", corpus, "--json-key", "body", "--output", out, "--type", "bpe", "--vocab-size", 700,

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from helpers import load_tool
+from sbp_helpers import CORPUS_TEXTS
 
 from megasynth.config import DataSource, load_config, save_config
 
@@ -23,20 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 # A small corpus the model memorises in a few dozen steps: greedy continuations of different prompts then
 # differ and run over many tokens (a barely trained model on varied text writes "s.<|endoftext|>" whatever the
 # prompt, and every engine agrees on that).
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A list keeps its items in order; a set keeps each item once.",
-    "Dictionaries map keys to values, and keys must be hashable.",
-    "The json module reads and writes JSON text.",
-    "Tuples are immutable sequences, often used for records.",
-    "A generator yields values lazily, one at a time.",
-    "Exceptions propagate up the call stack until something handles them.",
-    "The os module talks to the operating system: files, paths, processes.",
-    "Strings are sequences of Unicode code points.",
-    "A class bundles data and the functions that act on it.",
-    "Iterators remember where they are in a sequence.",
-    "Sorting is stable: equal items keep their order.",
-]
+TEXTS = [t for t in CORPUS_TEXTS if not t.startswith("def ")] + ["Sorting is stable: equal items keep their order."]
 QUESTIONS = ["What is a fox?", "What does a list keep?", "Tell me about dictionaries.", "What is json for?",
              "What are tuples?", "What does a generator do?", "Where do exceptions go?", "What is os?",
              "What is a string?", "What is a class?", "What do iterators remember?", "Is sorting stable?"]
