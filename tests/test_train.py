@@ -201,7 +201,7 @@ def test_resume_refuses_another_model_or_other_data(tmp_path, corpus):
     code, _ = run(tmp_path, corpus, **{"train.steps": 8, "model.dim": 64})
     assert code == 2
     # How attention is computed is not part of the model: another backend or core resumes the same weights.
-    code, run_dir = run(tmp_path, corpus, **{"train.steps": 5, "model.attention": "triton",
+    code, run_dir = run(tmp_path, corpus, **{"train.steps": 5, "model.attention": "fused_qknorm_rope",
                                              "model.attention_core": "reference"})
     assert code == 0 and checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000005"
     other = write_pattern_corpus(tmp_path / "other", num_docs=40, seed=5)
