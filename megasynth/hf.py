@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megasynth.chat import ChatTemplateError, load_chat_template
 from megasynth.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from megasynth.io import atomic_files, atomic_write_json, owned_names
 from megasynth.model import Transformer, build_model, resolved_dims
@@ -306,12 +307,26 @@ def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, to
     with atomic_files(out, EXPORT_FILES, commit="config.json", replace=overwrite) as tmp:
         write_safetensors(hf_state_dict(model, dtype), tmp, max_shard_bytes)
         atomic_write_json(tmp / "config.json", hf_config(cfg.model, dtype=dtype, bos_id=bos_id, eos_id=eos_id))
-        generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": eos_id}
+        stop_ids = eos_id if tokenizer is None else generation_stop_ids(tokenizer)
+        generation = {"_from_model_config": True, "bos_token_id": bos_id, "eos_token_id": stop_ids}
         atomic_write_json(tmp / "generation_config.json", generation)
         if tokenizer is not None:
             tokenizer.save(tmp)
             _clear_length_limits(tmp / "tokenizer.json")
     return out
+
+
+def generation_stop_ids(tokenizer) -> int | list[int]:
+    """generation_config.json's eos_token_id: EOD, and also the chat template's end of turn when the tokenizer
+    keeps it as one token, so that an engine serving the export (vLLM, transformers) ends a chat turn where
+    tools/generate.py --chat does (config.json keeps EOD alone, as Qwen's exports do)."""
+    try:
+        end_of_turn = load_chat_template(tokenizer).end_of_turn_id
+    except ChatTemplateError:
+        end_of_turn = None  # no chat tokens in this tokenizer: it writes plain text only
+    if end_of_turn is None or end_of_turn == tokenizer.eod_id:
+        return tokenizer.eod_id
+    return [tokenizer.eod_id, end_of_turn]
 
 
 def _refuse_existing(out: Path, names: tuple[str, ...], overwrite: bool) -> None:

@@ -9,6 +9,7 @@ from bert_tokenizer import MAX_LENGTH, reference_ids, write_bert_checkpoint
 from helpers import load_tool
 from safetensors.torch import load_file, save_file
 
+from megasynth.chat import IM_END, TRAINING_SPECIAL_TOKENS
 from megasynth.checkpoint import load_for_inference, save_model_checkpoint
 from megasynth.config import ModelConfig
 from megasynth.hf import (
@@ -176,6 +177,22 @@ def test_llama_without_head_dim_uses_hidden_over_heads():
                                 "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 128,
                                 "head_dim": None, "rope_theta": 10000.0})
     assert cfg.head_dim == 16 and cfg.n_kv_heads == 4 and not cfg.qk_norm and cfg.rope_theta == 10000.0
+
+
+def test_a_chat_tokenizer_exports_its_end_of_turn_as_a_stop_id(tmp_path):
+    # An engine serving the export stops where tools/generate.py --chat does: at EOD, and at <|im_end|> when the
+    # tokenizer keeps it as one token (tests/vllm_engine checks a real vLLM stops there); config.json keeps EOD.
+    ours = build_ours(seed=5)
+    texts = ["hello world, the tiny corpus says hello"] * 20
+    chat_tok = train_bpe_tokenizer(texts, tmp_path / "chat_tok", vocab_size=290,
+                                   special_tokens=TRAINING_SPECIAL_TOKENS)
+    plain_tok = train_bpe_tokenizer(texts, tmp_path / "plain_tok", vocab_size=290)
+    im_end = chat_tok.encode(IM_END, parse_special=True)
+    assert len(im_end) == 1 and im_end[0] != chat_tok.eod_id
+    for name, tok, expected in (("chat", chat_tok, [chat_tok.eod_id, im_end[0]]), ("plain", plain_tok, plain_tok.eod_id)):
+        out = export_hf(ours, config_for_model(ours.cfg), tmp_path / f"hf_{name}", tokenizer=tok)
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == expected
+        assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eod_id
 
 
 def test_export_cli_errors_exit_2(tmp_path, capsys):

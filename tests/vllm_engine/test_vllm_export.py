@@ -105,10 +105,6 @@ def test_chat_completions_use_our_template_and_answer_as_we_do(vllm_models, vllm
     assert theirs[:len(ours)] == ours, _first_difference(model, prompt, ours, theirs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "export bug (issue 20): tools/export_hf.py writes eos_token_id = EOD only (generation_config.json and "
-    "config.json), so vLLM's chat completions run past <|im_end|>; listing the chat template's end-of-turn id too "
-    "(generation_config.json eos_token_id [EOD, <|im_end|>], as Qwen's exports do) makes vLLM stop there"))
 def test_chat_completions_stop_at_the_end_of_turn(vllm_models, vllm_sft_server):
     """An exported chat model must end its turn where our sampler does (tools/generate.py --chat, and what SFT
     trained it to do): at the template's end-of-turn token <|im_end|>. vLLM knows its stop tokens only from the
