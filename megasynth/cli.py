@@ -232,6 +232,17 @@ EXIT_BUDGET = 3
 EXIT_PARTIAL = 4
 
 
+def refuse_without_output(error: BaseException, output_prefix: str) -> int:
+    """A tool's one-line report of an error that left no output (bad input, or an OSError: an unwritable
+    directory, a full disk), then "no output written to OUTPUT"; returns EXIT_BAD_INPUT."""
+    if isinstance(error, OSError):
+        print(f"{error.filename or output_prefix}: {error.strerror or error}", file=sys.stderr)
+    else:
+        print(f"{error}", file=sys.stderr)
+    print(f"no output written to {output_prefix}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def add_source_arguments(parser: argparse.ArgumentParser, *, tokenizer_help: str) -> None:
     """--input, --input-tokenizer, --work-dir, --output-prefix and --tokenizer of an LLM pipeline."""
     parser.add_argument("--input", required=True, metavar="PATH",
@@ -307,13 +318,9 @@ def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict
         out = call()
     except (BadInputError, InputError, JsonlError, TokenizerError, IndexedDatasetError, PrefixOutputError,
             WorkDirMismatch, RunDirBusy, PromptError) as e:
-        print(f"{e}", file=sys.stderr)
-        print(f"no output written to {output_prefix}", file=sys.stderr)
-        return None, EXIT_BAD_INPUT
+        return None, refuse_without_output(e, output_prefix)
     except OSError as e:  # the work dir or the output directory is not writable, the disk is full
-        print(f"{e.filename or output_prefix}: {e.strerror or e}", file=sys.stderr)
-        print(f"no output written to {output_prefix}", file=sys.stderr)
-        return None, EXIT_BAD_INPUT
+        return None, refuse_without_output(e, output_prefix)
     except KeyboardInterrupt:
         print("interrupted; every finished request is recorded, rerun the same command to continue",
               file=sys.stderr)

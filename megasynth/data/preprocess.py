@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megasynth.cli import check_outputs, file, overlap_refusal
+from megasynth.cli import check_outputs, file, overlap_refusal, refuse_without_output
 from megasynth.cli import prefix as prefix_spec
 from megasynth.data.indexed import (IndexedDatasetWriter, bin_path, check_not_empty, check_output_free, idx_path,
     mask_path, sidecar_path, smallest_token_dtype)
@@ -272,13 +272,9 @@ def run_for_cli(output_prefix: str, call, *, files: str, summary_line,
         print(f"{e}", file=sys.stderr)
         return 2
     except errors as e:
-        print(f"{e}", file=sys.stderr)
-        print(f"no output written to {output_prefix}", file=sys.stderr)
-        return 2
+        return refuse_without_output(e, output_prefix)
     except OSError as e:  # e.g. the output directory is not writable, the disk is full
-        print(f"{e.filename or output_prefix}: {e.strerror or e}", file=sys.stderr)
-        print(f"no output written to {output_prefix}", file=sys.stderr)
-        return 2
+        return refuse_without_output(e, output_prefix)
     except BrokenProcessPool:
         print("a worker process died (out of memory?); no output written", file=sys.stderr)
         return 1
