@@ -35,12 +35,27 @@ $(VLLM_VENV)/.installed-$(VLLM_SPEC):
 	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server, vllm; print('vllm', vllm.__version__)"
 	touch "$@"
 
-vllm-venv: $(VLLM_VENV)/.installed-$(VLLM_SPEC)
+# megasynth itself in the vLLM venv, for `tools/synthesize.py --backend vllm` (vLLM in the same process): the
+# project without its dependencies (they would move vLLM's pins, its transformers among them), then what the
+# synthesis path imports that vLLM does not bring, with the torch pin repeated so that nothing moves it.
+VLLM_MEGASYNTH_DEPS ?= "pyarrow>=14" "xxhash>=3.0" "zstandard>=0.22" "tomli-w>=1.0"
+
+$(VLLM_VENV)/.installed-megasynth: $(VLLM_VENV)/.installed-$(VLLM_SPEC) setup.py
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)" $(VLLM_MEGASYNTH_DEPS)
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -c "import megasynth.synth.sbp.vllm_sampler, megasynth.synth.sbp.synthesize, torch; print('megasynth in the vLLM venv, torch', torch.__version__)"
+	touch "$@"
+
+vllm-venv: $(VLLM_VENV)/.installed-$(VLLM_SPEC) $(VLLM_VENV)/.installed-megasynth
 
 demo: venv
 	$(PY) examples/demo.py
 
-test: venv
+# tests/vllm_engine/ runs against vLLM's CPU build, in the venv above, which `make test` builds where its wheels exist
+# (Linux x86-64); elsewhere those tests skip, saying why. `make test VLLM_TESTS=` leaves it out.
+VLLM_TESTS ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),vllm-venv,)
+
+test: venv $(VLLM_TESTS)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:

@@ -72,10 +72,17 @@ setup(
             "wandb>=0.17",
             # The local OpenAI-compatible test server (scripted replies, injected faults).
             "aiohttp>=3.9",
+            # tools/run_on_ray.py on a local Ray (tests/tools/test_launchers.py).
+            "ray>=2.9",
         ],
         # GPU machines: faiss on the GPU, and FlashAttention (megasynth.kernels.attention_core's `flash_attn`
         # core; it builds against the installed CUDA torch, so install torch first).
         "gpu": ["faiss-gpu-cu12; sys_platform == 'linux'", "flash-attn>=2.6; sys_platform == 'linux'"],
         "wandb": ["wandb>=0.17"],
+        # tools/run_on_ray.py: a stage's independent workers as Ray tasks (docs/cluster.md).
+        "ray": ["ray>=2.9"],
+        # tools/synthesize.py --backend vllm (megasynth/synth/sbp/vllm_sampler.py), on GPUs; tested with 0.32. On
+        # an x86-64 CPU vLLM's CPU build goes in a venv of its own instead: `make vllm-venv`.
+        "vllm": ["vllm>=0.32; sys_platform == 'linux'"],
     },
 )

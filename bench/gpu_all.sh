@@ -6,6 +6,7 @@
 #   bench/gpu_all.sh --smoke         # the same sections on the CPU (each script's --cpu-smoke, a tiny test
 #                                    # subset): proves the script end to end; the numbers mean nothing
 #   bench/gpu_all.sh --report FILE   # write the report somewhere else
+#   bench/gpu_all.sh --only vllm_150m,vllm_1b   # only these sections (e.g. the vLLM ones, in a call of their own)
 #
 # Sections, each under its own timeout; a failing or timed-out section is recorded and the run goes on; the
 # exit status is non-zero when any section failed:
@@ -15,6 +16,8 @@
 #   resources     bench/kernel_resources.py: registers, spills and shared memory of every kernel config (AOT)
 #   mfu           bench/mfu.py on llama-1b.toml: sdpa vs fused_qknorm_rope, without and with torch.compile
 #   generate      bench/generate.py, the GPU row: a 0.8B model, batch 32, ours vs transformers
+#   vllm_150m     bench/vllm_synthesis.py: SBP synthesis tokens/s, ours vs --backend vllm, a ~150M synthesizer
+#   vllm_1b       the same for a ~1B synthesizer (both skipped where this Python has no vLLM)
 # Environment: PYTHON (default .venv/bin/python when present, else python3).
 set -u -o pipefail
 
@@ -22,11 +25,13 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 SMOKE=0
 REPORT=""
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --smoke) SMOKE=1 ;;
         --report) REPORT=$2; shift ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --only) ONLY=$2; shift ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -48,6 +53,9 @@ START=$(date +%s)
 run_section() {
     local name=$1 limit=$2 kind=$3
     shift 3
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        return
+    fi
     echo "== $name (limit ${limit}s): $*" >&2
     local t0 rc status
     t0=$(date +%s)
@@ -86,7 +94,23 @@ run_section() {
 }
 
 skip_section() {
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$1,"* ]]; then
+        return
+    fi
     echo "| $1 | skipped: $2 | 0 | |" >>"$SUMMARY"
+}
+
+# The vLLM rows: ours against --backend vllm on the same prompts. vLLM is an optional extra (pip install
+# 'megasynth[vllm]'); VLLM_PYTHON names a Python that has it (default: PYTHON, or .venv-vllm on the CPU).
+vllm_sections() {
+    local vpy=$1
+    shift
+    if ! "$vpy" -c 'import vllm' >/dev/null 2>&1; then
+        skip_section vllm_150m "no vLLM in $vpy (pip install 'megasynth[vllm]')"
+        skip_section vllm_1b "no vLLM in $vpy"
+        return
+    fi
+    "$@"
 }
 
 if [ $SMOKE -eq 1 ]; then
@@ -106,6 +130,13 @@ if [ $SMOKE -eq 1 ]; then
         --steps 1 --warmup 0
     run_section generate 200 md "$PYTHON" bench/generate.py --device cpu --dim 64 --layers 2 --heads 2 \
         --kv-heads 1 --ffn 128 --vocab 512 --batch 2 --prompt-len 8 --new-tokens 8 --repeats 1
+    smoke_vllm() {
+        run_section vllm_150m 300 md "$PYTHON" bench/vllm_synthesis.py --device cpu --backends ours,vllm \
+            --vllm-python "$VLLM_PYTHON" --dim 64 --layers 2 --heads 2 --kv-heads 1 --ffn 128 --vocab 512 \
+            --corpus-docs 300 --docs 8 --batch 4 --seed-tokens 16 --new-tokens 8
+    }
+    VLLM_PYTHON=${VLLM_PYTHON:-.venv-vllm/bin/python}
+    vllm_sections "$VLLM_PYTHON" smoke_vllm
 else
     if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
         echo "bench/gpu_all.sh: no CUDA device (use --smoke on the CPU)" >&2
@@ -128,6 +159,19 @@ else
     run_section mfu 135 md "$PYTHON" bench/mfu.py --steps 4 --warmup 2
     run_section generate 45 md "$PYTHON" bench/generate.py --device cuda --dtype bfloat16 --dim 2048 \
         --layers 16 --batch 32 --repeats 2
+    # Random weights: the rates are what counts. vLLM compiles and captures CUDA graphs (a minute or two), so
+    # with vLLM present the limits add up to 870 s: run `--only vllm_150m,vllm_1b` in a call of its own.
+    gpu_vllm() {
+        run_section vllm_150m 150 md "$PYTHON" bench/vllm_synthesis.py --device cuda --dtype bfloat16 \
+            --backends ours,vllm --vllm-python "${VLLM_PYTHON:-$PYTHON}" --dim 768 --layers 16 --heads 12 --kv-heads 4 --ffn 2560 --vocab 8192 \
+            --corpus-docs 3000 --docs 1024 --batch 128 --seed-tokens 128 --new-tokens 256 --max-num-seqs 256 \
+            --kv-cache-gib 16
+        run_section vllm_1b 180 md "$PYTHON" bench/vllm_synthesis.py --device cuda --dtype bfloat16 \
+            --backends ours,vllm --vllm-python "${VLLM_PYTHON:-$PYTHON}" --dim 2048 --layers 20 --heads 16 --kv-heads 8 --ffn 5632 --vocab 8192 \
+            --corpus-docs 3000 --docs 1024 --batch 128 --seed-tokens 128 --new-tokens 256 --max-num-seqs 256 \
+            --kv-cache-gib 16
+    }
+    vllm_sections "${VLLM_PYTHON:-$PYTHON}" gpu_vllm
 fi
 TOTAL=$(( $(date +%s) - START ))
 

@@ -251,7 +251,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, tokenizer_help: str
                         help="for a prefix --input: the tokenizer that decodes it (default: the one its sidecar names)")
     parser.add_argument("--work-dir", required=True, metavar="DIR",
                         help="records, ledger and manifest; the same directory resumes an earlier run (one that is, "
-                             "holds or sits inside an input is refused)")
+                             "holds or sits inside an input is refused). With --worker/--publish: the work units' "
+                             "directory, on a filesystem every worker sees (docs/cluster.md)")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="writes PREFIX.bin/.idx/.json and PREFIX.provenance.parquet")
     parser.add_argument("--tokenizer", required=True, metavar="PATH", help=tokenizer_help)
@@ -267,6 +268,37 @@ def add_outcome_arguments(parser: argparse.ArgumentParser) -> None:
                         help="publish the output even when items failed (default: write nothing and exit 4); the "
                              "sidecar then says \"partial\": true, with the missing counts")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+
+
+LLM_UNIT_DOCS = 256  # megasynth.synth.llm.runner_units.DEFAULT_UNIT_DOCS, here so that --help loads no library
+
+
+def add_llm_worker_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """add_worker_arguments' flags for an LLM pipeline (its --work-dir is add_source_arguments'), and --unit-docs:
+    a unit is a slice of documents. Read them back with llm_workers_from_args."""
+    g = add_worker_arguments(parser, default_work_dir=None)
+    g.add_argument("--unit-docs", type=int, default=LLM_UNIT_DOCS, metavar="N", help="with --worker/--publish: a "
+                   f"work unit is a slice of N source documents in input order (default {LLM_UNIT_DOCS}); part of "
+                   "the work directory's settings. A worker resumes an unfinished unit without asking again for a "
+                   "finished request, and --budget-tokens/--budget-usd are split evenly over the units")
+    return g
+
+
+def llm_workers_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The megasynth.synth.llm.runner_units.WorkerRun of add_llm_worker_arguments' flags, or None for the
+    single-process run; a bad flag is a command-line error (exit 2)."""
+    try:
+        mode = worker_mode(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if mode is None:
+        return None
+    if args.unit_docs < 1:
+        parser.error(f"--unit-docs must be >= 1, got {args.unit_docs}")
+    from megasynth.synth.llm.runner_units import WorkerRun  # noqa: PLC0415 - the library is not loaded for --help
+
+    return WorkerRun(*mode, unit_docs=args.unit_docs,
+                     log=None if args.no_progress else lambda line: print(line, file=sys.stderr))
 
 
 def _missing_total(missing: dict) -> int:
@@ -313,11 +345,12 @@ def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict
     from megasynth.synth.llm.prompts import PromptError  # noqa: PLC0415
     from megasynth.synth.workdir import WorkDirMismatch  # noqa: PLC0415
     from megasynth.tokenizer import TokenizerError  # noqa: PLC0415
+    from megasynth.work_units import WorkUnitsError  # noqa: PLC0415
 
     try:
         out = call()
     except (BadInputError, InputError, JsonlError, TokenizerError, IndexedDatasetError, PrefixOutputError,
-            WorkDirMismatch, RunDirBusy, PromptError) as e:
+            WorkDirMismatch, RunDirBusy, PromptError, WorkUnitsError) as e:
         return None, refuse_without_output(e, output_prefix)
     except OSError as e:  # the work dir or the output directory is not writable, the disk is full
         return None, refuse_without_output(e, output_prefix)
@@ -325,6 +358,10 @@ def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict
         print("interrupted; every finished request is recorded, rerun the same command to continue",
               file=sys.stderr)
         return None, 130
+    if "units" in out and "sidecar" not in out:  # a worker that did not publish
+        return None, _report_worker(out, output_prefix)
+    if "units" in out:
+        print(_worker_line(out), file=sys.stderr)
     llm = out["llm"]
     if anomalies_text(llm):  # what a hostile or broken endpoint made the client correct
         print(f"endpoint replies corrected: {anomalies_text(llm)} (each marked in the ledger)", file=sys.stderr)
@@ -343,6 +380,37 @@ def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict
         if out["sidecar"] is None:
             return None, EXIT_PARTIAL
     return out, 0
+
+
+def _worker_line(out: dict) -> str:
+    busy = f", {len(out['busy'])} held by other live workers" if out["busy"] else ""
+    return f"worker {out['worker']}: made {len(out['made'])} of {out['units']} units{busy}"
+
+
+def _report_worker(out: dict, output_prefix: str) -> int:
+    """A worker's report when it published nothing (megasynth.synth.llm.runner_units.run_units' result): 0 when
+    every unit it took was published; else, after saying why on stderr, EXIT_BUDGET, EXIT_PARTIAL or
+    EXIT_INCOMPLETE for the first of its units' reasons in that order."""
+    if out.get("already_published"):
+        print(f"{output_prefix}: already published from the {out['units']} units of this work dir; nothing to do")
+        return 0
+    passed = {why: ", ".join(map(str, units)) for why, units in out["passed"].items()}
+    why = "" if out["publish"] == "never" else "; not every unit is done yet, so nothing is published"
+    print(f"{_worker_line(out)}{why}", file=sys.stderr if passed else sys.stdout)
+    if "budget" in passed:
+        share = " and ".join(f"{v:,} tokens" if k == "tokens" else f"${v:.4f}" for k, v in out["budget"].items()
+                             if v is not None)
+        print(f"units {passed['budget']} stopped by the budget (split evenly over the {out['units']} units: {share} "
+              "each); their finished requests are kept: rerun with a larger --budget-tokens/--budget-usd to "
+              "continue", file=sys.stderr)
+    if "failed" in passed:
+        print(f"units {passed['failed']} left unpublished:", file=sys.stderr)
+        _report_missing(out["passed_missing"], published=False, output_prefix=output_prefix)
+    if "incomplete" in passed:
+        print(f"units {passed['incomplete']} ended with requests still missing; rerun the same command to continue",
+              file=sys.stderr)
+    return (EXIT_BUDGET if "budget" in passed else EXIT_PARTIAL if "failed" in passed else
+            EXIT_INCOMPLETE if passed else 0)
 
 
 # -- the input flags of tools/preprocess_data.py and tools/train_tokenizer.py ---------------------------------------
@@ -368,3 +436,43 @@ def reader_options_from_args(args: argparse.Namespace, *, batch_size: int = 1024
     return ReaderOptions(json_key=args.json_key, text_column=args.text_column, text_mode=args.text_mode,
                          input_format=args.input_format, skip_bad=args.skip_bad_lines, batch_size=batch_size,
                          max_bad_shown=args.max_bad_lines_shown)
+
+
+# -- independent workers over work units (megasynth.work_units) ------------------------------------------------------
+def add_worker_arguments(parser: argparse.ArgumentParser, *, default_work_dir: str | None) -> argparse._ArgumentGroup:
+    """--worker, --work-dir, --publish and --no-publish of every stage that runs as independent workers
+    (docs/cluster.md); default_work_dir=None: the tool has its own --work-dir already."""
+    g = parser.add_argument_group("independent workers (docs/cluster.md)")
+    g.add_argument("--worker", metavar="I/N", help="run as worker I of N (from 0) over the work units in --work-dir, "
+                   "on any host that sees it; any number of workers may run at once, and one started again skips "
+                   "finished units. `auto`: a Slurm array task (SLURM_ARRAY_TASK_ID/COUNT) or torchrun's RANK/"
+                   "WORLD_SIZE. The last worker to find every unit done publishes the output. Without --worker (and "
+                   "--publish): one process does everything, as always")
+    if default_work_dir is not None:
+        g.add_argument("--work-dir", metavar="W", help=f"where the units, their records and the manifest go (default "
+                       f"{default_work_dir}); on a filesystem every worker sees, with working file locks (NFSv4, "
+                       "Lustre with -o flock, GPFS, a local disk). It stays after publishing: remove it yourself")
+    g.add_argument("--publish", action="store_true", help="make no unit: check that every unit is done with these "
+                   "settings and assemble the output (the job after a Slurm array); refused, naming the missing "
+                   "units, before then")
+    g.add_argument("--no-publish", action="store_true", help="as a worker, only make units; leave publishing to a "
+                   "--publish job")
+    return g
+
+
+def worker_mode(args: argparse.Namespace) -> tuple[Any, str] | None:
+    """(Worker, publish mode) from add_worker_arguments' flags, or None for the single-process run; ValueError
+    (a one-line message) for a bad --worker or contradicting flags."""
+    from megasynth.work_units import Worker, WorkUnitsError  # noqa: PLC0415
+
+    if args.publish and args.no_publish:
+        raise ValueError("--publish and --no-publish contradict each other")
+    if args.worker is None and not args.publish:
+        if args.no_publish:
+            raise ValueError("--no-publish needs --worker I/N")
+        return None
+    try:
+        worker = Worker.parse(args.worker) if args.worker is not None else Worker()
+    except WorkUnitsError as e:
+        raise ValueError(str(e)) from None
+    return worker, "only" if args.publish else "never" if args.no_publish else "auto"

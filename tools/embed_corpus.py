@@ -15,6 +15,8 @@ and the final EMB.npy is byte-identical to that of an uninterrupted run (same de
 versions). The work directory is locked for the run: a second run on the same output is refused (exit 2, one
 line naming the directory and the tool), and so is a resume with settings that change the bytes (naming the
 setting). Under torchrun each rank takes a contiguous range of the shards still to do; rank 0 publishes.
+On a cluster, --worker I/N (or auto in a Slurm array) makes shards as independent workers that survive one another's
+loss, and the last one (or a --publish job) assembles the same bytes (docs/cluster.md).
 An existing output is refused unless --overwrite; an output whose files are those of the input, the tokenizer or
 the model is refused, --overwrite or not. Bad input: one line on stderr, exit 2.
 """
@@ -25,14 +27,15 @@ import argparse
 import os
 import sys
 
-from megasynth.cli import ToolParser, check_outputs, prefix
+from megasynth.cli import ToolParser, add_worker_arguments, check_outputs, directory, prefix, worker_mode
 from megasynth.data.indexed import IndexedDatasetError, idx_path
 from megasynth.io import JsonlError
 from megasynth.run_lock import RunDirBusy
-from megasynth.synth.sbp.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, embed_corpus
+from megasynth.synth.sbp.embed import EmbedError, EmbedOptions, JsonlTexts, PrefixTexts, embed_corpus, embed_units
 from megasynth.synth.sbp.embed_files import EmbeddingsError, emb_stem
 from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
+from megasynth.work_units import WorkUnitsError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-empty", action="store_true",
                         help="write empty embeddings when the input has no documents (default: an error, exit 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_worker_arguments(parser, default_work_dir="EMB.units/")
     return parser
 
 
@@ -77,13 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     check_outputs(parser, {"--output": prefix(emb_stem(args.output), (".npy", ".json", ".embed-work"))},
                   {"--input": args.input, "--tokenizer": args.tokenizer, "--model": args.model})
     try:
+        mode = worker_mode(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if mode is not None:
+        args.work_dir = args.work_dir or f"{emb_stem(args.output)}.units"
+        check_outputs(parser, {"--work-dir": directory(args.work_dir)},
+                      {"--input": args.input, "--tokenizer": args.tokenizer, "--model": args.model})
+    try:
         source = open_source(args)
         options = EmbedOptions(model=args.model, batch_size=args.batch_size, shard_size=args.shard_size,
                                device=args.device)
+        if mode is not None:
+            return _report_worker(args, mode[0], embed_units(
+                source, args.output, options, work_dir=args.work_dir, worker=mode[0], publish=mode[1],
+                overwrite=args.overwrite, allow_empty=args.allow_empty,
+                log=None if args.no_progress else lambda m: print(m, file=sys.stderr)))
         summary = embed_corpus(source, args.output, options, overwrite=args.overwrite, allow_empty=args.allow_empty,
                                progress=not args.no_progress)
     except (EmbedError, EmbeddingsError, IndexedDatasetError, JsonlError, TokenizerError, WorkDirMismatch,
-            RunDirBusy) as e:
+            RunDirBusy, WorkUnitsError) as e:
         print(f"{e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -97,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['dim']} dims, {summary['shards']} shards ({summary['shards_resumed']} resumed), "
               f"{summary['seconds']:.1f} s, {summary['docs_per_s']:,.1f} docs/s on rank 0 "
               f"(world size {summary['world_size']})")
+    return 0
+
+
+def _report_worker(args, worker, out: dict) -> int:
+    if out.get("already_published"):
+        print(f"{args.output}: already published from {out['units']} units")
+    elif out["published"]:
+        print(f"wrote {out['files']['npy']} and {out['files']['json']}: {out['documents']:,} documents x "
+              f"{out['dim']} dims from {out['units']} units ({len(out['made'])} made by worker {worker})")
+    else:
+        print(f"worker {worker}: made {len(out['made'])} of {out['units']} units"
+              + (f", {len(out['busy'])} held by other live workers" if out.get("busy") else ""))
     return 0
 
 

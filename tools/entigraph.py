@@ -28,10 +28,20 @@ WORK_DIR/ledger.jsonl has one line per finished request.
 An --output-prefix that is the --input (or one of its files, or a tokenizer), and a --work-dir that is, holds or
 sits inside one of those, are refused before anything is written, --overwrite or not.
 
-Exit codes: 0 written (complete, or partial with --allow-partial); 1 requests still unanswered (rerun to
-continue); 2 bad input or output (one line on stderr); 3 stopped by the budget (records kept, no output: rerun
-with a larger budget to continue); 4 partial: items failed, no output (rerun, --retry-failed or
---allow-partial, as printed); 130 interrupted. The API key is read from --api-key-env and written nowhere.
+On a cluster (docs/cluster.md, docs/synth.md "Workers"): `--worker I/N` (or `auto` in a Slurm array) makes worker
+I's work units (slices of --unit-docs documents) in --work-dir, each with its own records and ledger, so a worker
+killed mid-unit is resumed by the next without asking again for a finished request; --budget-tokens/--budget-usd
+are split evenly over the units; the last worker to find every unit done (or a `--publish` job) writes the output
+from every unit's records, the bytes a one-process run writes for the same replies:
+
+    sbatch --array=0-15 --wrap "python tools/entigraph.py --input docs.jsonl --work-dir /shared/eg.work \
+        --output-prefix /shared/data/eg --tokenizer tok/ --base-url http://vllm:8000/v1 --model M --worker auto"
+
+Exit codes: 0 written (complete, or partial with --allow-partial; a worker: its units done); 1 requests still
+unanswered (rerun to continue); 2 bad input or output (one line on stderr; a --publish with units missing names
+them); 3 stopped by the budget (records kept, no output: rerun with a larger budget to continue); 4 partial: items
+failed, no output (rerun, --retry-failed or --allow-partial, as printed); 130 interrupted. The API key is read
+from --api-key-env and written nowhere.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ import argparse
 import sys
 
 from megasynth.cli import (
-    ToolParser, add_outcome_arguments, add_source_arguments, check_outputs, directory, prefix, run_llm_pipeline,
+    ToolParser, add_llm_worker_arguments, add_outcome_arguments, add_source_arguments, check_outputs, directory,
+    llm_workers_from_args, prefix, run_llm_pipeline,
 )
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
 
@@ -52,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most entity pairs per document, a seeded sample (default: every pair)")
     parser.add_argument("--max-triples-per-doc", type=int, default=20, metavar="K",
                         help="most entity triples per document, a seeded sample (default 20; 0: none)")
+    parser.add_argument("--max-entities", type=int, default=None, metavar="E",
+                        help="most entities per document: the entity step's JSON schema caps the list (a server "
+                             "with structured output cannot exceed it; a longer list from another gets a repair "
+                             "request); bounds the pairs and triples as well (default: no cap)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair and triple samples (default 0)")
     parser.add_argument("--include-summaries", action="store_true",
                         help="also write each document's summary as a synthetic document")
@@ -62,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_outcome_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_llm_arguments(parser)
+    add_llm_worker_arguments(parser)
     return parser
 
 
@@ -70,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    workers = llm_workers_from_args(parser, args)
     check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),  # before the work dir is touched
                            "--work-dir": directory(args.work_dir)},
                   {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer})
     if args.max_pairs_per_doc is not None and args.max_pairs_per_doc < 0 or args.max_triples_per_doc < 0:
         parser.error("--max-pairs-per-doc and --max-triples-per-doc must be >= 0")
+    if args.max_entities is not None and args.max_entities < 1:
+        parser.error(f"--max-entities must be >= 1, got {args.max_entities}")
     try:
         # Every attempt may be a JSON repair: a document whose replies are never valid fails after exactly
         # --max-attempts requests.
@@ -84,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EntiGraphConfig(input=args.input, work_dir=args.work_dir, output_prefix=args.output_prefix,
                           tokenizer=args.tokenizer, llm=llm, input_tokenizer=args.input_tokenizer,
                           max_pairs_per_doc=args.max_pairs_per_doc, max_triples_per_doc=args.max_triples_per_doc,
-                          seed=args.seed, include_summaries=args.include_summaries,
+                          max_entities=args.max_entities, seed=args.seed, include_summaries=args.include_summaries,
                           entity_questions=args.entity_questions, retry_failed=args.retry_failed,
                           allow_partial=args.allow_partial, overwrite=args.overwrite, progress=not args.no_progress)
-    out, code = run_llm_pipeline(lambda: run_entigraph(cfg), args.output_prefix)
+    out, code = run_llm_pipeline(lambda: run_entigraph(cfg, workers), args.output_prefix)
     if out is None:
         return code
     c = out["counts"]

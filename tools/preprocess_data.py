@@ -20,7 +20,17 @@ Bad input (invalid JSON or UTF-8, a missing key, a value that is not a string) s
 `FILE:LINE: what is wrong` and exit code 2, and leaves no output; --skip-bad-lines skips such records and
 reports them. Empty documents are skipped and counted. The sidecar records the tokenizer's identity, the
 source files with their sizes and sha256, and the counts; it holds no timings, so reruns are identical.
-The pipeline itself is megasynth.data.preprocess; this file is its command line.
+
+On a cluster (docs/cluster.md): `--worker I/N` (or `auto` in a Slurm array) makes worker I's share of the work
+units (runs of whole input files, at most --unit-bytes each) in --work-dir; any number of workers may run at once,
+killed ones are restarted or their units taken by the others, and the last to find every unit done (or a
+`--publish` job) merges the parts into the output, byte-identical to a one-process run:
+
+    sbatch --array=0-63 --wrap "python tools/preprocess_data.py --input 'web/*.jsonl.zst' --tokenizer tok/ \
+        --output-prefix data/web --worker auto --workers 8"
+
+The pipeline itself is megasynth.data.preprocess (megasynth.data.preprocess_units for workers); this file is its
+command line.
 """
 
 from __future__ import annotations
@@ -28,8 +38,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megasynth.cli import ToolParser, add_input_arguments, reader_options_from_args
+from megasynth.cli import (ToolParser, add_input_arguments, add_worker_arguments, check_outputs, directory,
+                           reader_options_from_args, worker_mode)
 from megasynth.data.preprocess import parse_cli_args, preprocess, run_for_cli
+from megasynth.data.preprocess_units import DEFAULT_UNIT_BYTES, preprocess_units
+from megasynth.work_units import WorkUnitsError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the prefix even when the input yields no document (default: an error, exit 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = add_worker_arguments(parser, default_work_dir="PREFIX.work/")
+    g.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES, metavar="B",
+                   help=f"a work unit is a run of whole input files of at most B bytes on disk (a larger file is a "
+                        f"unit of its own; default {DEFAULT_UNIT_BYTES:,}); part of the work directory's settings")
     return parser
 
 
@@ -74,11 +91,42 @@ def summary_line(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_cli_args(parser, argv)
+    try:
+        mode = worker_mode(args)
+    except ValueError as e:
+        parser.error(str(e))
+    options = reader_options_from_args(args, batch_size=args.batch_size)
+    if mode is not None:
+        args.work_dir = args.work_dir or f"{args.output_prefix}.work"
+        check_outputs(parser, {"--work-dir": directory(args.work_dir)}, {"--input": args.input,
+                                                                        "--tokenizer": args.tokenizer})
+        return _as_worker(args, options, *mode)
     return run_for_cli(args.output_prefix, lambda: preprocess(
         args.input, args.output_prefix, args.tokenizer,
-        options=reader_options_from_args(args, batch_size=args.batch_size), add_bos=args.add_bos,
-        append_eod=args.append_eod, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite,
+        options=options, add_bos=args.add_bos, append_eod=args.append_eod, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite,
         allow_empty=args.allow_empty), files=".bin/.idx/.json", summary_line=summary_line)
+
+
+def _as_worker(args, options, worker, publish: str) -> int:
+    def run() -> dict:
+        return preprocess_units(args.input, args.output_prefix, args.tokenizer,
+                                work_dir=args.work_dir, worker=worker, options=options,
+                                add_bos=args.add_bos, append_eod=args.append_eod, workers=args.workers,
+                                unit_bytes=args.unit_bytes, publish=publish, overwrite=args.overwrite,
+                                allow_empty=args.allow_empty,
+                                log=None if args.no_progress else lambda m: print(m, file=sys.stderr))
+
+    def unpublished(out: dict) -> str | None:
+        if out.get("already_published"):
+            return f"{args.output_prefix}: already published from {out['units']} units"
+        if out["published"]:
+            return None
+        return (f"worker {worker}: made {len(out['made'])} of {out['units']} units"
+                + (f", {len(out['busy'])} held by other live workers" if out.get("busy") else "")
+                + ("" if publish == "never" else "; not every unit is done yet, so nothing is published"))
+
+    return run_for_cli(args.output_prefix, run, files=".bin/.idx/.json", summary_line=summary_line,
+                       bad_input=(WorkUnitsError,), other_outcome=unpublished)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ sample), so reruns give the same bytes.
 An --output-prefix that is the --input (or one of its files, a tokenizer or --target-tokens-of), and a
 --work-dir that is, holds or sits inside one of those, are refused before anything is written, --overwrite or not.
 
+As independent workers on a cluster (`--worker I/N`, `--publish`, --unit-docs): as tools/entigraph.py says; a
+token target spans every document and is refused with them.
+
 Exit codes: 0 written (complete, or partial with --allow-partial); 1 requests still unanswered (rerun); 2 bad
 input or output; 3 stopped by the budget (rerun with a larger budget to continue); 4 partial: items failed, no
 output (rerun, --retry-failed or --allow-partial, as printed); 130 interrupted.
@@ -33,7 +36,8 @@ import json
 import sys
 
 from megasynth.cli import (
-    ToolParser, add_outcome_arguments, add_source_arguments, check_outputs, directory, prefix, run_llm_pipeline,
+    ToolParser, add_llm_worker_arguments, add_outcome_arguments, add_source_arguments, check_outputs, directory,
+    llm_workers_from_args, prefix, run_llm_pipeline,
 )
 from megasynth.data.prefix import sidecar_path
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_outcome_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_llm_arguments(parser)
+    add_llm_worker_arguments(parser)
     return parser
 
 
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    workers = llm_workers_from_args(parser, args)
     check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),  # before the work dir is touched
                            "--work-dir": directory(args.work_dir)},
                   {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer,
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
-    out, code = run_llm_pipeline(lambda: run_rephrase(cfg), args.output_prefix)
+    out, code = run_llm_pipeline(lambda: run_rephrase(cfg, workers), args.output_prefix)
     if out is None:
         return code
     if not out["target_reached"]:

@@ -96,6 +96,21 @@ def _copy_runs(ds: IndexedDataset):
         start += take
 
 
+def append_dataset(writer: IndexedDatasetWriter, ds: IndexedDataset, *, with_mask: bool = False,
+                   on_bytes=None) -> None:
+    """Stream every sequence of `ds` into `writer` (its loss mask too, all-true when it has none and `with_mask`);
+    `on_bytes(n)` after each run of n token bytes."""
+    for t0, tokens, lengths in _copy_runs(ds):
+        # add_flat checks the ids (a foreign or corrupt input can hold one outside the dtype or the vocabulary:
+        # that stops the merge instead of propagating) and tracks the largest.
+        mask = None
+        if with_mask:
+            mask = ds.loss_mask_tokens(t0, tokens.size) if ds.has_loss_mask else np.ones(tokens.size, dtype=np.bool_)
+        writer.add_flat(tokens, lengths, loss_mask=mask)
+        if on_bytes is not None:
+            on_bytes(tokens.nbytes)
+
+
 def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False, overwrite: bool = False,
                    allow_empty: bool = False, unmasked_as_all_true: bool = False) -> dict:
     """Concatenate prefixes (in order) into output_prefix, streaming; return the new sidecar. What must agree,
@@ -123,16 +138,7 @@ def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False,
         with IndexedDatasetWriter(output_prefix, datasets[0].dtype, metadata=_merged_metadata(datasets, with_mask),
                                   loss_mask=with_mask) as writer:
             for ds in datasets:
-                for t0, tokens, lengths in _copy_runs(ds):
-                    # add_flat checks the ids (a foreign or corrupt input can hold one outside the dtype or the
-                    # vocabulary: that stops the merge instead of propagating) and tracks the largest.
-                    mask = None
-                    if with_mask:
-                        mask = (ds.loss_mask_tokens(t0, tokens.size) if ds.has_loss_mask
-                                else np.ones(tokens.size, dtype=np.bool_))
-                    writer.add_flat(tokens, lengths, loss_mask=mask)
-                    if bar is not None:
-                        bar.update(tokens.nbytes)
+                append_dataset(writer, ds, with_mask=with_mask, on_bytes=None if bar is None else bar.update)
             sidecar = writer.finalize()
     finally:
         if bar is not None:

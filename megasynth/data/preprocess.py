@@ -153,6 +153,19 @@ def remove_created_dirs(dirs: list[Path]) -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
+def prefix_metadata(tokenizer: Tokenizer, *, add_bos: bool, append_eod: bool) -> dict:
+    """The sidecar entries of a preprocessed prefix that the writer does not add (one home: the single-process run
+    and the publish step of workers, megasynth.data.preprocess_units, write the same sidecar)."""
+    return {"tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
+            "append_eod": append_eod, "add_bos": add_bos, "created_by": "preprocess_data"}
+
+
+def read_stats(stats, tokens: int) -> dict:
+    """The sidecar's "stats" of a preprocessed prefix."""
+    return {"documents": stats.documents, "tokens": tokens, "skipped_empty": stats.skipped_empty,
+            "skipped_bad": stats.skipped_bad}
+
+
 def preprocess(
     inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike, tokenizer_path: str | os.PathLike, *,
     options: ReaderOptions | None = None, add_bos: bool = False, append_eod: bool = True, workers: int = 1,
@@ -180,14 +193,7 @@ def preprocess(
         raise TokenizerError(f"{tokenizer_path}: add_bos (--add-bos) was asked for but this tokenizer has no BOS token")
     dtype = smallest_token_dtype(tokenizer.vocab_size)
     encoder = ChunkEncoder(tokenizer, options, add_bos, append_eod, dtype)
-    metadata = {
-        "tokenizer": tokenizer.identity(),
-        "vocab_size": tokenizer.vocab_size,
-        "eod_id": tokenizer.eod_id,
-        "append_eod": append_eod,
-        "add_bos": add_bos,
-        "created_by": "preprocess_data",
-    }
+    metadata = prefix_metadata(tokenizer, add_bos=add_bos, append_eod=append_eod)
     results = encoded_chunks(reader, encoder, tokenizer_path, workers)
     totals = write_encoded(output_prefix, reader, results, dtype=dtype, metadata=metadata, missing_dirs=missing_dirs,
                            progress=progress, desc="preprocess", unit="docs", started=started, allow_empty=allow_empty)
@@ -252,14 +258,15 @@ def parse_cli_args(parser, argv: list[str] | None):
 
 
 def run_for_cli(output_prefix: str, call, *, files: str, summary_line,
-                bad_input: tuple[type[BaseException], ...] = ()) -> int:
+                bad_input: tuple[type[BaseException], ...] = (), other_outcome=None) -> int:
     """Run a preprocessing `call()` as the command-line tools report it; returns the exit code.
 
     Success prints the --skip-bad-lines report (the first few skipped records) to stderr and `wrote
     PREFIX{files}: {summary_line(summary)}`. An existing or empty output is one line and exit 2; bad input
     (readers, tokenizer, format, and the extra `bad_input` types) one line plus "no output written" and exit 2;
     an unwritable output or a full disk likewise; a dead worker 1; Ctrl-C 130. The library guarantees that no
-    partial prefix is left in any of these cases."""
+    partial prefix is left in any of these cases. `other_outcome(summary)`: a line to print instead of "wrote"
+    when the call wrote no output by design (a worker that left publishing to another), else None."""
     from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
 
     from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError  # noqa: PLC0415
@@ -281,6 +288,10 @@ def run_for_cli(output_prefix: str, call, *, files: str, summary_line,
     except KeyboardInterrupt:
         print(f"interrupted; no output written to {output_prefix}", file=sys.stderr)
         return 130
+    line = other_outcome(summary) if other_outcome is not None else None
+    if line is not None:
+        print(line)
+        return 0
     if summary["skipped_bad"]:
         shown = summary["bad_examples"]
         print(f"skipped {summary['skipped_bad']:,} bad records (--skip-bad-lines); the first {len(shown)}:",

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from megasynth.synth.llm.prompts import load_prompt
 from megasynth.synth.llm.runner import Item, LLMPipeline, PipelineConfig
+from megasynth.synth.llm.runner_units import WorkerRun
 from megasynth.synth.synthetic_prefix import SyntheticDoc
 from megasynth.synth.workdir import derive_seed, request_key
 
@@ -26,12 +27,25 @@ ENTITIES_LOG = "entities.jsonl"
 RELATIONS_LOG = "relations.jsonl"
 STEPS = ("summary", "entity", "pair", "triple")  # the order of a document's outputs in the prefix
 
+# Bounds a real model never meets ("one or two paragraphs", "a short name"); under schema-constrained decoding they
+# are what ends a reply that would otherwise run on to max_tokens (a small or confused model) and fail as cut JSON.
+SUMMARY_MAX_CHARS = 2000
+ENTITY_MAX_CHARS = 100
 ENTITIES_SCHEMA = {
+    "title": "entigraph_entities",
     "type": "object",
     "required": ["summary", "entities"],
-    "properties": {"summary": {"type": "string", "minLength": 1},
-                   "entities": {"type": "array", "items": {"type": "string"}}},
+    "properties": {"summary": {"type": "string", "minLength": 1, "maxLength": SUMMARY_MAX_CHARS},
+                   "entities": {"type": "array", "items": {"type": "string", "maxLength": ENTITY_MAX_CHARS}}},
 }
+
+
+def entities_schema(max_entities: int | None) -> dict:
+    """ENTITIES_SCHEMA, its list capped at max_entities items when given."""
+    if max_entities is None:
+        return ENTITIES_SCHEMA
+    entities = {**ENTITIES_SCHEMA["properties"]["entities"], "maxItems": max_entities}
+    return {**ENTITIES_SCHEMA, "properties": {**ENTITIES_SCHEMA["properties"], "entities": entities}}
 
 
 @dataclass
@@ -46,6 +60,13 @@ class EntiGraphConfig(PipelineConfig):
     """Also write each document's summary (step 1) as a synthetic document."""
     entity_questions: bool = False
     """Also the single-entity step: per entity, a description and questions with answers about it."""
+    max_entities: int | None = None
+    """Most entities per document: the entity step's schema caps its list (a schema-constrained server cannot
+    exceed it; a longer list from another gets a repair request). None: no cap, as in the paper."""
+
+    def __post_init__(self):
+        if self.max_entities is not None and self.max_entities < 1:
+            raise ValueError(f"max_entities must be >= 1 (or None), got {self.max_entities}")
 
 
 # -- entities and the sampled plan -------------------------------------------------------------------------------
@@ -112,12 +133,15 @@ class EntiGraph(LLMPipeline):
         self.templates = {p.name.removeprefix("entigraph_"): p for p in self.prompts}
         self.failure_steps = ("entities", "entity", "pair", "triple") if cfg.entity_questions else \
             ("entities", "pair", "triple")
+        self.entities_schema = entities_schema(cfg.max_entities)
         self.entity_records: dict[str, dict] = {}  # the final entities record of each document, by key
         self.tally: Counter = Counter()
 
     def settings(self) -> dict:
         cfg = self.cfg
         more = {"entity_questions": True} if cfg.entity_questions else {}  # absent when off: older work dirs match
+        if cfg.max_entities is not None:
+            more["max_entities"] = cfg.max_entities
         return {"seed": cfg.seed, "max_pairs_per_doc": cfg.max_pairs_per_doc,
                 "max_triples_per_doc": cfg.max_triples_per_doc, **more}
 
@@ -131,7 +155,7 @@ class EntiGraph(LLMPipeline):
         doc, names = item.doc, item.fields.get("entities", [])
         values = {"title": doc.display_title, "text": doc.text}
         if item.step == "entities":
-            return {"messages": self.templates["entities"].messages(**values), "schema": ENTITIES_SCHEMA,
+            return {"messages": self.templates["entities"].messages(**values), "schema": self.entities_schema,
                     "validate": _check_summary}
         if item.step == "entity":
             values["entity"] = names[0]
@@ -195,6 +219,7 @@ class EntiGraph(LLMPipeline):
         return f"no relation text and no summary succeeded (failed: {self.counts()['failed']})"
 
 
-def run_entigraph(cfg: EntiGraphConfig) -> dict:
-    """Generate what is missing, then write the prefix; returns and raises as LLMPipeline.run."""
-    return EntiGraph(cfg).run()
+def run_entigraph(cfg: EntiGraphConfig, workers: WorkerRun | None = None) -> dict:
+    """Generate what is missing, then write the prefix; returns and raises as LLMPipeline.run (with `workers`, as
+    one of independent workers: megasynth.synth.llm.runner_units)."""
+    return EntiGraph(cfg).run(workers)

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from megasynth.synth.llm.prompts import load_prompt
 from megasynth.synth.llm.runner import Item, LLMPipeline, PipelineConfig
+from megasynth.synth.llm.runner_units import WorkerRun
 from megasynth.synth.synthetic_prefix import SyntheticDoc
 from megasynth.synth.workdir import derive_seed, request_key
 
@@ -133,11 +134,19 @@ class Rephrase(LLMPipeline):
     def nothing_written(self) -> str:
         return f"every rephrasing failed ({dict(self.failed['rephrase'])})"
 
+    def units_refusal(self) -> str | None:
+        if self.cfg.target_tokens is None:
+            return None
+        return ("a token target (--target-tokens, --target-tokens-of) cannot be split into work units: the output is "
+                "the shortest start of a plan that runs over every document round by round; run it as one process "
+                "(without --worker/--publish), or give --samples-per-doc alone")
 
-def run_rephrase(cfg: RephraseConfig) -> dict:
+
+def run_rephrase(cfg: RephraseConfig, workers: WorkerRun | None = None) -> dict:
     """Generate what is missing, then write the prefix; returns and raises as LLMPipeline.run, with
-    "target_reached" when it published."""
-    out = Rephrase(cfg).run()
-    if out["sidecar"] is not None:
+    "target_reached" when it published (with `workers`, as one of independent workers:
+    megasynth.synth.llm.runner_units)."""
+    out = Rephrase(cfg).run(workers)
+    if out.get("sidecar") is not None:
         out["target_reached"] = cfg.target_tokens is None or out["sidecar"]["num_tokens"] >= cfg.target_tokens
     return out

@@ -4,8 +4,10 @@ and ranks (2 gloo ranks give the bytes of 1 process), the --tokens rule, the end
 OpenAI-compatible server (scripted replies, injected faults), every rank stopping at a refusal, and bad inputs."""
 
 import hashlib
+import importlib.util
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from megasynth.run_lock import acquire_path_lock
 from megasynth.synth.sbp.samplers import endpoint_seed
 from megasynth.synth.llm import LLMSettings
 from megasynth.synth.sbp.synthesize import SynthError, SynthSettings, shard_seed_documents, synthesize
+from megasynth.synth.sbp.vllm_sampler import VLLMError, VLLMSettings
 from megasynth.synth.workdir import WorkDirMismatch
 from megasynth.tokenizer import TokenizerError
 
@@ -151,6 +154,25 @@ def _refused_body(run, corpus, out):
     return "not refused"
 
 
+def _vllm_body(run, corpus, out):
+    from megasynth.synth.sbp.synthesize import SynthSettings, synthesize  # noqa: PLC0415
+    from megasynth.synth.sbp.vllm_sampler import VLLMSettings  # noqa: PLC0415
+
+    try:
+        synthesize(run, corpus, out, SynthSettings(num_docs=4), progress=False, vllm=VLLMSettings())
+    except ValueError as e:
+        return str(e)
+    return "not refused"
+
+
+def test_the_vllm_backend_is_refused_under_torchrun(setup, tmp_path):
+    # vLLM sets up its own process group: every rank starting an engine over the same GPUs is never wanted.
+    _, corpus, run, _ = setup
+    got = run_on_ranks(_vllm_body, 2, str(run), corpus, str(tmp_path / "syn"), timeout=120)
+    assert got[0] == got[1] and "not under torchrun" in got[0], got
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_rank_learns_that_the_output_is_in_use(setup, tmp_path):
     # Rank 0 alone takes the locks; without its broadcast, rank 1 would wait for it in a collective.
     _, corpus, run, _ = setup
@@ -191,8 +213,10 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
     assert counts["truncated"] == sum(len(tok.encode(reply(prompts[json.dumps(ds[seed].tolist()[:-1][:L1] + sep)])))
                                       > L2 for seed in prov["seed"])
     meta = json.loads((tmp_path / "e.json").read_text())
-    assert meta["synthesis"]["settings"]["backend"] == {"kind": "endpoint", "url": openai_server.base_url,
-                                                        "served_model": "synth", "prompt_format": "ids"}
+    # The URL is not a setting (a fleet, or another server of the same model, resumes the run); it is recorded.
+    assert meta["synthesis"]["settings"]["backend"] == {"kind": "endpoint", "served_model": "synth",
+                                                        "prompt_format": "ids"}
+    assert meta["synthesis"]["served_by"] == openai_server.base_url
     # As text: the decoded prompt, <|sep|> written out.
     openai_server.reset()
     openai_server.reply = lambda body: " plain text"
@@ -209,6 +233,15 @@ def test_endpoint_backend_sends_the_prompts_and_survives_faults(setup, tmp_path,
                                             r"transiently for 0.3 s, \d+ requests; http_503"):
         synthesize(run, corpus, tmp_path / "f", settings(num_docs=10), endpoint=endpoint, progress=False)
     assert (tmp_path / "f.work" / "manifest.json").is_file() and not (tmp_path / "f.idx").exists()
+    # The same run resumes against the server under another URL; another served model is another run.
+    openai_server.reply = lambda body: " resumed"
+    moved = replace(endpoint, base_url=openai_server.base_url.replace("127.0.0.1", "localhost"))
+    with pytest.raises(WorkDirMismatch, match="backend.served_model"):
+        synthesize(run, corpus, tmp_path / "f", settings(num_docs=10), endpoint=replace(moved, model="other"),
+                   progress=False)
+    assert synthesize(run, corpus, tmp_path / "f", settings(num_docs=10), endpoint=moved,
+                      progress=False)["requested"] == 10
+    assert json.loads((tmp_path / "f.json").read_text())["synthesis"]["served_by"] == moved.base_url
 
 
 def test_bad_inputs_are_named(setup, tmp_path):
@@ -226,6 +259,14 @@ def test_bad_inputs_are_named(setup, tmp_path):
         synthesize(run, corpus, tmp_path / "o", settings(tokens=10), progress=False)
     with pytest.raises(SynthError, match=r"must fit the model's max_seq_len 48"):
         synthesize(run, corpus, tmp_path / "o", settings(max_seed_tokens=30, max_new_tokens=30), progress=False)
+    with pytest.raises(SynthError, match="not with an endpoint"):
+        synthesize(run, corpus, tmp_path / "o", settings(), progress=False, vllm=VLLMSettings(),
+                   endpoint=LLMSettings("http://127.0.0.1:9/v1", "m"))
+    with pytest.raises(VLLMError, match="--vllm-max-num-seqs must be >= 1"):
+        synthesize(run, corpus, tmp_path / "o", settings(), progress=False, vllm=VLLMSettings(max_num_seqs=0))
+    if importlib.util.find_spec("vllm") is None:  # the CPU venv: the backend names what to install
+        with pytest.raises(VLLMError, match=r"vLLM is not installed in this Python .*make vllm-venv"):
+            synthesize(run, corpus, tmp_path / "o", settings(), progress=False, vllm=VLLMSettings())
     with pytest.raises(SynthError, match="would overwrite the input --corpus"):
         synthesize(run, corpus, corpus, settings(), progress=False, overwrite=True)
     # A work directory of another run (another seed) is refused, naming the setting.

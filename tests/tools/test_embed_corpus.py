@@ -20,6 +20,7 @@ import torch
 from helpers import load_tool, write_pattern_corpus
 from procfs import stopped
 from synth.stdlib_prefix import write_stdlib_prefix
+from workers import chaos_workers, leftover_temps
 
 from megasynth.synth.sbp.embed import (
     FAULT_ENV,
@@ -30,6 +31,7 @@ from megasynth.synth.sbp.embed import (
     load_model,
 )
 from megasynth.synth.sbp.embed_files import work_dir
+from megasynth.work_units import published_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "embed_corpus.py"
@@ -99,7 +101,7 @@ def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, refer
     assert not wdir.exists()
 
 
-def test_a_second_run_is_refused_while_the_first_holds_the_work_dir(tmp_path, corpus, reference):
+def test_a_second_run_is_refused_while_the_first_holds_the_work_dir(tmp_path, corpus, reference, capsys):
     # Issue 19: the second run used to die with a missing-file error once the first removed the work dir, leaving
     # shards without a manifest that a third run with other settings then adopted.
     out = tmp_path / "emb"
@@ -108,12 +110,11 @@ def test_a_second_run_is_refused_while_the_first_holds_the_work_dir(tmp_path, co
                              text=True)
     try:
         assert stopped(first), first.communicate()
-        # The same command, and one with other settings, at once.
-        seconds = [subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                   for argv in (cmd, [*cmd, "--max-tokens", "128", "--overwrite"])]
-        for second in seconds:
-            err = second.communicate(timeout=300)[1].strip()
-            assert second.returncode == 2 and "\n" not in err, err
+        # The same command, and one with other settings (in this process: the lock is the other process's).
+        for argv in (cmd, [*cmd, "--max-tokens", "128", "--overwrite"]):
+            assert load_tool("embed_corpus").main(argv[2:]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err, err
             assert err.startswith(f"{work_dir(out)}: in use by tools/embed_corpus.py (pid {first.pid} on host ")
             assert err.endswith("wait for it or use another --work-dir")
     finally:
@@ -144,3 +145,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, corpus, capsys):
     assert "--overwrite" in run("--input", corpus, "--output", str(tmp_path / "e"))
     assert "--max-tokens" in run("--input", corpus, "--output", str(tmp_path / "f"), "--max-tokens", "0")
 
+
+
+def test_independent_workers_killed_and_late_publish_the_bytes_of_one_run(tmp_path, corpus, reference):
+    """Issue 21: --worker I/N processes SIGKILLed half-way through shards, restarted, a late fourth; the published
+    EMB.npy/EMB.json are the uninterrupted run's, no shard was made twice, publish before the end is refused."""
+    out = tmp_path / "emb"
+    base = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
+    work = tmp_path / "emb.units"
+
+    def publish():
+        return subprocess.run([*base, "--publish"], env=env(), capture_output=True, text=True, timeout=300)
+
+    chaos_workers(lambda worker: [*base, "--worker", worker], 5, seed=5, work_dir=work, publish=publish,
+                  env=env())
+    assert_same_output(out, reference)
+    assert published_counts(work / "events") == {k: 1 for k in range(5)}
+    assert leftover_temps(work) == []

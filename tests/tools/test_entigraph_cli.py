@@ -108,16 +108,18 @@ def test_exit_codes_budget_and_existing_output(tmp_path, openai_server, setup, c
 
 def test_a_run_where_everything_fails_says_so_and_retry_failed_recovers(tmp_path, openai_server, setup, capsys):
     tool = load_tool("entigraph")
-    openai_server.reply = lambda body: Fault.status(400)  # not retried: one request per document
+    # Not retried: per document one request with response_format and, --structured-output auto, the same one
+    # without it at once (a server may refuse the field, not the request); refused too, the item fails.
+    openai_server.reply = lambda body: Fault.status(400)
     assert tool.main(setup("W", "out/eg")) == 4  # items left out: nothing published (issue 19)
     err = capsys.readouterr().err
     assert "missing entities items (permanent" in err and "http_400 3" in err and "--retry-failed" in err
     assert "Traceback" not in err and not (tmp_path / "out/eg.idx").exists()
-    assert len(openai_server.completion_requests()) == 3
+    assert len(openai_server.completion_requests()) == 6
     assert tool.main(setup("W", "out/eg", "--allow-partial")) == 2  # nothing at all to publish
     err = capsys.readouterr().err
     assert "nothing to write" in err and "http_400" in err and "Traceback" not in err
-    assert len(openai_server.completion_requests()) == 3  # a plain rerun does not ask for permanent failures
+    assert len(openai_server.completion_requests()) == 6  # a plain rerun does not ask for permanent failures
     openai_server.reply = ScriptedLLM()
     openai_server.reset()
     assert tool.main(setup("W", "out/eg", "--retry-failed")) == 0

@@ -2,9 +2,11 @@
 the provenance table, halfway through publishing the prefix) and started again publishes the bytes of an
 uninterrupted run; a finished run killed before it removed its work directory completes on a rerun; a second
 run on the same output prefix or work directory, started while the first is in the middle of its work, is
-refused and the first one's output is intact; bad input exits 2 with one line; --help names every flag."""
+refused and the first one's output is intact; bad input (flags of one backend given to another, --backend vllm
+under torchrun or without vLLM installed, ...) exits 2 with one line."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -18,9 +20,11 @@ import torch
 from helpers import load_tool
 from procfs import stopped
 from sbp_helpers import make_corpus, make_synthesizer, make_tokenizer
+from workers import chaos_workers, leftover_temps
 
 from megasynth.data.prefix import FAULT_ENV as PUBLISH_FAULT_ENV
 from megasynth.synth.sbp.shards import FAULT_ENV as SYNTH_FAULT_ENV
+from megasynth.work_units import published_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_DOCS, SHARD = 24, 4
@@ -138,10 +142,18 @@ def test_a_second_run_on_the_same_output_or_work_dir_is_refused(setup, tmp_path)
     ("no_checkpoint", "no complete checkpoint here"),
     ("endpoint_alone", "--endpoint and --served-model go together"),
     ("too_long", "must fit the model's max_seq_len 48"),
+    ("endpoint_backend_without_url", "--backend endpoint needs --endpoint URL and --served-model NAME"),
+    ("endpoint_with_vllm", "--endpoint/--served-model are for --backend endpoint, not --backend vllm"),
+    ("vllm_flag_with_ours", "--vllm-tensor-parallel-size is a setting of --backend vllm, not of --backend ours"),
+    ("vllm_flag_with_endpoint", "--vllm-prefix-caching is a setting of --backend vllm, not of --backend endpoint"),
+    ("vllm_bad_tp", "--vllm-tensor-parallel-size must be >= 1, got 0"),
+    ("vllm_under_torchrun", "--backend vllm runs one engine in one process, not under torchrun"),
+    ("vllm_missing", "--backend vllm: vLLM is not installed in this Python"),
 ])
-def test_bad_input_exits_2_with_one_line(tool, setup, tmp_path, capsys, case, message):
+def test_bad_input_exits_2_with_one_line(tool, setup, tmp_path, capsys, monkeypatch, case, message):
     run, corpus, _ = setup
     argv = args(run, corpus, tmp_path / "out")
+    endpoint = ["--endpoint", "http://127.0.0.1:9/v1", "--served-model", "m"]
     if case in ("zero_docs", "negative_docs"):
         argv[argv.index("--num-docs") + 1] = "0" if case == "zero_docs" else "-5"
     elif case == "no_size":
@@ -159,7 +171,59 @@ def test_bad_input_exits_2_with_one_line(tool, setup, tmp_path, capsys, case, me
         argv += ["--endpoint", "http://127.0.0.1:9/v1"]
     elif case == "too_long":
         argv[argv.index("--max-new-tokens") + 1] = "60"
+    elif case == "endpoint_backend_without_url":
+        argv += ["--backend", "endpoint"]
+    elif case == "endpoint_with_vllm":
+        argv += ["--backend", "vllm", *endpoint]
+    elif case == "vllm_flag_with_ours":
+        argv += ["--vllm-tensor-parallel-size", "2"]
+    elif case == "vllm_flag_with_endpoint":
+        argv += [*endpoint, "--no-vllm-prefix-caching"]
+    elif case == "vllm_bad_tp":
+        argv += ["--backend", "vllm", "--vllm-tensor-parallel-size", "0"]
+    elif case == "vllm_under_torchrun":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        argv += ["--backend", "vllm"]
+    elif case == "vllm_missing":
+        if importlib.util.find_spec("vllm") is not None:
+            pytest.skip("vLLM is installed in this Python (tests/vllm_engine runs the backend)")
+        argv += ["--backend", "vllm"]
     assert tool.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not list(tmp_path.glob("out*"))
+    if case == "vllm_missing":  # and the line says how to install it
+        assert "pip install 'megasynth[vllm]'" in err and "make vllm-venv" in err, err
+
+
+# -- independent workers (issue 21) -------------------------------------------------------------------------------
+def test_independent_workers_killed_and_late_publish_the_bytes_of_one_run(setup, tmp_path):
+    """--worker I/N processes SIGKILLed half-way through shards, restarted, a late fourth: the published prefix and
+    provenance are the uninterrupted run's, no shard was made twice, publish before the end is refused."""
+    run, corpus, ref = setup
+    out = tmp_path / "syn"
+    work = Path(f"{out}.work")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, str(ROOT / "tools" / "synthesize.py"), *args(run, corpus, out)]
+
+    def publish():
+        return subprocess.run([*base, "--publish"], env=env, capture_output=True, text=True, timeout=300)
+
+    chaos_workers(lambda worker: [*base, "--worker", worker], NUM_DOCS // SHARD, seed=8, work_dir=work,
+                  publish=publish, env=env)
+    assert output_bytes(out) == output_bytes(ref)
+    assert published_counts(work / "events") == {k: 1 for k in range(NUM_DOCS // SHARD)}
+    assert leftover_temps(work) == []
+
+
+def test_ray_launcher_synthesizes_on_a_local_ray_and_publishes_the_same_bytes(setup, tmp_path, capsys):
+    pytest.importorskip("ray", reason="the optional `ray` extra is not installed (pip install 'megasynth[ray]')")
+    run, corpus, ref = setup
+    out = tmp_path / "ray" / "syn"
+    code = load_tool("run_on_ray").main(["--workers", "3", "--num-cpus", "2", "synthesize", "--",
+                                         *args(run, corpus, out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert all(f"worker {i}/3: worker {i}/3: made" in printed for i in range(3)), printed
+    assert output_bytes(out) == output_bytes(ref)
+    assert published_counts(Path(f"{out}.work") / "events") == {k: 1 for k in range(NUM_DOCS // SHARD)}

@@ -15,6 +15,7 @@ find it as a namespace package instead of raising ImportError.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -57,10 +58,19 @@ def vllm_models(vllm_python, tmp_path_factory) -> Models:
     return Models(base, sft, export(base, root / "hf_base"), export(sft, root / "hf_sft"), root / "logs")
 
 
+# The SFT server also serves the LLM tools' tests (test_vllm_llm_tools.py), whose prompts and replies need more
+# context than the 128 positions the model was trained on (RoPE computes any position; past 128 the model writes
+# noise, which those tests expect), and JSON without free whitespace (a tiny model pads its JSON with it forever).
+LLM_TOOLS_CONTEXT = 4096
+LLM_TOOLS_ARGS = ("--hf-overrides", json.dumps({"max_position_embeddings": LLM_TOOLS_CONTEXT}),
+                  "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}))
+
+
 @pytest.fixture(scope="session")
 def _vllm_servers(vllm_python, vllm_models):
-    servers = {name: VLLMServer(vllm_python, getattr(vllm_models, f"hf_{name}"), log=vllm_models.logs / f"{name}.log")
-               for name in ("base", "sft")}
+    servers = {"base": VLLMServer(vllm_python, vllm_models.hf_base, log=vllm_models.logs / "base.log"),
+               "sft": VLLMServer(vllm_python, vllm_models.hf_sft, log=vllm_models.logs / "sft.log",
+                                 max_model_len=LLM_TOOLS_CONTEXT, extra_args=LLM_TOOLS_ARGS)}
     try:
         for server in servers.values():
             server.launch()

@@ -56,6 +56,9 @@ class VLLMServer:
                      "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", "float32", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0",
                      "--distributed-executor-backend", "uni",
+                     # vLLM 0.32's CPU runner fails on a seeded request whose prompt is prefilled in chunks
+                     # ("CPU Generator does not use offset"): whole prompts per step (docs/sbp.md).
+                     "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
                      "--max-num-seqs", "16", *(["--max-model-len", str(max_model_len)] if max_model_len else []),
                      *extra_args]
         self.env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), VLLM_NO_USAGE_STATS="1",

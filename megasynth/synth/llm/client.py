@@ -1,14 +1,17 @@
-"""Async client for any OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, a local server): limits, retries,
-JSON replies checked against a schema with bounded repairs, an append-only ledger, and a budget.
+"""Async client for any OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, a local server) or a fleet of them:
+limits, retries, JSON replies (schema-constrained where the server supports it) checked against a schema with
+bounded repairs, an append-only ledger, and a budget.
 
     settings = LLMSettings(base_url="http://localhost:8000/v1", model="Qwen/Qwen3-8B", concurrency=32)
+    # a fleet: base_url="http://gpu1:8000/v1,http://gpu2:8000/v1" (concurrency per server)
     async with LLMClient(settings, ledger_path="W/ledger.jsonl") as client:
         r = await client.chat("doc7/entities", [{"role": "user", "content": prompt}], schema=ENTITIES)
         r.ok, r.text, r.parsed, r.usage, r.attempts, r.error      # never raises for a failed request
         r = await client.complete("seed12", "Once upon a time", max_tokens=256)   # base models (/v1/completions)
         async with client.batch(on_result, progress="label") as batch: await batch.submit(LLMRequest(...))
 
-Policy (retries, JSON repairs, budget, the API key, hostile replies, batches): docs/synth.md, "The LLM client"."""
+Policy (retries, JSON repairs, structured output, several servers, budget, the API key, hostile replies, batches):
+docs/synth.md, "The LLM client"."""
 
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import inspect
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from megasynth.synth.llm.batch import Batch
-from megasynth.synth.llm.json_replies import Validator, check_reply
+from megasynth.synth.llm.json_replies import Validator, check_reply, response_format
 from megasynth.synth.llm.ledger import Ledger
 from megasynth.synth.llm.limits import TokenBucket, backoff_delay, retry_after_from_headers
 from megasynth.synth.llm.responses import bounded_stream_type, cause_text, read_response
+from megasynth.synth.llm.servers import Server, ServerPool
 from megasynth.synth.llm.settings import LLMSettings
 from megasynth.synth.llm.types import AttemptFailed, BudgetExceeded, LLMRequest, LLMResult, Usage, estimate_tokens
 
@@ -34,6 +39,9 @@ _NO_KEY = "EMPTY"
 # Per request: read the body as a stream (openai returns the httpx response unread) so that _bound_body can stop
 # it at max_reply_bytes, and ask for an uncompressed one, whose size on the wire is its size in memory.
 _STREAMED_REPLY = {"X-Stainless-Raw-Response": "stream", "Accept-Encoding": "identity"}
+# How servers without structured output refuse a request that asks for it (vLLM and OpenAI answer 400 for a
+# schema they cannot take; others 422 for an unknown field, or 404).
+_FORMAT_REJECTIONS = ("http_400", "http_404", "http_422")
 
 
 def repair_message(error: str) -> str:
@@ -42,7 +50,8 @@ def repair_message(error: str) -> str:
 
 
 class LLMClient:
-    """An `openai.AsyncOpenAI` (its own retries off: ours apply, with our timeout) and the policy above."""
+    """`openai.AsyncOpenAI` clients per server (their own retries off: ours apply, with our timeout) and the policy
+    above."""
 
     def __init__(self, settings: LLMSettings, ledger_path: str | os.PathLike | None = None, *,
                  seed: int | None = None, tokenizer=None):
@@ -60,30 +69,32 @@ class LLMClient:
         self._secrets = [key] if key != _NO_KEY else []
         self.ledger = Ledger(ledger_path, price_in_per_m=settings.price_in_per_m,
                              price_out_per_m=settings.price_out_per_m)
-        self._sem = asyncio.Semaphore(settings.concurrency)
         self._rpm = TokenBucket(settings.requests_per_minute) if settings.requests_per_minute else None
         self._tpm = TokenBucket(settings.tokens_per_minute) if settings.tokens_per_minute else None
         self._rng = random.Random(seed)
-        self._pause_until = 0.0  # monotonic time before which no request starts (a 429's Retry-After)
         self.in_flight = 0
         self._openai, self._httpx = openai, httpx
         self._bounded_stream = bounded_stream_type(httpx.AsyncByteStream)
-        # Several clients with a few connections each: httpcore scans every pooled connection (one poll() each)
-        # for every request, so one pool of 64 connections costs more CPU per request than the rest of the
-        # client together (bench/llm_client.py). A request goes to the client with the fewest in flight.
+        # Per server, several clients with a few connections each: httpcore scans every pooled connection (one
+        # poll() each) for every request, so one pool of 64 connections costs more CPU per request than the rest of
+        # the client together (bench/llm_client.py). A request goes to the server's client with the fewest in flight.
         shards = -(-settings.concurrency // CONNECTIONS_PER_POOL)
         per_pool = -(-settings.concurrency // shards)
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        self._apis = [openai.AsyncOpenAI(
-            base_url=settings.base_url, api_key=key, max_retries=0, timeout=settings.timeout_s,
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=settings.timeout_s,
-                                                       event_hooks={"response": [self._bound_body]}))
-            for _ in range(shards)]
-        self._busy = [0] * shards
+
+        def pools(url: str) -> list:
+            return [openai.AsyncOpenAI(
+                base_url=url, api_key=key, max_retries=0, timeout=settings.timeout_s,
+                http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=settings.timeout_s,
+                                                           event_hooks={"response": [self._bound_body]}))
+                for _ in range(shards)]
+
+        self.servers = ServerPool(settings.base_urls, concurrency=settings.concurrency,
+                                  cooldown_s=settings.server_cooldown_s, make_apis=pools, scrub=self.scrub)
 
     async def aclose(self) -> None:
         try:
-            for api in self._apis:
+            for api in self.servers.apis():
                 await api.close()
         finally:
             self.ledger.close()
@@ -115,7 +126,8 @@ class LLMClient:
     def batch(self, on_result: Callable[[LLMRequest, LLMResult], Awaitable[None] | None] | None = None, *,
               max_pending: int | None = None, progress: str | bool = False) -> Batch:
         """A context manager running submitted requests concurrently (docs/synth.md, "Batches")."""
-        return Batch(self, on_result, max_pending=max_pending or 4 * self.settings.concurrency, progress=progress)
+        slots = self.settings.concurrency * len(self.servers.servers)
+        return Batch(self, on_result, max_pending=max_pending or 4 * slots, progress=progress)
 
     async def map(self, requests: Iterable[LLMRequest], on_result=None, *, progress: str | bool = False
                   ) -> dict[str, LLMResult]:
@@ -170,37 +182,41 @@ class LLMClient:
         wants_json = schema is not None or validate is not None
         max_attempts = self.settings.max_attempts
         first_transient: float | None = None  # when the item's first transient failure came back
+        avoid: Server | None = None  # the server of a transient failure, while another one can take the retry
         while True:
-            if result.attempts - result.transient_failures >= max_attempts:
+            if result.attempts - result.transient_failures - result.structured_rejected >= max_attempts:
                 break  # result.error / detail hold the last failure
             try:
-                text, usage, finish = await self._attempt(kind, payload, sampling, result)
+                text, usage, finish = await self._attempt(kind, payload, sampling, schema, result, avoid)
             except BudgetExceeded:
                 if result.attempts:
                     result.error, result.detail = "budget", "stopped by the budget before the item finished"
-                    await self._ledger(result, started, outcome="budget")
+                    await self._ledger(result, started, outcome="budget", schema=schema is not None)
                 raise
             except AttemptFailed as f:
                 result.error, result.detail = f.reason, self.scrub(f.detail)[:DETAIL_CHARS]
-                result.transient = f.transient
+                result.transient, avoid = f.transient, None
                 if f.transient:
                     result.transient_failures += 1
                     now = time.monotonic()
                     first_transient = now if first_transient is None else first_transient
                     left = self.settings.transient_budget_s - (now - first_transient)
-                    wait = f.retry_after if f.retry_after is not None else min(left, backoff_delay(
-                        result.transient_failures, self.settings.backoff_base_s, self.settings.backoff_max_s,
-                        self._rng))
-                    if f.retry_after is not None and f.reason == "http_429":  # the key's limit: every request waits
-                        self._pause_until = max(self._pause_until, now + wait)
+                    if f.server is not None and self.servers.other_available(f.server):
+                        wait, avoid = 0.0, f.server  # another server takes the retry at once
+                    else:  # (a 429's Retry-After paused its server: every request there waits, ServerPool.failed)
+                        wait = f.retry_after if f.retry_after is not None else min(left, backoff_delay(
+                            result.transient_failures, self.settings.backoff_base_s, self.settings.backoff_max_s,
+                            self._rng))
                     if left <= 0 or wait > left:
                         break  # out of budget (or told to come back after it): transient, a rerun asks again
-                elif not f.retryable or result.attempts - result.transient_failures >= max_attempts:
+                elif not f.retryable or (result.attempts - result.transient_failures - result.structured_rejected
+                                         >= max_attempts):
                     break
                 else:
                     wait = backoff_delay(result.attempts - result.transient_failures, self.settings.backoff_base_s,
                                          self.settings.backoff_max_s, self._rng)
-                await asyncio.sleep(wait)
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 continue
             result.usage.prompt_tokens += usage.prompt_tokens
             result.usage.completion_tokens += usage.completion_tokens
@@ -222,7 +238,7 @@ class LLMClient:
             if kind == "chat":
                 payload = [*payload, {"role": "assistant", "content": text},
                            {"role": "user", "content": repair_message(problem)}]
-        await self._ledger(result, started, outcome="ok" if result.ok else "failed")
+        await self._ledger(result, started, outcome="ok" if result.ok else "failed", schema=schema is not None)
         return result
 
     def _clean_reply(self, text: str, finish: str | None, usage: Usage, sampling: dict,
@@ -268,17 +284,17 @@ class LLMClient:
             return {self._scrub_value(k, result): self._scrub_value(v, result) for k, v in value.items()}
         return value
 
-    async def _attempt(self, kind, payload, sampling, result: LLMResult) -> tuple[str, Usage, str | None]:
-        """Wait for the limits, check the budget, send one request, correct the tokens-per-minute charge."""
-        delay = self._pause_until - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async def _attempt(self, kind, payload, sampling, schema, result: LLMResult, avoid: Server | None
+                       ) -> tuple[str, Usage, str | None]:
+        """Wait for the limits and a server's slot, check the budget, send one request (two when a server refuses
+        response_format), correct the tokens-per-minute charge, tell the pool how the server did."""
         estimate = estimate_tokens(payload, sampling.get("max_tokens")) if self._tpm else 0
         if self._rpm:
             await self._rpm.acquire(1)
         if self._tpm:
             await self._tpm.acquire(estimate)
-        async with self._sem:
+        server = await self.servers.acquire(avoid)
+        try:
             # Checked with the slot held, right before sending: a request that waited for a slot sees what the
             # requests before it spent.
             if self.budget_reached:
@@ -286,57 +302,96 @@ class LLMClient:
                     self._tpm.adjust(estimate)
                 raise BudgetExceeded(f"budget reached: {self.progress_text()}")
             result.attempts += 1
+            result.server = server.url
             self.in_flight += 1
             try:
-                text, usage, finish = await self._send(kind, payload, sampling)
-            except AttemptFailed:
+                text, usage, finish = await self._send_to(server, kind, payload, sampling, schema, result)
+            except AttemptFailed as f:
+                f.server = server
+                self.servers.failed(server, f)
                 if self._tpm:
                     self._tpm.adjust(estimate)  # nothing was generated: give the charge back
                 raise
             finally:
                 self.in_flight -= 1
+            self.servers.succeeded(server)
+        finally:
+            self.servers.release(server)
         if self._tpm:
             self._tpm.adjust(estimate - usage.total)
         return text, usage, finish
 
-    async def _ledger(self, result: LLMResult, started: float, *, outcome: str) -> None:
+    async def _send_to(self, server: Server, kind, payload, sampling, schema, result: LLMResult
+                       ) -> tuple[str, Usage, str | None]:
+        """One request, with response_format when there is a schema and structured output is on for `server`; in
+        "auto", a server that refuses it (400/404/422) gets the same request at once without it, and once that one
+        gets through it is marked as not supporting it (said once)."""
+        mode = self.settings.structured_output
+        result.structured_output = schema is not None and mode != "off" and server.structured
+        if not result.structured_output:
+            return await self._send(server, kind, payload, sampling)
+        try:
+            return await self._send(server, kind, payload, sampling, response_format(schema))
+        except AttemptFailed as f:
+            if mode == "on" or f.reason not in _FORMAT_REJECTIONS:
+                raise
+            rejection = f
+        result.structured_output = False
+        result.attempts += 1
+        out = await self._send(server, kind, payload, sampling)  # failing too: the request, not the format, is bad
+        result.structured_rejected += 1
+        if server.structured:
+            server.structured = False
+            print(f"{server.url}: the server refused response_format ({self.scrub(rejection.detail)[:200]}) and took "
+                  "the request without it: JSON requests go there without structured output from now on, their "
+                  "replies checked and repaired as before (--structured-output off skips the try)", file=sys.stderr)
+        return out
+
+    async def _ledger(self, result: LLMResult, started: float, *, outcome: str, schema: bool) -> None:
         """The item's ledger line, on disk before the result goes anywhere (LedgerError when it cannot be)."""
         result.latency_s = time.monotonic() - started
         flags = {"usage_estimated": result.usage.estimated, "cut_to_max_tokens": result.cut_to_max_tokens,
-                 "api_key_scrubbed": result.api_key_scrubbed}
+                 "api_key_scrubbed": result.api_key_scrubbed, "structured_output_rejected": result.structured_rejected}
+        more = {"structured_output": result.structured_output} if schema else {}
+        if self.servers.several:
+            more["server"] = result.server
         await self.ledger.record_durable({"key": result.key, "model": self.settings.model, "outcome": outcome,
                                           "attempts": result.attempts, "repairs": result.repairs,
                                           "prompt_tokens": result.usage.prompt_tokens,
                                           "completion_tokens": result.usage.completion_tokens,
                                           "latency_s": round(result.latency_s, 4), "error": result.error,
                                           "transient": result.transient,
-                                          "detail": result.detail or None,
+                                          "detail": result.detail or None, **more,
                                           **{k: True for k, v in flags.items() if v}})
 
-    async def _send(self, kind: str, payload, sampling: dict) -> tuple[str, Usage, str | None]:
-        """One HTTP request: (text, usage, finish_reason), or AttemptFailed."""
+    async def _send(self, server: Server, kind: str, payload, sampling: dict, structured: dict | None = None
+                    ) -> tuple[str, Usage, str | None]:
+        """One HTTP request to `server` (`structured`: its response_format): (text, usage, finish_reason), or
+        AttemptFailed."""
         openai = self._openai
         body = {"model": self.settings.model, **sampling}
         body.update(body.pop("extra_body", None) or {})  # what openai's create() would merge in
+        if structured is not None:
+            body["response_format"] = structured
         body["messages" if kind == "chat" else "prompt"] = payload
         try:
             # asyncio.timeout bounds the whole request; httpx's timeout alone is per read, so a server that
             # trickles bytes would never time out. The documented client.post() with a raw response keeps
             # openai's transport, auth and error mapping and skips its request transform and response models,
             # most of its CPU time per request (bench/llm_client.py).
-            shard = self._busy.index(min(self._busy))
-            self._busy[shard] += 1
+            shard = server.shard()
+            server.busy[shard] += 1
             try:
                 async with asyncio.timeout(self.settings.timeout_s):
-                    response = await self._apis[shard].post("/chat/completions" if kind == "chat" else "/completions",
-                                                            body=body, cast_to=self._httpx.Response,
-                                                            options={"headers": _STREAMED_REPLY})
+                    response = await server.apis[shard].post(
+                        "/chat/completions" if kind == "chat" else "/completions", body=body,
+                        cast_to=self._httpx.Response, options={"headers": _STREAMED_REPLY})
                     try:
                         data = json.loads(await response.aread())
                     finally:
                         await response.aclose()
             finally:
-                self._busy[shard] -= 1
+                server.busy[shard] -= 1
         except (TimeoutError, openai.APITimeoutError):
             raise AttemptFailed("timeout", f"no reply within {self.settings.timeout_s:g} s", retryable=True) from None
         except openai.APIConnectionError as e:

@@ -4,12 +4,15 @@
     check_schema(value, {"type": "object", "required": ["entities"],
                          "properties": {"entities": {"type": "array", "items": {"type": "string"}, "minItems": 1}}})
     parsed, error = check_reply(text, schema=..., validate=...)   # error: None, or what a repair request says
+    response_format(schema)   # {"type": "json_schema", ...}: asks a server for schema-constrained JSON
 
-The schema language (a subset of JSON Schema; unknown keywords are an error): docs/synth.md, "JSON replies"."""
+The schema language (a subset of JSON Schema; unknown keywords are an error): docs/synth.md, "JSON replies";
+structured output: "Structured output"."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +20,11 @@ _DECODER = json.JSONDecoder()
 _TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool,
           "null": type(None)}
 _KEYWORDS = {"type", "required", "properties", "additionalProperties", "items", "minItems", "maxItems", "minLength",
-             "enum", "description", "title"}
+             "maxLength", "enum", "description", "title"}
+# OpenAI's strict mode takes a narrower subset (every object closed and all its properties required, no string
+# lengths): a schema outside it is sent with strict false, which OpenAI treats as guidance and vLLM enforces anyway.
+_STRICT_KEYWORDS = {"type", "required", "properties", "additionalProperties", "items", "enum", "description", "title"}
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_START_CANDIDATES = 64  # positions of "{" / "[" tried before giving up on a reply
 
 
@@ -71,6 +78,8 @@ def check_schema(value: Any, schema: dict, path: str = "$") -> str | None:
         return f"{path}: {value!r} is not one of {schema['enum']!r}"
     if isinstance(value, str) and len(value) < schema.get("minLength", 0):
         return f"{path}: expected at least {schema['minLength']} characters, got {len(value)}"
+    if isinstance(value, str) and "maxLength" in schema and len(value) > schema["maxLength"]:
+        return f"{path}: expected at most {schema['maxLength']} characters, got {len(value)}"
     if isinstance(value, dict):
         for name in schema.get("required", []):
             if name not in value:
@@ -96,6 +105,38 @@ def check_schema(value: Any, schema: dict, path: str = "$") -> str | None:
                 if error:
                     return error
     return None
+
+
+def _strict_compatible(schema: dict) -> bool:
+    if set(schema) - _STRICT_KEYWORDS:
+        return False
+    if "properties" in schema and (schema.get("additionalProperties") is not False
+                                   or set(schema.get("required", ())) != set(schema["properties"])):
+        return False
+    subs = [*schema.get("properties", {}).values(), *([schema["items"]] if "items" in schema else [])]
+    return all(_strict_compatible(sub) for sub in subs)
+
+
+def response_format(schema: dict) -> dict:
+    """The OpenAI `response_format` that asks for JSON matching `schema` (schema-constrained decoding on vLLM,
+    structured outputs on OpenAI). The schema subset is plain JSON Schema, so it is sent as it is; named by its
+    "title" when that is a valid name."""
+    check_schema_keywords(schema)
+    title = schema.get("title")
+    name = title if isinstance(title, str) and _NAME.fullmatch(title) else "reply"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                   "strict": _strict_compatible(schema)}}
+
+
+def check_schema_keywords(schema: dict, path: str = "$") -> None:
+    """ValueError unless every keyword of `schema` (and of its sub-schemas) is one of the subset's."""
+    unknown = set(schema) - _KEYWORDS
+    if unknown:
+        raise ValueError(f"schema at {path}: unsupported keywords {sorted(unknown)} (supported: {sorted(_KEYWORDS)})")
+    for name, sub in schema.get("properties", {}).items():
+        check_schema_keywords(sub, f"{path}.{name}")
+    if "items" in schema:
+        check_schema_keywords(schema["items"], f"{path}[]")
 
 
 Validator = Callable[[Any], "str | None"]

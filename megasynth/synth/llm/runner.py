@@ -2,6 +2,7 @@
 plan, prompts and output order (the hooks of LLMPipeline); the runner does the rest.
 
     out = EntiGraph(cfg).run()      # a subclass: name, logs, columns, failure_steps, plan(), request(), order(), ...
+    out = EntiGraph(cfg).run(WorkerRun(Worker.parse("1/3")))   # one of independent workers (runner_units.py)
 
 A worked example of a method, what a run does, what is pending, what a rerun does and what run() returns:
 docs/synth.md, "The LLM-pipeline runner"."""
@@ -13,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -24,8 +26,13 @@ from megasynth.synth.llm.prompts import Prompt, prompts_hash
 from megasynth.synth.llm.settings import LLMSettings
 from megasynth.synth.llm.types import BudgetExceeded, LLMRequest, LLMResult
 from megasynth.synth.synthetic_prefix import SyntheticDoc, write_synthetic_prefix
-from megasynth.synth.workdir import WorkDir, finished_from, load_finished, missing_items, refuse_overlapping_paths
+from megasynth.synth.workdir import (
+    RecordLog, WorkDir, finished_from, load_finished, missing_items, refuse_overlapping_paths,
+)
 from megasynth.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from megasynth.synth.llm.runner_units import WorkerRun
 
 LEDGER = "ledger.jsonl"
 
@@ -86,6 +93,8 @@ class LLMPipeline:
 
     def __init__(self, cfg: PipelineConfig, prompts: list[Prompt]):
         self.cfg, self.prompts = cfg, prompts
+        self.label = self.name
+        """The progress bar's label (a work unit's names the unit)."""
 
     # -- the hooks -------------------------------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -152,6 +161,11 @@ class LLMPipeline:
         """Why an output would be empty (every item failed), for the error message."""
         raise NotImplementedError
 
+    def units_refusal(self) -> str | None:
+        """Why this run cannot be split into work units of documents (a setting that spans every document), or
+        None: it can."""
+        return None
+
     # -- what the hooks use ----------------------------------------------------------------------------------------
     def pending(self, item: Item) -> bool:
         done = self.done.get(item.key)
@@ -166,52 +180,75 @@ class LLMPipeline:
                                    "step": step or item.step, **item.fields, **fields, "key": item.key})
 
     # -- the run ---------------------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Generate what is missing, then publish (what it returns and raises: docs/synth.md)."""
+    def run(self, workers: WorkerRun | None = None) -> dict:
+        """Generate what is missing, then publish (what it returns and raises: docs/synth.md). With `workers`, as
+        one of independent workers over work units (megasynth.synth.llm.runner_units; docs/synth.md, "Workers")."""
+        if workers is not None:
+            from megasynth.synth.llm.runner_units import run_units  # noqa: PLC0415 - imports this module
+
+            return run_units(self, workers)
         cfg = self.cfg
         refuse_overlapping_paths(cfg)
         check_output_free(cfg.output_prefix, overwrite=cfg.overwrite)
+        manifest = self.prepare()
+        with WorkDir.open(cfg.work_dir, pipeline=self.name, settings=manifest, output=cfg.output_prefix) as wd:
+            self.load({name: wd.log(name) for name in self.log_names()})
+            self.items = self.plan()
+            llm, budget_stopped = asyncio.run(self.generate(cfg.llm, os.path.join(cfg.work_dir, LEDGER)))
+            return self.publish(manifest, llm, budget_stopped)
+
+    def prepare(self) -> dict:
+        """Read the documents and the tokenizer; return the manifest: what decides the records."""
+        cfg = self.cfg
         self.docs = read_source_documents(cfg.input, tokenizer=cfg.input_tokenizer)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        phash = prompts_hash(self.prompts)
-        manifest = {"input_sha256": documents_sha256(self.docs), "documents": len(self.docs), "model": cfg.llm.model,
-                    "temperature": cfg.llm.temperature, "max_tokens": cfg.llm.max_tokens, "prompts_hash": phash,
-                    **self.settings()}
-        with WorkDir.open(cfg.work_dir, pipeline=self.name, settings=manifest, output=cfg.output_prefix) as wd:
-            self._load(wd)
-            self.items = self.plan()
-            llm, budget_stopped = asyncio.run(self._run_client())
-            chosen = self.chosen()
-            out = {"complete": chosen is not None, "budget_stopped": budget_stopped, "sidecar": None, "llm": llm,
-                   "counts": {}, "failed": {}, "missing": {}}
-            if chosen is None:
-                return out
-            missing = out["missing"] = missing_items((it.step, self.done[it.key]) for it in chosen
-                                                     if not self.done[it.key].ok)
-            partial = any(missing.values())
-            if partial and not cfg.allow_partial:
-                return out  # nothing published: the caller lists what is missing
-            self.planned = Counter(it.step for it in chosen)
-            self.failed = {step: Counter() for step in self.failure_steps}
-            synthetic = {"generator": self.name, "model": cfg.llm.model,
-                         "prompts": {"hash": phash, "templates": [p.describe() for p in self.prompts]},
-                         "settings": {**manifest, **self.publish_settings()},
-                         "source": {"path": os.fspath(cfg.input), "sha256": manifest["input_sha256"],
-                                    "documents": len(self.docs)}}
-            try:
-                # The counts are known once every document has been written: the sidecar gets them at finalize.
-                sidecar = write_synthetic_prefix(
-                    cfg.output_prefix, self.tokenizer, self._outputs(chosen), columns=self.columns,
-                    generator=self.name, overwrite=cfg.overwrite, late_metadata=lambda: {"synthetic": {
-                        **synthetic, "counts": self.counts(), "partial": partial, "missing": missing, "llm": llm}})
-            except EmptyOutputError:
-                raise EmptyOutputError(f"{cfg.output_prefix}: nothing to write: {self.nothing_written()}; fix the "
-                                       "cause and rerun with --retry-failed") from None
-            out.update(sidecar=sidecar, counts=self.counts(), failed={k: dict(v) for k, v in self.failed.items()})
-            return out
+        return {"input_sha256": documents_sha256(self.docs), "documents": len(self.docs), "model": cfg.llm.model,
+                "temperature": cfg.llm.temperature, "max_tokens": cfg.llm.max_tokens,
+                "prompts_hash": prompts_hash(self.prompts), **self.settings()}
 
-    def _load(self, wd: WorkDir) -> None:
-        self._logs = {name: wd.log(name) for name in dict.fromkeys(self.logs.values())}
+    def log_names(self) -> list[str]:
+        """The record files, each once."""
+        return list(dict.fromkeys(self.logs.values()))
+
+    def publish(self, manifest: dict, llm: dict, budget_stopped: bool) -> dict:
+        """Write the output prefix from the records loaded (self.done) for the plan (self.items), unless an item
+        has no record yet or failed (without allow_partial); returns what run() returns."""
+        cfg = self.cfg
+        chosen = self.chosen()
+        out = {"complete": chosen is not None, "budget_stopped": budget_stopped, "sidecar": None, "llm": llm,
+               "counts": {}, "failed": {}, "missing": {}}
+        if chosen is None:
+            return out
+        missing = out["missing"] = self.missing(chosen)
+        partial = any(missing.values())
+        if partial and not cfg.allow_partial:
+            return out  # nothing published: the caller lists what is missing
+        self.planned = Counter(it.step for it in chosen)
+        self.failed = {step: Counter() for step in self.failure_steps}
+        synthetic = {"generator": self.name, "model": cfg.llm.model,
+                     "prompts": {"hash": manifest["prompts_hash"], "templates": [p.describe() for p in self.prompts]},
+                     "settings": {**manifest, **self.publish_settings()},
+                     "source": {"path": os.fspath(cfg.input), "sha256": manifest["input_sha256"],
+                                "documents": len(self.docs)}}
+        try:
+            # The counts are known once every document has been written: the sidecar gets them at finalize.
+            sidecar = write_synthetic_prefix(
+                cfg.output_prefix, self.tokenizer, self._outputs(chosen), columns=self.columns,
+                generator=self.name, overwrite=cfg.overwrite, late_metadata=lambda: {"synthetic": {
+                    **synthetic, "counts": self.counts(), "partial": partial, "missing": missing, "llm": llm}})
+        except EmptyOutputError:
+            raise EmptyOutputError(f"{cfg.output_prefix}: nothing to write: {self.nothing_written()}; fix the "
+                                   "cause and rerun with --retry-failed") from None
+        out.update(sidecar=sidecar, counts=self.counts(), failed={k: dict(v) for k, v in self.failed.items()})
+        return out
+
+    def missing(self, chosen: list[Item]) -> dict:
+        """What an output of `chosen` would lack: megasynth.synth.workdir.missing_items of its failed items."""
+        return missing_items((it.step, self.done[it.key]) for it in chosen if not self.done[it.key].ok)
+
+    def load(self, logs: dict[str, RecordLog]) -> None:
+        """self.done from the record logs (a name of log_names() -> its log); on_record() sees the kept ones."""
+        self._logs = logs
         self.done = {}
         for name, log in self._logs.items():
             kept: dict[str, dict] | None = {} if name in self.kept_logs else None
@@ -226,11 +263,11 @@ class LLMPipeline:
         if name in self.kept_logs:
             self.on_record(record)
 
-    async def _run_client(self) -> tuple[dict, bool]:
-        """(the ledger summary, whether the budget stopped the run)."""
+    async def generate(self, settings: LLMSettings, ledger: str | os.PathLike) -> tuple[dict, bool]:
+        """Ask for every pending item of self.items through one client (its ledger at `ledger`); returns (the
+        ledger summary, whether the budget stopped it)."""
         # The output tokenizer counts replies against max_tokens: a longer reply is cut.
-        async with LLMClient(self.cfg.llm, ledger_path=os.path.join(self.cfg.work_dir, LEDGER), seed=self.cfg.seed,
-                             tokenizer=self.tokenizer) as client:
+        async with LLMClient(settings, ledger_path=ledger, seed=self.cfg.seed, tokenizer=self.tokenizer) as client:
             try:
                 await self._generate(client)
             except BudgetExceeded:
@@ -262,7 +299,7 @@ class LLMPipeline:
                     await visit(batch, follow)
 
         while wave := self.wave(asked):
-            async with client.batch(on_result, progress=self.name if self.cfg.progress else False) as batch:
+            async with client.batch(on_result, progress=self.label if self.cfg.progress else False) as batch:
                 for item in wave:
                     asked.add(item.key)
                     await visit(batch, item)

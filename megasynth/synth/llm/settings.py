@@ -8,8 +8,28 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from megasynth.cli import nonnegative_float, positive_float
+
+STRUCTURED_OUTPUT_MODES = ("auto", "on", "off")
+
+
+def split_base_urls(value: str, what: str = "base_url") -> list[str]:
+    """The API roots named in `value` (comma-separated), each checked: an http(s) URL with a host, none twice.
+    ValueError names `what` (the field or the flag) and the URL at fault."""
+    urls = [u.strip().rstrip("/") for u in str(value).split(",")]
+    if not any(urls):
+        raise ValueError(f"{what}: no URL given (expected e.g. http://localhost:8000/v1)")
+    for url in urls:
+        parts = urlsplit(url) if url else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{what}: {url!r} is not an http(s) URL of an API root (expected e.g. "
+                             "http://localhost:8000/v1; several servers: comma-separated)")
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise ValueError(f"{what}: {twice[0]} is named more than once")
+    return urls
 
 
 @dataclass
@@ -17,13 +37,14 @@ class LLMSettings:
     """How to reach the endpoint and how hard to push it."""
 
     base_url: str = "http://localhost:8000/v1"
-    """The OpenAI-compatible API root, ending in /v1 (OpenAI: https://api.openai.com/v1)."""
+    """The OpenAI-compatible API root, ending in /v1 (OpenAI: https://api.openai.com/v1); several servers of the
+    same model (a fleet of `vllm serve` processes, no load balancer): their roots comma-separated (`base_urls`)."""
     model: str = ""
     """The model name the endpoint serves (vLLM: the --served-model-name, OpenAI: e.g. gpt-4o-mini)."""
     api_key_env: str = "OPENAI_API_KEY"
     """The environment variable holding the API key; the key itself is never stored, logged or printed."""
     concurrency: int = 16
-    """Most HTTP requests in flight at once."""
+    """Most HTTP requests in flight at once per server (so several servers take concurrency * servers)."""
     requests_per_minute: float | None = None
     """Requests-per-minute limit (token bucket, a few seconds of burst); None: unlimited."""
     tokens_per_minute: float | None = None
@@ -58,8 +79,27 @@ class LLMSettings:
     """Stop starting requests once this many tokens (prompt + completion, whole ledger) are spent."""
     budget_usd: float | None = None
     """Stop starting requests once the estimated cost (whole ledger) reaches this many dollars."""
+    structured_output: str = "auto"
+    """Requests with a schema ask for schema-constrained JSON (response_format json_schema): "auto" (default) sends
+    it and drops it for good on a server that rejects it, "on" sends it (a rejection is a failure), "off" never
+    sends it (the prompt and the repairs alone). The reply is checked against the schema either way."""
+    server_cooldown_s: float = 30.0
+    """With several servers: seconds a server that failed transiently (timeouts, dropped connections, 5xx)
+    SERVER_FAILURES_IN_ROW times in a row stays out of rotation before one request probes it again."""
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The API roots base_url names (one, or several comma-separated), checked."""
+        return split_base_urls(self.base_url)
 
     def __post_init__(self):
+        if self.base_url is not None:  # None: a tool's optional endpoint that was not given (JUDGE_DEFAULTS)
+            split_base_urls(self.base_url, "LLMSettings.base_url")
+        if self.structured_output not in STRUCTURED_OUTPUT_MODES:
+            raise ValueError(f"LLMSettings: structured_output must be one of {', '.join(STRUCTURED_OUTPUT_MODES)}, "
+                             f"got {self.structured_output!r}")
+        if self.server_cooldown_s < 0:
+            raise ValueError(f"LLMSettings: server_cooldown_s must be >= 0, got {self.server_cooldown_s}")
         if self.concurrency < 1 or self.max_attempts < 1 or self.json_repair_attempts < 0:
             raise ValueError("LLMSettings: need concurrency >= 1, max_attempts >= 1, json_repair_attempts >= 0; got "
                              f"{self.concurrency}, {self.max_attempts}, {self.json_repair_attempts}")
@@ -94,12 +134,16 @@ def add_llm_arguments(parser: argparse.ArgumentParser, prefix: str = "", require
         group.add_argument(f"--{prefix}{name}", *(aliases or {}).get(name, ()), *args, **kwargs)
 
     d = defaults or LLMSettings()
-    flag("base-url", required=True,
-         help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 (vLLM/SGLang) or https://api.openai.com/v1")
+    flag("base-url", required=True, action=_JoinURLs, metavar="URL[,URL...]",
+         help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 (vLLM/SGLang) or https://api.openai.com/v1; "
+              "several servers of the same model (no load balancer needed): comma-separated, or the flag repeated. "
+              "Requests go to the server with the fewest in flight; one that keeps failing is left out for a while "
+              "and its failed requests are retried on the others at once")
     flag("model", required=True, help="model name as the endpoint knows it")
     flag("api-key-env", default=d.api_key_env, help=f"environment variable that holds the API key (default "
          f"{d.api_key_env}; unset: the placeholder 'EMPTY' that vLLM accepts). The key is never written anywhere")
-    flag("concurrency", type=int, default=d.concurrency, help=f"most requests in flight (default {d.concurrency})")
+    flag("concurrency", type=int, default=d.concurrency,
+         help=f"most requests in flight per server (default {d.concurrency})")
     flag("rpm", type=positive_float, default=d.requests_per_minute, help="requests-per-minute limit (default: none)")
     flag("tpm", type=positive_float, default=d.tokens_per_minute,
          help="tokens-per-minute limit, counting prompt and completion tokens (default: none)")
@@ -133,7 +177,23 @@ def add_llm_arguments(parser: argparse.ArgumentParser, prefix: str = "", require
          "(prompt + completion, counted over the whole ledger, so a resumed run continues the count)")
     flag("budget-usd", type=nonnegative_float, default=d.budget_usd,
          help="stop cleanly once the estimated cost reaches this (needs --price-in/--price-out)")
+    flag("structured-output", choices=STRUCTURED_OUTPUT_MODES, default=d.structured_output,
+         help="JSON requests ask the server for schema-constrained output (response_format json_schema; vLLM, "
+              "OpenAI): auto sends it and stops sending it to a server that rejects it (said once on stderr), on "
+              "treats a rejection as a failure, off never sends it. Replies are checked against the schema and "
+              f"repaired either way (default {d.structured_output})")
+    flag("server-cooldown-s", type=nonnegative_float, default=d.server_cooldown_s, metavar="S",
+         help="with several --base-url servers: seconds a server that failed transiently several times in a row "
+              f"stays out of rotation before one request probes it again (default {d.server_cooldown_s:g})")
     return group
+
+
+class _JoinURLs(argparse.Action):
+    """--base-url given several times: the URLs joined with commas (LLMSettings.base_url's form of a fleet)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if before in (None, self.default) else f"{before},{values}")
 
 
 def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) -> LLMSettings:
@@ -145,6 +205,8 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) 
     if get("budget_usd") not in (None, _OMITTED) and get("price_in") == 0 and get("price_out") == 0:
         raise ValueError(f"--{prefix}budget-usd needs --{prefix}price-in and/or --{prefix}price-out (the cost is "
                          "estimated from them)")
+    if get("base_url") not in (None, _OMITTED):
+        split_base_urls(get("base_url"), f"--{prefix}base-url")  # the error names the flag, not the field
     fields = {"base_url": get("base_url"), "model": get("model"), "api_key_env": get("api_key_env"),
               "concurrency": get("concurrency"), "requests_per_minute": get("rpm"), "tokens_per_minute": get("tpm"),
               "max_attempts": get("max_attempts"), "transient_budget_s": get("transient_budget_s"),
@@ -152,7 +214,8 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) 
               "timeout_s": get("timeout"), "temperature": get("temperature"), "max_tokens": get("max_tokens"),
               "price_in_per_m": get("price_in"), "price_out_per_m": get("price_out"),
               "budget_tokens": get("budget_tokens"), "budget_usd": get("budget_usd"),
-              "max_reply_bytes": get("max_reply_bytes")}
+              "max_reply_bytes": get("max_reply_bytes"), "structured_output": get("structured_output"),
+              "server_cooldown_s": get("server_cooldown_s")}
     fields = {k: v for k, v in fields.items() if v is not _OMITTED}  # add_llm_arguments(omit=...): the defaults
     fields.update(overrides)
     return LLMSettings(**fields)

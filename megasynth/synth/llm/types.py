@@ -35,7 +35,7 @@ class LLMResult:
     text: str = ""  # the last reply's text ("" when there was none)
     parsed: Any = None  # the JSON value (when schema= or validate= was given and it validated)
     usage: Usage = field(default_factory=Usage)  # summed over every HTTP request of the item
-    attempts: int = 0  # HTTP requests made (retries and repairs included)
+    attempts: int = 0  # HTTP requests made (retries, repairs and structured_rejected included)
     transient_failures: int = 0  # of which failed transiently (429, 408, 5xx, timeout, connection)
     transient: bool = False  # not ok because transient failures outlasted transient_budget_s (worth asking again)
     repairs: int = 0  # of which JSON repair requests
@@ -45,6 +45,9 @@ class LLMResult:
     finish_reason: str | None = None  # the endpoint's, for the last reply ("length": cut at max_tokens)
     cut_to_max_tokens: bool = False  # a reply was longer than max_tokens and was cut to it (finish "length")
     api_key_scrubbed: bool = False  # a reply held the API key, replaced by "***"
+    structured_output: bool = False  # the last request asked for schema-constrained JSON (response_format)
+    structured_rejected: int = 0  # requests refused for their response_format, sent again at once without it
+    server: str | None = None  # the API root of the last request (one of LLMSettings.base_urls)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class AttemptFailed(Exception):
     def __init__(self, reason: str, detail: str, *, retryable: bool, retry_after: float | None = None):
         super().__init__(detail)
         self.reason, self.detail, self.retryable, self.retry_after = reason, detail, retryable, retry_after
+        self.server = None  # the llm.servers.Server it failed on (set by the client)
         # The endpoint's fault, not the request's: retried within the time budget, not counted as an attempt.
         self.transient = retryable and is_transient(reason)
 

@@ -25,6 +25,7 @@ from megasynth.synth.sbp.embed_files import (
     EMB_FORMAT_VERSION,
     EmbeddingsError,
     emb_paths,
+    emb_stem,
     npy_header,
     work_dir,
 )
@@ -278,15 +279,18 @@ def _run(source, output, settings: dict, options: EmbedOptions, model, rank: int
     summary = {"documents": n, "dim": dim, "shards": num_shards, "shards_resumed": num_shards - len(todo),
                "rank": rank, "world_size": world}
     if rank == 0:
-        summary["files"] = _assemble(output, settings, options, wdir, bounds, dim, overwrite)
+        summary["files"] = _assemble(output, settings, options, [_shard_path(wdir, s) for s in range(num_shards)],
+                                     bounds, dim, overwrite)
+        remove_dir(wdir)
     barrier()  # no rank reports success before the output exists
     seconds = time.perf_counter() - t0
     summary.update(seconds=seconds, docs_embedded_here=done_docs, docs_per_s=done_docs / max(seconds, 1e-9))
     return summary
 
 
-def _assemble(output, settings: dict, options: EmbedOptions, wdir: Path, bounds, dim: int, overwrite: bool) -> dict:
-    """Stream the shards in order into EMB.npy, then write EMB.json (the commit point), then drop the work dir."""
+def _assemble(output, settings: dict, options: EmbedOptions, shards: list[Path], bounds, dim: int,
+              overwrite: bool) -> dict:
+    """Stream the shards in order into EMB.npy, then write EMB.json (the commit point)."""
     npy, side = emb_paths(output)
     n = settings["num_documents"]
     if overwrite:
@@ -296,10 +300,10 @@ def _assemble(output, settings: dict, options: EmbedOptions, wdir: Path, bounds,
     with atomic_open(npy, "wb") as f:
         f.write(header)
         h.update(header)
-        for s, (start, stop) in enumerate(bounds):
-            arr = np.load(_shard_path(wdir, s))
+        for path, (start, stop) in zip(shards, bounds):
+            arr = np.load(path)
             if arr.shape != (stop - start, dim) or arr.dtype != np.float16:
-                raise EmbeddingsError(f"{_shard_path(wdir, s)}: holds {arr.dtype} {list(arr.shape)}, expected "
+                raise EmbeddingsError(f"{path}: holds {arr.dtype} {list(arr.shape)}, expected "
                                       f"float16 [{stop - start}, {dim}]")
             data = np.ascontiguousarray(arr, dtype="<f2").tobytes()
             f.write(data)
@@ -312,5 +316,75 @@ def _assemble(output, settings: dict, options: EmbedOptions, wdir: Path, bounds,
         "files": {"npy": {"name": npy.name, "size": npy.stat().st_size, "sha256": h.hexdigest()}},
     }
     atomic_write_json(side, meta)
-    remove_dir(wdir)
     return {"npy": str(npy), "json": str(side)}
+
+
+# -- independent workers (megasynth.work_units; docs/cluster.md) --------------------------------------------------------
+def _recorded_model(work_dir: str | os.PathLike, name: str) -> dict:
+    """The model entry the workers wrote into the work directory's manifest when it names `name`; else just the
+    name (which then differs from the manifest's, and the work directory is refused naming the model)."""
+    import json  # noqa: PLC0415
+
+    try:
+        recorded = json.loads((Path(work_dir) / "manifest.json").read_text(encoding="utf-8"))["settings"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"name": name}
+    return recorded if isinstance(recorded, dict) and recorded.get("name") == name else {"name": name}
+
+
+def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, work_dir: str | os.PathLike, worker,
+                publish: str = "auto", overwrite: bool = False, allow_empty: bool = False, log=None) -> dict:
+    """Worker `worker` of embed_corpus: units are its shards; the last worker to find every unit done (or
+    publish="only") assembles EMB.npy/EMB.json, the bytes of a one-process run on the same device type."""
+    from megasynth.run_lock import acquire_path_lock  # noqa: PLC0415
+    from megasynth.work_units import WorkUnits, run_worker  # noqa: PLC0415
+
+    if options.batch_size < 1 or options.shard_size < 1:
+        raise EmbedError("--batch-size and --shard-size must be >= 1")
+    n = source.num_documents
+    if n == 0 and not allow_empty:
+        raise EmbedError(f"{os.fspath(output)}: the input has no documents; pass --allow-empty to write empty "
+                         "embeddings")
+    name = options.model or default_model()
+    device = resolve_device(options.device)
+    if publish == "only":  # no model needed: its identity is the one the workers recorded, if the name agrees
+        model, model_settings = None, _recorded_model(work_dir, name)
+    else:
+        model = load_model(name, device)
+        model_settings = {"name": name, "dim": embedding_dim(model), "max_seq_length": int(model.max_seq_length),
+                          "similarity": "cosine (inner product of unit rows)"}
+    settings = {"input": source.identity(), "num_documents": n, "batch_size": options.batch_size,
+                "shard_size": options.shard_size, "device_type": device.split(":")[0], "model": model_settings}
+    size, dim = options.shard_size, settings["model"]["dim"]
+    bounds = [(s * size, min(n, (s + 1) * size)) for s in range(max(1, -(-n // size)))]
+    units = WorkUnits(work_dir, stage=PIPELINE, settings=settings, num_units=len(bounds), create=publish != "only")
+    out = {"units": units.num_units, "made": [], "published": False, "documents": n, "dim": dim}
+    if units.published() is not None and emb_paths(output)[1].is_file():
+        return {**out, "already_published": True}
+
+    def make_unit(k: int, tmp: Path) -> dict:
+        start, stop = bounds[k]
+        with open(tmp / "emb.npy", "wb") as f:
+            np.save(f, embed_texts(model, source.texts(start, stop), options.batch_size))
+        return {"documents": stop - start}
+
+    if publish != "only":
+        report = run_worker(units, worker, make_unit, progress=log)
+        out["made"], out["busy"] = report.made, report.busy
+        if publish == "never" or units.missing():
+            return out
+    units.refuse_missing()
+    lock = acquire_path_lock(emb_stem(output), tool="an embed_corpus publisher", flag="--output")
+    try:
+        if units.published() is not None and publish != "only":
+            return {**out, "already_published": True}
+        check_output(output, overwrite=overwrite)
+        for k in range(units.num_units):
+            units.record(k)  # settings, sizes, sha256
+        out["files"] = _assemble(output, settings, options, [units.unit_dir(k) / "emb.npy" for k in
+                                                             range(units.num_units)], bounds, dim, overwrite)
+        units.mark_published(output, {"documents": n, "dim": dim})
+    finally:
+        lock.release(remove=True)
+    out["published"] = True
+    return out

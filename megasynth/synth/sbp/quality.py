@@ -103,11 +103,14 @@ class QualitySettings:
 
 
 # -- the judge ------------------------------------------------------------------------------------------------------
+# A real judge's list of short descriptions fits the bounds on "errors" (only the verdict counts); under
+# schema-constrained decoding they end a reply that would otherwise run on to max_tokens and fail as cut JSON.
 JUDGE_SCHEMA = {
+    "title": "quality_verdict",
     "type": "object",
     "required": ["verdict"],
     "properties": {"verdict": {"type": "string", "enum": ["factual", "non_factual"]},
-                   "errors": {"type": "array", "items": {"type": "string"}}},
+                   "errors": {"type": "array", "maxItems": 5, "items": {"type": "string", "maxLength": 200}}},
 }
 FAILED = "failed"
 UNANSWERED = "unanswered"  # the endpoint never answered (transient failures past the budget): no verdict at all

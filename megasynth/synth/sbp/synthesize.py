@@ -32,6 +32,7 @@ from megasynth.synth.corpus import check_output_prefix, check_tokenizer, documen
 from megasynth.synth.llm.settings import LLMSettings
 from megasynth.synth.sbp.samplers import EndpointSampler, LocalSampler, Sampled, Sampling
 from megasynth.synth.sbp.shards import FAULT_ENV, Shard, ShardStore
+from megasynth.synth.sbp.vllm_sampler import VLLMSampler, VLLMSettings, backend_record, export_for_vllm
 from megasynth.synth.synthetic_prefix import write_synthetic_prefix
 from megasynth.synth.workdir import WorkDir, WorkDirMismatch
 from megasynth.tokenizer import load_tokenizer
@@ -66,7 +67,7 @@ class SynthSettings:
     shard_docs: int = 256
     """Samples per shard: the unit of work written to the work directory (and shared out over ranks)."""
     batch_size: int = 16
-    """Prompts per generate() batch (local backend); does not change the output."""
+    """Prompts per generate() batch (our sampler); does not change the output."""
 
     def check(self) -> None:
         if (self.num_docs is None) == (self.tokens is None):
@@ -172,8 +173,10 @@ def resolve_separator(synth: Synthesizer, separator: str | None) -> tuple[str, i
 
 # -- the run -----------------------------------------------------------------------------------------------------------
 def _dist():
-    """(torch.distributed or None when not distributed, rank, world size)."""
-    return (torch.distributed if is_distributed() else None), *rank_and_world()
+    """(torch.distributed or None when not distributed, rank, world size). A process group of one is not
+    distributed: the vLLM backend's engine sets one up in this process while it runs."""
+    rank, world = rank_and_world()
+    return (torch.distributed if is_distributed() and world > 1 else None), rank, world
 
 
 class _Run:
@@ -207,13 +210,7 @@ class _Run:
         """Shard k from the work directory, or sampled now and written there."""
         if self.store.has(k):
             return self.store.read(k)
-        lo, hi = self.shard_range(k)
-        seeds = shard_seed_documents(self.settings.seed, k, self.settings.shard_docs, self.candidates)[:hi - lo]
-        samples = np.arange(lo, hi, dtype=np.int64)
-        lengths = np.minimum(self.bodies[seeds], self.settings.max_seed_tokens)
-        prompts = [np.append(self.corpus.tokens[s:s + n], self.sep_id).astype(np.int64)
-                   for s, n in zip(self.starts[seeds], lengths)]
-        shard = self._finish(self.sampler(prompts, samples), samples, seeds)
+        shard = self.sample(k)
         self.store.write(k, shard)
         if self.bar is not None:
             self.produced += shard.num_tokens
@@ -221,6 +218,16 @@ class _Run:
             self.bar.set_postfix_str(f"{self.produced / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s "
                                      "(rank 0)", refresh=False)
         return shard
+
+    def sample(self, k: int) -> Shard:
+        """Shard k, sampled now: a function of the settings and k alone."""
+        lo, hi = self.shard_range(k)
+        seeds = shard_seed_documents(self.settings.seed, k, self.settings.shard_docs, self.candidates)[:hi - lo]
+        samples = np.arange(lo, hi, dtype=np.int64)
+        lengths = np.minimum(self.bodies[seeds], self.settings.max_seed_tokens)
+        prompts = [np.append(self.corpus.tokens[s:s + n], self.sep_id).astype(np.int64)
+                   for s, n in zip(self.starts[seeds], lengths)]
+        return self._finish(self.sampler(prompts, samples), samples, seeds)
 
     def _finish(self, sampled: list[Sampled], samples: np.ndarray, seeds: np.ndarray) -> Shard:
         docs, keep, empty, truncated, oov = [], [], 0, 0, 0
@@ -271,21 +278,62 @@ class _Run:
             self.bar.close()
 
 
+def _backend_record(endpoint: LLMSettings | None, vllm: VLLMSettings | None, prompt_format: str,
+                    dtype: torch.dtype) -> dict:
+    """What of the backend decides the samples. An endpoint's URL does not (a rerun against another server, or a
+    fleet, of the same served model resumes): its served model and prompt format do."""
+    if endpoint is not None:
+        return {"kind": "endpoint", "served_model": endpoint.model, "prompt_format": prompt_format}
+    if vllm is not None:
+        return backend_record(vllm, dtype)
+    return {"kind": "local", "dtype": str(dtype).removeprefix("torch.")}
+
+
 def _settings_record(corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sep_id: int,
-                     endpoint: LLMSettings | None, prompt_format: str, dtype: torch.dtype, separator: str) -> dict:
-    """Everything that decides the output: the work directory's manifest and the sidecar's "synthesis" entry (of
-    an endpoint only its url, served model and prompt format)."""
+                     backend: dict, separator: str) -> dict:
+    """Everything that decides the output: the work directory's manifest and the sidecar's "synthesis" entry."""
     record = {
         "checkpoint": {"path": os.path.abspath(synth.step_dir), "meta_sha256": synth.meta_sha256},
         "corpus": {"prefix": os.path.abspath(corpus.prefix), "idx_sha256": corpus.idx_sha256,
                    "num_documents": len(corpus)},
         "tokenizer_sha256": synth.tokenizer.identity()["sha256"], "separator": separator, "separator_id": sep_id,
-        "backend": {"kind": "local", "dtype": str(dtype).removeprefix("torch.")} if endpoint is None else
-                   {"kind": "endpoint", "url": endpoint.base_url, "served_model": endpoint.model,
-                    "prompt_format": prompt_format},
+        "backend": backend,
         **{k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
     return json.loads(json.dumps(record))
+
+
+def prepare(checkpoint, corpus_prefix, settings: SynthSettings, *, tokenizer, device, dtype, endpoint, vllm,
+            prompt_format: str, separator, load_weights: bool = True):
+    """(corpus, synthesizer, settings with the lengths filled in, separator id, settings record) of a run, every
+    input checked; the synthesizer's weights are loaded for our own sampler only (and only with load_weights)."""
+    settings.check()
+    if vllm is not None:
+        vllm.check()
+    backend = _backend_record(endpoint, vllm, prompt_format, dtype)  # VLLMError now when vLLM is missing
+    corpus = IndexedDataset(corpus_prefix)
+    synth = load_synthesizer(checkpoint, tokenizer, load_weights=load_weights and backend["kind"] == "local",
+                             device=device, dtype=dtype)
+    check_tokenizer(corpus, synth.tokenizer, role="the synthesizer's tokenizer")
+    separator, sep_id = resolve_separator(synth, separator)
+    max_seed, max_new = prompt_lengths(synth.max_seq_len, settings.max_seed_tokens, settings.max_new_tokens)
+    settings = replace(settings, max_seed_tokens=max_seed, max_new_tokens=max_new)
+    return corpus, synth, settings, sep_id, _settings_record(corpus, synth, settings, sep_id, backend, separator)
+
+
+def make_sampler(synth: Synthesizer, settings: SynthSettings, *, endpoint, vllm, prompt_format: str, dtype,
+                 work_path: Path, ledger: Path):
+    """The backend's sampler (close() it when it is a VLLMSampler); a vLLM export goes to work_path."""
+    sampling = Sampling(settings.seed, settings.temperature, settings.top_k, settings.top_p, settings.max_new_tokens)
+    if endpoint is not None:
+        return EndpointSampler(endpoint, synth.tokenizer, sampling, ledger, prompt_format)
+    if vllm is not None:
+        def export() -> Path:  # at the first shard to sample
+            return export_for_vllm(synth.step_dir, synth.meta_sha256, synth.tokenizer, work_path, dtype)
+
+        return VLLMSampler(export, synth.tokenizer.eod_id, sampling, vllm, dtype=dtype,
+                           max_model_len=synth.max_seq_len)
+    return LocalSampler(synth.model, synth.tokenizer.eod_id, sampling, settings.batch_size)
 
 
 def _own_output(output_prefix: str, record: dict) -> dict | None:
@@ -303,13 +351,18 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
                work_dir: str | os.PathLike | None = None, overwrite: bool = False, keep_work: bool = False,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                endpoint: LLMSettings | None = None, prompt_format: str = "ids", progress: bool = True,
-               separator: str | None = None) -> dict:
+               separator: str | None = None, vllm: VLLMSettings | None = None) -> dict:
     """Run synthesis (docs/sbp.md); on rank 0 return the output's counts, on other ranks {"rank": r}.
     `separator`: see resolve_separator (default: the one recorded by the pair data it was tuned on, else <|sep|>).
     `endpoint`: sample through this OpenAI-compatible server instead of locally, sending each prompt as token ids
-    or, with prompt_format="text", as text. Raises SynthError, IndexedDatasetError, TokenizerError,
+    or, with prompt_format="text", as text. `vllm`: sample with a vLLM engine in this process (in `dtype`; one
+    process, not under torchrun). Raises SynthError, VLLMError, IndexedDatasetError, TokenizerError,
     CheckpointError, WorkDirMismatch, RunDirBusy or OutputExistsError on bad input, before any sampling."""
     dist, rank, _ = _dist()
+    if vllm is not None and (endpoint is not None or dist is not None):
+        raise SynthError("--backend vllm runs one engine in one process: not with an endpoint, and not under "
+                         "torchrun (vLLM sets up its own process group); use --vllm-tensor-parallel-size for a "
+                         "model larger than one GPU, or one run per GPU with its own --seed and --output-prefix")
     lock, refusal = None, None
     if rank == 0:
         try:
@@ -320,7 +373,7 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
     try:
         return _synthesize(checkpoint, corpus_prefix, output_prefix, settings, tokenizer=tokenizer, work_dir=work_dir,
                            overwrite=overwrite, keep_work=keep_work, device=device, dtype=dtype, endpoint=endpoint,
-                           prompt_format=prompt_format, progress=progress, separator=separator)
+                           prompt_format=prompt_format, progress=progress, separator=separator, vllm=vllm)
     finally:
         if lock is not None:
             lock.release(remove=True)
@@ -328,18 +381,13 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
 
 def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSettings, *, tokenizer, work_dir,
                 overwrite: bool, keep_work: bool, device, dtype, endpoint, prompt_format: str, progress: bool,
-                separator) -> dict:
+                separator, vllm) -> dict:
     """synthesize() with the output prefix locked (on rank 0)."""
-    settings.check()
     corpus_prefix, output_prefix = os.fspath(corpus_prefix), os.fspath(output_prefix)
     work_path = Path(work_dir) if work_dir is not None else Path(f"{output_prefix}.work")
-    corpus = IndexedDataset(corpus_prefix)
-    synth = load_synthesizer(checkpoint, tokenizer, load_weights=endpoint is None, device=device, dtype=dtype)
-    check_tokenizer(corpus, synth.tokenizer, role="the synthesizer's tokenizer")
-    separator, sep_id = resolve_separator(synth, separator)
-    max_seed, max_new = prompt_lengths(synth.max_seq_len, settings.max_seed_tokens, settings.max_new_tokens)
-    settings = replace(settings, max_seed_tokens=max_seed, max_new_tokens=max_new)
-    record = _settings_record(corpus, synth, settings, sep_id, endpoint, prompt_format, dtype, separator)
+    corpus, synth, settings, sep_id, record = prepare(checkpoint, corpus_prefix, settings, tokenizer=tokenizer,
+                                                      device=device, dtype=dtype, endpoint=endpoint, vllm=vllm,
+                                                      prompt_format=prompt_format, separator=separator)
     dist, rank, _ = _dist()
     own = _own_output(output_prefix, record) if work_path.is_dir() else None
     if dist is not None:
@@ -364,26 +412,26 @@ def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSetting
     try:
         if rank != 0:  # after share_refusal, a barrier: rank 0 has written or checked the manifest
             WorkDir.check(work_path, pipeline="synthesize", settings=record)
-        sampling = Sampling(settings.seed, settings.temperature, settings.top_k, settings.top_p,
-                            settings.max_new_tokens)
-        if endpoint is None:
-            sampler = LocalSampler(synth.model, synth.tokenizer.eod_id, sampling, settings.batch_size)
-        else:
-            sampler = EndpointSampler(endpoint, synth.tokenizer, sampling, work_path / f"ledger.rank{rank}.jsonl",
-                                      prompt_format)
-        run = _Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)
+        sampler = make_sampler(synth, settings, endpoint=endpoint, vllm=vllm, prompt_format=prompt_format,
+                               dtype=dtype, work_path=work_path, ledger=work_path / f"ledger.rank{rank}.jsonl")
         try:
-            num_shards = run.run()
+            run = _Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)
+            try:
+                num_shards = run.run()
+            finally:
+                run.close()
         finally:
-            run.close()
+            if isinstance(sampler, VLLMSampler):
+                sampler.close()
         if dist is not None:
             dist.barrier()  # every shard is on disk
         if rank != 0:
             return {"rank": rank}
         # Still free (checked again by the writer)? No other synthesize run can have written it (the prefix lock),
         # another tool can have.
-        counts = _publish(output_prefix, ShardStore(work_path), num_shards, synth.tokenizer, record,
-                          overwrite or own is not None)
+        served_by = {} if endpoint is None else {"served_by": endpoint.base_url}  # informative: not a setting
+        counts = publish_shards(output_prefix, ShardStore(work_path).read, num_shards, synth.tokenizer, record,
+                                served_by, overwrite or own is not None)
         if not keep_work:
             remove_dir(work_path)  # still locked (so present): no run that starts now can be inside it
     finally:
@@ -392,14 +440,15 @@ def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSetting
     return counts
 
 
-def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record: dict, overwrite: bool) -> dict:
-    """Shards 0..num_shards-1 in order -> OUT.provenance.parquet, then the prefix (its .idx last)."""
+def publish_shards(output_prefix: str, read_shard, num_shards: int, tok, record: dict, extra: dict,
+                   overwrite: bool) -> dict:
+    """Shards read_shard(0..num_shards-1) in order -> OUT.provenance.parquet, then the prefix (its .idx last)."""
     counts = {"requested": 0, "generated": 0, "empty_dropped": 0, "truncated": 0, "out_of_vocab_dropped": 0,
               "tokens": 0, "shards": num_shards}
 
     def shards():
         for k in range(num_shards):
-            shard = store.read(k)
+            shard = read_shard(k)
             counts["requested"] += shard.requested
             counts["generated"] += int(shard.lengths.size)
             counts["empty_dropped"] += shard.empty
@@ -413,7 +462,7 @@ def _publish(output_prefix: str, store: ShardStore, num_shards: int, tok, record
         if counts["generated"] == 0:
             raise SynthError(f"{output_prefix}: all {counts['requested']:,} samples were empty or dropped "
                              f"({counts['empty_dropped']:,} empty): no document to write")
-        return {"synthesis": {"settings": record, "counts": counts}}
+        return {"synthesis": {"settings": record, **extra, "counts": counts}}
 
     write_synthetic_prefix(output_prefix, tok, (), columns={"seed": pa.int64(), "sample": pa.int64()},
                            generator="synthesize", late_metadata=synthesis, overwrite=overwrite, allow_empty=True,
