@@ -2,7 +2,7 @@
 a machine without a GPU (Triton's bundled ptxas and cuobjdump; see megasynth/kernels/aot.py for how).
 
     python bench/kernel_resources.py                 # the full matrix, Markdown table on stdout
-    python bench/kernel_resources.py --quick         # the reduced matrix the test suite checks
+    python bench/kernel_resources.py --quick         # the reduced matrix (the test suite checks its sm_80/90 part)
     python bench/kernel_resources.py --arch 90 --kernels flash_attention --output table.md
 
 Exits 1 if any launch would fail on its architecture (a compile error, or shared memory over
@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", type=int, nargs="+", default=None, metavar="CC",
                    help="compute capabilities to check, e.g. 80 86 90 (default: the archs each case lists: 80, 89, 90; "
-                   "with --quick 80 and 90, plus 89 for the attention kernels)")
+                   "with --quick 80 and 90, plus 89 for the attention kernels; the test suite passes --arch 80 90)")
     p.add_argument("--quick", action="store_true",
-                   help="the reduced matrix of the test suite (pairwise over dtype / layout / causal) instead of "
+                   help="the reduced matrix (pairwise over dtype / layout / causal) instead of "
                    "the full product")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compile processes (compiles are CPU-bound; default: all cores)")

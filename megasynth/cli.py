@@ -476,3 +476,14 @@ def worker_mode(args: argparse.Namespace) -> tuple[Any, str] | None:
     except WorkUnitsError as e:
         raise ValueError(str(e)) from None
     return worker, "only" if args.publish else "never" if args.no_publish else "auto"
+
+
+def worker_outcome(out: dict, worker: Any, output: str, wrote: str) -> str:
+    """The line a stage's tool prints for a worker: `wrote` (what the publisher wrote) when this call published,
+    else what it made; the same words for every stage."""
+    if out.get("already_published"):
+        return f"{output}: already published from {out['units']} units"
+    if out["published"]:
+        return f"{wrote} from {out['units']} units ({len(out['made'])} made by worker {worker})"
+    busy = f", {len(out['busy'])} held by other live workers" if out.get("busy") else ""
+    return f"worker {worker}: made {len(out['made'])} of {out['units']} units{busy}"

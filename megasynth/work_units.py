@@ -288,6 +288,21 @@ def run_worker(units: WorkUnits, worker: Worker, make_unit: Callable[[int, Path]
     return report
 
 
+def make_then_check(units: WorkUnits, worker: Worker, make_unit, publish: str, out: dict, *, log=None) -> bool:
+    """A stage's worker part: make units (not for publish="only"), noting in `out` what was made ("made", "busy");
+    True when every unit is done and publishing is this call's to do (publish "auto" or "only"). For "only",
+    WorkUnitsError names the missing units."""
+    if publish not in ("auto", "never", "only"):
+        raise ValueError(f"publish must be auto, never or only, got {publish!r}")
+    if publish != "only":
+        report = run_worker(units, worker, make_unit, progress=log)
+        out["made"], out["busy"] = report.made, report.busy
+        if publish == "never" or units.missing():
+            return False
+    units.refuse_missing()
+    return True
+
+
 def published_counts(events_dir: str | os.PathLike) -> dict[int, int]:
     """{unit: times published} over every worker's event log (each should be 1)."""
     out: dict[int, int] = {}

@@ -27,7 +27,8 @@ import argparse
 import os
 import sys
 
-from megasynth.cli import ToolParser, add_worker_arguments, check_outputs, directory, prefix, worker_mode
+from megasynth.cli import (ToolParser, add_worker_arguments, check_outputs, directory, prefix, worker_mode,
+                           worker_outcome)
 from megasynth.data.indexed import IndexedDatasetError, idx_path
 from megasynth.io import JsonlError
 from megasynth.run_lock import RunDirBusy
@@ -118,14 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report_worker(args, worker, out: dict) -> int:
-    if out.get("already_published"):
-        print(f"{args.output}: already published from {out['units']} units")
-    elif out["published"]:
-        print(f"wrote {out['files']['npy']} and {out['files']['json']}: {out['documents']:,} documents x "
-              f"{out['dim']} dims from {out['units']} units ({len(out['made'])} made by worker {worker})")
-    else:
-        print(f"worker {worker}: made {len(out['made'])} of {out['units']} units"
-              + (f", {len(out['busy'])} held by other live workers" if out.get("busy") else ""))
+    files = out.get("files") or {}
+    print(worker_outcome(out, worker, args.output, f"wrote {files.get('npy')} and {files.get('json')}: "
+                         f"{out['documents']:,} documents x {out['dim']} dims"))
     return 0
 
 

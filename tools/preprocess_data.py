@@ -39,7 +39,7 @@ import argparse
 import sys
 
 from megasynth.cli import (ToolParser, add_input_arguments, add_worker_arguments, check_outputs, directory,
-                           reader_options_from_args, worker_mode)
+                           reader_options_from_args, worker_mode, worker_outcome)
 from megasynth.data.preprocess import parse_cli_args, preprocess, run_for_cli
 from megasynth.data.preprocess_units import DEFAULT_UNIT_BYTES, preprocess_units
 from megasynth.work_units import WorkUnitsError
@@ -117,13 +117,9 @@ def _as_worker(args, options, worker, publish: str) -> int:
                                 log=None if args.no_progress else lambda m: print(m, file=sys.stderr))
 
     def unpublished(out: dict) -> str | None:
-        if out.get("already_published"):
-            return f"{args.output_prefix}: already published from {out['units']} units"
-        if out["published"]:
-            return None
-        return (f"worker {worker}: made {len(out['made'])} of {out['units']} units"
-                + (f", {len(out['busy'])} held by other live workers" if out.get("busy") else "")
-                + ("" if publish == "never" else "; not every unit is done yet, so nothing is published"))
+        if out["published"] and not out.get("already_published"):
+            return None  # the usual "wrote" line
+        return worker_outcome(out, worker, args.output_prefix, "")
 
     return run_for_cli(args.output_prefix, run, files=".bin/.idx/.json", summary_line=summary_line,
                        bad_input=(WorkUnitsError,), other_outcome=unpublished)

@@ -17,7 +17,9 @@ outputs are dropped and counted. A document depends only on (--seed, its sample 
 the number of torchrun ranks (each takes a share of the shards) or interruptions. Work goes in shards to --work-dir (default
 OUT.work/) with a manifest of the settings; run the same command again after a crash or kill and it resumes,
 publishing the same bytes as an uninterrupted run. --tokens T draws whole shards until the output holds at
-least T tokens (EOD included).
+least T tokens (EOD included). On a cluster, --worker I/N (or auto in a Slurm array) makes shards as independent
+workers on any hosts that see --work-dir, surviving each other's loss; the last one (or a --publish job) writes
+the bytes one process would (docs/cluster.md).
 
 Backends (--backend): ours (default) samples with megasynth.generate's KV-cache sampler, on --device, under
 torchrun on every rank. vllm runs a vLLM engine in this process (one process: not under torchrun; a model larger
@@ -51,7 +53,7 @@ import torch
 
 from megasynth.checkpoint import CheckpointError
 from megasynth.cli import (ToolParser, add_worker_arguments, check_outputs, directory, float_range, nonnegative_float,
-                           positive_float, prefix, worker_mode,
+                           positive_float, prefix, worker_mode, worker_outcome,
                            run_dir)
 from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError
 from megasynth.distributed import destroy_distributed, init_distributed, pick_device
@@ -258,14 +260,9 @@ def _as_worker(args, settings, backend: str, vllm, endpoint, worker, publish: st
             RunDirBusy, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if out.get("already_published"):
-        print(f"{args.output_prefix}: already published from {out['units']} units")
-    elif out["published"]:
-        print(f"wrote {args.output_prefix}.bin/.idx/.json and .provenance.parquet: {out['generated']:,} documents, "
-              f"{out['tokens']:,} tokens from {out['units']} units ({len(out['made'])} made by worker {worker})")
-    else:
-        print(f"worker {worker}: made {len(out['made'])} of {out['units']} units"
-              + (f", {len(out['busy'])} held by other live workers" if out.get("busy") else ""))
+    wrote = (f"wrote {args.output_prefix}.bin/.idx/.json and .provenance.parquet: {out['generated']:,} documents, "
+             f"{out['tokens']:,} tokens" if out["published"] else "")
+    print(worker_outcome(out, worker, args.output_prefix, wrote))
     return 0
 
 

@@ -25,7 +25,7 @@ from megasynth.data.preprocess import check_output_prefix, prefix_metadata, prep
 from megasynth.data.readers import InputReader, ReaderOptions
 from megasynth.run_lock import RunDirBusy, acquire_path_lock
 from megasynth.tokenizer import TokenizerError, load_tokenizer
-from megasynth.work_units import Worker, WorkUnits, run_worker
+from megasynth.work_units import Worker, WorkUnits, make_then_check
 
 DEFAULT_UNIT_BYTES = 1 << 30
 PART = "part"  # the part prefix inside a unit directory
@@ -52,8 +52,6 @@ def preprocess_units(inputs: Sequence[str | os.PathLike], output_prefix: str | o
     """Do this worker's units, then publish when every unit is done (`publish`: "auto"; "never": only the units;
     "only": no units, publish or refuse with the missing ones). Returns {"made": [...], "published": bool, ...}
     plus the output's summary when this call published it."""
-    if publish not in ("auto", "never", "only"):
-        raise ValueError(f"publish must be auto, never or only, got {publish!r}")
     if unit_bytes < 1:
         raise ValueError(f"--unit-bytes must be >= 1, got {unit_bytes}")
     started = time.perf_counter()
@@ -81,12 +79,8 @@ def preprocess_units(inputs: Sequence[str | os.PathLike], output_prefix: str | o
                        append_eod=append_eod, workers=workers, progress=False, allow_empty=True)
         return {key: s[key] for key in ("documents", "tokens", "skipped_empty", "skipped_bad", "bad_examples")}
 
-    if publish != "only":
-        report = run_worker(units, worker, make_unit, progress=log)
-        out["made"], out["busy"] = report.made, report.busy
-        if publish == "never" or units.missing():
-            return out
-    units.refuse_missing()
+    if not make_then_check(units, worker, make_unit, publish, out, log=log):
+        return out
     try:  # one publisher: the last workers may all find every unit done at once
         lock = acquire_path_lock(output_prefix, tool="a preprocess_data publisher", flag="--output-prefix")
     except RunDirBusy:

@@ -227,3 +227,33 @@ def test_ray_launcher_synthesizes_on_a_local_ray_and_publishes_the_same_bytes(se
     assert all(f"worker {i}/3: worker {i}/3: made" in printed for i in range(3)), printed
     assert output_bytes(out) == output_bytes(ref)
     assert published_counts(Path(f"{out}.work") / "events") == {k: 1 for k in range(NUM_DOCS // SHARD)}
+
+
+def test_token_target_workers_finish_rounds_and_publish_the_bytes_of_one_run(tool, setup, tmp_path):
+    """--tokens T with workers: shards come in rounds of a fixed size, so which shards form the output (0..m, m the
+    first at which T is reached) does not depend on the workers."""
+    run, corpus, _ = setup
+
+    def token_args(out):
+        argv = args(run, corpus, out)
+        i = argv.index("--num-docs")
+        return [*argv[:i], "--tokens", "300", *argv[i + 2:]]
+
+    ref = tmp_path / "ref" / "syn"
+    assert tool.main(token_args(ref)) == 0
+    out = tmp_path / "syn"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, str(ROOT / "tools" / "synthesize.py"), *token_args(out)]
+    procs = [subprocess.Popen([*base, "--worker", w], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for w in ("0/2", "1/2")]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert output_bytes(out) == output_bytes(ref)
+    shards = json.loads(Path(f"{out}.json").read_text())["synthesis"]["counts"]["shards"]
+    rounds = sorted(p.name for p in Path(f"{out}.work").iterdir() if p.name.startswith("r0"))
+    assert shards > 8 and rounds == ["r0000", "r0001"][: -(-shards // 8)], (shards, rounds)  # two rounds needed
+    counts = {}
+    for r in rounds:
+        for k, n in published_counts(Path(f"{out}.work") / r / "events").items():
+            counts[(r, k)] = n
+    assert set(counts.values()) == {1} and len(counts) == 8 * len(rounds)

@@ -337,7 +337,7 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
     """Worker `worker` of embed_corpus: units are its shards; the last worker to find every unit done (or
     publish="only") assembles EMB.npy/EMB.json, the bytes of a one-process run on the same device type."""
     from megasynth.run_lock import acquire_path_lock  # noqa: PLC0415
-    from megasynth.work_units import WorkUnits, run_worker  # noqa: PLC0415
+    from megasynth.work_units import WorkUnits, make_then_check  # noqa: PLC0415
 
     if options.batch_size < 1 or options.shard_size < 1:
         raise EmbedError("--batch-size and --shard-size must be >= 1")
@@ -368,13 +368,14 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
             np.save(f, embed_texts(model, source.texts(start, stop), options.batch_size))
         return {"documents": stop - start}
 
-    if publish != "only":
-        report = run_worker(units, worker, make_unit, progress=log)
-        out["made"], out["busy"] = report.made, report.busy
-        if publish == "never" or units.missing():
-            return out
-    units.refuse_missing()
-    lock = acquire_path_lock(emb_stem(output), tool="an embed_corpus publisher", flag="--output")
+    if not make_then_check(units, worker, make_unit, publish, out, log=log):
+        return out
+    try:  # one publisher: the last workers may all find every unit done at once
+        lock = acquire_path_lock(emb_stem(output), tool="an embed_corpus publisher", flag="--output")
+    except RunDirBusy:
+        if publish == "only":
+            raise
+        return out
     try:
         if units.published() is not None and publish != "only":
             return {**out, "already_published": True}

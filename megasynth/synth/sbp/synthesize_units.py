@@ -1,28 +1,38 @@
-"""Synthesis as independent workers (megasynth.work_units; docs/cluster.md): units are the shards of a --num-docs
-run, each worker samples its shards with any backend, and publish assembles the prefix and provenance in shard
-order: the bytes of a one-process run with the same settings (for a deterministic backend).
+"""Synthesis as independent workers (megasynth.work_units; docs/cluster.md): units are the shards of the run, each
+worker samples shards with any backend, and publish assembles the prefix and provenance in shard order: the bytes
+of a one-process run with the same settings (for a deterministic backend).
 
     out = synthesize_units("runs/synth", "data/real", "data/synthetic", SynthSettings(num_docs=10**7),
                            worker=Worker(3, 64), work_dir="data/synthetic.work")
+
+With --num-docs the shards are one fixed list (WORK/units/). With --tokens T they come in rounds of ROUND_SHARDS
+shards (WORK/r0000/, r0001/, ...): every worker helps finish a round, and once it is complete the shards' token
+counts say whether another is needed; the output is shards 0..m, m the first at which the total reaches T, as in a
+one-process run. The rounds do not depend on the number of workers, so neither does the output; a round's shards
+past m are made and not used.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
 
 from megasynth.cli import prefix as prefix_spec
 from megasynth.data.prefix import idx_path
-from megasynth.run_lock import acquire_path_lock
+from megasynth.run_lock import RunDirBusy, acquire_path_lock
 from megasynth.synth.corpus import check_output_prefix
 from megasynth.synth.sbp.shards import ShardStore
-from megasynth.synth.sbp.synthesize import (TOOL, SynthError, SynthSettings, _Run, make_sampler, prepare,
-                                            publish_shards)
+from megasynth.synth.sbp.synthesize import (_ZERO_ROUNDS, TOOL, SynthError, SynthSettings, _Run, make_sampler,
+                                            prepare, publish_shards)
 from megasynth.synth.sbp.vllm_sampler import VLLMSampler
-from megasynth.work_units import Worker, WorkUnits, run_worker
+from megasynth.work_units import Worker, WorkUnits, make_then_check, run_worker
+
+ROUND_SHARDS = 8  # --tokens: shards per round (a constant: the rounds, so the output, do not depend on the workers)
+WAIT_S = 2.0  # --tokens: how often a worker looks whether the shards other live workers hold are done
 
 
 def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSettings, *, worker: Worker,
@@ -32,52 +42,104 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
     """Make this worker's shards, then publish when every shard is done (`publish`: "auto", "never" or "only",
     as megasynth.data.preprocess_units). Returns {"units", "made", "published", ...} and, from the publisher,
     the output's counts."""
-    if settings.tokens is not None:
-        raise SynthError("--tokens with --worker: independent workers need the number of shards up front; give "
-                         "--num-docs (tools/plan_fleet.py turns a token target into documents from a calibration)")
     output_prefix, corpus_prefix = os.fspath(output_prefix), os.fspath(corpus_prefix)
     corpus, synth, settings, sep_id, record = prepare(
         checkpoint, corpus_prefix, settings, tokenizer=tokenizer, device=device, dtype=dtype, endpoint=endpoint,
         vllm=vllm, prompt_format=prompt_format, separator=separator, load_weights=publish != "only")
-    units = WorkUnits(work_dir, stage="synthesize", settings=record,
-                      num_units=-(-settings.num_docs // settings.shard_docs), create=publish != "only")
-    out: dict = {"units": units.num_units, "made": [], "published": False}
-    done = units.published()
+    create = publish != "only"
+    if settings.num_docs is not None:
+        first = WorkUnits(Path(work_dir), stage="synthesize", settings=record,
+                          num_units=-(-settings.num_docs // settings.shard_docs), create=create)
+    else:
+        first = _round(work_dir, record, 0, create)
+    out: dict = {"units": first.num_units, "made": [], "published": False}
+    done = first.published()  # the publisher marks the first (or only) unit list
     if done is not None and idx_path(output_prefix).is_file():
         return {**out, **done["summary"], "already_published": True}
+    sampler = run = None
     if publish != "only":
         ledger = Path(work_dir) / f"ledger.{socket.gethostname()}.{os.getpid()}.jsonl"
         sampler = make_sampler(synth, settings, endpoint=endpoint, vllm=vllm, prompt_format=prompt_format,
                                dtype=dtype, work_path=Path(work_dir), ledger=ledger)
         run = _Run(corpus, synth, settings, sampler, sep_id, None, progress=False)
 
-        def make_unit(k: int, tmp: Path) -> dict:
-            shard = run.sample(k)
-            ShardStore(tmp).write(k, shard)
-            return {"tokens": shard.num_tokens, "requested": shard.requested, "documents": int(shard.lengths.size)}
+    def make_shard(k: int, tmp: Path) -> dict:
+        shard = run.sample(k)
+        ShardStore(tmp).write(k, shard)
+        return {"tokens": shard.num_tokens, "requested": shard.requested, "documents": int(shard.lengths.size)}
 
-        try:
-            report = run_worker(units, worker, make_unit, progress=log)
-        finally:
-            if isinstance(sampler, VLLMSampler):
-                sampler.close()
-        out["made"], out["busy"] = report.made, report.busy
-        if publish == "never" or units.missing():
-            return out
-    units.refuse_missing()
-    lock = acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix")
     try:
-        done = units.published()
+        if settings.num_docs is not None:
+            if not make_then_check(first, worker, make_shard, publish, out, log=log):
+                return out
+            lists, num_shards = [(first, 0)], first.num_units
+        else:
+            lists, num_shards = _token_rounds(first, work_dir, record, settings.tokens, worker, make_shard, publish,
+                                              out, log)
+            out["units"] = num_shards
+            if publish == "never":
+                return out
+    finally:
+        if isinstance(sampler, VLLMSampler):
+            sampler.close()
+
+    def place(k: int) -> tuple[WorkUnits, int]:  # shard k -> (its unit list, its unit there)
+        units, start = lists[k // lists[0][0].num_units] if len(lists) > 1 else lists[0]
+        return units, k - start
+
+    try:  # one publisher: the last workers may all find every unit done at once
+        lock = acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix")
+    except RunDirBusy:
+        if publish == "only":
+            raise
+        return out
+    try:
+        done = first.published()
         if done is not None and publish != "only":  # another worker published while we looked
             return {**out, **done["summary"], "already_published": True}
-        for k in range(units.num_units):
-            units.record(k)  # settings, sizes, sha256
+        for k in range(num_shards):
+            units, j = place(k)
+            units.record(j)  # settings, sizes, sha256
         check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)}, overwrite=overwrite,
                             error=SynthError)
         served_by = {} if endpoint is None else {"served_by": endpoint.base_url}
-        counts = publish_shards(output_prefix, lambda k: ShardStore(units.unit_dir(k)).read(k), units.num_units,
-                                synth.tokenizer, record, served_by, overwrite)
-        units.mark_published(output_prefix, counts)
+        counts = publish_shards(output_prefix, lambda k: ShardStore(place(k)[0].unit_dir(place(k)[1])).read(k),
+                                num_shards, synth.tokenizer, record, served_by, overwrite)
+        first.mark_published(output_prefix, counts)
     finally:
         lock.release(remove=True)
     return {**out, **counts, "published": True}
+
+
+def _round(work_dir, record: dict, r: int, create: bool) -> WorkUnits:
+    return WorkUnits(Path(work_dir) / f"r{r:04d}", stage="synthesize",
+                     settings={**record, "round": r, "round_shards": ROUND_SHARDS}, num_units=ROUND_SHARDS,
+                     create=create)
+
+
+def _token_rounds(first: WorkUnits, work_dir, record: dict, tokens: int, worker: Worker, make_shard, publish: str,
+                  out: dict, log) -> tuple[list[tuple[WorkUnits, int]], int]:
+    """Finish round after round until the shards' tokens reach `tokens`; ([(round's units, its first shard)],
+    number of shards of the output). A round another live worker still works on is waited for; publish="only"
+    makes nothing and refuses an unfinished round, naming its missing shards."""
+    lists, total, empty_rounds, r = [], 0, 0, 0
+    while True:
+        units = first if r == 0 else _round(work_dir, record, r, publish != "only")
+        start = r * ROUND_SHARDS
+        lists.append((units, start))
+        while publish != "only" and units.missing():
+            report = run_worker(units, worker, lambda j, tmp, start=start: make_shard(start + j, tmp), progress=log)
+            out["made"] += [start + j for j in report.made]
+            if units.missing():
+                time.sleep(WAIT_S)  # held by live workers: wait for them (or for their locks, if they die)
+        units.refuse_missing()
+        counts = [units.record(j, verify=False)["counts"]["tokens"] for j in range(ROUND_SHARDS)]
+        for j, c in enumerate(counts):
+            total += c
+            if total >= tokens:
+                return lists, start + j + 1
+        empty_rounds = empty_rounds + 1 if sum(counts) == 0 else 0
+        if empty_rounds * ROUND_SHARDS >= _ZERO_ROUNDS:
+            raise SynthError(f"shards {start + ROUND_SHARDS - empty_rounds * ROUND_SHARDS}..{start + ROUND_SHARDS - 1}"
+                             " produced no token (every output empty): is the checkpoint a tuned synthesizer?")
+        r += 1
