@@ -303,6 +303,17 @@ def make_then_check(units: WorkUnits, worker: Worker, make_unit, publish: str, o
     return True
 
 
+def publisher_lock(output: str | os.PathLike, *, tool: str, flag: str, publish: str):
+    """The output's lock for its one publisher (the last workers may all find every unit done at once), or None
+    when another process holds it and this call may leave publishing to it; for publish="only", RunDirBusy."""
+    try:
+        return acquire_path_lock(output, tool=tool, flag=flag)
+    except RunDirBusy:
+        if publish == "only":
+            raise
+        return None
+
+
 def published_counts(events_dir: str | os.PathLike) -> dict[int, int]:
     """{unit: times published} over every worker's event log (each should be 1)."""
     out: dict[int, int] = {}

@@ -23,9 +23,8 @@ from megasynth.data.indexed import (IndexedDataset, IndexedDatasetWriter, check_
 from megasynth.data.merge import append_dataset
 from megasynth.data.preprocess import check_output_prefix, prefix_metadata, preprocess, read_stats, remove_created_dirs
 from megasynth.data.readers import InputReader, ReaderOptions
-from megasynth.run_lock import RunDirBusy, acquire_path_lock
+from megasynth.work_units import Worker, WorkUnits, make_then_check, publisher_lock
 from megasynth.tokenizer import TokenizerError, load_tokenizer
-from megasynth.work_units import Worker, WorkUnits, make_then_check
 
 DEFAULT_UNIT_BYTES = 1 << 30
 PART = "part"  # the part prefix inside a unit directory
@@ -81,11 +80,8 @@ def preprocess_units(inputs: Sequence[str | os.PathLike], output_prefix: str | o
 
     if not make_then_check(units, worker, make_unit, publish, out, log=log):
         return out
-    try:  # one publisher: the last workers may all find every unit done at once
-        lock = acquire_path_lock(output_prefix, tool="a preprocess_data publisher", flag="--output-prefix")
-    except RunDirBusy:
-        if publish == "only":
-            raise
+    lock = publisher_lock(output_prefix, tool="a preprocess_data publisher", flag="--output-prefix", publish=publish)
+    if lock is None:  # another worker is publishing
         return out
     try:
         done = units.published()

@@ -29,11 +29,10 @@ from megasynth.cli import LLM_UNIT_DOCS
 from megasynth.data.indexed import check_output_free
 from megasynth.data.prefix import idx_path
 from megasynth.data.readers import InputError
-from megasynth.run_lock import RunDirBusy, acquire_path_lock
 from megasynth.synth.llm.runner import LEDGER, LLMPipeline
 from megasynth.synth.llm.settings import LLMSettings
 from megasynth.synth.workdir import RecordLog, WorkDir, refuse_overlapping_paths
-from megasynth.work_units import UnitDeferred, Worker, WorkUnits, WorkUnitsError, run_worker
+from megasynth.work_units import UnitDeferred, Worker, WorkUnits, WorkUnitsError, publisher_lock, run_worker
 
 DEFAULT_UNIT_DOCS = LLM_UNIT_DOCS
 PUBLISH_MODES = ("auto", "never", "only")
@@ -144,11 +143,8 @@ def run_units(pipeline: LLMPipeline, run: WorkerRun) -> dict:
         if run.publish == "never" or units.missing():
             return out
     units.refuse_missing()
-    try:  # one publisher: the last workers may all find every unit done at once
-        lock = acquire_path_lock(cfg.output_prefix, tool=f"tools/{pipeline.name}.py", flag="--output-prefix")
-    except RunDirBusy:
-        if run.publish == "only":
-            raise
+    lock = publisher_lock(cfg.output_prefix, tool=f"tools/{pipeline.name}.py", flag="--output-prefix", publish=run.publish)
+    if lock is None:  # another worker is publishing
         return out
     try:
         if _published(units, cfg.output_prefix) and run.publish != "only":  # another worker published meanwhile

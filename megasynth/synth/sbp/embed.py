@@ -336,8 +336,7 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
                 publish: str = "auto", overwrite: bool = False, allow_empty: bool = False, log=None) -> dict:
     """Worker `worker` of embed_corpus: units are its shards; the last worker to find every unit done (or
     publish="only") assembles EMB.npy/EMB.json, the bytes of a one-process run on the same device type."""
-    from megasynth.run_lock import acquire_path_lock  # noqa: PLC0415
-    from megasynth.work_units import WorkUnits, make_then_check  # noqa: PLC0415
+    from megasynth.work_units import WorkUnits, make_then_check, publisher_lock  # noqa: PLC0415
 
     if options.batch_size < 1 or options.shard_size < 1:
         raise EmbedError("--batch-size and --shard-size must be >= 1")
@@ -370,11 +369,8 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
 
     if not make_then_check(units, worker, make_unit, publish, out, log=log):
         return out
-    try:  # one publisher: the last workers may all find every unit done at once
-        lock = acquire_path_lock(emb_stem(output), tool="an embed_corpus publisher", flag="--output")
-    except RunDirBusy:
-        if publish == "only":
-            raise
+    lock = publisher_lock(emb_stem(output), tool="an embed_corpus publisher", flag="--output", publish=publish)
+    if lock is None:  # another worker is publishing
         return out
     try:
         if units.published() is not None and publish != "only":

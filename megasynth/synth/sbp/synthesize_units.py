@@ -23,13 +23,12 @@ import torch
 
 from megasynth.cli import prefix as prefix_spec
 from megasynth.data.prefix import idx_path
-from megasynth.run_lock import RunDirBusy, acquire_path_lock
 from megasynth.synth.corpus import check_output_prefix
 from megasynth.synth.sbp.shards import ShardStore
 from megasynth.synth.sbp.synthesize import (_ZERO_ROUNDS, TOOL, SynthError, SynthSettings, _Run, make_sampler,
                                             prepare, publish_shards)
 from megasynth.synth.sbp.vllm_sampler import VLLMSampler
-from megasynth.work_units import Worker, WorkUnits, make_then_check, run_worker
+from megasynth.work_units import Worker, WorkUnits, make_then_check, publisher_lock, run_worker
 
 ROUND_SHARDS = 8  # --tokens: shards per round (a constant: the rounds, so the output, do not depend on the workers)
 WAIT_S = 2.0  # --tokens: how often a worker looks whether the shards other live workers hold are done
@@ -87,11 +86,8 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
         units, start = lists[k // lists[0][0].num_units] if len(lists) > 1 else lists[0]
         return units, k - start
 
-    try:  # one publisher: the last workers may all find every unit done at once
-        lock = acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix")
-    except RunDirBusy:
-        if publish == "only":
-            raise
+    lock = publisher_lock(output_prefix, tool=TOOL, flag="--output-prefix", publish=publish)
+    if lock is None:  # another worker is publishing
         return out
     try:
         done = first.published()
