@@ -2,7 +2,7 @@
 a machine without a GPU (Triton's bundled ptxas and cuobjdump; see megasynth/kernels/aot.py for how).
 
     python bench/kernel_resources.py                 # the full matrix, Markdown table on stdout
-    python bench/kernel_resources.py --quick         # the reduced matrix (the test suite checks its sm_80/90 part)
+    python bench/kernel_resources.py --quick         # the reduced (pairwise) matrix
     python bench/kernel_resources.py --arch 90 --kernels flash_attention --output table.md
 
 Exits 1 if any launch would fail on its architecture (a compile error, or shared memory over
@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", type=int, nargs="+", default=None, metavar="CC",
                    help="compute capabilities to check, e.g. 80 86 90 (default: the archs each case lists: 80, 89, 90; "
-                   "with --quick 80 and 90, plus 89 for the attention kernels; the test suite passes --arch 80 90)")
+                   "with --quick 80 and 90, plus 89 for the attention kernels)")
     p.add_argument("--quick", action="store_true",
                    help="the reduced matrix (pairwise over dtype / layout / causal) instead of "
-                   "the full product")
+                   "the full product; spills of kernels found in Triton's cache are then the stack frame's size, "
+                   "not ptxas's exact figure (no second ptxas run)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compile processes (compiles are CPU-bound; default: all cores)")
     p.add_argument("--kernels", nargs="+", default=None, metavar="NAME",
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "flash_attention)")
     p.add_argument("--cases", default=None, metavar="FILE_OR_MODULE",
                    help="use the case table of this Python file / module (cases(quick) or CASES) instead of the "
-                   "built-in one (tests use it for a deliberately oversized kernel)")
+                   "built-in one (the test suite passes its subset of the full table, and a deliberately oversized "
+                   "kernel)")
     p.add_argument("--output", default=None, metavar="PATH", help="also write the Markdown report to PATH")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the rows and failed cases as JSON to PATH (what the tests read)")

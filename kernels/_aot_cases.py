@@ -28,8 +28,6 @@ def _leaf(*shape, dtype) -> torch.Tensor:
 
 
 # -- per kernel -----------------------------------------------------------------------------------------------------
-
-
 def _rms_norm(dtype: str, hidden: int) -> None:
     from ._rms_norm_triton import rms_norm_triton  # noqa: PLC0415
 
@@ -93,8 +91,6 @@ def _flash_attention(dtype: str, head_dim: int, varlen: bool, causal: bool, dete
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
-
-
 def _attention_points(quick: bool):
     """(dtype, head_dim, varlen, causal) points of the matrix."""
     if quick:
@@ -114,12 +110,9 @@ def cases(quick: bool = False) -> list[Case]:
     points = _attention_points(quick)
     archs = QUICK_ATTENTION_ARCHS if quick else FULL_ARCHS
     # The pre-pass has no causal axis: one case per (dtype, head_dim, layout).
-    seen = set()
-    for d, hd, v, _ in points:
-        if (d, hd, v) not in seen:
-            seen.add((d, hd, v))
-            params = (("dtype", d), ("head_dim", hd), ("layout", "varlen" if v else "batched"))
-            out.append(Case("qknorm_rope", params, partial(_qknorm_rope, d, hd, v), archs))
+    for d, hd, v in dict.fromkeys((d, hd, v) for d, hd, v, _ in points):
+        params = (("dtype", d), ("head_dim", hd), ("layout", "varlen" if v else "batched"))
+        out.append(Case("qknorm_rope", params, partial(_qknorm_rope, d, hd, v), archs))
     for d, hd, v, c in points:
         # Quick: the Latin square of docs/kernels.md; full: both backward modes everywhere.
         modes = [(d == "bf16") == (hd == 128)] if quick else [False, True]

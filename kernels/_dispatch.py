@@ -40,8 +40,4 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
             raise RuntimeError("MEGASYNTH_KERNELS=triton but triton is not importable")
         return True
     present = [t for t in tensors if t is not None]
-    return (
-        triton_available()
-        and all(t.is_cuda for t in present)
-        and not any(_is_dtensor(t) for t in present)
-    )
+    return triton_available() and all(t.is_cuda and not _is_dtensor(t) for t in present)

@@ -130,16 +130,17 @@ def _config(kernel: str, layout: TokenLayout, dtype: torch.dtype, arch: int | No
     return _TUNED[key]
 
 
-def _tile_schedule(cu_seqlens: torch.Tensor | None, layout: TokenLayout, block: int):
-    """-> (tile->document map, tile->block map, tiles to launch, blocks per sequence) for tiles of `block` rows.
+def _tile_schedule(cu_seqlens: torch.Tensor | None, layout: TokenLayout, block: int, unused: torch.Tensor):
+    """-> ((cu_seqlens, tile->document map, tile->block map), tiles to launch, blocks per sequence) for tiles of
+    `block` rows; `unused` stands in for the pointers a batched launch does not read.
 
-    Batched: tile t is block t % blocks of row t // blocks; the maps are unused. Packed: tile t of the
-    concatenated per-document tile lists, built with device ops only (no host sync); the launch uses the bound
-    cdiv(T, block) + documents (each document wastes less than one tile), and tiles past the real count find a
-    block past their document's end and exit."""
+    Batched: tile t is block t % blocks of row t // blocks. Packed: tile t of the concatenated per-document tile
+    lists, built with device ops only (no host sync); the launch uses the bound cdiv(T, block) + documents (each
+    document wastes less than one tile), and tiles past the real count find a block past their document's end
+    and exit."""
     if not layout.packed:
         blocks = triton.cdiv(layout.seq, block)
-        return None, None, layout.batch * blocks, blocks
+        return (unused, unused, unused), layout.batch * blocks, blocks
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     tiles = (lengths + block - 1) // block
     ends = torch.cumsum(tiles, 0)
@@ -147,7 +148,7 @@ def _tile_schedule(cu_seqlens: torch.Tensor | None, layout: TokenLayout, block: 
     ids = torch.arange(n_tiles, device=cu_seqlens.device)
     doc = torch.searchsorted(ends, ids, right=True).clamp_(max=lengths.numel() - 1)
     block_index = ids - (ends[doc] - tiles[doc])
-    return doc.int(), block_index.int(), n_tiles, 0
+    return (cu_seqlens, doc.int(), block_index.int()), n_tiles, 0
 
 
 def _strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
@@ -158,12 +159,6 @@ def _strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int]:
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     # The kernels address the head dim as contiguous; only inputs that are not (rare) pay for a copy.
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
-
-
-def _schedule_args(cu_seqlens, layout: TokenLayout, block: int, unused: torch.Tensor):
-    doc_map, block_map, n_tiles, blocks_per_seq = _tile_schedule(cu_seqlens, layout, block)
-    pointers = tuple(unused if t is None else t for t in (cu_seqlens, doc_map, block_map))
-    return pointers, n_tiles, blocks_per_seq
 
 
 def _use_tma(arch: int | None, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -198,7 +193,7 @@ def _forward(q, k, v, cu_seqlens, layout: TokenLayout, causal: bool, scale: floa
 
     def run(config):
         block_m, block_n, warps, stages = config
-        pointers, n_tiles, blocks_per_seq = _schedule_args(cu_seqlens, layout, block_m, lse)
+        pointers, n_tiles, blocks_per_seq = _tile_schedule(cu_seqlens, layout, block_m, lse)
         launch(
             _flash_attn_fwd_kernel, (n_tiles * layout.heads_q,),
             q, k, v, out, lse, *pointers,
@@ -218,9 +213,7 @@ def _forward(q, k, v, cu_seqlens, layout: TokenLayout, causal: bool, scale: floa
 def _backward(dout, q, k, v, out, lse, cu_seqlens, layout: TokenLayout, causal: bool, scale: float, autotune: bool,
               deterministic: bool):
     """deterministic: the two-kernel split; otherwise the single pass with dQ atomics (docs/kernels.md)."""
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if layout.n_tokens == 0 or layout.heads_q == 0:
         return dq, dk, dv
     packed, arch = layout.packed, target_arch(q.device)
@@ -244,7 +237,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, layout: TokenLayout, causal: 
 
     def run_dkdv(config):
         block_m, block_n, warps, stages = config
-        pointers, n_tiles, blocks_per_seq = _schedule_args(cu_seqlens, layout, block_n, lse)
+        pointers, n_tiles, blocks_per_seq = _tile_schedule(cu_seqlens, layout, block_n, lse)
         if not deterministic:
             dq_acc.zero_()
         launch(
@@ -258,7 +251,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, layout: TokenLayout, causal: 
 
     def run_dq(config):
         block_m, block_n, warps, stages = config
-        pointers, n_tiles, blocks_per_seq = _schedule_args(cu_seqlens, layout, block_m, lse)
+        pointers, n_tiles, blocks_per_seq = _tile_schedule(cu_seqlens, layout, block_m, lse)
         launch(
             _flash_attn_bwd_dq_kernel, (n_tiles * layout.heads_q,),
             q, k, v, dout, lse, delta, dq, *pointers,

@@ -181,31 +181,25 @@ def _config(layout: TokenLayout, device: torch.device, backward: bool) -> tuple[
     return meta, triton.cdiv(layout.n_tokens, block_t)
 
 
-def _strides(t: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
-    """(batch, token, head, dim) strides of [B, S, H, D] or packed [T, H, D] (batch stride 0 when packed)."""
-    return (0, *t.stride()) if packed else tuple(t.stride())
-
-
-def _rope_strides(cos: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, token, dim) strides of cos/sin: [S|T, D/2] is shared by every batch row, [B, S, D/2] is per row."""
-    return (0, *cos.stride()) if cos.dim() == 2 else tuple(cos.stride())
+def _strides(t: torch.Tensor, shared: bool) -> tuple[int, ...]:
+    """(batch, token, head, dim) strides of [B, S, H, D] or packed [T, H, D], and (batch, token, dim) of cos/sin
+    [B, S, D/2] or [S|T, D/2]; batch stride 0 when `shared` (packed, or one table for every batch row)."""
+    return (0, *t.stride()) if shared else tuple(t.stride())
 
 
 class _QKNormRopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, q_w, k_w, cos, sin, layout: TokenLayout, eps: float, q_scale: float):
         n, hq, hkv = layout.n_tokens, layout.heads_q, layout.heads_kv
-        q_hat = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_hat = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        rstd_q = torch.empty((n, hq), dtype=torch.float32, device=q.device)
-        rstd_k = torch.empty((n, hkv), dtype=torch.float32, device=q.device)
+        q_hat, k_hat = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
+        rstd_q, rstd_k = (torch.empty((n, h), dtype=torch.float32, device=q.device) for h in (hq, hkv))
         meta, programs = _config(layout, q.device, backward=False)
         if programs:
             launch(
                 _qknorm_rope_fwd_kernel, (programs,),
                 q, k, q_w, k_w, cos, sin, q_hat, k_hat, rstd_q, rstd_k,
                 n, layout.seq, hq, hkv,
-                *_strides(q, layout.packed), *_strides(k, layout.packed), *_rope_strides(cos),
+                *_strides(q, layout.packed), *_strides(k, layout.packed), *_strides(cos, cos.dim() == 2),
                 eps, q_scale, **meta,
             )
         ctx.save_for_backward(q, k, q_w, k_w, cos, sin, rstd_q, rstd_k)
@@ -218,18 +212,16 @@ class _QKNormRopeFunction(torch.autograd.Function):
         layout = ctx.layout
         # The kernel addresses upstream gradients like the outputs it wrote: contiguous (a no-op in practice).
         dq_hat, dk_hat = dq_hat.contiguous(), dk_hat.contiguous()
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dq, dk = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
         meta, programs = _config(layout, q.device, backward=True)
-        dim = layout.head_dim
-        dwq_partial = torch.empty((programs, dim), dtype=torch.float32, device=q.device)
-        dwk_partial = torch.empty((programs, dim), dtype=torch.float32, device=q.device)
+        dwq_partial, dwk_partial = (torch.empty((programs, layout.head_dim), dtype=torch.float32, device=q.device)
+                                    for _ in range(2))
         if programs:
             launch(
                 _qknorm_rope_bwd_kernel, (programs,),
                 q, k, q_w, k_w, cos, sin, dq_hat, dk_hat, rstd_q, rstd_k, dq, dk, dwq_partial, dwk_partial,
                 layout.n_tokens, layout.seq, layout.heads_q, layout.heads_kv,
-                *_strides(q, layout.packed), *_strides(k, layout.packed), *_rope_strides(cos),
+                *_strides(q, layout.packed), *_strides(k, layout.packed), *_strides(cos, cos.dim() == 2),
                 ctx.q_scale, **meta,
             )
         # A fixed-shape sum over a buffer each program filled alone: the same bits on every run (no atomics).

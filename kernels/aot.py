@@ -26,9 +26,8 @@ import torch
 from . import _launch
 from ._launch import Launch
 
+
 # -- the stub driver ------------------------------------------------------------------------------------------------
-
-
 def _stub_driver_class():
     from triton.backends.driver import DriverBase  # noqa: PLC0415 - triton only when compiling
 
@@ -97,8 +96,6 @@ def toolchain_problem() -> str | None:
 
 
 # -- cases and recording --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Case:
     """One configuration of one public Triton entry point: `run()` calls it forward and backward on CPU tensors."""
@@ -175,8 +172,6 @@ def launch_key(fn, args: tuple, meta: dict) -> tuple:
 
 
 # -- compiling ------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Row:
     """One compiled kernel configuration and its resources on one architecture."""
@@ -298,8 +293,6 @@ def compile_launch(variant: tuple[object, tuple, dict], arch: int, exact_spills:
 
 
 # -- the case table -------------------------------------------------------------------------------------------------
-
-
 def load_cases(source: str | None, quick: bool) -> list[Case]:
     """The built-in table (megasynth.kernels._aot_cases) or `source`: a Python file or module with
     `cases(quick: bool) -> list[Case]` or a list `CASES`."""

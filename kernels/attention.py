@@ -16,20 +16,16 @@ from .qknorm_rope import qknorm_rope, qknorm_rope_ref
 _NAME = "qknorm_rope_attention"
 
 
-def qknorm_rope_attention_ref(
-    q, k, v, q_norm_weight, k_norm_weight, cos, sin, *,
-    cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None, core="auto",
-):
+def qknorm_rope_attention_ref(q, k, v, q_norm_weight, k_norm_weight, cos, sin, *, cu_seqlens=None, max_seqlen=None,
+                              causal=True, eps=1e-6, softmax_scale=None, core="auto"):
     """The same two steps in plain PyTorch: qknorm_rope_ref, then flash_attention_ref (a dense masked softmax).
     `core` is accepted for signature parity and ignored; max_seqlen is not needed."""
     q_hat, k_hat = qknorm_rope_ref(q, k, q_norm_weight, k_norm_weight, cos, sin, eps=eps)
     return flash_attention_ref(q_hat, k_hat, v, cu_seqlens=cu_seqlens, causal=causal, softmax_scale=softmax_scale)
 
 
-def qknorm_rope_attention(
-    q, k, v, q_norm_weight, k_norm_weight, cos, sin, *,
-    cu_seqlens=None, max_seqlen=None, causal=True, eps=1e-6, softmax_scale=None, core="auto",
-):
+def qknorm_rope_attention(q, k, v, q_norm_weight, k_norm_weight, cos, sin, *, cu_seqlens=None, max_seqlen=None,
+                          causal=True, eps=1e-6, softmax_scale=None, core="auto"):
     """The fused pre-pass (qknorm_rope), then the attention core `core` ("auto" or one of attention_core.CORES;
     see choose_core). max_seqlen: as for run_core (None costs one device synchronisation per call)."""
     if not isinstance(q, torch.Tensor) or q.dim() < 1:

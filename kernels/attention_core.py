@@ -27,21 +27,10 @@ _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _NAME = "attention core"
 
 
-# ------------------------------------------------------------------------------------------------ choosing
-
-
-def choose_core(
-    requested: str,
-    *,
-    device_type: str,
-    capability: tuple[int, int] | None,
-    dtype: torch.dtype,
-    head_dim: int,
-    varlen: bool,
-    available: frozenset[str] | set[str],
-    mode: str = "auto",
-    interpreter: bool = False,
-) -> str:
+# -- choosing -------------------------------------------------------------------------------------------------------
+def choose_core(requested: str, *, device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+                head_dim: int, varlen: bool, available: frozenset[str] | set[str], mode: str = "auto",
+                interpreter: bool = False) -> str:
     """The core that serves these inputs. Pure: every fact about the machine comes in as an argument.
 
     requested: "auto" or one of CORES. device_type: "cuda" or anything else (CPU, meta). capability: (major,
@@ -151,22 +140,12 @@ def select_core(requested: str, q: torch.Tensor, *, varlen: bool, tensors=()) ->
     if requested == "auto" and any(_is_dtensor(t) for t in (q, *tensors) if t is not None):
         return "reference"
     capability, available = _facts(q.device)
-    return choose_core(
-        requested,
-        device_type=q.device.type,
-        capability=capability,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        varlen=varlen,
-        available=available,
-        mode=kernel_mode(),
-        interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
-    )
+    return choose_core(requested, device_type=q.device.type, capability=capability, dtype=q.dtype,
+                       head_dim=q.shape[-1], varlen=varlen, available=available, mode=kernel_mode(),
+                       interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-# ------------------------------------------------------------------------------------------------ running
-
-
+# -- running --------------------------------------------------------------------------------------------------------
 def _check_cu_seqlens(cu_seqlens, n_tokens: int, device: torch.device) -> None:
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1
             or cu_seqlens.numel() < 1):
@@ -221,9 +200,8 @@ def check_inputs(q, k, v, cu_seqlens=None, max_seqlen=None, softmax_scale=None) 
     if not (math.isfinite(scale) and scale > 0):
         # > 0: the Triton kernels scale the row maximum instead of every score (max(x) * s = max(x * s) needs s > 0).
         raise ValueError(f"{_NAME}: softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    if packed:
-        return TokenLayout(True, 1, q.shape[0], heads_q, heads_kv, head_dim), scale
-    return TokenLayout(False, q.shape[0], q.shape[1], heads_q, heads_kv, head_dim), scale
+    batch, seq = (1, q.shape[0]) if packed else (q.shape[0], q.shape[1])
+    return TokenLayout(packed, batch, seq, heads_q, heads_kv, head_dim), scale
 
 
 def flash_attention_ref(q, k, v, *, cu_seqlens=None, causal=True, softmax_scale=None):

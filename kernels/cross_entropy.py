@@ -76,9 +76,8 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
                          f"ignore_index ({ignore_index})")
 
 
-def linear_cross_entropy_ref(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-) -> torch.Tensor:
+def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             ignore_index: int = -100) -> torch.Tensor:
     """hidden [N, H], weight [V, H], targets [N] -> scalar mean loss over targets != ignore_index (fp32)."""
     logits = (hidden @ weight.t()).float()
     # sum / max(count, 1) rather than reduction="mean": all-ignored gives 0, not 0/0.
@@ -94,10 +93,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, loss_and_grads, hidden, weight, targets, ignore_index: int, chunk_rows: int, compute_dtype):
         # Autocast off inside: every dtype below is chosen explicitly (matmuls in compute_dtype, softmax in fp32).
         with torch.autocast(hidden.device.type, enabled=False):
-            loss, grad_hidden, grad_weight = loss_and_grads(
-                hidden, weight, targets, ignore_index, chunk_rows, compute_dtype,
-                ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-            )
+            loss, grad_hidden, grad_weight = loss_and_grads(hidden, weight, targets, ignore_index, chunk_rows,
+                                                            compute_dtype, *ctx.needs_input_grad[1:3])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -188,9 +185,8 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
     return fused_linear_cross_entropy(_chunked_pytorch, hidden, weight, targets, ignore_index, chunk_rows)
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
     """hidden [N, H], weight [V, H], targets [N] -> fp32 mean CE over targets != ignore_index (0 if none)."""
     if use_triton(hidden, weight, targets):
         from ._cross_entropy_triton import linear_cross_entropy_triton  # noqa: PLC0415

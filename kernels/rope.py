@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 500000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 500000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [...] (integer) -> cos, sin [..., head_dim // 2] in fp32.
 
     Computed in float64 and rounded once: at positions in the hundreds of thousands fp32 angle products

@@ -247,12 +247,8 @@ def special_token_id(tokenizer, text: str) -> int | None:
     A SentencePiece model with its default dummy prefix opens every text with a "▁" token, so
     encode("<|im_end|>") is two ids although the marker is one token; what counts is that the text ends in one
     id and that writing it twice adds exactly that id once more (a text the tokenizer merges or splits fails)."""
-    if not text:
-        return None
-    ids = tokenizer.encode(text)
-    if not ids or tokenizer.encode(text + text) != [*ids, ids[-1]]:
-        return None
-    return ids[-1]
+    ids = tokenizer.encode(text) if text else []
+    return ids[-1] if ids and tokenizer.encode(text + text) == [*ids, ids[-1]] else None
 
 
 def text_start_ids(tokenizer, marker: str) -> list[int]:

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -28,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from megasynth.checkpoint_verify import (ALGORITHM, CheckpointError, DamagedCheckpointError, checksum_files,
     file_checksum, find_problems)
 from megasynth.config import Config, load_config, save_config
-from megasynth.distributed import barrier, is_distributed, rank_and_world
+from megasynth.distributed import barrier, broadcast_object, is_distributed, rank_and_world
 from megasynth.io import atomic_write_text, fsync_dir, remove_dir, remove_stale_temps, temp_path_beside
 from megasynth.safe_unpickle import SafeFileSystemReader, UnsafePickleError, load_metadata
 
@@ -55,8 +54,7 @@ def _read_meta_or_none(path: Path) -> dict | None:
 
 
 def _is_complete(path: Path) -> bool:
-    meta = _read_meta_or_none(path)
-    return meta is not None and meta.get("complete") is True
+    return (_read_meta_or_none(path) or {}).get("complete") is True
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -87,10 +85,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if not _is_complete(path):
             raise CheckpointError(f"{path}: incomplete checkpoint (meta.json lacks \"complete\": true)")
         return path
-    for root in (path / "checkpoints", path):
-        latest = find_latest(root)
-        if latest is not None:
-            return latest
+    latest = find_latest(path / "checkpoints") or find_latest(path)
+    if latest is not None:
+        return latest
     raise CheckpointError(f"{path}: no complete checkpoint here (expected a step_XXXXXXXX directory with meta.json, "
                           "a checkpoints/ directory or a run directory)")
 
@@ -112,15 +109,13 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
     path, or raise DamagedCheckpointError naming the first bad file. A checkpoint saved before checksums were
     recorded is accepted with a warning. Under torch.distributed every rank must call this together."""
     path = resolve_checkpoint(path)
-    meta = read_meta(path)
-    files = meta.get("files")
+    files = read_meta(path).get("files")
     if not isinstance(files, dict):
         _to_stderr(f"warning: {path}: meta.json records no checksums (saved by an older megasynth); loading it unverified")
-        problems = [] if (path / METADATA).is_file() else [f"{METADATA}: missing"]
-    else:
-        problems = find_problems(path, files)
-        if METADATA not in files and not (path / METADATA).is_file():
-            problems.append(f"{METADATA}: missing")
+        files = {}
+    problems = find_problems(path, files)
+    if METADATA not in files and not (path / METADATA).is_file():
+        problems.append(f"{METADATA}: missing")
     if problems:
         raise DamagedCheckpointError(path, problems)
     return path
@@ -187,26 +182,21 @@ def _rank() -> int:
     return rank_and_world()[0]
 
 
-def _broadcast_str(text: str) -> str:
-    if not is_distributed():
-        return text
-    box = [text]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _dcp_save(state: dict, path: Path) -> None:
+def _dcp(op: Callable, state: dict, path: Path, **kwargs) -> None:
+    """dcp.save or dcp.load, in a single process too."""
     with warnings.catch_warnings():
         # A single process without a process group is a supported case, not worth a warning per save.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=path, no_dist=not is_distributed())
+        op(state, checkpoint_id=path, no_dist=not is_distributed(), **kwargs)
 
 
-def _dcp_load(state: dict, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path),
-                 planner=_WeightsOnlyLoadPlanner(), no_dist=not is_distributed())
+def _dcp_load(state: dict, path: Path, into: str) -> None:
+    """dcp.load through the restricted readers; any failure is a CheckpointError naming `path` and `into`."""
+    try:
+        _dcp(dcp.load, state, path, storage_reader=SafeFileSystemReader(path), planner=_WeightsOnlyLoadPlanner())
+    # DCP wraps each rank's error (missing key, shape mismatch) in a CheckpointException, a BaseException.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path}: cannot load {into}: {_error_line(e)}") from e
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -281,7 +271,7 @@ def _publish(state: dict, final: Path, cfg: Config | None, meta: dict) -> Path:
     (megasynth.io.atomic_dir is for one writer; here every rank writes shards into the directory, so the steps
     are spelled out, with rank 0's verdict broadcast after each step that can fail on rank 0 alone.)"""
     needed = _state_bytes(state)
-    token = _broadcast_str(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")  # one temp directory shared by every rank
+    token = broadcast_object(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")  # one temp directory shared by every rank
     tmp = temp_path_beside(final, token)
     failure: BaseException | None = None
     if _rank() == 0:
@@ -289,12 +279,11 @@ def _publish(state: dict, final: Path, cfg: Config | None, meta: dict) -> Path:
             tmp.mkdir(parents=True)
         except OSError as e:
             failure = e
-    if not _broadcast_str("failed" if failure is not None else ""):
+    if not broadcast_object(failure is not None):
         try:
-            _dcp_save(state, tmp)  # a failure on any rank raises a CheckpointException on every rank
+            _dcp(dcp.save, state, tmp)  # a failure on any rank raises a CheckpointException on every rank
             # Rank 0 lists the files (shards and .metadata, on the shared filesystem DCP requires) for all.
-            names = json.loads(_broadcast_str(json.dumps(
-                sorted(p.name for p in tmp.iterdir() if p.is_file()) if _rank() == 0 else [])))
+            names = broadcast_object(sorted(p.name for p in tmp.iterdir() if p.is_file()) if _rank() == 0 else [])
             files = checksum_files(tmp, names)  # every rank hashes a share; raises on every rank alike
             if _rank() == 0:
                 _write_run_files(tmp, cfg, meta, files)
@@ -306,7 +295,7 @@ def _publish(state: dict, final: Path, cfg: Config | None, meta: dict) -> Path:
             failure = e
     if _rank() == 0 and failure is not None:
         shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what is really free
-    message = _broadcast_str(_describe_failure(final, failure, needed) if failure is not None else "")
+    message = broadcast_object(_describe_failure(final, failure, needed) if failure is not None else "")
     if message:
         if failure is not None and _root_os_error(failure) is None:
             raise failure  # a bug rather than a full disk: keep its traceback
@@ -341,9 +330,7 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, *, model: tor
     CheckpointSaveError (one line, temp directory removed, nothing pruned) when the save fails.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    for name in JSON_PARTS:
-        state[name] = json.dumps(parts.get(name))
+    state = {"model": model_sd, "optim": optim_sd, **{name: json.dumps(parts.get(name)) for name in JSON_PARTS}}
     final = _publish(state, Path(checkpoints_dir) / step_dir_name(step), cfg, {**meta, "step": step})
     if _rank() == 0:
         prune_checkpoints(checkpoints_dir, keep_last, keep=final)
@@ -355,14 +342,10 @@ def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int, keep: 
     """Keep the newest `keep_last` complete checkpoints (0 keeps all) and `keep` (the checkpoint just saved, so
     the newest verified one survives even when newer-numbered damaged ones exist); remove stale temp dirs."""
     root = Path(checkpoints_dir)
-    removed = []
-    complete = list_checkpoints(root)
-    if keep_last > 0:
-        for _, path in complete[:-keep_last]:
-            if keep is not None and path == Path(keep):
-                continue
-            remove_dir(path)
-            removed.append(path)
+    older = list_checkpoints(root)[:-keep_last] if keep_last > 0 else []
+    removed = [path for _, path in older if keep is None or path != Path(keep)]
+    for path in removed:
+        remove_dir(path)
     return removed + remove_stale_saves(root)
 
 
@@ -373,20 +356,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
     path = verify_checkpoint(path) if verify else resolve_checkpoint(path)
     saved = set(_read_dcp_metadata(path).state_dict_metadata)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state: dict = {"model": model_sd, "optim": optim_sd}
-    for name in JSON_PARTS:
-        if name in saved:
-            state[name] = ""
-    try:
-        _dcp_load(state, path)
-    except _LOAD_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot load into this model/optimizer: {_error_line(e)}") from e
+    state = {"model": model_sd, "optim": optim_sd, **{name: "" for name in JSON_PARTS if name in saved}}
+    _dcp_load(state, path, "into this model/optimizer")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return {name: json.loads(state[name]) if name in state else None for name in JSON_PARTS}
-
-
-# DCP wraps each rank's error (missing key, shape mismatch) in a CheckpointException, a BaseException.
-_LOAD_ERRORS = (Exception, CheckpointException)
 
 
 def _error_line(e: BaseException) -> str:
@@ -403,12 +376,8 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, verify: 
     are verified first unless the caller just did."""
     path = verify_checkpoint(path) if verify else resolve_checkpoint(path)
     _read_dcp_metadata(path)  # refuses a .metadata that names anything but DCP metadata classes
-    model_sd = get_model_state_dict(model)
-    state = {"model": model_sd}
-    try:
-        _dcp_load(state, path)
-    except _LOAD_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot load the weights into this model: {_error_line(e)}") from e
+    state = {"model": get_model_state_dict(model)}
+    _dcp_load(state, path, "the weights into this model")
     set_model_state_dict(model, state["model"])
     return path
 

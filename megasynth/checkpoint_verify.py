@@ -12,9 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
-from megasynth.distributed import is_distributed, rank_and_world
+from megasynth.distributed import all_gather_object, rank_and_world
 
 ALGORITHM = "xxh3_64"
 _CHUNK = 8 << 20  # bytes per read: large enough to run at disk/memory speed, small enough to stay in cache
@@ -50,13 +48,8 @@ def file_checksum(path: str | os.PathLike) -> tuple[int, str]:
 
 def _on_ranks(names: list[str], fn: Callable[[str], object]) -> dict[str, object]:
     """{name: fn(name)} for every name, each rank computing a round-robin share; fn must not raise."""
-    names = sorted(names)
-    if not is_distributed():
-        return {name: fn(name) for name in names}
     rank, world = rank_and_world()
-    mine = {name: fn(name) for name in names[rank::world]}
-    shares: list = [None] * world
-    dist.all_gather_object(shares, mine)
+    shares = all_gather_object({name: fn(name) for name in sorted(names)[rank::world]})
     return {name: share[name] for share in shares for name in share}
 
 

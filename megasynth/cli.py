@@ -235,10 +235,8 @@ EXIT_PARTIAL = 4
 def refuse_without_output(error: BaseException, output_prefix: str) -> int:
     """A tool's one-line report of an error that left no output (bad input, or an OSError: an unwritable
     directory, a full disk), then "no output written to OUTPUT"; returns EXIT_BAD_INPUT."""
-    if isinstance(error, OSError):
-        print(f"{error.filename or output_prefix}: {error.strerror or error}", file=sys.stderr)
-    else:
-        print(f"{error}", file=sys.stderr)
+    oserror = isinstance(error, OSError)
+    print(f"{error.filename or output_prefix}: {error.strerror or error}" if oserror else error, file=sys.stderr)
     print(f"no output written to {output_prefix}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
@@ -349,10 +347,9 @@ def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict
 
     try:
         out = call()
+    # OSError: the work dir or the output directory is not writable, the disk is full.
     except (BadInputError, InputError, JsonlError, TokenizerError, IndexedDatasetError, PrefixOutputError,
-            WorkDirMismatch, RunDirBusy, PromptError, WorkUnitsError) as e:
-        return None, refuse_without_output(e, output_prefix)
-    except OSError as e:  # the work dir or the output directory is not writable, the disk is full
+            WorkDirMismatch, RunDirBusy, PromptError, WorkUnitsError, OSError) as e:
         return None, refuse_without_output(e, output_prefix)
     except KeyboardInterrupt:
         print("interrupted; every finished request is recorded, rerun the same command to continue",
@@ -383,7 +380,7 @@ def run_llm_pipeline(call: Callable[[], dict], output_prefix: str) -> tuple[dict
 
 
 def _worker_line(out: dict) -> str:
-    busy = f", {len(out['busy'])} held by other live workers" if out["busy"] else ""
+    busy = f", {len(out['busy'])} held by other live workers" if out.get("busy") else ""
     return f"worker {out['worker']}: made {len(out['made'])} of {out['units']} units{busy}"
 
 
@@ -485,5 +482,4 @@ def worker_outcome(out: dict, worker: Any, output: str, wrote: str) -> str:
         return f"{output}: already published from {out['units']} units"
     if out["published"]:
         return f"{wrote} from {out['units']} units ({len(out['made'])} made by worker {worker})"
-    busy = f", {len(out['busy'])} held by other live workers" if out.get("busy") else ""
-    return f"worker {worker}: made {len(out['made'])} of {out['units']} units{busy}"
+    return _worker_line({**out, "worker": worker})

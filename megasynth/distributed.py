@@ -58,36 +58,23 @@ def init_distributed(tp: int = 1, device: str = "auto", timeout_minutes: float =
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if tp < 1 or world_size % tp != 0:
-        raise ConfigError(
-            f"parallel.tp={tp} does not divide the world size {world_size} (WORLD_SIZE from torchrun: nodes x "
-            "processes per node); the data-parallel degree is world_size / tp"
-        )
+        raise ConfigError(f"parallel.tp={tp} does not divide the world size {world_size} (WORLD_SIZE from torchrun: "
+                          "nodes x processes per node); the data-parallel degree is world_size / tp")
     if world_size == 1 and tp == 1:
         return DistInfo(0, 1, 0, dev, None, 0, 1, 0, 1)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=dev if dev.type == "cuda" else None,
-        )
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=dev if dev.type == "cuda" else None)
     mesh = init_device_mesh(dev.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
     if 1 < tp < world_size:
         # A flattened ("dp", "tp") view lets DTensor reduce a value sharded or partial over both dims (the
         # gradient norm under FSDP + TP) with one collective instead of one per dim (torchtitan does the same;
         # `_flatten` is the mesh API for it, still underscored).
         mesh["dp", "tp"]._flatten("dp_tp")
-    return DistInfo(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        device=dev,
-        mesh=mesh,
-        dp_rank=mesh["dp"].get_local_rank(),
-        dp_size=mesh["dp"].size(),
-        tp_rank=mesh["tp"].get_local_rank(),
-        tp_size=tp,
-    )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
+                    dp_rank=mesh["dp"].get_local_rank(), dp_size=mesh["dp"].size(),
+                    tp_rank=mesh["tp"].get_local_rank(), tp_size=tp)
 
 
 def is_distributed() -> bool:
@@ -97,6 +84,24 @@ def is_distributed() -> bool:
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (every rank must call it); [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (every rank must call it); `obj` itself in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
@@ -139,9 +144,8 @@ def share_refusal(refusal: BaseException | None, *, distributed: bool, error_typ
     for rank 0 in a collective: rank 0 raises `refusal` itself, the others `error_type(its message)`. With
     `distributed` it is also a barrier (every rank must call it)."""
     if distributed:
-        box = [None if refusal is None else str(refusal)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if refusal is None and box[0] is not None:
-            refusal = error_type(box[0])
+        message = broadcast_object(None if refusal is None else str(refusal))
+        if refusal is None and message is not None:
+            refusal = error_type(message)
     if refusal is not None:
         raise refusal

@@ -186,8 +186,15 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top
     return (probs / noise).argmax(dim=-1)
 
 
-def _check_sampling_args(model: Transformer, prompts, max_new_tokens: int, temperature: float, top_k: int,
-                         top_p: float) -> None:
+def _checked(model: Transformer, prompts, row_ids, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float) -> tuple[list[list[int]], list[int]]:
+    """(prompts as lists of ints, each prompt's row id), every argument checked (no prompts: nothing to check)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    if not prompts:
+        return [], []
+    if len(row_ids) != len(prompts):
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
     vocab = model.cfg.vocab_size
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -201,6 +208,7 @@ def _check_sampling_args(model: Transformer, prompts, max_new_tokens: int, tempe
         if len(p) + max_new_tokens > model.cfg.max_seq_len:
             raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                              f"model.max_seq_len={model.cfg.max_seq_len}")
+    return prompts, row_ids
 
 
 def _stop_set(eod_id: int | None, stop_at_eod: bool, stop_ids: Collection[int]) -> set[int]:
@@ -232,13 +240,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     truncated one. `row_ids` (default 0..B-1) name each prompt's random stream (docs/training.md);
     pass global indices when a set of prompts is split over batches or ranks.
     """
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts, row_ids = _checked(model, prompts, row_ids, max_new_tokens, temperature, top_k, top_p)
     if not prompts:
         return []
-    _check_sampling_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
-    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-    if len(row_ids) != len(prompts):
-        raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
     device = model.embed_tokens.weight.device
     if decode not in ("dynamic", "static", "cuda_graph"):
         raise ValueError(f"decode must be 'dynamic', 'static' or 'cuda_graph', got {decode!r}")
@@ -302,8 +306,7 @@ class _StaticDecoder:
             self._capture()
 
     def _forward(self) -> torch.Tensor:
-        h = self.model.hidden_states(self.tokens, positions=self.positions, kv_cache=self.cache)[:, -1]
-        return self.model.lm_head(h).float()
+        return _logits_last(self.model, self.tokens, self.positions, self.cache)
 
     def _capture(self) -> None:
         # Warm-up runs on a side stream (allocator and library handles settle before capture). They write
@@ -351,11 +354,8 @@ def _decode_static(model, cache: KVCache, logits, max_new_tokens, stops, gens, s
             break
         decoder = decoder or _StaticDecoder(model, cache, use_graph)
         logits = decoder(nxt)
-    out = []
-    for row in tokens[:, :steps].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        out.append(row[:end])
-    return out
+    rows = tokens[:, :steps].tolist()
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
 @torch.no_grad()
@@ -364,9 +364,7 @@ def sample_without_cache(model: Transformer, prompts: Sequence[Sequence[int]], *
                          seed: int | None = None, stop_at_eod: bool = True, stop_ids: Collection[int] = (),
                          row_ids: Sequence[int] | None = None) -> list[list[int]]:
     """Reference for generate(): one prompt at a time, the whole sequence recomputed for every token."""
-    prompts = [list(map(int, p)) for p in prompts]
-    _check_sampling_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
-    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    prompts, row_ids = _checked(model, prompts, row_ids, max_new_tokens, temperature, top_k, top_p)
     device = model.embed_tokens.weight.device
     stops = _stop_set(eod_id, stop_at_eod, stop_ids)
     out = []
@@ -391,10 +389,7 @@ def find_tokenizer_dir(checkpoint_arg: str | os.PathLike, step_dir: Path) -> Pat
     """The tokenizer that goes with a checkpoint: STEP_DIR/tokenizer (imported checkpoints), else the run's
     RUN_DIR/tokenizer (RUN_DIR = the directory given, or the step directory's grandparent)."""
     candidates = [step_dir / "tokenizer", Path(checkpoint_arg) / "tokenizer", step_dir.parent.parent / "tokenizer"]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def load_model_and_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
@@ -420,6 +415,18 @@ def load_model_and_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.
         raise ValueError(f"{tok_dir}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
                          f"{cfg.model.vocab_size} ({step_dir}/config.toml): wrong tokenizer for this checkpoint?")
     return model, cfg, tok, step_dir
+
+
+def add_model_arguments(parser) -> None:
+    """--checkpoint, --tokenizer, --device and --dtype of a model tool: what run_with_model loads."""
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
+                        help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="tokenizer directory (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where to run (default auto: CUDA when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="model dtype (default float32)")
 
 
 def run_with_model(args, run, *, require_tokenizer: bool = True) -> int:

@@ -255,14 +255,11 @@ def load_hf_weights(model: Transformer, tensors: dict[str, torch.Tensor], source
             raise HFError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
                           "model.embed_tokens.weight")
         given.discard("lm_head.weight")
-    missing, extra = sorted(expected - given), sorted(given - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if extra:
-            parts.append(f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-        raise HFError(f"{source}: the weights do not match the config: {'; '.join(parts)}")
+    differ = [f"{what} tensors: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+              for what, names in (("missing", sorted(expected - given)), ("unexpected", sorted(given - expected)))
+              if names]
+    if differ:
+        raise HFError(f"{source}: the weights do not match the config: {'; '.join(differ)}")
     with torch.no_grad():
         for name, param in ours.items():
             hf_name = to_hf_name(name)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from glob import has_magic as glob_has_magic
 from pathlib import Path
@@ -44,16 +45,12 @@ def is_temp_name(name: str) -> bool:
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a directory so a rename inside it survives a power loss (a no-op where the OS refuses)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -207,8 +204,6 @@ def atomic_files(directory: str | os.PathLike, names, *, commit: str, replace: b
 def remove_stale_temps(directory: str | os.PathLike, *, older_than_s: float = 0.0) -> list[Path]:
     """Remove what crashed writes left in `directory` (files or directories with temp names); return them.
     Only entries not modified for `older_than_s` seconds are touched, so a live writer elsewhere is safe."""
-    import time  # noqa: PLC0415
-
     directory = Path(directory)
     removed = []
     if not directory.is_dir():

@@ -40,10 +40,7 @@ def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float | None:
     if device.type != "cuda" or dtype != "bfloat16":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def memory_gb(device: torch.device) -> float:

@@ -12,6 +12,7 @@ exporting to Hugging Face is a renaming. `model.attention` ("sdpa" or "fused_qkn
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -96,11 +97,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(bsz, seq, -1, self.head_dim)  # [B, S, Hq, D]
         k = self.k_proj(x).view(bsz, seq, -1, self.head_dim)  # [B, S, Hkv, D]
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim)
-        if self.fused and inputs.kv_cache is None:
-            out = self._fused(q, k, v, inputs)
-        else:
-            out = self._unfused(q, k, v, inputs)
-        return self.o_proj(out.reshape(bsz, seq, -1))
+        attend = self._fused if self.fused and inputs.kv_cache is None else self._unfused
+        return self.o_proj(attend(q, k, v, inputs).reshape(bsz, seq, -1))
 
     def _fused(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
         # With documents the batch is packed: [B*S, H, D] tokens, one varlen call over every document.
@@ -321,19 +319,15 @@ def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 # ----------------------------------------------------------------------------------------------- document attention
 
 
-_COMPILED: dict = {}
-
-
 def _compiled(fn):
     """torch.compile(fn), made once per process on first use (wrapping at import would cost every import).
     flex_attention compiled is the fused kernel; uncompiled it materialises the full score matrix, and
     create_block_mask uncompiled evaluates the mask_mod on a dense [B, 1, S, S] grid. Inside a region that is
     already being compiled (parallel.compile compiles each block) fn is traced into that graph as it is."""
-    if torch.compiler.is_compiling():
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
-    return _COMPILED[fn]
+    return fn if torch.compiler.is_compiling() else _compile_once(fn)
+
+
+_compile_once = functools.cache(torch.compile)
 
 
 def document_block_mask(doc_ids: torch.Tensor, *, compiled: bool | None = None) -> BlockMask:

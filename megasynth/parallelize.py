@@ -78,16 +78,13 @@ def _check_tp_inputs(module, args, kwargs, *, tp: int):
     """Pre-forward hook of a TP model: say plainly what would otherwise fail deep inside DTensor."""
     input_ids = args[0] if args else kwargs["input_ids"]
     if input_ids.shape[-1] % tp:
-        raise ValueError(
-            f"sequence length {input_ids.shape[-1]} is not divisible by parallel.tp={tp}: sequence parallelism "
-            "splits every sequence evenly over the tp ranks (choose data.seq_len as a multiple of tp)"
-        )
+        raise ValueError(f"sequence length {input_ids.shape[-1]} is not divisible by parallel.tp={tp}: sequence "
+                         "parallelism splits every sequence evenly over the tp ranks (choose data.seq_len as a "
+                         "multiple of tp)")
     labels = args[1] if len(args) > 1 else kwargs.get("labels")
     if labels is not None and _loss_parallel_depth == 0:
-        raise RuntimeError(
-            "under tensor parallelism (parallel.tp > 1) the loss is vocab-parallel: run the forward and the "
-            "backward inside `with megasynth.parallelize.loss_parallel_context(dist_info):`"
-        )
+        raise RuntimeError("under tensor parallelism (parallel.tp > 1) the loss is vocab-parallel: run the forward "
+                           "and the backward inside `with megasynth.parallelize.loss_parallel_context(dist_info):`")
 
 
 def check_parallel_shape(cfg, dist_info: DistInfo) -> None:
@@ -99,10 +96,8 @@ def check_parallel_shape(cfg, dist_info: DistInfo) -> None:
         return
     n_kv, _, ffn = resolved_dims(cfg)
     if cfg.n_heads % tp or n_kv % tp:
-        raise ConfigError(
-            f"model.n_heads={cfg.n_heads} and model.n_kv_heads={n_kv} must both be divisible by parallel.tp={tp}: "
-            "tensor parallelism gives each rank whole heads"
-        )
+        raise ConfigError(f"model.n_heads={cfg.n_heads} and model.n_kv_heads={n_kv} must both be divisible by "
+                          f"parallel.tp={tp}: tensor parallelism gives each rank whole heads")
     if ffn % tp:
         raise ConfigError(f"the MLP width (model.ffn_dim={ffn}) must be divisible by parallel.tp={tp}")
     if cfg.attention == "fused_qknorm_rope":
@@ -112,10 +107,8 @@ def check_parallel_shape(cfg, dist_info: DistInfo) -> None:
         raise ConfigError(f"model.attention='fused_qknorm_rope' does not run with parallel.tp={tp} yet; use "
                           "model.attention='sdpa' for tensor-parallel runs")
     if cfg.vocab_size % tp:
-        raise ConfigError(
-            f"model.vocab_size={cfg.vocab_size} must be divisible by parallel.tp={tp} (the embedding and the "
-            "output head are split by rows); round it up: the extra rows are never a target"
-        )
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} must be divisible by parallel.tp={tp} (the embedding "
+                          "and the output head are split by rows); round it up: the extra rows are never a target")
 
 
 # ----------------------------------------------------------------------------------------------- tensor parallel

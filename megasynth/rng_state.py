@@ -11,9 +11,8 @@ import random
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megasynth.distributed import is_distributed
+from megasynth.distributed import all_gather_object
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -50,9 +49,4 @@ def set_rng_state(state: dict) -> None:
 
 def gather_rng_states() -> dict[str, dict]:
     """{"rank_R": rng_state()} for every rank (identical on every rank, so DCP stores it once)."""
-    mine = rng_state()
-    if not is_distributed():
-        return {"rank_0": mine}
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return {f"rank_{r}": s for r, s in enumerate(states)}
+    return {f"rank_{r}": s for r, s in enumerate(all_gather_object(rng_state()))}

@@ -18,15 +18,8 @@ from megasynth.config import OptimConfig
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
-def lr_factor(
-    step: int,
-    *,
-    total_steps: int,
-    warmup_steps: int,
-    schedule: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    decay_fraction: float = 0.2,
-) -> float:
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str = "cosine",
+              min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
@@ -48,21 +41,14 @@ def lr_factor(
     return 1.0 - (1.0 - min_lr_ratio) * progress
 
 
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_factor`; the optimizer's param groups hold the peak rate as their initial lr."""
 
     # A closure (not a callable object): LambdaLR then saves only its step counter, so a resumed run picks up
     # the schedule of its current config rather than attributes pickled into the checkpoint.
     def factor(step: int) -> float:
-        return lr_factor(
-            step,
-            total_steps=total_steps,
-            warmup_steps=optim.warmup_steps,
-            schedule=optim.schedule,
-            min_lr_ratio=optim.min_lr_ratio,
-            decay_fraction=optim.decay_fraction,
-        )
+        return lr_factor(step, total_steps=total_steps, warmup_steps=optim.warmup_steps, schedule=optim.schedule,
+                         min_lr_ratio=optim.min_lr_ratio, decay_fraction=optim.decay_fraction)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

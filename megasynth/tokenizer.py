@@ -57,13 +57,12 @@ def tokenizer_threads() -> int | None:
     return _num_threads
 
 
-def _sha256_of(paths: Sequence[Path], extra: dict) -> str:
-    """sha256 of the files' bytes, in order, then of `extra` as canonical JSON."""
+def _sha256_of(path: Path, extra: dict) -> str:
+    """sha256 of the file's bytes, then of `extra` as canonical JSON."""
     h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
     h.update(json.dumps(extra, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -73,6 +72,7 @@ class Tokenizer(ABC):
 
     type: str
     path: str  # the file or directory it was loaded from (absolute)
+    _file: Path  # the file whose bytes define the tokenizer (hashed by identity(), copied by save())
     vocab_size: int  # rows the model's embedding needs: every id, special tokens included, is below it
     eod_id: int
     bos_id: int | None
@@ -91,10 +91,6 @@ class Tokenizer(ABC):
     @abstractmethod
     def special_texts(self) -> tuple[str, ...]:
         """The strings that encode to a special id with parse_special=True and as text without (docs/training.md)."""
-
-    @abstractmethod
-    def _defining_files(self) -> list[Path]:
-        """The files whose bytes define the tokenizer (hashed by identity(), copied by save())."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -121,10 +117,8 @@ class Tokenizer(ABC):
             ids = [prefix + one + suffix for one in ids]
         return ids
 
-    def encode_batch_array(
-        self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False, dtype=np.int64,
-        parse_special: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch_array(self, texts: list[str], *, add_bos: bool = False, append_eod: bool = False,
+                           dtype=np.int64, parse_special: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, lengths): every text's ids concatenated into one array, and int64 lengths per text.
 
         The preprocessor's fast path: one array per batch instead of a Python list per document.
@@ -145,7 +139,7 @@ class Tokenizer(ABC):
         ident = {
             "type": self.type,
             "path": self.path,
-            "sha256": _sha256_of(self._defining_files(), specials),
+            "sha256": _sha256_of(self._file, specials),
             "vocab_size": self.vocab_size,
             **specials,
             "whole_text": True,
@@ -179,7 +173,7 @@ class HFTokenizer(Tokenizer):
         import tokenizers  # noqa: PLC0415 - only HF users pay for the import
 
         self.path = str(origin.resolve())
-        self._json_path = json_path
+        self._file = json_path
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(json_path))
         except Exception as e:  # the Rust loader raises a bare Exception with its parse error
@@ -231,19 +225,17 @@ class HFTokenizer(Tokenizer):
             value = config[key]
             name = value.get("content") if isinstance(value, dict) else value  # older configs store AddedToken dicts
             if not isinstance(name, str) or self._tok.token_to_id(name) is None:
-                raise TokenizerError(
-                    f"{self._json_path.parent / HF_CONFIG}: {key} {value!r} is not a token of {self._json_path}"
-                )
+                raise TokenizerError(f"{self._file.parent / HF_CONFIG}: {key} {value!r} is not a token of "
+                                     f"{self._file}")
             return name
         for name in names:
             if self._tok.token_to_id(name) is not None:
                 return name
         if required:
             raise TokenizerError(
-                f"{self._json_path}: no end-of-document token: tokenizer_config.json names no eos_token and none of "
+                f"{self._file}: no end-of-document token: tokenizer_config.json names no eos_token and none of "
                 f"{', '.join(names)} is in the vocabulary. Add one (tokenizer.add_special_tokens(['<|endoftext|>']) "
-                f"then tokenizer.save(...)) or set \"eos_token\" in {HF_CONFIG} to an existing token"
-            )
+                f"then tokenizer.save(...)) or set \"eos_token\" in {HF_CONFIG} to an existing token")
         return None
 
     def _encode_batch_raw(self, texts: list[str], parse_special: bool = True) -> list[list[int]]:
@@ -270,16 +262,13 @@ class HFTokenizer(Tokenizer):
             self._special_texts = tuple(added[i].content for i in sorted(added) if added[i].special)
         return self._special_texts
 
-    def _defining_files(self) -> list[Path]:
-        return [self._json_path]
-
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike) -> None:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_copy(self._json_path, out / HF_FILE)
+        atomic_copy(self._file, out / HF_FILE)
         # Everything lives in tokenizer.json, so the generic fast class reproduces it exactly; a model-specific
         # class from the original config could expect files we do not copy (a slow tokenizer's vocab files).
         config = {k: v for k, v in self._config.items() if k not in ("auto_map", "tokenizer_file")}
@@ -334,10 +323,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return HFTokenizer(origin, origin)
         if origin.suffix == ".model":
             return SentencePieceTokenizer(origin, origin)
-        raise TokenizerError(
-            f"{origin}: not a tokenizer file: expected a SentencePiece .model, a Hugging Face tokenizer.json, "
-            "or a directory holding one of them"
-        )
+        raise TokenizerError(f"{origin}: not a tokenizer file: expected a SentencePiece .model, a Hugging Face "
+                             "tokenizer.json, or a directory holding one of them")
     raise TokenizerError(f"{origin}: no such tokenizer file or directory")
 
 
@@ -362,10 +349,9 @@ def _training_dir(out: Path, commit: str) -> contextlib.AbstractContextManager[P
     return atomic_files(out, TOKENIZER_FILES, commit=commit, replace=True)
 
 
-def train_bpe_tokenizer(
-    texts, output_dir: str | os.PathLike, *, vocab_size: int, min_frequency: int = 2,
-    special_tokens: Sequence[str] = (), progress: bool = False, chat_template: str | None = None,
-) -> Tokenizer:
+def train_bpe_tokenizer(texts, output_dir: str | os.PathLike, *, vocab_size: int, min_frequency: int = 2,
+                        special_tokens: Sequence[str] = (), progress: bool = False,
+                        chat_template: str | None = None) -> Tokenizer:
     """Train a byte-level BPE (Hugging Face `tokenizers`) on an iterable of texts; write tokenizer.json and a
     tokenizer_config.json (eos_token <|endoftext|>, and `chat_template` when given) that transformers'
     AutoTokenizer loads; return it loaded.
@@ -402,10 +388,8 @@ def train_bpe_tokenizer(
     return load_tokenizer(out)
 
 
-def train_sentencepiece_tokenizer(
-    texts, output_dir: str | os.PathLike, *, vocab_size: int, model_type: str = "unigram",
-    special_tokens: Sequence[str] = (), threads: int | None = None,
-) -> Tokenizer:
+def train_sentencepiece_tokenizer(texts, output_dir: str | os.PathLike, *, vocab_size: int, model_type: str = "unigram",
+                                  special_tokens: Sequence[str] = (), threads: int | None = None) -> Tokenizer:
     """Train a SentencePiece model (unk 0, BOS 1, EOS 2 = end of document) on an iterable of texts; write
     tokenizer.model and tokenizer.vocab; return it loaded.
 
@@ -430,8 +414,7 @@ def train_sentencepiece_tokenizer(
                 byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
                 character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 user_defined_symbols=list(special_tokens), max_sentence_length=MAX_SP_LINE_BYTES,
-                num_threads=threads or os.cpu_count() or 1, minloglevel=2,
-            )
+                num_threads=threads or os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a small corpus
             raise TokenizerError(f"{out}: SentencePiece training failed: {e}") from e
     return load_tokenizer(out)

@@ -22,7 +22,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm  # noqa: PLC0415
 
         self.path = str(origin.resolve())
-        self._model_path = model_path
+        self._file = model_path
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(str(model_path))
@@ -30,10 +30,9 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"{model_path}: not a SentencePiece model ({e})") from e
         self.vocab_size = self._sp.get_piece_size()
         if self._sp.eos_id() < 0:
-            raise TokenizerError(
-                f"{model_path}: the SentencePiece model has no EOS piece (it was trained with eos_id=-1), so there "
-                "is no end-of-document id. Retrain it with an EOS id, e.g. tools/train_tokenizer.py --type sentencepiece"
-            )
+            raise TokenizerError(f"{model_path}: the SentencePiece model has no EOS piece (it was trained with "
+                                 "eos_id=-1), so there is no end-of-document id. Retrain it with an EOS id, e.g. "
+                                 "tools/train_tokenizer.py --type sentencepiece")
         self.eod_id = self._sp.eos_id()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         # Candidates by name first (cheap); only then is the model read for which of them are user-defined.
@@ -76,17 +75,14 @@ class SentencePieceTokenizer(Tokenizer):
         flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
         return flat.astype(dtype, copy=False), lengths
 
-    def _defining_files(self) -> list[Path]:
-        return [self._model_path]
-
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._check_ids(ids))
 
     def save(self, directory: str | os.PathLike) -> None:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_copy(self._model_path, out / SP_FILE)
-        vocab = self._model_path.with_suffix(".vocab")
+        atomic_copy(self._file, out / SP_FILE)
+        vocab = self._file.with_suffix(".vocab")
         if vocab.is_file():  # a human-readable listing, not needed to load; kept for people reading the folder
             atomic_copy(vocab, out / "tokenizer.vocab")
 
@@ -110,43 +106,37 @@ def _varint(buf, i: int) -> tuple[int, int]:
         shift += 7
 
 
+def _fields(buf, i: int, end: int):
+    """(field number, wire type, offset of the value, offset after it) of each field of the protobuf message in
+    buf[i:end]; for a length-delimited field (wire type 2) the value starts after its length."""
+    while i < end:
+        key, i = _varint(buf, i)
+        at, wire = i, key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            n, at = _varint(buf, i)
+            i = at + n
+        else:
+            raise TokenizerError(f"unexpected wire type {wire} in a SentencePiece model")
+        yield key >> 3, wire, at, i
+
+
 def _sp_pieces(buf):
     """(piece, type, offset of the type's varint or None) of every piece of a serialized SentencePiece ModelProto,
     read from the wire format (field 1 is the repeated SentencePiece {1: piece, 2: score, 3: type}; type 1
     NORMAL when absent, 3 CONTROL, 4 USER_DEFINED). Avoids a protobuf dependency."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, start = _varint(buf, i)
-            i = start + n
-            if key >> 3 == 1:  # one SentencePiece
-                j, piece, type_at = start, None, None
-                while j < i:
-                    k, j = _varint(buf, j)
-                    if k & 7 == 2:
-                        m, j0 = _varint(buf, j)
-                        if k >> 3 == 1:
-                            piece = bytes(buf[j0:j0 + m]).decode("utf-8", "replace")
-                        j = j0 + m
-                    elif k & 7 == 0:
-                        if k >> 3 == 3:
-                            type_at = j
-                        _, j = _varint(buf, j)
-                    elif k & 7 == 5:
-                        j += 4
-                    else:
-                        j += 8
-                yield piece, (1 if type_at is None else _varint(buf, type_at)[0]), type_at
-        else:
-            raise TokenizerError(f"unexpected wire type {wire} in a SentencePiece model")
+    for number, wire, start, end in _fields(buf, 0, len(buf)):
+        if number == 1 and wire == 2:  # one SentencePiece
+            piece, type_at = None, None
+            for k, w, at, after in _fields(buf, start, end):
+                if k == 1 and w == 2:
+                    piece = bytes(buf[at:after]).decode("utf-8", "replace")
+                elif k == 3 and w == 0:
+                    type_at = at
+            yield piece, (1 if type_at is None else _varint(buf, type_at)[0]), type_at
 
 
 def _sp_user_pieces_to_control(proto: bytes, pieces: set[str]) -> bytes:

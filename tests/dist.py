@@ -1,19 +1,29 @@
-"""Run a function on N gloo ranks on the CPU, as torchrun would, and collect what each rank returns.
+"""Run a function on N gloo ranks on the CPU, as torchrun would, and collect what each rank returns; or start
+one process that runs a function (a trainer that must outlive the call, be killed, ...).
 
-    from dist import run_on_ranks
+    from dist import run_on_ranks, start_process
 
-    def body(x):                       # module-level: spawned processes import it by name
+    def body(x):                       # module-level: the ranks import it by name
         info = init_distributed(tp=2)  # the process group is already up; this builds the (dp, tp) mesh
         return info.rank * x
 
     assert run_on_ranks(body, 4, 10) == [0, 10, 20, 30]
+    proc = start_process(megasynth.train.main, ["--config", cfg], stderr=tmp_path / "err")  # .pid, .kill(), ...
 
-Each rank is a fresh process (spawn, not fork: a forked child would inherit the parent's torch threads and
-locks) with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set and a gloo process group already
-initialised, one torch thread per rank (the machine has few cores and N ranks share them). The group is
-destroyed however the function ends. An exception on any rank fails the call with that rank's traceback and
-its number; the other ranks, which may now wait forever in a collective, are killed. A run that exceeds
-`timeout` is killed and reported with the ranks that had not finished.
+Each rank is a new process with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set, the parent's
+environment as it is at the call, and a gloo process group already initialised (or, with init_group=False, left
+for the function to create from those variables, as a program under torchrun does); one torch thread per rank
+(the machine has few cores and N ranks share them). The group is destroyed however the function ends. An
+exception on any rank fails the call with that rank's traceback and its number; the other ranks, which may now
+wait forever in a collective, are killed. A run that exceeds `timeout` is killed and reported with the ranks
+that had not finished.
+
+The ranks come from multiprocessing's forkserver, not from a fork of the parent (which would inherit the
+parent's torch threads, locks and module state) and not from a fresh interpreter each (spawn: every rank would
+import torch and megasynth again, seconds of CPU per rank on a small machine). The server is a fresh interpreter
+started once per test session that imports PRELOAD and nothing else, runs no torch op, and forks each rank: a
+rank sees the modules as imported, whatever the parent or an earlier rank changed in its own copy. start_process
+makes its process the same way.
 """
 
 from __future__ import annotations
@@ -24,8 +34,15 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
+
+# What the server imports once for every later rank: torch's distributed stack (DTensor pulls in dynamo and
+# sympy) and the trainer, which imports the rest of megasynth that the ranks use. A module that fails to import
+# here is simply imported by the rank that needs it (the forkserver ignores ImportError).
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp",
+           "torch.distributed.checkpoint", "megasynth.train"]
 
 
 class DistributedTestError(AssertionError):
@@ -40,12 +57,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, timeout: float, results, args,
-               kwargs) -> None:
-    """Entry point of one spawned rank: environment, process group, fn, result (or traceback) to the parent.
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts: the first call of the session
+    return ctx
 
-    (spawn hands the parent's sys.path to the child, so fn's test module and helpers.py import here too.)
+
+def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, init_group: bool, timeout: float, results,
+               args, kwargs) -> None:
+    """Entry point of one rank: environment, process group, fn, result (or traceback) to the parent.
+
+    (multiprocessing hands the parent's sys.path and working directory to the rank, so fn's test module and
+    helpers.py import here too. The environment it inherits is the server's, from the start of the session:
+    `env` is the parent's, now.)
     """
+    os.environ.clear()
     os.environ.update({k: str(v) for k, v in env.items()})
     # What torchrun would set; init_process_group's default env:// rendezvous reads MASTER_ADDR / MASTER_PORT.
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -55,9 +81,10 @@ def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, timeout: fl
 
     torch.set_num_threads(1)
     try:
-        # A collective waiting on a dead peer gives up after the run's own timeout (the parent stops it anyway).
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        if init_group:
+            # A collective waiting on a dead peer gives up after the run's own timeout (the parent stops it anyway).
+            dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout))
         # Pickled here, by value: torch would otherwise share tensors through file descriptors that die with
         # this process before the parent reads them.
         results.put((rank, "ok", pickle.dumps(fn(*args, **kwargs))))
@@ -68,19 +95,23 @@ def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, timeout: fl
             dist.destroy_process_group()
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, env: dict | None = None, **kwargs) -> list:
-    """fn(*args, **kwargs) on `world_size` spawned gloo ranks; the list of their return values, by rank.
+def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, env: dict | None = None,
+                 init_group: bool = True, **kwargs) -> list:
+    """fn(*args, **kwargs) on `world_size` gloo ranks; the list of their return values, by rank.
 
-    fn and its arguments must be picklable (a module-level function). Raises DistributedTestError naming the
-    rank that failed first (with its traceback) or a rank that died without a word (its exit code), or, after
-    `timeout` seconds, the ranks still running. Once one rank fails, the others often fail too (a peer vanished
-    from their collective); their reports are appended after the first, which is usually the cause.
+    fn and its arguments must be picklable (a module-level function). `env` is added to the parent's
+    environment; init_group=False leaves the process group to fn (it is destroyed afterwards all the same).
+    Raises DistributedTestError naming the rank that failed first (with its traceback) or a rank that died
+    without a word (its exit code), or, after `timeout` seconds, the ranks still running. Once one rank fails,
+    the others often fail too (a peer vanished from their collective); their reports are appended after the
+    first, which is usually the cause.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, env or {}, timeout, results, args, kwargs),
-                         name=f"rank{r}", daemon=True) for r in range(world_size)]
+    env = {**os.environ, **(env or {})}
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, env, init_group, timeout, results, args,
+                                                  kwargs), name=f"rank{r}", daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     outputs: dict[int, object] = {}
@@ -147,3 +178,31 @@ def _stop(procs) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+
+
+def start_process(fn, *args, stdout: str | os.PathLike | None = None, stderr: str | os.PathLike | None = None,
+                  **kwargs):
+    """fn(*args, **kwargs) in one new process made as a rank is (the parent's environment now, one torch thread,
+    no process group), started and not waited for: a multiprocessing Process (.pid, .is_alive(), .kill(),
+    .join(), .exitcode: fn's return value when it is an int, -N after signal N). `stdout` / `stderr`: files
+    that take the process's output (its file descriptors, so C-level writes too); otherwise it writes where the
+    test session's output went when the server started. Like the ranks, it is daemonic: it dies with the test
+    session if the test forgets it, and multiprocessing will not start children from it."""
+    p = _context().Process(target=_process_main, args=(fn, dict(os.environ), stdout, stderr, args, kwargs),
+                           name=getattr(fn, "__name__", "process"), daemon=True)
+    p.start()
+    return p
+
+
+def _process_main(fn, env: dict, stdout, stderr, args, kwargs) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    for path, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
+        if path is not None:
+            stream.flush()
+            with open(path, "w") as f:
+                os.dup2(f.fileno(), stream.fileno())
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    sys.exit(fn(*args, **kwargs))

@@ -169,10 +169,12 @@ class Payload:
 
 
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
-    ck._dcp_save({"evil": Payload(), "w": torch.ones(2)}, tmp_path / "c")
+    ck._dcp(ck.dcp.save, {"evil": Payload(), "w": torch.ones(2)}, tmp_path / "c")
     # DCP's default planner would rebuild the Payload with torch.load(weights_only=False); ours refuses.
-    with pytest.raises(ck.CheckpointException, match="Weights only load failed"):
-        ck._dcp_load({"evil": None, "w": torch.zeros(2)}, tmp_path / "c")
+    with pytest.raises(ck.CheckpointError, match="cannot load into this test") as refused:
+        ck._dcp_load({"evil": None, "w": torch.zeros(2)}, tmp_path / "c", "into this test")
+    assert isinstance(refused.value.__cause__, ck.CheckpointException)
+    assert "Weights only load failed" in str(refused.value.__cause__)
 
 
 def test_rng_state_round_trip():

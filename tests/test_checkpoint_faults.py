@@ -2,7 +2,7 @@
 checkpoint, an explicit resume of a damaged one, a malicious .metadata given as init_from, a disk that fills
 up during a save, and temp directories left by crashed saves.
 
-Runs call `main()` in-process, except the disk-full run, which is a real subprocess with a file size limit.
+Runs call `main()` in-process, except the disk-full run, which is a process of its own with a file size limit.
 """
 
 import json
@@ -10,20 +10,17 @@ import os
 import pickle
 import re
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import xxhash
+from dist import start_process
 from helpers import tiny_config, write_pattern_corpus
 
 from megasynth import checkpoint
 from megasynth.config import save_config
 from megasynth.metrics import read_metrics
 from megasynth.train import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +137,11 @@ def test_init_from_and_resume_refuse_a_malicious_metadata(tmp_path, corpus, caps
     assert not marker.exists()
 
 
-def _limit_file_size():
+def train_with_a_file_size_limit(argv: list[str]) -> int:
     # Shards of the tiny model and its AdamW state are ~240 KB; metrics, configs and index caches stay far below.
+    # (Python ignores SIGXFSZ, so a write past the limit fails with EFBIG instead of killing the process.)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    return main(argv)
 
 
 def test_disk_full_during_a_save_stops_with_one_line_and_the_rerun_resumes(tmp_path, corpus, capsys):
@@ -152,14 +151,17 @@ def test_disk_full_during_a_save_stops_with_one_line_and_the_rerun_resumes(tmp_p
     # The next save (step 6) fails for real inside DCP's writer: a file size limit makes the shard write fail
     # with EFBIG, which the trainer handles like ENOSPC (no root, no tiny filesystem needed).
     config = config_file(tmp_path, corpus, **{"train.steps": 8, "train.checkpoint_every": 2})
-    cmd = [sys.executable, "-m", "megasynth.train", "--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    full = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size, check=False)
-    assert full.returncode == 4, full.stderr
-    assert "Traceback" not in full.stderr
-    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, full.stderr
+    full = start_process(train_with_a_file_size_limit, ["--config", str(config)], stdout=os.devnull,
+                         stderr=tmp_path / "full.err")  # a process of its own: the limit is not this one's
+    full.join(timeout=300)
+    if full.exitcode is None:  # hung: stop it, then fail below
+        full.kill()
+        full.join()
+    stderr = (tmp_path / "full.err").read_text()
+    assert full.exitcode == 4, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
     assert errors[0].startswith(f"error: cannot save checkpoint {ckpts / 'step_00000006'}: File too large")
     assert re.search(r"it needs about [\d.]+ MB, [\d.]+ [MG]B free there", errors[0])
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]  # no temp dir left

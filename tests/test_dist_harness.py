@@ -1,4 +1,5 @@
-"""The N-rank CPU harness itself (tests/dist.py): results by rank, failures named by rank, no hangs.
+"""The N-rank CPU harness itself (tests/dist.py): results by rank, failures named by rank, no hangs; and its
+single process (start_process).
 
     pytest tests/test_dist_harness.py -x -q
 """
@@ -13,9 +14,9 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from dist import DistributedTestError, run_on_ranks
+from dist import DistributedTestError, run_on_ranks, start_process
 
-MARKER = "as imported"  # the parent changes it before launching; a forked child would inherit the change
+MARKER = "as imported"  # the parent changes it before launching; a fork of the parent would inherit the change
 
 
 def report(scale):
@@ -47,15 +48,35 @@ def die_on_rank_one():
     return "unreachable"
 
 
-def test_each_rank_runs_in_its_own_spawned_gloo_process(monkeypatch):
+def group_is_up():
+    return dist.is_initialized()
+
+
+def print_both_and_exit(code):
+    print("to stdout")
+    print("to stderr", file=sys.stderr)
+    return code + int(os.environ["HARNESS_ADD"])
+
+
+def test_each_rank_runs_in_its_own_gloo_process_not_a_fork_of_the_parent(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "MARKER", "changed by the parent")
     reports = run_on_ranks(report, 3, 10.0)
     assert [r["rank"] for r in reports] == [0, 1, 2]
     assert all(r["world"] == 3 and r["backend"] == "gloo" for r in reports)
     assert [r["env"] for r in reports] == [("0", "0", "3"), ("1", "1", "3"), ("2", "2", "3")]
     assert [r["sum"] for r in reports] == [60.0, 60.0, 60.0]  # (1 + 2 + 3) x 10: the collective really ran
-    assert {r["marker"] for r in reports} == {"as imported"}  # spawn, not fork
+    assert {r["marker"] for r in reports} == {"as imported"}  # not a fork of the parent
     assert {r["threads"] for r in reports} == {1}
+    assert run_on_ranks(group_is_up, 2, init_group=False) == [False, False]  # left to the function
+
+
+def test_start_process_runs_one_function_in_the_parents_environment_now(monkeypatch, tmp_path):
+    run_on_ranks(group_is_up, 1)  # the ranks' server runs before the variable below is set
+    monkeypatch.setenv("HARNESS_ADD", "2")
+    proc = start_process(print_both_and_exit, 3, stdout=tmp_path / "out", stderr=tmp_path / "err")
+    proc.join(timeout=60)
+    assert proc.exitcode == 5  # the function's return value, with the variable the parent set after the server
+    assert (tmp_path / "out").read_text() == "to stdout\n" and (tmp_path / "err").read_text() == "to stderr\n"
 
 
 def test_an_exception_on_one_rank_fails_with_its_traceback_and_does_not_hang():

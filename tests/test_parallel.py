@@ -5,8 +5,8 @@
 One 4-rank launch (tests/dist.py) runs the trainer's own `_train` at tp=2 x dp=2 (with full activation
 checkpointing) and at tp=1 x dp=4 (selective, no FSDP resharding) in the same process group (a new device mesh
 for each layout), resumes a tp=2 x dp=2 checkpoint at tp=1 x dp=4, and records data slices and TP gradients;
-the tests below compare all of it with single-process runs of the same trainer. Two more tests launch the
-real CLI under torchrun (4 ranks with tp=2; 2 ranks, one killed, then the same command again).
+the tests below compare all of it with single-process runs of the same trainer. Two more tests check one
+scenario of the real CLI under torchrun (2 ranks with tp=2: rank 1 killed mid-run, then the command again).
 
 The model is tiny (dim 32, 2 layers, 4 heads / 2 kv heads, vocab 64, seq 16) and everything is fp32, so
 differences between layouts come only from the order of floating-point reductions.
@@ -337,30 +337,6 @@ def cli_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.skipif(not trainer_enters_loss_parallel(),
-                    reason="megasynth/train.py does not run its steps inside loss_parallel_context yet")
-def test_torchrun_cli_with_tensor_parallel(tmp_path, corpus):
-    cfg = layout_config(tmp_path / "run", corpus, 2, **{"train.steps": 4, "train.checkpoint_every": 2,
-                                                         "train.eval_every": 2})
-    save_config(cfg, tmp_path / "cfg.toml")
-    done = subprocess.run(torchrun(4, tmp_path / "cfg.toml"), env=cli_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert all(r["loss"] < 5.0 for r in records)  # finite and about ln(64) = 4.16 or lower
-    latest = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
-    assert latest.name == checkpoint.step_dir_name(4)
-    meta = checkpoint.read_meta(latest)
-    assert (meta["world_size"], meta["tp"], meta["dp"]) == (4, 2, 2)
-    model, _ = checkpoint.load_for_inference(latest)  # readable by a single process
-    assert model.lm_head.weight.shape == (TINY_VOCAB, 32)
-    # Rank 0 alone prints (log.all_ranks is off): each step's line appears once and nothing is rank-prefixed.
-    assert [line for line in done.stdout.splitlines() if line.startswith("step 3/4")] != []
-    assert len([line for line in done.stdout.splitlines() if line.startswith("step 3/4")]) == 1
-    assert "[rank" not in done.stdout
-
-
 def _worker_pids(agent_pid: int) -> list[int]:
     """PIDs of the processes torchrun's agent started (its children)."""
     pids = []
@@ -373,44 +349,80 @@ def _worker_pids(agent_pid: int) -> list[int]:
     return sorted(pids)
 
 
-def test_killed_rank_then_rerun_resumes_from_the_last_checkpoint(tmp_path, corpus):
-    steps = 16
-    cfg = layout_config(tmp_path / "run", corpus, 1, **{"train.steps": steps, "train.checkpoint_every": 4,
-                                                         "train.keep_last": 2, "train.eval_every": 0,
-                                                         "log.all_ranks": True})
-    save_config(cfg, tmp_path / "cfg.toml")
-    cmd = torchrun(2, tmp_path / "cfg.toml")
-    ckpts, metrics = tmp_path / "run" / "checkpoints", tmp_path / "run" / "metrics.jsonl"
-    agent = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    # Kill rank 1's process once a checkpoint exists and a later step has been logged (so the rerun redoes it).
-    while True:
-        assert agent.poll() is None, agent.stderr.read().decode()[-4000:]
-        assert time.monotonic() < deadline
-        latest = checkpoint.find_latest(ckpts)
-        if latest is not None and metrics.exists():
-            done = {r["step"]: r for r in read_metrics(metrics) if r["kind"] == "train"}
-            saved = int(latest.name[5:])
-            if max(done, default=0) > saved:
-                break
-        time.sleep(0.01)
-    workers = _worker_pids(agent.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    agent.wait(timeout=120)
-    agent.stderr.close()
-    assert agent.returncode != 0  # torchrun fails the job when a rank dies
+CLI_STEPS, CLI_SAVE_EVERY = 8, 3
+
+
+@pytest.fixture(scope="module")
+def killed_and_rerun(tmp_path_factory, corpus):
+    """The real CLI under torchrun with tensor parallelism, 2 ranks at tp=2 (tp=2 x dp=2 itself is the 4-rank
+    launch above; each torchrun launch costs seconds of start-up per rank): rank 1 SIGKILLed once a checkpoint
+    exists and a later step was logged, then the same command again with --log.all_ranks=true (every rank
+    says where it resumed; the flag changes no number). Both tests below check this one scenario."""
+    if not trainer_enters_loss_parallel():
+        pytest.skip("megasynth/train.py does not run its steps inside loss_parallel_context yet")
+    root = tmp_path_factory.mktemp("torchrun")
+    cfg = layout_config(root / "run", corpus, 2, **{"train.steps": CLI_STEPS, "train.eval_every": 0,
+                                                     "train.checkpoint_every": CLI_SAVE_EVERY, "train.keep_last": 2})
+    save_config(cfg, root / "cfg.toml")
+    cmd = torchrun(2, root / "cfg.toml")
+    ckpts, metrics = root / "run" / "checkpoints", root / "run" / "metrics.jsonl"
+    # Files, not pipes: nobody reads them while the run goes on, and a full pipe would stall it.
+    with open(root / "killed.out", "w") as out, open(root / "killed.err", "w+") as err:
+        agent = subprocess.Popen(cmd, env=cli_env(), stdout=out, stderr=err)
+        deadline = time.monotonic() + 180
+        # Kill rank 1 once a checkpoint exists and a later step has been logged (so the rerun redoes it).
+        while True:
+            assert agent.poll() is None, (root / "killed.err").read_text()[-4000:]
+            assert time.monotonic() < deadline
+            latest = checkpoint.find_latest(ckpts)
+            if latest is not None and metrics.exists():
+                done = {r["step"]: r for r in read_metrics(metrics) if r["kind"] == "train"}
+                if max(done, default=0) > int(latest.name[5:]):
+                    break
+            time.sleep(0.01)
+        workers = _worker_pids(agent.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        agent.wait(timeout=120)
     before = {r["step"]: r for r in read_metrics(metrics) if r["kind"] == "train"}
     resume_step = int(checkpoint.find_latest(ckpts).name[5:])
-    assert resume_step < steps
+    rerun = subprocess.run([*cmd, "--log.all_ranks=true"], env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    return {"root": root, "killed_code": agent.returncode, "killed_out": (root / "killed.out").read_text(),
+            "before": before, "resume_step": resume_step, "rerun": rerun}
 
-    rerun = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+def test_torchrun_cli_with_tensor_parallel(killed_and_rerun):
+    run_dir, rerun = killed_and_rerun["root"] / "run", killed_and_rerun["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, CLI_STEPS + 1))
+    assert all(r["loss"] < 5.0 for r in records)  # finite and about ln(64) = 4.16 or lower
+    latest = checkpoint.find_latest(run_dir / "checkpoints")
+    assert latest.name == checkpoint.step_dir_name(CLI_STEPS)
+    meta = checkpoint.read_meta(latest)
+    assert (meta["world_size"], meta["tp"], meta["dp"]) == (2, 2, 1)
+    model, _ = checkpoint.load_for_inference(latest)  # readable by a single process
+    assert model.lm_head.weight.shape == (TINY_VOCAB, 32)
+    # Rank 0 alone prints (log.all_ranks is off in the first run): each step's line appears once and nothing is
+    # rank-prefixed (every console line is flushed as it is printed, so the killed run's lines are all there).
+    lines = killed_and_rerun["killed_out"].splitlines()
+    assert len([line for line in lines if line.startswith(f"step 2/{CLI_STEPS}")]) == 1
+    assert "[rank" not in killed_and_rerun["killed_out"]
+
+
+def test_killed_rank_then_rerun_resumes_from_the_last_checkpoint(killed_and_rerun):
+    ckpts, rerun = killed_and_rerun["root"] / "run" / "checkpoints", killed_and_rerun["rerun"]
+    assert killed_and_rerun["killed_code"] != 0  # torchrun fails the job when a rank dies
+    before, resume_step = killed_and_rerun["before"], killed_and_rerun["resume_step"]
+    assert resume_step < CLI_STEPS
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     resumed_from = ckpts / checkpoint.step_dir_name(resume_step)
     assert f"[rank 0] resumed from {resumed_from} at step {resume_step}" in rerun.stdout
-    assert "[rank 1] resumed from" in rerun.stdout  # log.all_ranks: every rank prints, prefixed
-    after = {r["step"]: r for r in read_metrics(metrics) if r["kind"] == "train"}
-    assert sorted(after) == list(range(1, steps + 1))
+    assert f"[rank 1] resumed from {resumed_from} at step {resume_step}" in rerun.stdout  # every rank
+    after = {r["step"]: r for r in read_metrics(killed_and_rerun["root"] / "run" / "metrics.jsonl")
+             if r["kind"] == "train"}
+    assert sorted(after) == list(range(1, CLI_STEPS + 1))
     # Steps the killed run finished after its last checkpoint are recomputed from the checkpoint: same layout,
     # same data position, fp32 on the CPU, so the same losses bit for bit.
     redone = [s for s in before if s > resume_step]

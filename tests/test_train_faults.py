@@ -6,14 +6,12 @@ import multiprocessing
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from dist import run_on_ranks
+from dist import run_on_ranks, start_process
 from helpers import TINY_VOCAB, pattern_documents, tiny_config, write_pattern_corpus
 
 from megasynth import checkpoint
@@ -22,8 +20,6 @@ from megasynth.data.indexed import IndexedDatasetWriter, smallest_token_dtype
 from megasynth.metrics import read_metrics
 from megasynth.run_lock import LOCK_NAME, RunDirBusy, acquire_run_lock
 from megasynth.train import main, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +66,15 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
 
 
 def test_a_second_trainer_is_refused_and_the_lock_dies_with_the_first(tmp_path, corpus, capsys):
-    # Two processes: a trainer started as a subprocess holds the run directory; this test process is the second.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run_dir = tmp_path / "run"
+    # Two processes: a trainer started in a process of its own (tests/dist.py) holds the run directory; this
+    # test process is the second.
+    run_dir, first_err = tmp_path / "run", tmp_path / "first.err"
     first_cfg = write_config(tmp_path, "first", corpus, **{"train.steps": 100_000})
-    first = subprocess.Popen([sys.executable, "-m", "megasynth.train", "--config", str(first_cfg)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = start_process(main, ["--config", str(first_cfg)], stdout=os.devnull, stderr=first_err)
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir / "metrics.jsonl"):
-            assert first.poll() is None, first.stderr.read().decode()
+            assert first.is_alive(), first_err.read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         config_before = (run_dir / "config.toml").read_bytes()
@@ -90,14 +85,13 @@ def test_a_second_trainer_is_refused_and_the_lock_dies_with_the_first(tmp_path, 
         captured = capsys.readouterr()
         assert captured.err.count("\n") == 1 and "Traceback" not in captured.err and captured.out == ""
         assert f"is in use by another trainer (pid {first.pid} on host {socket.gethostname()}" in captured.err
-        assert first.poll() is None  # the first run goes on, its files untouched
+        assert first.is_alive()  # the first run goes on, its files untouched
         assert (run_dir / "config.toml").read_bytes() == config_before
         assert read_metrics(run_dir / "metrics.jsonl")[0]["step"] == 1  # a fresh run would have restarted the file
     finally:
         first.kill()
-        first.wait()
-        first.stderr.close()
-    assert first.returncode == -signal.SIGKILL
+        first.join()
+    assert first.exitcode == -signal.SIGKILL
     # The kernel dropped the killed run's lock: the next run takes it (nothing to clean up by hand).
     assert main(["--config", str(write_config(tmp_path, "third", corpus, **{"train.steps": 2}))]) == 0
     assert f"pid {os.getpid()} " in (run_dir / LOCK_NAME).read_text()

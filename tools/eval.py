@@ -32,15 +32,12 @@ from megasynth.data.indexed import IndexedDataset, IndexedDatasetError, prefix_e
 from megasynth.eval.harness import EvalSettings, run_perplexity, run_task
 from megasynth.eval.report import RESULT_FILES, markdown_table, write_report
 from megasynth.eval.tasks import TASK_TYPES, TaskError, load_task
-from megasynth.generate import run_with_model
+from megasynth.generate import add_model_arguments, run_with_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
-                   help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="tokenizer directory (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
+    add_model_arguments(p)
     p.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="task files (JSONL, see docs/eval.md)")
     p.add_argument("--task-type", choices=TASK_TYPES,
                    help="task type for lines without a \"type\" field (applies to every --tasks file)")
@@ -72,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "template with its generation prompt, as tools/generate.py --chat does (the built-in "
                         "ChatML one when the tokenizer has none); no start token; choices are scored as the "
                         "assistant's answer without the leading space; generation also stops at end of turn")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default auto)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (default float32)")
     return p
 
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from megasynth.chat import ChatTemplateError, ConversationError, load_chat_template
 from megasynth.cli import ToolParser, check_outputs, file, float_range, nonnegative_float, run_dir
-from megasynth.generate import default_start_ids, generate, run_with_model
+from megasynth.distributed import all_gather_object
+from megasynth.generate import add_model_arguments, default_start_ids, generate, run_with_model
 from megasynth.io import JsonlError, atomic_write_text, read_jsonl
 
 
@@ -56,26 +57,13 @@ def read_prompts(args) -> list[tuple[str, str]]:
     return prompts
 
 
-def _gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist  # noqa: PLC0415
-
-    out: list = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_STEP_DIR",
-                        help="a run directory (its newest complete checkpoint) or one step_XXXXXXXX directory")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="tokenizer directory (default: the checkpoint's tokenizer/ or RUN_DIR/tokenizer)")
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT",
                         help="one or more prompts given on the command line (the flag may repeat)")
@@ -95,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "add no start token, and stop at the template's end-of-turn token")
     parser.add_argument("--no-start-token", action="store_true",
                         help="do not put BOS (or EOD when the tokenizer has no BOS) in front of each prompt")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to run (auto: CUDA when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="CUDA only: static KV cache with each decoding step replayed as a CUDA graph")
     return parser
@@ -124,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, prompts: list[tuple[str, str]], model, cfg, tok, _step_dir, info) -> int:
     try:
         template = load_chat_template(tok) if args.chat else None
-        texts = {i: template.prompt([{"role": "user", "content": prompts[i][1]}]) if template else prompts[i][1]
+        texts = {i: template.user_prompt(prompts[i][1]) if template else prompts[i][1]
                  for i in range(info.rank, len(prompts), info.world_size)}
     except (ChatTemplateError, ConversationError) as e:
         print(f"error: --chat: {e}", file=sys.stderr)
@@ -144,7 +129,7 @@ def _run(args, prompts: list[tuple[str, str]], model, cfg, tok, _step_dir, info)
             errors.append(f"{where}: prompt {prompts[i][0]!r} has {n} tokens; with --max-new-tokens "
                           f"{args.max_new_tokens} that exceeds the model's max_seq_len {cfg.model.max_seq_len}")
     # Every rank learns of every rank's errors, so all of them stop together (none hangs in a collective).
-    errors = [e for part in _gather(errors, info.world_size) for e in part]
+    errors = [e for part in all_gather_object(errors) for e in part]
     if errors:
         if info.is_main:
             print("\n".join(f"error: {e}" for e in errors[:20]), file=sys.stderr)
@@ -168,7 +153,7 @@ def _run(args, prompts: list[tuple[str, str]], model, cfg, tok, _step_dir, info)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{produced / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
-    gathered = _gather(results, info.world_size)
+    gathered = all_gather_object(results)
     if info.is_main:
         merged = {i: r for part in gathered for i, r in part.items()}
         _write_jsonl_atomic(Path(args.output), [merged[i] for i in range(len(prompts))])

@@ -210,8 +210,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if mode is not None:
-        return _as_worker(args, settings, backend, vllm, endpoint, *mode)
+    again = "start the worker again" if mode is not None else "run the same command again"
+    try:
+        if mode is not None:
+            return _as_worker(args, settings, backend, vllm, endpoint, *mode)
+        return _in_one_run(args, settings, backend, vllm, endpoint)
+    except EndpointError as e:
+        print(f"error: {e}; the finished {'units' if mode else 'shards'} are kept, {again} to resume", file=sys.stderr)
+        return 1
+    except (ValueError, CheckpointError, TokenizerError, IndexedDatasetError, PrefixOutputError, ShardError,
+            RunDirBusy, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if mode is not None:
+            raise
+        print("interrupted; the finished shards are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _in_one_run(args, settings, backend: str, vllm, endpoint) -> int:
+    """One process, or every rank of torchrun."""
     info = init_distributed(tp=1, device=args.device if backend == "ours" else "cpu")
     try:
         summary = synthesize(args.checkpoint, args.corpus, args.output_prefix, settings, tokenizer=args.tokenizer,
@@ -219,16 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                              device=info.device, dtype=getattr(torch, args.dtype), endpoint=endpoint,
                              prompt_format=args.endpoint_prompt, progress=not args.no_progress,
                              separator=args.separator, vllm=vllm)
-    except EndpointError as e:
-        print(f"error: {e}; the finished shards are kept, run the same command again to resume", file=sys.stderr)
-        return 1
-    except (ValueError, CheckpointError, TokenizerError, IndexedDatasetError, PrefixOutputError, ShardError,
-            RunDirBusy, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the finished shards are kept, run the same command again to resume", file=sys.stderr)
-        return 130
     finally:
         destroy_distributed()
     if info.is_main:
@@ -246,20 +255,12 @@ def main(argv: list[str] | None = None) -> int:
 def _as_worker(args, settings, backend: str, vllm, endpoint, worker, publish: str) -> int:
     """Independent worker I/N (docs/cluster.md): no process group; each worker on its own (local) GPU."""
     device = pick_device(args.device if backend == "ours" else "cpu", int(os.environ.get("LOCAL_RANK", "0")))
-    try:
-        out = synthesize_units(args.checkpoint, args.corpus, args.output_prefix, settings, worker=worker,
-                               work_dir=args.work_dir or f"{args.output_prefix}.work", publish=publish,
-                               tokenizer=args.tokenizer, overwrite=args.overwrite, device=device,
-                               dtype=getattr(torch, args.dtype), endpoint=endpoint, prompt_format=args.endpoint_prompt,
-                               separator=args.separator, vllm=vllm,
-                               log=None if args.no_progress else lambda m: print(m, file=sys.stderr))
-    except EndpointError as e:
-        print(f"error: {e}; the finished units are kept, start the worker again to resume", file=sys.stderr)
-        return 1
-    except (ValueError, CheckpointError, TokenizerError, IndexedDatasetError, PrefixOutputError, ShardError,
-            RunDirBusy, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = synthesize_units(args.checkpoint, args.corpus, args.output_prefix, settings, worker=worker,
+                           work_dir=args.work_dir or f"{args.output_prefix}.work", publish=publish,
+                           tokenizer=args.tokenizer, overwrite=args.overwrite, device=device,
+                           dtype=getattr(torch, args.dtype), endpoint=endpoint, prompt_format=args.endpoint_prompt,
+                           separator=args.separator, vllm=vllm,
+                           log=None if args.no_progress else lambda m: print(m, file=sys.stderr))
     wrote = (f"wrote {args.output_prefix}.bin/.idx/.json and .provenance.parquet: {out['generated']:,} documents, "
              f"{out['tokens']:,} tokens" if out["published"] else "")
     print(worker_outcome(out, worker, args.output_prefix, wrote))

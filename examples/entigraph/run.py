@@ -25,7 +25,8 @@ OpenAI-compatible server that answers the prompts by extracting sentences from t
 model; it runs the pipeline (HTTP client, retries, work dir, ledger, preprocessing, training, evaluation) where
 no endpoint is reachable. (A local model goes through vLLM's OpenAI-compatible server, as --base-url; one as
 small as the demo's cannot follow the entity-extraction prompt, so nothing would come out.)
---tiny is the test suite's variant: every step in well under a minute, numbers without meaning.
+--tiny is the test suite's variant: every step in well under a minute (each tool forked from this process, which
+imported torch once), numbers without meaning.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "examples")]
 
-from demo import run  # noqa: E402
+from demo import preload, run  # noqa: E402
 
 from megasynth import checkpoint  # noqa: E402
 from megasynth.config import DataSource, load_config, save_config  # noqa: E402
@@ -65,6 +66,10 @@ MODES = {
 }
 TINY_MODEL = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
               "--model.ffn_dim=128", "--model.max_seq_len=128", "--data.seq_len=128"]
+# --tiny imports these once and forks every Python step from this process (examples/demo.py preload()): the tools'
+# own command lines, without importing torch again in each training and evaluation.
+TINY_PRELOAD = ("megasynth.train", "megasynth.eval.harness", "megasynth.generate", "megasynth.synth.entigraph",
+                "megasynth.synth.rephrase", "megasynth.data.preprocess")
 SYNTH_WEIGHT = 0.9  # the rest is replay of the base model's pretraining data, against forgetting
 # LLM flags passed through to tools/entigraph.py and tools/rephrase.py when given (see megasynth.synth.llm).
 LLM_FLAGS = ("api_key_env", "concurrency", "rpm", "tpm", "max_attempts", "transient_budget_s", "timeout",
@@ -222,6 +227,8 @@ def main() -> int:
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     quality, data, runs, evals = out / "quality", out / "data", out / "runs", out / "eval"
+    if args.tiny:
+        preload(*TINY_PRELOAD)
     py, env, started = sys.executable, dict(os.environ, PYTHONUNBUFFERED="1"), time.time()
 
     print("== 1. documents and closed-book questions")

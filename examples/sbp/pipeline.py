@@ -19,8 +19,9 @@ Every stage runs the command-line tool a user would run, and prints the command 
     bash examples/sbp/run.sh [--out runs/sbp] [--quick | --tiny]
 
 --quick is the one-command check (estimated 8-10 minutes on 2 idle CPU cores); --tiny is the test suite's
-variant (every stage on a few dozen documents with a toy model: seconds of compute, not a result); with
-neither, a larger run (the demo's model, an hour or more on a CPU). examples/sbp/gpu.md gives the recipe at GPU scale.
+variant (every stage on a few dozen documents with a toy model: seconds of compute, not a result; each tool
+forked from this process, which imported torch once); with neither, a larger run (the demo's model, an hour or
+more on a CPU). examples/sbp/gpu.md gives the recipe at GPU scale.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "examples")]
 
-from demo import run  # noqa: E402 - the demo's "print the command, run it, stop on failure"
+from demo import preload, run  # noqa: E402 - the demo's "print the command, run it, stop on failure"
 
 from megasynth.config import DataSource, config_to_dict, load_config, save_config  # noqa: E402
 from megasynth.io import atomic_write_text, read_jsonl  # noqa: E402
@@ -64,6 +65,9 @@ MODES = {
                  pair_tokens=31, num_docs=16, new_tokens=24, quality_sample=16),
 }
 RUNS = ("baseline", "synthetic", "oracle")
+# --tiny imports these once and forks every Python stage from this process (examples/demo.py preload()): the
+# tools' own command lines, without importing torch and sentence-transformers again in each of them.
+TINY_PRELOAD = ("megasynth.train", "megasynth.synth.sbp.embed", "sentence_transformers", "faiss", "pyarrow.parquet")
 
 
 def split_corpus(corpus: Path, m: dict) -> dict:
@@ -132,6 +136,8 @@ def main() -> int:
     corpus, tok, data = out / "corpus", out / "tokenizer", out / "data"
     for stale in ("base", "synthesizer", "plans", "quality", "compare", *RUNS):  # every run starts afresh
         shutil.rmtree(out / stale, ignore_errors=True)
+    if args.tiny:
+        preload(*TINY_PRELOAD)
     py, env = sys.executable, dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     timings: dict[str, float] = {}
     started = time.time()

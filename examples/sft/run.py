@@ -14,7 +14,8 @@ Every step runs the command-line tool a user would run, and prints the command f
 
 The base model is `make demo`'s (BASE/run, with its tokenizer); when BASE holds none, the example first trains
 one with examples/demo.py (its --quick variant under --quick) or, under --tiny, a very small one of its own.
---tiny is the test suite's variant: every step of the pipeline in well under a minute, not a useful model.
+--tiny is the test suite's variant: every step of the pipeline in well under a minute (each tool forked from this
+process, which imported torch once), not a useful model.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "examples")]
 
-from demo import run
+from demo import preload, run
 
 from megasynth import checkpoint
 from megasynth.config import DataSource, load_config, save_config
@@ -44,6 +45,9 @@ MODES = {
     "quick": {"limit": 0, "steps": 60, "batch": 16, "micro": 8, "base_args": ["--quick"]},
     "tiny": {"limit": 240, "steps": 4, "batch": 4, "micro": 4, "base_args": None},
 }
+# --tiny imports these once and forks every Python step from this process (examples/demo.py preload()): the tools'
+# own command lines, without importing torch again in each of them.
+TINY_PRELOAD = ("megasynth.train", "megasynth.generate", "megasynth.data.sft", "megasynth.data.preprocess")
 FILES = ("train_alpaca", "train_chat", "valid_alpaca", "valid_chat")
 TINY_MODEL = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
               "--model.ffn_dim=128", "--model.max_seq_len=128", "--data.seq_len=128"]
@@ -113,6 +117,8 @@ def main() -> int:
     out = (REPO / args.out).resolve()
     instructions, data, run_dir = out / "instructions", out / "data", out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the example always fine-tunes afresh
+    if args.tiny:
+        preload(*TINY_PRELOAD)
     py, env, started = sys.executable, dict(os.environ, PYTHONUNBUFFERED="1"), time.time()
 
     print("== 1. instruction set: standard-library functions and their docstrings, two formats")

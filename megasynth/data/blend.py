@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shlex
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,9 @@ import numpy as np
 
 from megasynth.config import DataSource
 from megasynth.data.gpt_dataset import GPTDataset
-from megasynth.data.index_cache import load_npz, save_npz
+from megasynth.data.index_cache import cached_index, check_sample_args
 from megasynth.data.indexed import IndexedDataset, sidecar_path
+from megasynth.data.layout import tokenizer_hash
 from megasynth.data.packed_dataset import PackedDataset
 from megasynth.mixture import MixtureSource, max_epochs, render_repetition_table, repetition_rows
 
@@ -34,15 +34,14 @@ from megasynth.mixture import MixtureSource, max_epochs, render_repetition_table
 BLEND_FORMAT_VERSION = 1
 # Keys per chunk while merging the sources' key sequences: bounds the working memory for any num_samples.
 _CHUNK = 1 << 20
+_ARRAYS = ("source_ids", "source_samples")
 
 
 class BlendError(ValueError):
     """A bad blend specification or an inconsistent set of sources; the message names the offending item."""
 
 
-# ----------------------------------------------------------------------------------------------- parsing
-
-
+# -- parsing --------------------------------------------------------------------------------------------------------
 def parse_data_path(text: str) -> list[DataSource]:
     """Megatron's syntax: "0.3 /data/a 0.7 /data/b" (weight prefix pairs) or a single bare "/data/a" (weight 1).
 
@@ -88,9 +87,7 @@ def _default_name(prefix: str) -> str:
     return os.path.basename(os.path.normpath(prefix)) or prefix
 
 
-# ----------------------------------------------------------------------------------------------- the order
-
-
+# -- the order ------------------------------------------------------------------------------------------------------
 def blend_order(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(source id per sample [N] int16, sample index within that source [N] int64): the blend's first N samples.
 
@@ -129,9 +126,7 @@ def blend_order(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray,
             np.concatenate(samples) if samples else np.zeros(0, np.int64))
 
 
-# ----------------------------------------------------------------------------------------------- the dataset
-
-
+# -- the dataset ----------------------------------------------------------------------------------------------------
 @dataclass
 class BlendSource:
     """One source of a blend: its name, prefix, normalised weight, data, and the samples it gives the blend."""
@@ -145,15 +140,10 @@ class BlendSource:
     packing: str = "concat"  # DataSource.packing
 
 
-def _tokenizer_hash(meta: dict | None) -> str | None:
-    tok = (meta or {}).get("tokenizer")
-    return (tok.get("sha256") or tok.get("hash")) if isinstance(tok, dict) else None
-
-
 def source_identity(indexed: IndexedDataset) -> dict:
     """What identifies a prefix's content cheaply: counts, tokenizer hash and the .idx's sha256 (not the .bin)."""
     ident = {"num_tokens": int(indexed.num_tokens), "num_documents": len(indexed),
-             "tokenizer_sha256": _tokenizer_hash(indexed.metadata), "idx_sha256": indexed.idx_sha256}
+             "tokenizer_sha256": tokenizer_hash(indexed.metadata), "idx_sha256": indexed.idx_sha256}
     if indexed.has_loss_mask:  # only when present: unmasked prefixes keep their old fingerprint
         ident["loss_mask"] = True
     return ident
@@ -172,21 +162,21 @@ def blend_fingerprint(identities: Sequence[dict], weights: Sequence[float], *, s
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclass(eq=False)
 class BlendedDataset:
     """num_samples samples drawn from several GPTDatasets in the blend order; items as GPTDataset's."""
 
-    def __init__(self, sources: list[BlendSource], source_ids: np.ndarray, source_samples: np.ndarray, *,
-                 seq_len: int, seed: int, fingerprint: str, cache_path: Path | None = None,
-                 loaded_from_cache: bool = False):
-        self.sources = sources
-        self.source_ids = source_ids
-        self.source_samples = source_samples
-        self.seq_len = seq_len
-        self.seed = seed
-        self.num_samples = int(source_ids.size)
-        self.fingerprint = fingerprint
-        self.cache_path = cache_path
-        self.loaded_from_cache = loaded_from_cache
+    sources: list[BlendSource]
+    source_ids: np.ndarray
+    source_samples: np.ndarray
+    seq_len: int
+    seed: int
+    fingerprint: str
+    cache_path: Path | None = None
+    loaded_from_cache: bool = False
+
+    def __post_init__(self):
+        self.num_samples = int(self.source_ids.size)
 
     @property
     def weights(self) -> list[float]:
@@ -266,7 +256,7 @@ def build_source_dataset(indexed: IndexedDataset, packing: str, *, seq_len: int,
 
 def _check_tokenizers(indexed: list[IndexedDataset]) -> None:
     """Sources must share one tokenizer (sidecar hash) and vocab size wherever their sidecars record them."""
-    for key, value_of in (("tokenizer sha256", lambda ds: _tokenizer_hash(ds.metadata)),
+    for key, value_of in (("tokenizer sha256", lambda ds: tokenizer_hash(ds.metadata)),
                           ("vocab_size", lambda ds: (ds.metadata or {}).get("vocab_size"))):
         first = None
         for ds in indexed:
@@ -281,23 +271,10 @@ def _check_tokenizers(indexed: list[IndexedDataset]) -> None:
                                  f"{first[1]!r}: sources {first[0].prefix} and {ds.prefix} use different tokenizers")
 
 
-def _load_cached_order(path: Path, num_samples: int, num_sources: int):
-    arrays = load_npz(path, ("source_ids", "source_samples"), "blend-index")
-    if arrays is None:
-        return None
-    ids, samples = arrays["source_ids"], arrays["source_samples"]
-    if ids.shape != (num_samples,) or samples.shape != (num_samples,) or (ids.size and ids.max() >= num_sources):
-        warnings.warn(f"{path}: blend-index cache has the wrong shape; rebuilding it", stacklevel=3)
-        return None
-    return ids, samples
-
-
 def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_samples: int, seed: int,
                           cache_dir: str | os.PathLike | None) -> BlendedDataset:
     """The blend of `sources` (objects with .path, .weight and optionally .name); one source is a blend of one."""
-    for field_name, value, low in (("seq_len", seq_len, 1), ("num_samples", num_samples, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise BlendError(f"build_blended_dataset: {field_name} must be an integer >= {low}, got {value!r}")
+    check_sample_args("build_blended_dataset", seq_len, num_samples, seed, BlendError)
     checked = _check_sources(sources)
     packings = [_packing(s, i) for i, s in enumerate(sources)]
     weights = [w / math.fsum(w for _, _, w in checked) for _, _, w in checked]
@@ -309,16 +286,15 @@ def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_sa
                                     packings=packings)
 
     cache_path = Path(cache_dir) / f"blend_{fingerprint}_{num_samples}.npz" if cache_dir is not None else None
-    cached = _load_cached_order(cache_path, num_samples, len(checked)) if cache_path is not None else None
-    if cached is None:
-        ids, samples = blend_order(weights, num_samples)
-        if cache_path is not None:
-            description = json.dumps({"fingerprint": fingerprint, "num_samples": num_samples, "seq_len": seq_len,
-                                      "seed": seed, "sources": [[n, p, w] for (n, p, _), w in zip(checked, weights)]})
-            save_npz(cache_path, {"source_ids": ids, "source_samples": samples,
-                                          "description": np.array(description)})
-    else:
-        ids, samples = cached
+    index, loaded = cached_index(
+        cache_path, _ARRAYS, "blend-index",
+        lambda ix: (ix["source_ids"].shape == ix["source_samples"].shape == (num_samples,)
+                    and not (ix["source_ids"].size and ix["source_ids"].max() >= len(checked))),
+        lambda: dict(zip(_ARRAYS, blend_order(weights, num_samples))),
+        lambda: json.dumps({"fingerprint": fingerprint, "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+                            "sources": [[n, p, w] for (n, p, _), w in zip(checked, weights)]}),
+        mismatch="the wrong shape")
+    ids, samples = index["source_ids"], index["source_samples"]
 
     counts = np.bincount(ids, minlength=len(checked))
     blend_sources = []
@@ -329,4 +305,4 @@ def build_blended_dataset(sources: Sequence[DataSource], *, seq_len: int, num_sa
                                     name=name) if n > 0 else None)
         blend_sources.append(BlendSource(name, prefix, w, ds, int(n), sub, packing))
     return BlendedDataset(blend_sources, ids, samples, seq_len=seq_len, seed=seed, fingerprint=fingerprint,
-                          cache_path=cache_path, loaded_from_cache=cached is not None)
+                          cache_path=cache_path, loaded_from_cache=loaded)

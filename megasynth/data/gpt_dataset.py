@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from megasynth.data.index_cache import index_key, load_npz, save_npz
+from megasynth.data.index_cache import cached_index, check_sample_args, index_key
 from megasynth.data.indexed import IndexedDataset
 
 # Bump when the index construction changes, so caches built by older code are never reused.
@@ -69,14 +68,9 @@ class GPTDataset:
 
     def __init__(self, dataset: IndexedDataset, *, seq_len: int, num_samples: int, seed: int,
                  cache_dir: str | os.PathLike | None = None, documents: np.ndarray | None = None, name: str = ""):
-        for field, value, low in (("seq_len", seq_len, 1), ("num_samples", num_samples, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"GPTDataset {name!r}: {field} must be an integer >= {low}, got {value!r}")
-        self.dataset = dataset
-        self.seq_len = int(seq_len)
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.name = name
+        check_sample_args(f"GPTDataset {name!r}", seq_len, num_samples, seed)
+        self.dataset, self.name = dataset, name
+        self.seq_len, self.num_samples, self.seed = int(seq_len), int(num_samples), int(seed)
         self.documents = self._check_documents(documents)
         doc_lengths = dataset.sequence_lengths[self.documents]
         self.tokens_per_epoch = int(doc_lengths.sum(dtype=np.int64))
@@ -88,17 +82,15 @@ class GPTDataset:
         self.cache_key = index_key(f"megasynth-gpt-index:{INDEX_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:"
                                    f"{self.seed}:", self.documents, doc_lengths)
         self.cache_path = Path(cache_dir) / f"{self.cache_key}.npz" if cache_dir is not None else None
-        index = self._load_cache() if self.cache_path is not None else None
-        self.loaded_from_cache = index is not None
-        if index is None:
-            index = build_sample_index(doc_lengths, self.documents, seq_len=self.seq_len,
-                                       num_samples=self.num_samples, seed=self.seed)
-            if self.cache_path is not None:
-                save_npz(self.cache_path, {**index, "description": np.array(self._description())})
-        self.doc_order = index["doc_order"]
-        self.sample_doc = index["sample_doc"]
-        self.sample_offset = index["sample_offset"]
-        self.shuffle = index["shuffle"]
+        n, order_size = self.num_samples, self.num_epochs * self.documents.size
+        index, self.loaded_from_cache = cached_index(
+            self.cache_path, _ARRAYS, "sample-index",
+            lambda ix: (ix["shuffle"].shape == ix["sample_doc"].shape == ix["sample_offset"].shape == (n,)
+                        and ix["doc_order"].shape == (order_size,)),
+            lambda: build_sample_index(doc_lengths, self.documents, seq_len=self.seq_len, num_samples=n,
+                                       seed=self.seed),
+            self._description)
+        self.doc_order, self.sample_doc, self.sample_offset, self.shuffle = (index[k] for k in _ARRAYS)
         self._token_start = None  # token offset of each sequence in the .bin, computed on first read
 
     def _check_documents(self, documents) -> np.ndarray:
@@ -117,17 +109,6 @@ class GPTDataset:
         return json.dumps({"name": self.name, "prefix": os.fspath(self.dataset.prefix), "seq_len": self.seq_len,
                            "num_samples": self.num_samples, "seed": self.seed, "num_epochs": self.num_epochs,
                            "num_documents": int(self.documents.size), "index_format_version": INDEX_FORMAT_VERSION})
-
-    def _load_cache(self) -> dict[str, np.ndarray] | None:
-        index = load_npz(self.cache_path, _ARRAYS, "sample-index")
-        if index is None:
-            return None
-        n = self.num_samples
-        if not (index["shuffle"].shape == index["sample_doc"].shape == index["sample_offset"].shape == (n,)
-                and index["doc_order"].shape == (self.num_epochs * self.documents.size,)):
-            warnings.warn(f"{self.cache_path}: sample-index cache has wrong shapes; rebuilding it", stacklevel=3)
-            return None
-        return index
 
     def __len__(self) -> int:
         return self.num_samples

@@ -275,14 +275,11 @@ class IndexedDataset:
 
     def loss_mask(self, i) -> np.ndarray:
         """Sequence i's loss mask: a new bool array of its length (True = predict this token)."""
-        mask = self._require_mask()
-        j = self._index(i)
-        return mask.bits(int(self.sequence_pointers[j]) // self.dtype.itemsize, int(self.sequence_lengths[j]))
+        return self._require_mask().bits(*self._token_range(i, 0, None))
 
     def loss_mask_slice(self, i, offset: int, length: int) -> np.ndarray:
         """The loss mask of tokens [offset, offset + length) of sequence i (the window `get(i, offset, length)`)."""
-        mask = self._require_mask()
-        return mask.bits(*self._token_range(i, offset, length))
+        return self._require_mask().bits(*self._token_range(i, offset, length))
 
     def loss_mask_tokens(self, start: int, length: int) -> np.ndarray:
         """The loss mask of tokens [start, start + length) of the whole .bin stream, across documents."""
@@ -309,9 +306,7 @@ class IndexedDataset:
 
     def __getitem__(self, i) -> np.ndarray:
         """Sequence i's tokens: a read-only view into the memory-mapped .bin (no copy)."""
-        j = self._index(i)
-        start = int(self.sequence_pointers[j]) // self.dtype.itemsize
-        return self.tokens[start : start + int(self.sequence_lengths[j])]
+        return self.get(i)
 
     def _token_range(self, i, offset: int, length: int | None) -> tuple[int, int]:
         """(stream start, length) of tokens [offset, offset + length) of sequence i, bounds-checked."""

@@ -81,10 +81,8 @@ class IndexedDatasetWriter:
         its loss mask (one bool per token)."""
         self._require_open()
         arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError(f"document must be a 1-D array of token ids, got shape {arr.shape}")
         lengths = self._checked_lengths(np.array([arr.size], dtype=np.int64), what="document")
-        checked, hi = self._checked(arr, what="document")
+        checked, hi = self._checked(arr, what="document")  # "document must be a 1-D array ..." when it is not
         mask = self._checked_mask(loss_mask, arr.size, "add_document")
         self._write(checked, lengths, hi, mask)
 
@@ -105,12 +103,11 @@ class IndexedDatasetWriter:
         nonempty = [a for a in arrays if a.size]
         flat = np.concatenate(nonempty) if nonempty else np.empty(0, dtype=self.dtype)
         checked, hi = self._checked(flat, what="batch", lengths=lengths)
-        mask = None
         if loss_masks is not None and self._mask is not None:
-            masks = [checked_mask(m, a.size, f"add_documents: document {i}") for i, (m, a) in enumerate(zip(loss_masks, arrays))]
-            mask = np.concatenate(masks) if masks else np.empty(0, dtype=np.bool_)
-        else:
-            self._checked_mask(loss_masks, flat.size, "add_documents")  # raises: a mask missing or not expected
+            mask = np.concatenate([checked_mask(m, a.size, f"add_documents: document {i}")
+                                   for i, (m, a) in enumerate(zip(loss_masks, arrays))])
+        else:  # raises when a mask is missing or not expected
+            mask = self._checked_mask(loss_masks, flat.size, "add_documents")
         self._write(checked, lengths, hi, mask)
 
     def add_flat(self, tokens: np.ndarray, lengths: np.ndarray, *, loss_mask=None) -> None:

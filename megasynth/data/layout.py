@@ -70,3 +70,9 @@ def vocab_sizes(meta: dict | None) -> list[tuple[str, object]]:
 def is_count(value) -> bool:
     """A JSON integer (not a bool)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def tokenizer_hash(meta: dict | None) -> str | None:
+    """The tokenizer identity's hash a sidecar records (its sha256, or an older "hash"), or None."""
+    tok = (meta or {}).get("tokenizer")
+    return (tok.get("sha256") or tok.get("hash")) if isinstance(tok, dict) else None

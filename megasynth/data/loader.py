@@ -131,12 +131,9 @@ class DistributedBatchLoader:
                 self._worker_iter = iter(self._worker_loader())
             batches = [next(self._worker_iter) for _ in range(self.accumulation_steps)]
         else:
-            batches = [
-                collate_samples([self.dataset[i] for i in sample_range(
-                    self.consumed, m, micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
-                    dp_size=self.dp_size)], self.document_masking)
-                for m in range(self.accumulation_steps)
-            ]
+            ranges = (sample_range(self.consumed, m, micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
+                                   dp_size=self.dp_size) for m in range(self.accumulation_steps))
+            batches = [collate_samples([self.dataset[i] for i in r], self.document_masking) for r in ranges]
         self.consumed += self.global_batch_size
         non_blocking = self.device.type == "cuda"
         return [b.to(self.device, non_blocking=non_blocking) for b in batches]
@@ -152,8 +149,7 @@ class DistributedBatchLoader:
             pin_memory=self.device.type == "cuda", prefetch_factor=2 * self.accumulation_steps,
         )
 
-    # ------------------------------------------------------------------------------------------- state
-
+    # -- state ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed, "fingerprint": self.fingerprint,
                 "global_batch_size": self.global_batch_size}
@@ -173,9 +169,7 @@ class DistributedBatchLoader:
         self._worker_iter = None  # restart background workers at the new position
 
 
-# ----------------------------------------------------------------------------------------------- datasets
-
-
+# -- datasets -------------------------------------------------------------------------------------------------------
 def data_sources(data_cfg) -> list:
     """The training sources of `data_cfg` (a DataConfig): its [[data.sources]], else its data.data_path parsed."""
     sources = list(data_cfg.sources)

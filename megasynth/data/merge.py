@@ -14,22 +14,17 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from megasynth.cli import overlap_refusal, prefix
 from megasynth.data.indexed import (IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, check_not_empty,
     check_output_free, idx_path, sidecar_path)
+from megasynth.data.layout import tokenizer_hash
 
 # One copy run is at most this many sequences and tokens (or a single longer sequence): bounds merge memory
 # (8 MiB of int64 lengths, 32 MiB of uint16 tokens) whatever the inputs' sizes.
 _MERGE_SEQUENCES = 1 << 20
 _MERGE_TOKENS = 16 << 20
-
-
-def _tokenizer_fingerprint(meta: dict | None):
-    tok = (meta or {}).get("tokenizer")
-    if not isinstance(tok, dict):
-        return None
-    return tok.get("sha256") or tok.get("hash")
 
 
 def _check_compatible(datasets: list[IndexedDataset]) -> None:
@@ -38,7 +33,7 @@ def _check_compatible(datasets: list[IndexedDataset]) -> None:
     for ds in datasets[1:]:
         if ds.dtype != first.dtype:
             raise IndexedDatasetError(f"{idx_path(ds.prefix)}: dtype {ds.dtype} differs from {first.prefix}'s {first.dtype}")
-        for key, value_of in (("tokenizer hash", _tokenizer_fingerprint),
+        for key, value_of in (("tokenizer hash", tokenizer_hash),
                               ("vocab_size", lambda m: (m or {}).get("vocab_size")),
                               ("eod_id", lambda m: (m or {}).get("eod_id"))):
             a, b = value_of(first.metadata), value_of(ds.metadata)
@@ -128,22 +123,16 @@ def merge_datasets(prefixes: Sequence, output_prefix, *, progress: bool = False,
     check_output_free(output_prefix, overwrite=overwrite)
     check_not_empty(output_prefix, sum(len(ds) for ds in datasets), allow_empty=allow_empty)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm  # noqa: PLC0415
-
-        bar = tqdm(total=sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets), unit="B", unit_scale=True,
-                   desc="merge")
+    bar = tqdm(total=sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets), unit="B", unit_scale=True,
+               desc="merge", disable=not progress)
     try:
         with IndexedDatasetWriter(output_prefix, datasets[0].dtype, metadata=_merged_metadata(datasets, with_mask),
                                   loss_mask=with_mask) as writer:
             for ds in datasets:
-                append_dataset(writer, ds, with_mask=with_mask, on_bytes=None if bar is None else bar.update)
-            sidecar = writer.finalize()
+                append_dataset(writer, ds, with_mask=with_mask, on_bytes=bar.update)
+            return writer.finalize()
     finally:
-        if bar is not None:
-            bar.close()
-    return sidecar
+        bar.close()
 
 
 def length_summary(lengths: np.ndarray) -> dict:

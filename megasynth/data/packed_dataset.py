@@ -11,13 +11,12 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from megasynth.data.gpt_dataset import _rng
-from megasynth.data.index_cache import index_key, load_npz, save_npz
+from megasynth.data.index_cache import cached_index, check_sample_args, index_key
 from megasynth.data.indexed import IndexedDataset
 
 # Bump when the packing changes, so caches built by older code are never reused.
@@ -42,12 +41,16 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     bin_of[order[:big]] = np.arange(big)
     free_lists: dict[int, list[int]] = {}  # free space -> bins with exactly that much (a stack)
     free_sorted: list[int] = []  # the distinct free spaces with a bin, ascending
-    for b, space in enumerate((capacity - lengths[order[:big]]).tolist()):
+
+    def push(b: int, space: int) -> None:
         if space:
             if space not in free_lists:
                 free_lists[space] = []
                 bisect.insort(free_sorted, space)
             free_lists[space].append(b)
+
+    for b, space in enumerate((capacity - lengths[order[:big]]).tolist()):
+        push(b, space)
     num_bins = big
     small = order[big:]
     for item, length in zip(small.tolist(), lengths[small].tolist()):
@@ -63,12 +66,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
                 del free_lists[space]
                 free_sorted.pop(k)
         bin_of[item] = b
-        left = space - length
-        if left:
-            if left not in free_lists:
-                free_lists[left] = []
-                bisect.insort(free_sorted, left)
-            free_lists[left].append(b)
+        push(b, space - length)
     # Items grouped by bin; within a bin in packing order (longest first).
     rank = np.empty(lengths.size, dtype=np.int64)
     rank[order] = np.arange(lengths.size)
@@ -110,9 +108,7 @@ class PackedDataset:
     def __init__(self, dataset: IndexedDataset, *, seq_len: int, num_samples: int, seed: int,
                  cache_dir: str | os.PathLike | None = None, documents: np.ndarray | None = None, name: str = "",
                  pad_id: int | None = None):
-        for field, value, low in (("seq_len", seq_len, 1), ("num_samples", num_samples, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"PackedDataset {name!r}: {field} must be an integer >= {low}, got {value!r}")
+        check_sample_args(f"PackedDataset {name!r}", seq_len, num_samples, seed)
         self.dataset, self.name = dataset, name
         self.seq_len, self.num_samples, self.seed = int(seq_len), int(num_samples), int(seed)
         capacity = self.seq_len + 1
@@ -135,13 +131,11 @@ class PackedDataset:
         self.cache_key = index_key(f"megasynth-pack-index:{PACK_FORMAT_VERSION}:{self.seq_len}:{self.num_samples}:"
                                    f"{self.seed}:", self.documents, lengths)
         self.cache_path = Path(cache_dir) / f"pack_{self.cache_key}.npz" if cache_dir is not None else None
-        index = self._load_cache() if self.cache_path is not None else None
-        self.loaded_from_cache = index is not None
-        if index is None:
-            index = build_pack_index(lengths, self.documents, seq_len=self.seq_len, num_samples=self.num_samples,
-                                     seed=self.seed)
-            if self.cache_path is not None:
-                save_npz(self.cache_path, {**index, "description": np.array(self._description())})
+        index, self.loaded_from_cache = cached_index(
+            self.cache_path, _ARRAYS, "pack-index", self._fits,
+            lambda: build_pack_index(lengths, self.documents, seq_len=self.seq_len, num_samples=self.num_samples,
+                                     seed=self.seed),
+            self._description)
         self.window_docs, self.window_start, self.shuffle = (index[k] for k in _ARRAYS)
         num_windows = self.window_start.size - 1
         self.num_epochs = int(self.window_docs.size // self.documents.size)
@@ -154,17 +148,11 @@ class PackedDataset:
                            "seq_len": self.seq_len, "num_samples": self.num_samples, "seed": self.seed,
                            "num_documents": int(self.documents.size), "pack_format_version": PACK_FORMAT_VERSION})
 
-    def _load_cache(self) -> dict[str, np.ndarray] | None:
-        index = load_npz(self.cache_path, _ARRAYS, "pack-index")
-        if index is None:
-            return None
+    def _fits(self, index: dict[str, np.ndarray]) -> bool:
         windows = index["window_start"].size - 1
-        if (index["shuffle"].shape != (self.num_samples,) or windows < self.num_samples
-                or index["window_start"][-1] != index["window_docs"].size
-                or index["window_docs"].size % self.documents.size):
-            warnings.warn(f"{self.cache_path}: pack-index cache has wrong shapes; rebuilding it", stacklevel=3)
-            return None
-        return index
+        return (index["shuffle"].shape == (self.num_samples,) and windows >= self.num_samples
+                and index["window_start"][-1] == index["window_docs"].size
+                and not index["window_docs"].size % self.documents.size)
 
     def summary(self) -> str:
         """One line for the training log: windows, packing efficiency, truncated examples."""

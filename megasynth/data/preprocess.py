@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,9 @@ from tqdm import tqdm
 
 from megasynth.cli import check_outputs, file, overlap_refusal, refuse_without_output
 from megasynth.cli import prefix as prefix_spec
-from megasynth.data.indexed import (IndexedDatasetWriter, bin_path, check_not_empty, check_output_free, idx_path,
-    mask_path, sidecar_path, smallest_token_dtype)
-from megasynth.data.readers import Chunk, InputError, InputReader, Parsed, ReaderOptions, parse_chunk
+from megasynth.data.indexed import (IndexedDatasetError, IndexedDatasetWriter, PrefixOutputError, bin_path,
+    check_not_empty, check_output_free, idx_path, mask_path, sidecar_path, smallest_token_dtype)
+from megasynth.data.readers import BadInputError, Chunk, InputError, InputReader, Parsed, ReaderOptions, parse_chunk
 from megasynth.procs import die_with_parent
 from megasynth.tokenizer import Tokenizer, TokenizerError, limit_tokenizer_threads, load_tokenizer
 
@@ -160,6 +161,18 @@ def prefix_metadata(tokenizer: Tokenizer, *, add_bos: bool, append_eod: bool) ->
             "append_eod": append_eod, "add_bos": add_bos, "created_by": "preprocess_data"}
 
 
+def open_run(inputs, output_prefix: str, tokenizer_path, options: ReaderOptions, *, add_bos: bool,
+             overwrite: bool) -> tuple[InputReader, list[Path], Tokenizer]:
+    """(reader, the output directories to create: check_output_prefix, tokenizer) of a preprocessing run, after
+    every check that needs no tokenizing."""
+    reader = InputReader(inputs, options)
+    missing_dirs = check_output_prefix(output_prefix, reader, overwrite=overwrite)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if add_bos and tokenizer.bos_id is None:
+        raise TokenizerError(f"{tokenizer_path}: add_bos (--add-bos) was asked for but this tokenizer has no BOS token")
+    return reader, missing_dirs, tokenizer
+
+
 def read_stats(stats, tokens: int) -> dict:
     """The sidecar's "stats" of a preprocessed prefix."""
     return {"documents": stats.documents, "tokens": tokens, "skipped_empty": stats.skipped_empty,
@@ -186,17 +199,14 @@ def preprocess(
     started = time.perf_counter()
     options = options or ReaderOptions()
     output_prefix = os.fspath(output_prefix)
-    reader = InputReader(inputs, options)
-    missing_dirs = check_output_prefix(output_prefix, reader, overwrite=overwrite)
-    tokenizer = load_tokenizer(tokenizer_path)
-    if add_bos and tokenizer.bos_id is None:
-        raise TokenizerError(f"{tokenizer_path}: add_bos (--add-bos) was asked for but this tokenizer has no BOS token")
+    reader, missing_dirs, tokenizer = open_run(inputs, output_prefix, tokenizer_path, options, add_bos=add_bos,
+                                               overwrite=overwrite)
     dtype = smallest_token_dtype(tokenizer.vocab_size)
     encoder = ChunkEncoder(tokenizer, options, add_bos, append_eod, dtype)
     metadata = prefix_metadata(tokenizer, add_bos=add_bos, append_eod=append_eod)
-    results = encoded_chunks(reader, encoder, tokenizer_path, workers)
-    totals = write_encoded(output_prefix, reader, results, dtype=dtype, metadata=metadata, missing_dirs=missing_dirs,
-                           progress=progress, desc="preprocess", unit="docs", started=started, allow_empty=allow_empty)
+    totals = write_encoded(output_prefix, reader, encoded_chunks(reader, encoder, tokenizer_path, workers), dtype=dtype,
+                           metadata=metadata, missing_dirs=missing_dirs, progress=progress, desc="preprocess",
+                           unit="docs", started=started, allow_empty=allow_empty)
     stats = reader.stats
     return {"documents": stats.documents, "tokens": totals["tokens"], "skipped_empty": stats.skipped_empty,
             "skipped_bad": stats.skipped_bad, "bad_examples": stats.bad_examples, "input_bytes": reader.total_bytes,
@@ -267,20 +277,13 @@ def run_for_cli(output_prefix: str, call, *, files: str, summary_line,
     an unwritable output or a full disk likewise; a dead worker 1; Ctrl-C 130. The library guarantees that no
     partial prefix is left in any of these cases. `other_outcome(summary)`: a line to print instead of "wrote"
     when the call wrote no output by design (a worker that left publishing to another), else None."""
-    from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
-
-    from megasynth.data.indexed import IndexedDatasetError, PrefixOutputError  # noqa: PLC0415
-    from megasynth.data.readers import BadInputError  # noqa: PLC0415
-
-    errors = (BadInputError, InputError, TokenizerError, IndexedDatasetError, *bad_input)
     try:
         summary = call()
     except PrefixOutputError as e:  # an existing or empty output: the one line says what to do
         print(f"{e}", file=sys.stderr)
         return 2
-    except errors as e:
-        return refuse_without_output(e, output_prefix)
-    except OSError as e:  # e.g. the output directory is not writable, the disk is full
+    # OSError: e.g. the output directory is not writable, the disk is full
+    except (BadInputError, InputError, TokenizerError, IndexedDatasetError, *bad_input, OSError) as e:
         return refuse_without_output(e, output_prefix)
     except BrokenProcessPool:
         print("a worker process died (out of memory?); no output written", file=sys.stderr)

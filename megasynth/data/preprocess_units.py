@@ -18,13 +18,13 @@ from types import SimpleNamespace
 from pathlib import Path
 from typing import Sequence
 
-from megasynth.data.indexed import (IndexedDataset, IndexedDatasetWriter, check_not_empty, check_output_free,
+from megasynth.data.indexed import (IndexedDataset, IndexedDatasetWriter, check_not_empty,
                                     smallest_token_dtype)
 from megasynth.data.merge import append_dataset
-from megasynth.data.preprocess import check_output_prefix, prefix_metadata, preprocess, read_stats, remove_created_dirs
+from megasynth.data.preprocess import (check_output_prefix, open_run, prefix_metadata, preprocess, read_stats,
+    remove_created_dirs)
 from megasynth.data.readers import InputReader, ReaderOptions
 from megasynth.work_units import Worker, WorkUnits, make_then_check, publisher_lock
-from megasynth.tokenizer import TokenizerError, load_tokenizer
 
 DEFAULT_UNIT_BYTES = 1 << 30
 PART = "part"  # the part prefix inside a unit directory
@@ -56,11 +56,8 @@ def preprocess_units(inputs: Sequence[str | os.PathLike], output_prefix: str | o
     started = time.perf_counter()
     options = options or ReaderOptions()
     output_prefix = os.fspath(output_prefix)
-    reader = InputReader(inputs, options)
-    check_output_prefix(output_prefix, reader, overwrite=True)  # the output's place is checked; its existence later
-    tokenizer = load_tokenizer(tokenizer_path)
-    if add_bos and tokenizer.bos_id is None:
-        raise TokenizerError(f"{tokenizer_path}: add_bos (--add-bos) was asked for but this tokenizer has no BOS token")
+    # The output's place is checked here, its existence when publishing.
+    reader, _, tokenizer = open_run(inputs, output_prefix, tokenizer_path, options, add_bos=add_bos, overwrite=True)
     files = [str(f.path.resolve()) for f in reader.files]
     groups = plan_units([f.size for f in reader.files], unit_bytes)
     settings = {"files": [[p, f.size] for p, f in zip(files, reader.files)], "options": asdict(options),
@@ -101,8 +98,7 @@ def _publish(units: WorkUnits, output_prefix: str, tokenizer, *, add_bos: bool, 
     """Every unit's part, in unit order, into the output: the sidecar a single-process run writes."""
     records = [units.record(k) for k in range(units.num_units)]  # checks settings, sizes and sha256 first
     parts = [IndexedDataset(units.unit_dir(k) / PART) for k in range(units.num_units)]
-    missing_dirs = check_output_prefix(output_prefix, reader, overwrite=overwrite)
-    check_output_free(output_prefix, overwrite=overwrite)
+    missing_dirs = check_output_prefix(output_prefix, reader, overwrite=overwrite)  # check_output_free too
 
     # The counts a single run's reader would have, summed over the units.
     stats = SimpleNamespace(**{key: sum(r["counts"][key] for r in records)

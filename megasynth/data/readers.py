@@ -86,18 +86,33 @@ class Chunk:
 
 @dataclass
 class Parsed:
-    """The documents of one chunk and what was skipped; `positions` are lines (or rows) in `file`."""
+    """The documents of one chunk and what was skipped; `positions` are lines (or rows) in `file`. Parsing fills
+    it through add() and fail(): a bad record raises at once unless skip_bad."""
 
     file: str
     kind: str
-    texts: list[str]
-    positions: list[int]
-    empty: int
-    bad: list[BadInputError]
     done_bytes: int
+    skip_bad: bool = False
+    texts: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    empty: int = 0
+    bad: list[BadInputError] = field(default_factory=list)
 
     def locations(self) -> list[str]:
         return [_location(self.file, self.kind, p) for p in self.positions]
+
+    def add(self, text: str, position: int) -> None:
+        if not text or text.isspace():
+            self.empty += 1
+        else:
+            self.texts.append(text)
+            self.positions.append(position)
+
+    def fail(self, position: int, problem: str) -> None:
+        err = BadInputError(_location(self.file, self.kind, position), problem)
+        if not self.skip_bad:
+            raise err
+        self.bad.append(err)
 
 
 @dataclass
@@ -127,13 +142,8 @@ def detect_format(path: Path, input_format: str = "auto") -> tuple[str, str | No
     compression = _COMPRESSION.get(suffixes[-1]) if suffixes else None
     if compression:
         suffixes = suffixes[:-1]
-    if input_format != "auto":
-        fmt = input_format
-    else:
-        fmt = _SUFFIX_FORMAT.get(suffixes[-1]) if suffixes else None
-        if fmt is None:
-            return None
-    if fmt == "parquet" and compression:
+    fmt = input_format if input_format != "auto" else (_SUFFIX_FORMAT.get(suffixes[-1]) if suffixes else None)
+    if fmt is None or (fmt == "parquet" and compression):
         return None  # Parquet compresses inside the file; a compressed .parquet cannot be read by seeking
     return fmt, compression
 
@@ -174,11 +184,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], input_format: str = "auto
     unique: dict[Path, Path] = {}
     for p in found:  # a file named twice (a glob and its directory) is read once
         unique.setdefault(p.resolve(), p)
-    out = []
-    for p in unique.values():
-        fmt, compression = detect_format(p, input_format)
-        out.append(InputFile(p, fmt, compression, p.stat().st_size))
-    return out
+    return [InputFile(p, *detect_format(p, input_format), p.stat().st_size) for p in unique.values()]
 
 
 # -- the reader ------------------------------------------------------------------------------------------------
@@ -284,44 +290,14 @@ def _json_type(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-class _Collector:
-    """Texts and skips of one chunk; a bad record raises at once unless skipping."""
-
-    def __init__(self, chunk: Chunk, skip_bad: bool):
-        self.chunk = chunk
-        self.skip_bad = skip_bad
-        self.texts: list[str] = []
-        self.positions: list[int] = []
-        self.empty = 0
-        self.bad: list[BadInputError] = []
-
-    def add(self, text: str, position: int) -> None:
-        if not text or text.isspace():
-            self.empty += 1
-        else:
-            self.texts.append(text)
-            self.positions.append(position)
-
-    def fail(self, position: int, problem: str) -> None:
-        err = BadInputError(_location(self.chunk.file, self.chunk.kind, position), problem)
-        if not self.skip_bad:
-            raise err
-        self.bad.append(err)
-
-    def parsed(self) -> Parsed:
-        c = self.chunk
-        return Parsed(c.file, c.kind, self.texts, self.positions, self.empty, self.bad, c.done_bytes)
-
-
-def _decoded_lines(chunk: Chunk, out: _Collector) -> Iterator[tuple[int, str | None]]:
+def _decoded_lines(chunk: Chunk, out: Parsed) -> Iterator[tuple[int, str | None]]:
     """(line number, text without its newline) of each line; a line that is not UTF-8 goes to out.fail() and
     comes out as None (so that paragraph mode can drop the paragraph it belongs to)."""
     data: bytes = chunk.payload
     if data.endswith(b"\n"):
         data = data[:-1]
     try:
-        lines = data.decode("utf-8").split("\n")  # fast path: the whole chunk at once
-        pairs = enumerate(lines, chunk.first)
+        pairs = enumerate(data.decode("utf-8").split("\n"), chunk.first)  # fast path: the whole chunk at once
     except UnicodeDecodeError:
         pairs = _decode_each(data.split(b"\n"), chunk.first, out)
     for number, line in pairs:
@@ -330,7 +306,7 @@ def _decoded_lines(chunk: Chunk, out: _Collector) -> Iterator[tuple[int, str | N
         yield number, line
 
 
-def _decode_each(raw_lines: list[bytes], first: int, out: _Collector) -> Iterator[tuple[int, str | None]]:
+def _decode_each(raw_lines: list[bytes], first: int, out: Parsed) -> Iterator[tuple[int, str | None]]:
     for number, raw in enumerate(raw_lines, first):
         try:
             text = raw.decode("utf-8")
@@ -340,7 +316,19 @@ def _decode_each(raw_lines: list[bytes], first: int, out: _Collector) -> Iterato
         yield number, text
 
 
-def _json_objects(chunk: Chunk, out: _Collector) -> Iterator[tuple[int, str, dict]]:
+def lone_surrogate(line: str, texts) -> int | None:
+    """The code point of the first lone surrogate in `texts` (JSON escapes can spell them, and they are not text),
+    or None; `line`, the raw JSON they were parsed from, must hold a \\ud escape for any of them to hold one."""
+    if "\\ud" in line or "\\uD" in line:
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return ord(text[e.start])
+    return None
+
+
+def _json_objects(chunk: Chunk, out: Parsed) -> Iterator[tuple[int, str, dict]]:
     """(line number, line, object) of each JSON-object line; blank lines are counted, bad ones go to out.fail()."""
     # Not megasynth.io.read_jsonl: that reads a whole file and stops at the first bad line, while this parses a
     # chunk of raw (often decompressed) bytes in a worker, numbers lines from the chunk's first line, and with
@@ -373,7 +361,7 @@ def parse_json_chunk(chunk: Chunk, convert, skip_bad: bool) -> tuple[Parsed, lis
     For readers of structured records (megasynth.data.sft) that need more than one text field."""
     if chunk.kind != "jsonl":
         raise BadInputError(chunk.file, "expected JSONL input (.jsonl/.json/.ndjson, optionally .gz/.zst)")
-    out = _Collector(chunk, skip_bad)
+    out = Parsed(chunk.file, chunk.kind, chunk.done_bytes, skip_bad)
     values = []
     for number, line, obj in _json_objects(chunk, out):
         try:
@@ -383,10 +371,10 @@ def parse_json_chunk(chunk: Chunk, convert, skip_bad: bool) -> tuple[Parsed, lis
             continue
         values.append(value)
         out.positions.append(number)
-    return out.parsed(), values
+    return out, values
 
 
-def _parse_jsonl(chunk: Chunk, key: str, out: _Collector) -> None:
+def _parse_jsonl(chunk: Chunk, key: str, out: Parsed) -> None:
     for number, line, obj in _json_objects(chunk, out):
         try:
             text = obj[key]
@@ -397,16 +385,13 @@ def _parse_jsonl(chunk: Chunk, key: str, out: _Collector) -> None:
         if type(text) is not str:
             out.fail(number, f"{key!r} is {_json_type(text)}, expected a string")
             continue
-        if "\\ud" in line or "\\uD" in line:  # JSON escapes can spell lone surrogates, which are not text
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                out.fail(number, f"{key!r} holds a lone surrogate escape (\\u{ord(text[e.start]):04x}), not text")
-                continue
+        if (code := lone_surrogate(line, [text])) is not None:
+            out.fail(number, f"{key!r} holds a lone surrogate escape (\\u{code:04x}), not text")
+            continue
         out.add(text, number)
 
 
-def _parse_paragraphs(chunk: Chunk, out: _Collector) -> None:
+def _parse_paragraphs(chunk: Chunk, out: Parsed) -> None:
     start, para, poisoned = 0, [], False
     for number, line in _decoded_lines(chunk, out):
         if line is None or line.strip():
@@ -424,7 +409,7 @@ def _parse_paragraphs(chunk: Chunk, out: _Collector) -> None:
         out.add("\n".join(para), start)
 
 
-def _parse_file(chunk: Chunk, out: _Collector) -> None:
+def _parse_file(chunk: Chunk, out: Parsed) -> None:
     data: bytes = chunk.payload
     try:
         text = data.decode("utf-8")
@@ -436,7 +421,7 @@ def _parse_file(chunk: Chunk, out: _Collector) -> None:
     out.add(text.removeprefix("\ufeff"), 1)
 
 
-def _parse_rows(chunk: Chunk, out: _Collector) -> None:
+def _parse_rows(chunk: Chunk, out: Parsed) -> None:
     array = chunk.payload
     try:
         values = array.to_pylist()
@@ -458,7 +443,7 @@ def _parse_rows(chunk: Chunk, out: _Collector) -> None:
 
 def parse_chunk(chunk: Chunk, options: ReaderOptions) -> Parsed:
     """Texts of a chunk's records; raises BadInputError on the first bad one unless options.skip_bad."""
-    out = _Collector(chunk, options.skip_bad)
+    out = Parsed(chunk.file, chunk.kind, chunk.done_bytes, options.skip_bad)
     if chunk.kind == "jsonl":
         _parse_jsonl(chunk, options.json_key, out)
     elif chunk.kind == "line":
@@ -473,4 +458,4 @@ def parse_chunk(chunk: Chunk, options: ReaderOptions) -> Parsed:
         _parse_rows(chunk, out)
     else:
         raise ValueError(f"unknown chunk kind {chunk.kind!r}")
-    return out.parsed()
+    return out

@@ -4,7 +4,7 @@
     summary = preprocess_sft(["train.jsonl"], "data/sft", "tok/", fmt="auto", max_len=2048, workers=4)
     summary["records"], summary["tokens"], summary["target_tokens"], summary["truncated"]
 
-Record formats are megasynth.data.sft_records'; the encoding, refusals and sidecar: docs/sft.md, docs/format.md.
+Record formats are megasynth.data.sft_encode's; the encoding, refusals and sidecar: docs/sft.md, docs/format.md.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from megasynth.data.indexed import smallest_token_dtype
 from megasynth.data.preprocess import EncodedChunk, check_output_prefix, encoded_chunks, write_encoded
 from megasynth.data.readers import BadInputError, InputError, InputReader, ReaderOptions, parse_json_chunk
-from megasynth.data.sft_encode import SftEncoder
-from megasynth.data.sft_records import ALPACA_JOIN, FORMAT_KEYS, FORMATS, SftOptions, detect_format, record_messages
+from megasynth.data.sft_encode import ALPACA_JOIN, FORMAT_KEYS, FORMATS, SftEncoder, SftOptions, detect_format
 from megasynth.tokenizer import load_tokenizer
 
 __all__ = ["ALPACA_JOIN", "FORMATS", "FORMAT_KEYS", "EncodedChunk", "SftEncoder", "SftOptions", "detect_format",
-           "preprocess_sft", "record_messages", "resolve_format"]
+           "preprocess_sft", "resolve_format"]
 
 # -- the run --------------------------------------------------------------------------------------------------------
 def _jsonl_reader(inputs: Sequence[str | os.PathLike], options: ReaderOptions) -> InputReader:

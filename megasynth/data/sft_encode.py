@@ -1,6 +1,8 @@
 """SFT records -> (tokens, loss mask) for a chunk: the work a preprocess_sft worker does.
 
-The two encodings (whole text, pieces) and their refusals: docs/sft.md ("Records to tokens and a mask").
+The record formats (a JSON object -> the conversation or pair it stands for; a bad record raises RecordProblem,
+to which megasynth.data.readers adds FILE:LINE), the two encodings (whole text, pieces) and their refusals:
+docs/sft.md ("Records to tokens and a mask").
 """
 
 from __future__ import annotations
@@ -8,16 +10,92 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
-from megasynth.chat import (IM_END, IM_START, PAIR_SEPARATOR, ConversationError, load_chat_template, special_token_id,
-    text_start_ids)
+from megasynth.chat import (IM_END, IM_START, PAIR_SEPARATOR, ConversationError, check_messages, load_chat_template,
+    special_token_id, text_start_ids)
 from megasynth.data.preprocess import EncodedChunk
-from megasynth.data.readers import BadInputError, Chunk, Parsed, RecordProblem, parse_json_chunk
-from megasynth.data.sft_records import SftOptions, check_texts, record_texts
+from megasynth.data.readers import BadInputError, Chunk, Parsed, RecordProblem, lone_surrogate, parse_json_chunk
 from megasynth.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
+FORMATS = ("prompt_response", "alpaca", "chat", "pair")
+# The keys that identify each format (format "auto" looks for them in the first record, in this order).
+FORMAT_KEYS = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt_response": ("prompt", "response"),
+               "pair": ("source", "target")}
+ALPACA_JOIN = "\n\n"  # between an alpaca record's instruction and its non-empty input
+
+
+@dataclass(frozen=True)
+class SftOptions:
+    """How records become examples (everything a worker needs besides the tokenizer)."""
+
+    fmt: str  # one of FORMATS (resolved: never "auto")
+    max_len: int | None = None  # longest example in tokens (EOD included); None: no limit
+    truncate: bool = False  # cut examples longer than max_len instead of refusing them
+    skip_bad: bool = False  # count and skip bad records instead of raising BadInputError
+    batch_size: int = 512  # records per chunk handed to a worker
+    max_bad_shown: int = 5  # how many bad locations the summary keeps
+    separator: str | None = None  # pair records: the token between source and target (None: <|sep|>)
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.truncate and self.max_len is None:
+            raise ValueError("truncate needs max_len")
+
+
+def detect_format(obj: dict) -> str | None:
+    """The format whose keys the record has (FORMAT_KEYS order), or None."""
+    for fmt, keys in FORMAT_KEYS.items():
+        if all(k in obj for k in keys):
+            return fmt
+    return None
+
+
+def _text_field(obj: dict, key: str, fmt: str) -> str:
+    if key not in obj:
+        keys = ", ".join(map(repr, list(obj)[:10])) or "none"
+        raise RecordProblem(f"no field {key!r} (format {fmt} needs {', '.join(FORMAT_KEYS[fmt])}; keys: {keys})")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise RecordProblem(f"field {key!r} is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise RecordProblem(f"field {key!r} is empty")
+    return value
+
+
+def record_texts(obj: dict, fmt: str) -> tuple[list[str], list[str]]:
+    """(roles, texts) of a record: the conversation a prompt_response / alpaca / chat record stands for, or a
+    pair's ("source", "target"); RecordProblem when it is bad."""
+    if fmt == "pair":
+        return ["source", "target"], [_text_field(obj, "source", fmt), _text_field(obj, "target", fmt)]
+    if fmt == "chat":
+        messages = obj.get("messages")
+        if messages is None and "messages" not in obj:
+            raise RecordProblem(f"no field 'messages' (format chat; keys: {', '.join(map(repr, list(obj)[:10]))})")
+        problem = check_messages(messages)
+        if problem:
+            raise RecordProblem(problem)
+        return [m["role"] for m in messages], [m["content"] for m in messages]
+    if fmt == "prompt_response":
+        prompt, answer = _text_field(obj, "prompt", fmt), _text_field(obj, "response", fmt)
+    elif fmt == "alpaca":
+        prompt, answer = _text_field(obj, "instruction", fmt), _text_field(obj, "output", fmt)
+        extra = obj.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise RecordProblem(f"field 'input' is {type(extra).__name__}, expected a string")
+        if extra and extra.strip():
+            prompt = prompt + ALPACA_JOIN + extra
+    else:
+        raise ValueError(f"not a conversation format: {fmt!r}")
+    return ["user", "assistant"], [prompt, answer]
+
+
+# -- encoding -----------------------------------------------------------------------------------------------------
 # Tokens on each side of a piece boundary that are re-tokenized jointly. The left side of an answer is the
 # template's header (few distinct pairs); one token on the right keeps the checks cached across records.
 _LEFT, _RIGHT = 2, 1
@@ -75,7 +153,12 @@ class SftEncoder:
         pair, [(text, is_target)] pieces on the template path; RecordProblem for a bad record."""
         fmt = self.options.fmt
         roles, texts = record_texts(obj, fmt)
-        check_texts(texts, line, self.specials)
+        if (code := lone_surrogate(line, texts)) is not None:
+            raise RecordProblem(f"a text holds a lone surrogate escape (\\u{code:04x})")
+        for text in texts:
+            for special in self.specials:
+                if special in text:
+                    raise RecordProblem(f"a text holds the special token {special!r}, which the format itself uses")
         if self._other_specials is not None:
             for text in texts:
                 if found := self._other_specials.search(text):

@@ -71,12 +71,9 @@ def evaluate_generative(model, tokenizer, examples: Sequence, indices: Sequence[
     if limit < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                          f"max_seq_len={model.cfg.max_seq_len}")
-    prompts = []
-    for i in indices:
-        text = prompt_text(examples, i, fewshot_pool=fewshot_pool, num_fewshot=num_fewshot, seed=seed,
-                           template=template)
-        ids = list(start_ids) + tokenizer.encode(text)
-        prompts.append(ids[-limit:])
+    texts = [prompt_text(examples, i, fewshot_pool=fewshot_pool, num_fewshot=num_fewshot, seed=seed,
+                         template=template) for i in indices]
+    prompts = [(list(start_ids) + tokenizer.encode(text))[-limit:] for text in texts]
     stops = newline_token_ids(tokenizer)
     end_of_turn = template.end_of_turn_id if template is not None else None
     if end_of_turn is not None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megasynth.data.indexed import IndexedDataset
-from megasynth.distributed import is_distributed, rank_and_world
+from megasynth.distributed import all_gather_object, is_distributed, rank_and_world
 from megasynth.eval.generative import evaluate_generative
 from megasynth.eval.multiple_choice import PromptOptions, evaluate_multiple_choice
 from megasynth.eval.perplexity import perplexity_metrics, perplexity_sums
@@ -51,11 +51,8 @@ def all_reduce_sums(values: list[float]) -> list[float]:
 
 def gather_records(records: list[dict]) -> list[dict] | None:
     """Every rank's records on rank 0, in example order (None on other ranks)."""
-    if not is_distributed():
-        return sorted(records, key=lambda r: r["index"])
-    everything: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, records)
-    if dist.get_rank() != 0:
+    everything = all_gather_object(records)
+    if rank_and_world()[0] != 0:
         return None
     return sorted((r for part in everything for r in part), key=lambda r: r["index"])
 

@@ -53,11 +53,8 @@ def draw_fewshot(pool: Sequence, k: int, seed: int, index: int) -> list:
 
 
 def fewshot_prefix(shots: Sequence, options: PromptOptions) -> str:
-    parts = []
-    for shot in shots:
-        prompt, choices, gold = render(shot, options)
-        parts.append(prompt + TARGET_DELIMITER + choices[gold])
-    return "".join(p + FEWSHOT_DELIMITER for p in parts)
+    rendered = (render(shot, options) for shot in shots)
+    return "".join(prompt + TARGET_DELIMITER + choices[gold] + FEWSHOT_DELIMITER for prompt, choices, gold in rendered)
 
 
 def context_text(example, options: PromptOptions, *, fewshot_pool=(), num_fewshot: int = 0, seed: int = 1234,

@@ -246,12 +246,8 @@ def merge_held_out(result: ImportResult, held_out: ImportResult) -> set[str]:
                             f"article {both[0]!r} is also in the training input ({a.where}); "
                             f"{len(both)} article(s) in both")
     result.articles.update(held_out.articles)
-    result.lines += held_out.lines
-    result.duplicate_questions += held_out.duplicate_questions
-    result.text_conflicts += held_out.text_conflicts
-    result.skipped_bad += held_out.skipped_bad
-    result.bad_examples += held_out.bad_examples
-    result.sources += held_out.sources
+    for name in ("lines", "duplicate_questions", "text_conflicts", "skipped_bad", "bad_examples", "sources"):
+        setattr(result, name, getattr(result, name) + getattr(held_out, name))
     return set(held_out.articles)
 
 
@@ -268,13 +264,9 @@ def _task_line(a: Article, q: Question, split: str = "test") -> dict:
     return line
 
 
-def _write_jsonl(path: Path, rows) -> int:
-    n = 0
+def _write_jsonl(path: Path, rows) -> None:
     with open(path, "w", encoding="utf-8") as f:  # inside atomic_files' temp directory: published when complete
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_import(out: str | os.PathLike, result: ImportResult, held_out: set[str], *, fewshot: int = 0,

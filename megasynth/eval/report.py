@@ -20,10 +20,8 @@ def markdown_table(results: dict) -> str:
     """One row per task: | task | type | n | acc | acc_norm | exact_match | f1 | loss | ppl | (blank when n/a)."""
     lines = ["| task | type | n | " + " | ".join(COLUMNS) + " |", "|---|---|---:|" + "---:|" * len(COLUMNS)]
     for name, res in results["tasks"].items():
-        cells = []
-        for col in COLUMNS:
-            value = res["metrics"].get(col)
-            cells.append("" if value is None else (f"{value:.2f}" if col == "ppl" else f"{value:.4f}"))
+        values = [(col, res["metrics"].get(col)) for col in COLUMNS]
+        cells = ["" if v is None else f"{v:.2f}" if col == "ppl" else f"{v:.4f}" for col, v in values]
         n = f"{res['n']:,} tok" if res["type"] == "perplexity" else f"{res['n']:,}"
         lines.append(f"| {name} | {res['type']} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,11 +1,8 @@
-"""Corpus access for every synthetic-data stage: source documents, a prefix with its tokenizer, document bodies,
-the pair separator id and Parquet tables of document indices.
+"""Corpus access for every synthetic-data stage: source documents (JSONL or a prefix), a prefix with its
+tokenizer, document bodies without their EOD, the pair separator id and Parquet tables of document indices.
 
     docs = read_source_documents("quality/articles.jsonl")   # or a prefix; [SourceDoc(index, id, title, text)]
-    corpus = PrefixCorpus("data/real")                        # the prefix and the tokenizer its sidecar names
-    corpus.text(i, max_tokens=512)                            # document i decoded, without a leading BOS and its EOD
-    starts, bodies = document_bodies(ds, eod_id)              # where each document starts, its length without EOD
-    cols = read_index_columns("PAIRS.parquet", {"seed": (n, "data/real"), "target": (n, "data/real")})
+    PrefixCorpus("data/real").text(i, max_tokens=512)        # document i decoded with its sidecar's tokenizer
 
 Input formats and the tokenizer check: docs/synth.md, "Source documents"."""
 
@@ -186,10 +183,18 @@ class SourceDoc:
 def read_source_documents(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> list[SourceDoc]:
     path = Path(path)
     if idx_path(path).is_file() and not path.is_file():
-        return _from_prefix(path, tokenizer)
-    if not path.is_file():
+        corpus = PrefixCorpus(path, tokenizer, flag="--input-tokenizer")
+        docs = [SourceDoc(i, str(i), None, corpus.text(i)) for i in range(len(corpus))]
+        empty = next((d.index for d in docs if not d.text.strip()), None)
+        if empty is not None:
+            raise InputError(f"{path}: document {empty} decodes to an empty text")
+    elif path.is_file():
+        docs = _from_jsonl(path)
+    else:
         raise InputError(f"{path}: no such file (expected documents JSONL, or a prefix PATH with PATH.bin/.idx)")
-    return _from_jsonl(path)
+    if not docs:
+        raise InputError(f"{path}: no documents")
+    return docs
 
 
 def _from_jsonl(path: Path) -> list[SourceDoc]:
@@ -213,21 +218,6 @@ def _from_jsonl(path: Path) -> list[SourceDoc]:
                              "unique, they key every request")
         first_line[doc_id] = line_no
         docs.append(SourceDoc(len(docs), doc_id, title or None, text))
-    if not docs:
-        raise InputError(f"{path}: no documents")
-    return docs
-
-
-def _from_prefix(prefix: Path, tokenizer: str | os.PathLike | None) -> list[SourceDoc]:
-    corpus = PrefixCorpus(prefix, tokenizer, flag="--input-tokenizer")
-    docs = []
-    for i in range(len(corpus)):
-        text = corpus.text(i)
-        if not text.strip():
-            raise InputError(f"{prefix}: document {i} decodes to an empty text")
-        docs.append(SourceDoc(i, str(i), None, text))
-    if not docs:
-        raise InputError(f"{prefix}: no documents")
     return docs
 
 

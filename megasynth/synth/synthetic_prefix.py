@@ -1,10 +1,7 @@
 """Write generated texts as a synthetic prefix: PREFIX.bin/.idx/.json plus PREFIX.provenance.parquet.
 
-    docs = (SyntheticDoc(text, {"source_id": "b1", "step": "pair", "entities": ["A", "B"]}) for ...)
-    sidecar = write_synthetic_prefix("data/entigraph", tokenizer, docs,
-                                     columns={"source_id": pa.string(), "step": pa.string(),
-                                              "entities": pa.list_(pa.string())},
-                                     generator="entigraph", metadata={"synthetic": {...}}, overwrite=False)
+    sidecar = write_synthetic_prefix("data/eg", tokenizer, (SyntheticDoc(text, {"step": "pair"}) for ...),
+                                     columns={"step": pa.string()}, generator="entigraph", late_metadata=...)
 
 Order, the table, the sidecar and the commit point: docs/synth.md, "The synthetic prefix"."""
 
@@ -39,7 +36,7 @@ def provenance_path(prefix: str | os.PathLike) -> Path:
 
 def write_synthetic_prefix(
     prefix: str | os.PathLike, tokenizer: Tokenizer, docs: Iterable[SyntheticDoc], *, columns: dict[str, pa.DataType],
-    generator: str, metadata: dict | None = None, late_metadata: Callable[[], dict] | None = None,
+    generator: str, late_metadata: Callable[[], dict] | None = None,
     overwrite: bool = False, allow_empty: bool = False, batch_size: int = 256,
     tokenized: Iterable[tuple[np.ndarray, np.ndarray, dict]] | None = None,
 ) -> dict:
@@ -58,7 +55,7 @@ def write_synthetic_prefix(
     prov_existed = prov.exists()
     dtype = smallest_token_dtype(tokenizer.vocab_size)
     meta = {"tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
-            "append_eod": True, "add_bos": False, "created_by": generator, **(metadata or {})}
+            "append_eod": True, "add_bos": False, "created_by": generator}
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     published = False
     try:

@@ -1,9 +1,9 @@
-"""tools/embed_corpus.py as a user runs it: killed mid-run, resumed under torchrun with 2 ranks, a second run
-started while the first is in the middle of its work, bad input.
+"""tools/embed_corpus.py as a user runs it: a second run started while the first is in the middle of its work, the
+first killed mid-run, resumed under torchrun with 2 ranks; independent workers killed and restarted; bad input.
 
-The kill is real (SIGKILL from the fault hook right after a shard is saved, in a real subprocess); the resumed
-run's EMB.npy and EMB.json must be byte-identical to an uninterrupted in-process run. Every process uses one
-torch thread, so the float32 reductions are the same in all of them (and tiny batches gain nothing from more).
+The kill is real (a run stops itself right after a shard is saved and is SIGKILLed there); the resumed run's
+EMB.npy and EMB.json must be byte-identical to an uninterrupted run's. Every process uses one torch thread, so the
+float32 reductions are the same in all of them (and tiny batches gain nothing from more).
 """
 
 from __future__ import annotations
@@ -16,20 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import load_tool, write_pattern_corpus
 from procfs import stopped
 from synth.stdlib_prefix import write_stdlib_prefix
-from workers import chaos_workers, leftover_temps
+from workers import Zygote, chaos_workers, leftover_temps
 
-from megasynth.synth.sbp.embed import (
-    FAULT_ENV,
-    EmbedOptions,
-    PrefixTexts,
-    default_model,
-    embed_corpus,
-    load_model,
-)
+from megasynth.synth.sbp.embed import FAULT_ENV
 from megasynth.synth.sbp.embed_files import work_dir
 from megasynth.work_units import published_counts
 
@@ -50,17 +42,19 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus) -> Path:
-    """REF.npy / REF.json of an uninterrupted in-process run with ARGS' settings."""
+def zygote():
+    """Runs of the tool forked from one process that imported sentence-transformers once (tests/workers.py): the
+    reference, the killed run and the workers, ten runs at seconds of CPU apiece as `python tools/embed_corpus.py`."""
+    with Zygote(TOOL, env=env(), preload=("sentence_transformers",)) as z:
+        yield z
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, zygote) -> Path:
+    """REF.npy / REF.json of an uninterrupted run with ARGS' settings."""
     ref = tmp_path_factory.mktemp("ref") / "ref"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        embed_corpus(PrefixTexts(corpus, max_tokens=16), ref,
-                     EmbedOptions(model=default_model(), batch_size=4, shard_size=5),
-                     model=load_model(default_model()), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    done = zygote.run([sys.executable, str(TOOL), "--input", corpus, "--output", str(ref), *ARGS], env())
+    assert done.returncode == 0 and "(0 resumed)" in done.stdout, done.stdout
     return ref
 
 
@@ -72,14 +66,30 @@ def assert_same_output(out: Path, ref: Path) -> None:
     assert got == want
 
 
-def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, reference, capsys):
-
+def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, reference, zygote, capsys):
     out = tmp_path / "emb"
-    cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
-    killed = subprocess.run(cmd, check=False, env=env(**{FAULT_ENV: "2"}), capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr
     wdir = work_dir(out)
-    assert sorted(p.name for p in wdir.iterdir()) == [".lock", "manifest.json", "shard-000000.npy", "shard-000001.npy"]
+    cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
+    # The run stops itself right after saving its second shard (SIGSTOP: its lock held) and is SIGKILLed there.
+    first = zygote.start(cmd, env(**{FAULT_ENV: "stop:2"}))
+    try:
+        assert stopped(first), first.communicate()
+        saved = sorted(p.name for p in wdir.iterdir())
+        assert saved == [".lock", "manifest.json", "shard-000000.npy", "shard-000001.npy"]
+        # A second run meanwhile is refused, the same command and one with other settings (issue 19: it used to die
+        # with a missing-file error once the first removed the work dir, leaving shards without a manifest that a
+        # third run with other settings then adopted), and changes nothing (in this process: the lock is the other's).
+        for argv in (cmd, [*cmd, "--max-tokens", "128", "--overwrite"]):
+            assert load_tool("embed_corpus").main(argv[2:]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err, err
+            assert err.startswith(f"{wdir}: in use by tools/embed_corpus.py (pid {first.pid} on host ")
+            assert err.endswith("wait for it or use another --work-dir")
+        assert sorted(p.name for p in wdir.iterdir()) == saved
+    finally:
+        first.kill()
+    first.communicate(timeout=300)
+    assert first.returncode == -signal.SIGKILL
     assert not (tmp_path / "emb.npy").exists() and not (tmp_path / "emb.json").exists()
 
     # Resuming with settings that change the bytes is refused, naming the setting (before loading the model).
@@ -99,31 +109,6 @@ def test_kill_then_resume_on_two_ranks_is_byte_identical(tmp_path, corpus, refer
     assert "(2 resumed)" in resumed.stdout and "world size 2" in resumed.stdout
     assert_same_output(out, reference)
     assert not wdir.exists()
-
-
-def test_a_second_run_is_refused_while_the_first_holds_the_work_dir(tmp_path, corpus, reference, capsys):
-    # Issue 19: the second run used to die with a missing-file error once the first removed the work dir, leaving
-    # shards without a manifest that a third run with other settings then adopted.
-    out = tmp_path / "emb"
-    cmd = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
-    first = subprocess.Popen(cmd, env=env(**{FAULT_ENV: "stop:2"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    try:
-        assert stopped(first), first.communicate()
-        # The same command, and one with other settings (in this process: the lock is the other process's).
-        for argv in (cmd, [*cmd, "--max-tokens", "128", "--overwrite"]):
-            assert load_tool("embed_corpus").main(argv[2:]) == 2
-            err = capsys.readouterr().err.strip()
-            assert "\n" not in err, err
-            assert err.startswith(f"{work_dir(out)}: in use by tools/embed_corpus.py (pid {first.pid} on host ")
-            assert err.endswith("wait for it or use another --work-dir")
-    finally:
-        first.send_signal(signal.SIGCONT)
-    stdout, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr[-3000:]
-    assert "(0 resumed)" in stdout
-    assert_same_output(out, reference)
-    assert not work_dir(out).exists()
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, corpus, capsys):
@@ -146,19 +131,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, corpus, capsys):
     assert "--max-tokens" in run("--input", corpus, "--output", str(tmp_path / "f"), "--max-tokens", "0")
 
 
-
-def test_independent_workers_killed_and_late_publish_the_bytes_of_one_run(tmp_path, corpus, reference):
+def test_independent_workers_killed_and_late_publish_the_bytes_of_one_run(tmp_path, corpus, reference, zygote):
     """Issue 21: --worker I/N processes SIGKILLed half-way through shards, restarted, a late fourth; the published
     EMB.npy/EMB.json are the uninterrupted run's, no shard was made twice, publish before the end is refused."""
     out = tmp_path / "emb"
     base = [sys.executable, str(TOOL), "--input", corpus, "--output", str(out), *ARGS]
     work = tmp_path / "emb.units"
-
-    def publish():
-        return subprocess.run([*base, "--publish"], env=env(), capture_output=True, text=True, timeout=300)
-
-    chaos_workers(lambda worker: [*base, "--worker", worker], 5, seed=5, work_dir=work, publish=publish,
-                  env=env())
+    chaos_workers(lambda worker: [*base, "--worker", worker], 5, seed=5, work_dir=work, env=env(),
+                  publish=lambda: zygote.run([*base, "--publish"], env()), start=zygote.start)
     assert_same_output(out, reference)
     assert published_counts(work / "events") == {k: 1 for k in range(5)}
     assert leftover_temps(work) == []

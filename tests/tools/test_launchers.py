@@ -37,7 +37,10 @@ def corpus(tmp_path_factory):
 
 
 def _stage_args(root: Path, tok: str, out: Path) -> str:
-    return (f"--input {root / 'in'} --tokenizer {tok} --output-prefix {out} --no-progress --unit-bytes 1000")
+    # --workers 0: each unit tokenized in its worker's process, not in a tokenizer pool started per unit (the
+    # reference used one: the same bytes)
+    return (f"--input {root / 'in'} --tokenizer {tok} --output-prefix {out} --no-progress --unit-bytes 1000 "
+            "--workers 0")
 
 
 def _same_prefix(a: Path, b: Path) -> None:

@@ -6,6 +6,7 @@ no unit was published twice, and no request for a finished item was asked twice.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from helpers import load_tool
 from synth.openai_server import TEST_API_KEY, TEST_API_KEY_ENV
 from synth.scripted_llm import ScriptedLLM, request_id
-from workers import chaos_workers, leftover_temps
+from workers import Zygote, chaos_workers, leftover_temps
 
 from megasynth.tokenizer import train_bpe_tokenizer
 from megasynth.work_units import published_counts
@@ -30,6 +31,7 @@ DOCS = [{"id": f"t{i}", "title": f"Tale {i}", "text": f"Tale {i}: {', '.join(NAM
 ALL_REQUESTS = 35
 PREFIX_FILES = (".bin", ".idx", ".provenance.parquet")
 EG = ("--max-triples-per-doc", "2", "--include-summaries")  # EntiGraph's own flags in these tests
+RP = ("--styles", "plain,qa", "--samples-per-doc", "2")  # rephrase's
 
 
 def reply(body: dict) -> str:
@@ -41,12 +43,24 @@ def reply(body: dict) -> str:
     return f"In {title}, " + " and ".join(what) + " are connected."
 
 
+# Per method: its flags, the server's replies, the requests of a one-process run.
+METHODS = {"entigraph": (EG, reply, ALL_REQUESTS), "rephrase": (RP, ScriptedLLM(), 9 * 2 * 2)}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm_workers")
     train_bpe_tokenizer([d["text"] for d in DOCS] * 10, root / "tok", vocab_size=300)
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    """The workers of both tools, forked from one process that imported them (tests/workers.py)."""
+    with Zygote(*(str(ROOT / "tools" / f"{tool}.py") for tool in METHODS), env=dict(os.environ),
+                preload=("openai", "pyarrow.parquet")) as z:
+        yield z
 
 
 def argv(corpus: Path, server, work: Path, out: Path, *extra: str) -> list[str]:
@@ -101,19 +115,21 @@ def finished_in_scratch(work: Path) -> set[tuple]:
     return done
 
 
-def test_entigraph_workers_killed_restarted_and_late_publish_the_bytes_of_one_run(tmp_path, corpus, openai_server):
-    openai_server.reply = reply
-    ref, asked = reference(tmp_path, corpus, openai_server)
-    assert sum(asked.values()) == ALL_REQUESTS
-    openai_server.delay_s = 0.1  # units take long enough that no worker does another's before it gets there
-    work, out = tmp_path / "W", tmp_path / "out" / "eg"
-    base = [sys.executable, str(ROOT / "tools" / "entigraph.py"), *argv(corpus, openai_server, work, out, *EG),
+@pytest.mark.parametrize("tool", ["entigraph", "rephrase"])
+def test_workers_killed_restarted_and_late_publish_the_bytes_of_one_run(tmp_path, corpus, openai_server, zygote,
+                                                                        tool):
+    """Issue 21's schedule (tests/workers.py): three workers stopped and SIGKILLed after their requests for a
+    unit, publish refused naming those units, a restart killed in another unit, a restart and a late fourth."""
+    flags, openai_server.reply, requests = METHODS[tool]
+    ref, asked = reference(tmp_path, corpus, openai_server, tool, *flags)
+    assert sum(asked.values()) == requests
+    work, out = tmp_path / "W", tmp_path / "out" / ref.name
+    base = [sys.executable, str(ROOT / "tools" / f"{tool}.py"), *argv(corpus, openai_server, work, out, *flags),
             "--unit-docs", "1"]
 
-    def publish():
-        return subprocess.run([*base, "--publish"], capture_output=True, text=True, timeout=120)
-
-    history = chaos_workers(lambda worker: [*base, "--worker", worker], 9, seed=21, work_dir=work, publish=publish)
+    env = dict(os.environ)  # with the server's API key
+    history = chaos_workers(lambda worker: [*base, "--worker", worker], 9, seed=21, work_dir=work, env=env,
+                            publish=lambda: zygote.run([*base, "--publish"], env), start=zygote.start)
     assert len(set(history.killed_units)) == 4
     assert sent(openai_server) == asked  # every request asked once: a unit killed after its requests asks none again
     assert published_counts(work / "events") == {k: 1 for k in range(9)}  # no unit published twice
@@ -123,7 +139,7 @@ def test_entigraph_workers_killed_restarted_and_late_publish_the_bytes_of_one_ru
     # Later workers and a publish have nothing to do.
     again = subprocess.run([*base, "--worker", "1/3"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already published" in again.stdout, again.stdout + again.stderr
-    assert len(openai_server.completion_requests()) == ALL_REQUESTS
+    assert len(openai_server.completion_requests()) == requests
     for f in work.rglob("*"):
         if f.is_file():
             assert TEST_API_KEY.encode() not in f.read_bytes(), f
@@ -217,17 +233,16 @@ def test_failed_items_leave_their_unit_unpublished_until_allow_partial(tmp_path,
     assert published_counts(work / "events") == {0: 1, 1: 1, 2: 1}
 
 
-def test_rephrase_two_workers_at_once_then_publish_the_bytes_of_one_run(tmp_path, corpus, openai_server, capsys):
+def test_rephrase_two_workers_at_once_then_publish_the_bytes_of_one_run(tmp_path, corpus, openai_server, zygote,
+                                                                        capsys):
     openai_server.reply = ScriptedLLM()
-    flags = ("--styles", "plain,qa", "--samples-per-doc", "2")
-    ref, asked = reference(tmp_path, corpus, openai_server, "rephrase", *flags)
+    ref, asked = reference(tmp_path, corpus, openai_server, "rephrase", *RP)
     assert sum(asked.values()) == 9 * 2 * 2
     work, out = tmp_path / "W", tmp_path / "out" / "rp"
-    args = [*argv(corpus, openai_server, work, out, *flags), "--unit-docs", "2"]
+    args = [*argv(corpus, openai_server, work, out, *RP), "--unit-docs", "2"]
     openai_server.delay_s = 0.05
     tool = [sys.executable, str(ROOT / "tools" / "rephrase.py"), *args, "--no-publish", "--worker"]
-    procs = [subprocess.Popen([*tool, w], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for w in ("0/2", "1/2")]
+    procs = [zygote.start([*tool, w], dict(os.environ)) for w in ("0/2", "1/2")]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.communicate()[0]
     assert sent(openai_server) == asked and not Path(f"{out}.idx").exists()

@@ -3,19 +3,20 @@ a late fourth worker, publish refused until every unit is done; the published pr
 one-process run, and no unit was published twice."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import load_tool
-from workers import chaos_workers, leftover_temps
+from workers import Zygote, chaos_workers, leftover_temps
 
 from megasynth.tokenizer import train_bpe_tokenizer
 from megasynth.work_units import published_counts
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "tools" / "preprocess_data.py"
+TOOL = str(ROOT / "tools" / "preprocess_data.py")
 WORDS = ("Return a new list containing the items of the iterable in ascending order. The json module encodes "
          "and decodes JSON documents; a dictionary maps keys to values.").split()
 
@@ -35,7 +36,7 @@ def inputs(tmp_path_factory):
 
 
 def _args(root: Path, tok: str, out: Path) -> list[str]:
-    return [sys.executable, str(TOOL), "--input", str(root / "in"), "--tokenizer", tok, "--output-prefix", str(out),
+    return [sys.executable, TOOL, "--input", str(root / "in"), "--tokenizer", tok, "--output-prefix", str(out),
             "--no-progress", "--skip-bad-lines", "--unit-bytes", "1500"]
 
 
@@ -46,10 +47,13 @@ def test_killed_and_late_workers_publish_the_bytes_of_one_process(inputs, tmp_pa
     out = tmp_path / "out" / "data"
     work = Path(f"{out}.work")
 
-    def publish():
-        return subprocess.run([*_args(root, tok, out), "--publish"], capture_output=True, text=True, timeout=300)
-
-    history = chaos_workers(lambda worker: [*_args(root, tok, out), "--worker", worker], 9, seed=21, work_dir=work, publish=publish)
+    # The workers tokenize in their own process (--workers 0: no process pool started per unit, most of their
+    # time), the reference in a pool of one: the same bytes either way. They are forked from a zygote.
+    worker = [*_args(root, tok, out), "--workers", "0"]
+    env = dict(os.environ)
+    with Zygote(TOOL, env=env) as zygote:
+        history = chaos_workers(lambda w: [*worker, "--worker", w], 9, seed=21, work_dir=work, env=env,
+                                publish=lambda: zygote.run([*worker, "--publish"], env), start=zygote.start)
     num_units = json.loads((work / "manifest.json").read_text())["num_units"]
     assert num_units == 9 and len(set(history.killed_units)) >= 3
     for suffix in (".bin", ".idx", ".json"):
@@ -75,7 +79,7 @@ def test_other_settings_in_the_same_work_dir_are_refused_and_bad_flags_are_one_l
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
-    code, stdout, _ = run("--worker", "0/2", "--no-publish")
+    code, stdout, _ = run("--worker", "0/2", "--no-publish", "--workers", "0")
     assert code == 0 and "made 9 of 9 units" in stdout  # a worker helps with the others' units too
     code, _, err = run("--worker", "1/2", "--unit-bytes", "3000")
     assert code == 2 and "other settings (differ: unit_bytes)" in err, err

@@ -20,13 +20,14 @@ import torch
 from helpers import load_tool
 from procfs import stopped
 from sbp_helpers import make_corpus, make_synthesizer, make_tokenizer
-from workers import chaos_workers, leftover_temps
+from workers import Zygote, chaos_workers, leftover_temps
 
 from megasynth.data.prefix import FAULT_ENV as PUBLISH_FAULT_ENV
 from megasynth.synth.sbp.shards import FAULT_ENV as SYNTH_FAULT_ENV
 from megasynth.work_units import published_counts
 
 ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "synthesize.py"
 NUM_DOCS, SHARD = 24, 4
 
 
@@ -35,8 +36,18 @@ def tool():
     return load_tool("synthesize")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run of this module, in this process or not, on one torch thread: the same float reductions in all of
+    them, and no CPU spent by a second thread spinning for work in a tiny model (most of the time at two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tool):
+def setup(tmp_path_factory, tool, one_thread):
     d = tmp_path_factory.mktemp("synth_cli")
     tok = make_tokenizer(d / "tok")
     corpus = make_corpus(d / "data" / "real", tok)
@@ -44,6 +55,15 @@ def setup(tmp_path_factory, tool):
     ref = d / "ref" / "syn"
     assert tool.main(args(run, corpus, ref)) == 0  # the uninterrupted run
     return run, corpus, ref
+
+
+@pytest.fixture(scope="module")
+def zygote(one_thread):
+    """Runs of the tool forked from one process that imported it (torch: seconds of CPU per `python TOOL`) once
+    (tests/workers.py): the workers, and the first run that a second one finds busy."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    with Zygote(TOOL, env=env) as z:
+        yield z
 
 
 def args(run, corpus, out, *extra):
@@ -64,8 +84,8 @@ def output_bytes(prefix) -> dict:
 def start(argv, **env):
     # The killed run computes its shards with the thread count of the in-process runs it is compared with.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT), **env}
-    return subprocess.Popen([sys.executable, str(ROOT / "tools" / "synthesize.py"), *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(TOOL), *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("kill", ["random", "provenance", "json-renamed"])
@@ -106,27 +126,29 @@ def test_a_finished_run_whose_work_dir_remains_completes_on_a_rerun(tool, setup,
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_a_second_run_on_the_same_output_or_work_dir_is_refused(setup, tmp_path):
+def test_a_second_run_on_the_same_output_or_work_dir_is_refused(tool, setup, zygote, tmp_path, capsys):
     # Issue 19: with another --work-dir and the same --output-prefix both runs exited 0, the second silently
     # replacing the first's output. The first run is stopped (SIGSTOP, its locks held) after its second shard.
     run, corpus, ref = setup
     out, work, other = tmp_path / "syn", tmp_path / "a.work", tmp_path / "other"
-    first = start(args(run, corpus, out, "--work-dir", work), **{SYNTH_FAULT_ENV: "stop:shard:1"})
+    first = zygote.start([sys.executable, str(TOOL), *args(run, corpus, out, "--work-dir", work)],
+                         {**zygote.env, SYNTH_FAULT_ENV: "stop:shard:1"})
     try:
         assert stopped(first), first.communicate()
-        seconds = {  # at once: another work dir and the same output; the same work dir and another output
-            (str(out), "--output-prefix"): start(args(run, corpus, out, "--work-dir", tmp_path / "b.work")),
-            (str(work), "--work-dir"): start(args(run, corpus, other, "--work-dir", work)),
-        }
-        for (name, flag), second in seconds.items():
-            err = second.communicate(timeout=180)[1].strip()
-            assert second.returncode == 2 and "\n" not in err, err
+        capsys.readouterr()
+        # Another work dir and the same output; the same work dir and another output (in this process: the locks
+        # are the other process's).
+        for second, name, flag in ((args(run, corpus, out, "--work-dir", tmp_path / "b.work"), out, "--output-prefix"),
+                                   (args(run, corpus, other, "--work-dir", work), work, "--work-dir")):
+            assert tool.main(second) == 2
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err, err
             assert err.startswith(f"error: {name}: in use by tools/synthesize.py (pid {first.pid} on host "), err
             assert err.endswith(f"wait for it or use another {flag}"), err
     finally:
         first.send_signal(signal.SIGCONT)
-    _, err = first.communicate(timeout=180)
-    assert first.returncode == 0, err
+    printed = first.communicate(timeout=180)[0]
+    assert first.returncode == 0, printed
     assert output_bytes(out) == output_bytes(ref)
     # Nothing of the refused runs, no lock file beside the output, no work dir left.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"syn.{ext}" for ext in
@@ -197,20 +219,16 @@ def test_bad_input_exits_2_with_one_line(tool, setup, tmp_path, capsys, monkeypa
 
 
 # -- independent workers (issue 21) -------------------------------------------------------------------------------
-def test_independent_workers_killed_and_late_publish_the_bytes_of_one_run(setup, tmp_path):
+def test_independent_workers_killed_and_late_publish_the_bytes_of_one_run(setup, zygote, tmp_path):
     """--worker I/N processes SIGKILLed half-way through shards, restarted, a late fourth: the published prefix and
-    provenance are the uninterrupted run's, no shard was made twice, publish before the end is refused."""
+    provenance are the uninterrupted run's, no shard was made twice, publish before the end is refused. The workers
+    are forked from a zygote that imported the tool (torch) once (tests/workers.py)."""
     run, corpus, ref = setup
     out = tmp_path / "syn"
     work = Path(f"{out}.work")
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, str(ROOT / "tools" / "synthesize.py"), *args(run, corpus, out)]
-
-    def publish():
-        return subprocess.run([*base, "--publish"], env=env, capture_output=True, text=True, timeout=300)
-
+    base = [sys.executable, str(TOOL), *args(run, corpus, out)]
     chaos_workers(lambda worker: [*base, "--worker", worker], NUM_DOCS // SHARD, seed=8, work_dir=work,
-                  publish=publish, env=env)
+                  env=zygote.env, publish=lambda: zygote.run([*base, "--publish"], zygote.env), start=zygote.start)
     assert output_bytes(out) == output_bytes(ref)
     assert published_counts(work / "events") == {k: 1 for k in range(NUM_DOCS // SHARD)}
     assert leftover_temps(work) == []
@@ -229,7 +247,7 @@ def test_ray_launcher_synthesizes_on_a_local_ray_and_publishes_the_same_bytes(se
     assert published_counts(Path(f"{out}.work") / "events") == {k: 1 for k in range(NUM_DOCS // SHARD)}
 
 
-def test_token_target_workers_finish_rounds_and_publish_the_bytes_of_one_run(tool, setup, tmp_path):
+def test_token_target_workers_finish_rounds_and_publish_the_bytes_of_one_run(tool, setup, zygote, tmp_path):
     """--tokens T with workers: shards come in rounds of a fixed size, so which shards form the output (0..m, m the
     first at which T is reached) does not depend on the workers."""
     run, corpus, _ = setup
@@ -242,11 +260,9 @@ def test_token_target_workers_finish_rounds_and_publish_the_bytes_of_one_run(too
     ref = tmp_path / "ref" / "syn"
     assert tool.main(token_args(ref)) == 0
     out = tmp_path / "syn"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, str(ROOT / "tools" / "synthesize.py"), *token_args(out)]
-    procs = [subprocess.Popen([*base, "--worker", w], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for w in ("0/2", "1/2")]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    base = [sys.executable, str(TOOL), *token_args(out)]
+    procs = [zygote.start([*base, "--worker", w], zygote.env) for w in ("0/2", "1/2")]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert output_bytes(out) == output_bytes(ref)
     shards = json.loads(Path(f"{out}.json").read_text())["synthesis"]["counts"]["shards"]

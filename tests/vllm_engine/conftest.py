@@ -1,12 +1,16 @@
 """Fixtures for the tests against the real vLLM engine (issue 20): checkpoints trained here, exported with
-tools/export_hf.py, served by vLLM's OpenAI server from its own venv (.venv-vllm, `make vllm-venv`).
+tools/export_hf.py, served by vLLM's OpenAI server from its own venv (.venv-vllm, `make vllm-venv`), and the
+in-process synthesis runs of test_vllm_synthesize.py (synth_runs.py).
 
     def test_x(vllm_models, vllm_base_server):    # vllm_models.base / .sft: run dirs; .hf_base / .hf_sft: exports
         vllm_base_server.post("/v1/completions", {...})
 
-Both servers are launched together, once per test session, the first time either is asked for (two engine
-starts overlap; each takes 1-2 minutes on 2 cores), and stopped at the end of the session whatever happens.
-Without the vLLM venv the tests skip, saying so; MEGASYNTH_REQUIRE_VLLM=1 (for CI on Linux x86-64, where
+Everything is made once per test session, the first time a test asks for any of it, and as early as it can start:
+each engine computes on one thread and a start is mostly imports, so what runs at once shares the 2 cores instead
+of waiting in turn. Once the base model is exported, its server and the synthesis runs start (those that the
+session's tests use: the collected tests' fixtures say which) while the SFT model trains; then the SFT model's
+server starts. A test waits only for what it uses; all of it is stopped at the end of the session whatever
+happens. Without the vLLM venv the tests skip, saying so; MEGASYNTH_REQUIRE_VLLM=1 (for CI on Linux x86-64, where
 `make vllm-venv` must have run) turns that skip into a failure.
 
 The folder is not called tests/vllm: tests/ is on sys.path in the suite, so such a folder would make `import vllm`
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vllm_models import build_models, export
+from synth_runs import SynthRuns
+from vllm_models import build_base, build_sft, export, one_torch_thread
 from vllm_server import VLLM_PYTHON, VLLM_VENV, VLLMServer
 
 
@@ -51,13 +56,6 @@ def vllm_python() -> Path:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def vllm_models(vllm_python, tmp_path_factory) -> Models:
-    root = tmp_path_factory.mktemp("vllm")
-    base, sft = build_models(root / "models")
-    return Models(base, sft, export(base, root / "hf_base"), export(sft, root / "hf_sft"), root / "logs")
-
-
 # The SFT server also serves the LLM tools' tests (test_vllm_llm_tools.py), whose prompts and replies need more
 # context than the 128 positions the model was trained on (RoPE computes any position; past 128 the model writes
 # noise, which those tests expect), and JSON without free whitespace (a tiny model pads its JSON with it forever).
@@ -66,27 +64,68 @@ LLM_TOOLS_ARGS = ("--hf-overrides", json.dumps({"max_position_embeddings": LLM_T
                   "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}))
 
 
+@dataclass
+class Shared:
+    models: Models
+    servers: dict[str, VLLMServer]  # launched, not yet known to answer
+    synth_runs: SynthRuns | None
+
+
 @pytest.fixture(scope="session")
-def _vllm_servers(vllm_python, vllm_models):
-    servers = {"base": VLLMServer(vllm_python, vllm_models.hf_base, log=vllm_models.logs / "base.log"),
-               "sft": VLLMServer(vllm_python, vllm_models.hf_sft, log=vllm_models.logs / "sft.log",
-                                 max_model_len=LLM_TOOLS_CONTEXT, extra_args=LLM_TOOLS_ARGS)}
+def _vllm_shared(vllm_python, tmp_path_factory, request):
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    root = tmp_path_factory.mktemp("vllm")
+    logs = root / "logs"
+    servers, synth_runs = {}, None
     try:
-        for server in servers.values():
-            server.launch()
-        for server in servers.values():
-            server.wait_ready()
-        yield servers
+        with one_torch_thread():
+            base = build_base(root / "models")
+        hf_base = export(base, root / "hf_base")
+        if "vllm_base_server" in wanted:
+            servers["base"] = VLLMServer(vllm_python, hf_base, log=logs / "base.log")
+            servers["base"].launch()
+        if "vllm_synth_runs" in wanted:
+            synth_runs = SynthRuns(vllm_python, base, root / "models" / "data" / "text", root / "synth").start()
+        with one_torch_thread():
+            sft = build_sft(root / "models", base)
+        hf_sft = export(sft, root / "hf_sft")
+        if "vllm_sft_server" in wanted:
+            servers["sft"] = VLLMServer(vllm_python, hf_sft, log=logs / "sft.log", max_model_len=LLM_TOOLS_CONTEXT,
+                                        extra_args=LLM_TOOLS_ARGS)
+            servers["sft"].launch()
+        yield Shared(Models(base, sft, hf_base, hf_sft, logs), servers, synth_runs)
     finally:
         for server in servers.values():
             server.stop()
+        if synth_runs is not None:
+            synth_runs.stop()
 
 
 @pytest.fixture(scope="session")
-def vllm_base_server(_vllm_servers) -> VLLMServer:
-    return _vllm_servers["base"]
+def vllm_models(_vllm_shared) -> Models:
+    return _vllm_shared.models
 
 
 @pytest.fixture(scope="session")
-def vllm_sft_server(_vllm_servers) -> VLLMServer:
-    return _vllm_servers["sft"]
+def vllm_base_server(_vllm_shared) -> VLLMServer:
+    _vllm_shared.servers["base"].wait_ready()
+    return _vllm_shared.servers["base"]
+
+
+@pytest.fixture(scope="session")
+def vllm_sft_server(_vllm_shared) -> VLLMServer:
+    _vllm_shared.servers["sft"].wait_ready()
+    return _vllm_shared.servers["sft"]
+
+
+@pytest.fixture(scope="session")
+def vllm_synth_runs(_vllm_shared) -> SynthRuns:
+    """The synthesis runs, started (test_vllm_synthesize.py waits for them)."""
+    return _vllm_shared.synth_runs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Our sampler and models in these tests on one thread (vllm_models.one_torch_thread says why)."""
+    with one_torch_thread():
+        yield

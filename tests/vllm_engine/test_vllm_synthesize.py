@@ -3,25 +3,23 @@ and the endpoint backend against a real `vllm serve` of the export, on the base 
 
 - --backend vllm writes a complete prefix with provenance and counts; a run killed after its second shard and
   started again reuses its export and publishes the bytes of an uninterrupted run made with other batching
-  (--vllm-max-num-seqs 3, no prefix caching): per-request seeds make a sample independent of its batch on this
-  CPU (docs/sbp.md says what is not promised elsewhere);
+  (--vllm-max-num-seqs 8 instead of all 16 samples of a shard at once, no prefix caching): per-request seeds make a
+  sample independent of its batch on this CPU (docs/sbp.md says what is not promised elsewhere);
 - a shard whose prompts exceed what vLLM prefills in one step completes (vLLM's CPU runner crashes on a seeded
   request it prefills in chunks; the backend turns chunked prefill off on the CPU);
 - greedy (temperature 0), ours, --backend vllm and --endpoint write the same documents token for token;
 - at temperature 1 the endpoint and --backend vllm draw the same samples (vLLM either way, the same per-request seeds);
   the endpoint's come back as text, so each is its vLLM twin decoded and encoded again, cut to --max-new-tokens.
 
-The in-process runs cost two interpreter starts (one is killed midway) and five engine starts of a few seconds
-each (the engine runs in the process: docs/sbp.md); every wait is bounded.
+The in-process runs (synth_runs.py) start with the session's servers, in two interpreters (one is killed midway),
+five engine starts of a few seconds each (the engine runs in the process: docs/sbp.md); every wait is bounded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,92 +27,37 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import load_tool
-from vllm_server import MODEL_NAME, REPO
+from synth_runs import GREEDY, LONG_SHARD, MAX_NEW, NUM_DOCS, SEED, SHARD, common
+from vllm_server import MODEL_NAME
 
 from megasynth.data.indexed import IndexedDataset
-from megasynth.synth.sbp.shards import FAULT_ENV
 from megasynth.synth.sbp.synthesize import shard_seed_documents
 from megasynth.tokenizer import load_tokenizer
-
-NUM_DOCS, SHARD, MAX_NEW, SEED = 40, 16, 48, 5  # 3 shards
-LONG_SHARD = "140"  # samples whose prompts exceed the 4,096 tokens vLLM prefills in one step by default
-RUN_TIMEOUT = float(os.environ.get("MEGASYNTH_VLLM_START_TIMEOUT", 420)) + 180
-# Runs tools/synthesize.py's main() for each argv of a JSON list in one interpreter (vLLM is imported once).
-DRIVER = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("synthesize_tool", sys.argv[1])
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
-for argv in json.loads(sys.argv[2]):
-    code = tool.main(argv)
-    print("EXIT", code, flush=True)
-    if code:
-        sys.exit(code)
-import vllm
-print("VLLM_VERSION", vllm.__version__, flush=True)
-"""
 
 
 @dataclass
 class Runs:
     run: Path  # the base model's run directory
     corpus: str
-    out: Path  # the outputs: killed (killed, then resumed), batched (other batching), greedy (temperature 0)
+    out: Path  # the outputs: killed (killed, then resumed), batched (other batching), greedy (temperature 0), long
     vllm_version: str
 
 
-def common(run, corpus, out, *extra) -> list[str]:
-    return ["--checkpoint", str(run), "--corpus", corpus, "--output-prefix", str(out), "--num-docs", str(NUM_DOCS),
-            "--shard-docs", str(SHARD), "--max-new-tokens", str(MAX_NEW), "--seed", str(SEED), "--no-progress",
-            *map(str, extra)]
-
-
-def vllm_args(run, corpus, out, *extra) -> list[str]:
-    return common(run, corpus, out, "--backend", "vllm", "--vllm-enforce-eager", "--vllm-kv-cache-gib", "1", *extra)
-
-
-def drive(python: Path, argvs: list[list[str]], log: Path, **env) -> tuple[int, str]:
-    """(exit code, log text) of DRIVER over argvs in a fresh vLLM-venv interpreter, killed (its process group)
-    after RUN_TIMEOUT."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
-    env.pop("TRITON_INTERPRET", None)  # tests/conftest.py's, for our kernels; not vLLM's business
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([str(python), "-c", DRIVER, str(REPO / "tools" / "synthesize.py"), json.dumps(argvs)],
-                                stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            code = f"timed out after {RUN_TIMEOUT:.0f} s"
-    return code, log.read_text(errors="replace")
-
-
 @pytest.fixture(scope="module")
-def runs(vllm_python, vllm_models, tmp_path_factory) -> Runs:
-    run = vllm_models.base
-    corpus = str(run.parent / "data" / "text")  # the corpus vllm_models.build_models trained it on
-    out = tmp_path_factory.mktemp("vllm_synth")
-    killed = out / "killed"
-    work = Path(f"{killed}.work")
+def runs(vllm_models, vllm_synth_runs) -> Runs:
+    result = vllm_synth_runs.wait()
     # 1. Killed (SIGKILL, by the shard fault point) right after its second of three shards.
-    code, log = drive(vllm_python, [vllm_args(run, corpus, killed)], out / "killed.log", **{FAULT_ENV: "shard:1"})
-    assert code == -signal.SIGKILL, f"exit {code}:\n{log[-4000:]}"
-    assert sorted(p.name for p in work.glob("shard_*.npz")) == ["shard_000000.npz", "shard_000001.npz"]
-    weights = (work / "vllm_model" / "model.safetensors").stat()
-    # 2. One interpreter: the same command again (work kept to show the export was reused), the same samples with
-    # other batching, and greedy.
-    argvs = [vllm_args(run, corpus, killed, "--keep-work"),
-             vllm_args(run, corpus, out / "batched", "--vllm-max-num-seqs", "3", "--no-vllm-prefix-caching"),
-             vllm_args(run, corpus, out / "greedy", "--temperature", "0"),
-             vllm_args(run, corpus, out / "long", "--num-docs", LONG_SHARD, "--shard-docs", LONG_SHARD)]
-    code, log = drive(vllm_python, argvs, out / "runs.log")
-    assert code == 0 and log.count("EXIT 0") == len(argvs), f"exit {code}:\n{log[-4000:]}"
-    again = (work / "vllm_model" / "model.safetensors").stat()
+    assert result.killed_code == -signal.SIGKILL, f"exit {result.killed_code}:\n{result.killed_log[-4000:]}"
+    assert result.killed_shards == ["shard_000000.npz", "shard_000001.npz"]
+    # 2. One interpreter: the same samples with other batching, greedy, the long shard, and the killed run's
+    # command again (work kept to show the export was reused).
+    log = result.log
+    assert result.code == 0 and log.count("EXIT 0") == result.argvs, f"exit {result.code}:\n{log[-4000:]}"
+    again = (vllm_synth_runs.killed_work / "vllm_model" / "model.safetensors").stat()
+    weights = result.killed_weights
     assert (again.st_ino, again.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns), "the export was redone"
     version = next(line.split()[1] for line in log.splitlines() if line.startswith("VLLM_VERSION "))
-    return Runs(run, corpus, out, version)
+    return Runs(vllm_models.base, str(vllm_models.base.parent / "data" / "text"), vllm_synth_runs.out, version)
 
 
 def documents(prefix) -> tuple[list[list[int]], dict]:
@@ -174,10 +117,9 @@ def test_a_shard_of_more_prompt_tokens_than_one_prefill_step_completes(runs):
 
 def test_greedy_documents_agree_across_ours_vllm_and_the_server(runs, vllm_base_server, tmp_path):
     tool = load_tool("synthesize")
-    greedy = ("--temperature", "0")
-    assert tool.main(common(runs.run, runs.corpus, tmp_path / "ours", *greedy, "--device", "cpu")) == 0
+    assert tool.main(common(runs.run, runs.corpus, tmp_path / "ours", *GREEDY, "--device", "cpu")) == 0
     endpoint = ("--endpoint", f"{vllm_base_server.base_url}/v1", "--served-model", MODEL_NAME)
-    assert tool.main(common(runs.run, runs.corpus, tmp_path / "served", *greedy, *endpoint)) == 0
+    assert tool.main(common(runs.run, runs.corpus, tmp_path / "served", *GREEDY, *endpoint)) == 0
     ours, prov = documents(tmp_path / "ours")
     vllm_docs, vllm_prov = documents(runs.out / "greedy")
     served, served_prov = documents(tmp_path / "served")

@@ -10,11 +10,13 @@ transformers), so nothing of ours is imported there: the tests talk HTTP. Every 
 start fails.
 
 CPU settings (issue 20): `gpu_memory_utilization` is the share of host memory vLLM reserves on the CPU, so it is
-low, and VLLM_CPU_KVCACHE_SPACE (GiB) sizes the KV cache; `--dtype float32` because the parity test compares with
-our fp32 sampler; `--enforce-eager` skips torch.compile of the model (minutes on 2 cores, nothing to gain for a
-model this small); `--distributed-executor-backend uni` runs the model in the engine process instead of a
-worker process of its own, one import of vLLM less: the start took 58 s instead of 152 s on this loaded 2-core
-box.
+low, and `--kv-cache-memory-bytes` sizes the KV cache (these models need a few MiB of it; allocating 1 GiB took
+seconds of each start); `--dtype float32` because the parity test compares with our fp32 sampler;
+`--enforce-eager` skips torch.compile of the model (minutes on 2 cores, nothing to gain for a model this small).
+`--distributed-executor-backend uni` with VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the model in the engine core
+process: vLLM's CPU platform replaces `uni` by a worker process of its own unless that variable is 0 (the server's
+engine core stays a process of its own either way), and that worker cost a third import of vLLM per start and was
+pinned to core 0, beside the other server's.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server --model HF_DIR` on 127.0.0.1 and a free port."""
 
     def __init__(self, python: Path, model_dir: Path, *, log: Path, max_model_len: int | None = None,
-                 kv_cache_gib: int = 1, extra_args: tuple[str, ...] = ()):
+                 kv_cache_gib: float = 1 / 16, extra_args: tuple[str, ...] = ()):
         self.python, self.model_dir, self.log_path = Path(python), Path(model_dir), Path(log)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -56,15 +58,18 @@ class VLLMServer:
                      "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", "float32", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0",
                      "--distributed-executor-backend", "uni",
+                     "--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30)),
                      # vLLM 0.32's CPU runner fails on a seeded request whose prompt is prefilled in chunks
                      # ("CPU Generator does not use offset"): whole prompts per step (docs/sbp.md).
                      "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
                      "--max-num-seqs", "16", *(["--max-model-len", str(max_model_len)] if max_model_len else []),
                      *extra_args]
-        self.env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), VLLM_NO_USAGE_STATS="1",
+        self.env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
                         DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        # tests/conftest.py runs Triton under its interpreter (no GPU); that is not vLLM's business.
+        # tests/conftest.py runs Triton under its interpreter (no GPU); that is not vLLM's business. The KV cache
+        # size is --kv-cache-memory-bytes (vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override it).
         self.env.pop("TRITON_INTERPRET", None)
+        self.env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
         self._started = 0.0

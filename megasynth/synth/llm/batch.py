@@ -23,17 +23,16 @@ class Batch:
         self._keys: set[str] = set()
         self._budget: BudgetExceeded | None = None
         self._error: BaseException | None = None
-        self._bar = None
-        self._label = progress if isinstance(progress, str) else "llm"
-        self._progress = bool(progress)
+        self._bar, self._progress = None, progress
         self._last_postfix = 0.0
-        self.submitted = self.finished = 0
+        self.submitted = 0
 
     async def __aenter__(self) -> Self:
         if self._progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=0, desc=self._label, unit="req", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=0, desc=self._progress if isinstance(self._progress, str) else "llm", unit="req",
+                             file=sys.stderr, dynamic_ncols=True)
         return self
 
     async def submit(self, request: LLMRequest) -> None:
@@ -65,7 +64,6 @@ class Batch:
             return
         finally:
             self._slots.release()
-        self.finished += 1
         self._tick()
         if self.on_result is not None:
             try:

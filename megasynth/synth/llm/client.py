@@ -5,8 +5,7 @@ bounded repairs, an append-only ledger, and a budget.
     settings = LLMSettings(base_url="http://localhost:8000/v1", model="Qwen/Qwen3-8B", concurrency=32)
     # a fleet: base_url="http://gpu1:8000/v1,http://gpu2:8000/v1" (concurrency per server)
     async with LLMClient(settings, ledger_path="W/ledger.jsonl") as client:
-        r = await client.chat("doc7/entities", [{"role": "user", "content": prompt}], schema=ENTITIES)
-        r.ok, r.text, r.parsed, r.usage, r.attempts, r.error      # never raises for a failed request
+        r = await client.chat("doc7/entities", [{"role": "user", "content": prompt}], schema=ENTITIES)  # never raises
         r = await client.complete("seed12", "Once upon a time", max_tokens=256)   # base models (/v1/completions)
         async with client.batch(on_result, progress="label") as batch: await batch.submit(LLMRequest(...))
 
@@ -72,7 +71,6 @@ class LLMClient:
         self._rpm = TokenBucket(settings.requests_per_minute) if settings.requests_per_minute else None
         self._tpm = TokenBucket(settings.tokens_per_minute) if settings.tokens_per_minute else None
         self._rng = random.Random(seed)
-        self.in_flight = 0
         self._openai, self._httpx = openai, httpx
         self._bounded_stream = bounded_stream_type(httpx.AsyncByteStream)
         # Per server, several clients with a few connections each: httpcore scans every pooled connection (one
@@ -117,11 +115,10 @@ class LLMClient:
         return await self._item("complete", key, prompt, schema, validate, sampling)
 
     async def run(self, request: LLMRequest) -> LLMResult:
-        if request.messages is not None:
-            return await self.chat(request.key, request.messages, schema=request.schema, validate=request.validate,
-                                   **request.sampling)
-        return await self.complete(request.key, request.prompt, schema=request.schema, validate=request.validate,
-                                   **request.sampling)
+        chat = request.messages is not None
+        return await self._item("chat" if chat else "complete", request.key,
+                                list(request.messages) if chat else request.prompt, request.schema, request.validate,
+                                request.sampling)
 
     def batch(self, on_result: Callable[[LLMRequest, LLMResult], Awaitable[None] | None] | None = None, *,
               max_pending: int | None = None, progress: str | bool = False) -> Batch:
@@ -167,17 +164,12 @@ class LLMClient:
                 text = text.replace(secret[:8], "***").replace(secret[-8:], "***")
         return text
 
-    def _defaults(self, sampling: dict) -> dict:
-        out = dict(sampling)
-        if self.settings.temperature is not None:
-            out.setdefault("temperature", self.settings.temperature)
-        if self.settings.max_tokens is not None:
-            out.setdefault("max_tokens", self.settings.max_tokens)
-        return out
-
     async def _item(self, kind: str, key: str, payload, schema, validate, sampling) -> LLMResult:
         started = time.monotonic()
-        sampling = self._defaults(sampling)
+        sampling = dict(sampling)
+        for name in ("temperature", "max_tokens"):  # the settings' defaults; a call's own value wins
+            if getattr(self.settings, name) is not None:
+                sampling.setdefault(name, getattr(self.settings, name))
         result = LLMResult(key=key, ok=False)
         wants_json = schema is not None or validate is not None
         max_attempts = self.settings.max_attempts
@@ -303,7 +295,6 @@ class LLMClient:
                 raise BudgetExceeded(f"budget reached: {self.progress_text()}")
             result.attempts += 1
             result.server = server.url
-            self.in_flight += 1
             try:
                 text, usage, finish = await self._send_to(server, kind, payload, sampling, schema, result)
             except AttemptFailed as f:
@@ -312,8 +303,6 @@ class LLMClient:
                 if self._tpm:
                     self._tpm.adjust(estimate)  # nothing was generated: give the charge back
                 raise
-            finally:
-                self.in_flight -= 1
             self.servers.succeeded(server)
         finally:
             self.servers.release(server)

@@ -1,10 +1,5 @@
-"""JSON replies from an LLM: find the JSON in the text, check it against a small schema or a callable.
-
-    value = extract_json('Sure! ```json\n{"entities": ["a", "b"]}\n``` Hope that helps.')   # {"entities": [...]}
-    check_schema(value, {"type": "object", "required": ["entities"],
-                         "properties": {"entities": {"type": "array", "items": {"type": "string"}, "minItems": 1}}})
-    parsed, error = check_reply(text, schema=..., validate=...)   # error: None, or what a repair request says
-    response_format(schema)   # {"type": "json_schema", ...}: asks a server for schema-constrained JSON
+"""JSON replies from an LLM: the JSON found in a reply's text (extract_json), checked against a small schema
+(check_schema) or a callable (check_reply), and the request for schema-constrained JSON (response_format).
 
 The schema language (a subset of JSON Schema; unknown keywords are an error): docs/synth.md, "JSON replies";
 structured output: "Structured output"."""
@@ -34,20 +29,15 @@ class JsonReplyError(ValueError):
 
 def extract_json(text: str) -> Any:
     """The first JSON object or array in `text` (inside ``` fences or surrounded by prose)."""
-    candidates = [i for i, ch in enumerate(text) if ch in "{["][:_MAX_START_CANDIDATES]
-    for start in candidates:
+    first_error = None  # the parser's complaint about the first candidate: the most useful message for a repair
+    for start in [i for i, ch in enumerate(text) if ch in "{["][:_MAX_START_CANDIDATES]:
         try:
-            value, _ = _DECODER.raw_decode(text, start)
-        except ValueError:
-            continue
-        return value
-    if not candidates:
+            return _DECODER.raw_decode(text, start)[0]
+        except ValueError as e:
+            first_error = first_error or e
+    if first_error is None:
         raise JsonReplyError("the reply contains no JSON object or array")
-    try:  # report the parser's complaint about the first candidate: the most useful message for a repair
-        _DECODER.raw_decode(text, candidates[0])
-    except ValueError as e:
-        raise JsonReplyError(f"the reply is not valid JSON: {e}") from None
-    raise AssertionError("unreachable")
+    raise JsonReplyError(f"the reply is not valid JSON: {first_error}")
 
 
 def _type_name(value: Any) -> str:

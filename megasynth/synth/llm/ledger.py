@@ -1,11 +1,9 @@
-"""The LLM ledger: one JSONL line per finished request, and the running totals (requests, tokens, cost).
+"""The LLM ledger: one JSONL line per finished request (written durably by a thread of its own), and the running
+totals (requests, tokens, cost) over the whole file, earlier runs included.
 
     ledger = Ledger("W/ledger.jsonl", price_in_per_m=2.5, price_out_per_m=10.0)
-    await ledger.record_durable({"key": "doc1/entities", "model": "m", "outcome": "ok", "attempts": 1,
-                                 "prompt_tokens": 812, "completion_tokens": 95, "latency_s": 1.2, "error": None})
-    ledger.summary()        # {"requests": 1, "ok": 1, "failed": {}, "prompt_tokens": 812, ..., "cost_usd": ...}
-    ledger.progress_text()  # "1 requests (1 ok, 0 failed), 812 in / 95 out tokens, $0.0030"
-    ledger.close()          # writes what is queued, fsyncs, stops the writer thread
+    await ledger.record_durable({"key": "doc1/entities", "outcome": "ok", "prompt_tokens": 812, ...})
+    ledger.summary(); ledger.progress_text(); ledger.close()
 
 Durability, resumption and each line's fields: docs/synth.md, "The ledger"."""
 
@@ -46,8 +44,7 @@ class Ledger:
                  price_out_per_m: float = 0.0):
         self.path = None if path is None else Path(path)
         self._log = None if path is None else RecordLog(path)
-        self.price_in_per_m = price_in_per_m
-        self.price_out_per_m = price_out_per_m
+        self.price_in_per_m, self.price_out_per_m = price_in_per_m, price_out_per_m
         self.requests = self.ok = self.http_requests = self.repairs = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.cost_usd = 0.0
@@ -60,21 +57,17 @@ class Ledger:
         self._error: BaseException | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._load_existing()
+            for _, entry in self._log.load():
+                self._count(entry)
+                self.previous += 1
+            if self._log.torn:
+                print(f"{self.path}: cut off a torn last line ({self._log.torn} bytes) left by an interrupted run",
+                      file=sys.stderr)
             self._thread = threading.Thread(target=self._writer, name="llm-ledger", daemon=True)
             self._thread.start()
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.price_in_per_m + completion_tokens * self.price_out_per_m) / 1e6
-
-    # -- reading an existing ledger ------------------------------------------------------------------------------
-    def _load_existing(self) -> None:
-        for _, entry in self._log.load():
-            self._count(entry)
-            self.previous += 1
-        if self._log.torn:
-            print(f"{self.path}: cut off a torn last line ({self._log.torn} bytes) left by an interrupted run",
-                  file=sys.stderr)
 
     # -- recording -----------------------------------------------------------------------------------------------
     def _count(self, entry: dict) -> None:

@@ -1,12 +1,5 @@
-"""Rate limits and retry timing for the LLM client: token buckets, Retry-After, backoff with full jitter.
-
-    bucket = TokenBucket(per_minute=600)        # requests/min (or tokens/min with n = estimated tokens)
-    await bucket.acquire(1)                     # waits until the bucket allows it
-    bucket.adjust(+120)                         # give back what an estimate overcounted (or charge more)
-    parse_retry_after("2")  -> 2.0;  parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") -> seconds from now
-    backoff_delay(attempt=3, base=1.0, cap=60.0, rng=random.Random())   # uniform in [0, min(cap, 1 * 2**2)]
-    is_transient("http_503") -> True; is_transient("invalid_json") -> False   # a failure worth asking again
-"""
+"""Rate limits and retry timing for the LLM client: token buckets, Retry-After, backoff with full jitter, and
+which failures are transient."""
 
 from __future__ import annotations
 
@@ -58,7 +51,7 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + n)
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), clamped to [0,
     MAX_RETRY_AFTER_S]; None when absent or unreadable."""
     if value is None:
@@ -69,14 +62,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
+        except (TypeError, ValueError, IndexError):  # Python >= 3.10 raises for an unparsable date
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        now = time.time() if now is None else now
-        seconds = when.timestamp() - now
+        seconds = when.timestamp() - time.time()
     if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)

@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -192,10 +193,7 @@ class LLMPipeline:
         check_output_free(cfg.output_prefix, overwrite=cfg.overwrite)
         manifest = self.prepare()
         with WorkDir.open(cfg.work_dir, pipeline=self.name, settings=manifest, output=cfg.output_prefix) as wd:
-            self.load({name: wd.log(name) for name in self.log_names()})
-            self.items = self.plan()
-            llm, budget_stopped = asyncio.run(self.generate(cfg.llm, os.path.join(cfg.work_dir, LEDGER)))
-            return self.publish(manifest, llm, budget_stopped)
+            return self.publish(manifest, *self.generate(wd, cfg.llm))
 
     def prepare(self) -> dict:
         """Read the documents and the tokenizer; return the manifest: what decides the records."""
@@ -247,7 +245,8 @@ class LLMPipeline:
         return missing_items((it.step, self.done[it.key]) for it in chosen if not self.done[it.key].ok)
 
     def load(self, logs: dict[str, RecordLog]) -> None:
-        """self.done from the record logs (a name of log_names() -> its log); on_record() sees the kept ones."""
+        """self.done from the record logs (a name of log_names() -> its log), on_record() seeing the kept ones; then
+        self.items, the plan."""
         self._logs = logs
         self.done = {}
         for name, log in self._logs.items():
@@ -255,6 +254,7 @@ class LLMPipeline:
             self.done.update(load_finished(log, keep=kept))
             for record in (kept or {}).values():
                 self.on_record(record)
+        self.items = self.plan()
 
     def _add(self, record: dict) -> None:
         name = self.logs[record["step"]]
@@ -263,19 +263,13 @@ class LLMPipeline:
         if name in self.kept_logs:
             self.on_record(record)
 
-    async def generate(self, settings: LLMSettings, ledger: str | os.PathLike) -> tuple[dict, bool]:
-        """Ask for every pending item of self.items through one client (its ledger at `ledger`); returns (the
-        ledger summary, whether the budget stopped it)."""
-        # The output tokenizer counts replies against max_tokens: a longer reply is cut.
-        async with LLMClient(settings, ledger_path=ledger, seed=self.cfg.seed, tokenizer=self.tokenizer) as client:
-            try:
-                await self._generate(client)
-            except BudgetExceeded:
-                return client.summary(), True
-            return client.summary(), False
+    def generate(self, wd: WorkDir, settings: LLMSettings) -> tuple[dict, bool]:
+        """Load the records in `wd` and ask for every pending item, wave by wave, through one client (its ledger in
+        `wd`); returns (the ledger summary, whether the budget stopped it)."""
+        self.load({name: wd.log(name) for name in self.log_names()})
+        return asyncio.run(self._generate(settings, wd.path / LEDGER))
 
-    async def _generate(self, client: LLMClient) -> None:
-        """Send every pending item, wave by wave; raises BudgetExceeded when the budget stops it."""
+    async def _generate(self, settings: LLMSettings, ledger: Path) -> tuple[dict, bool]:
         asked: set[str] = set()
 
         async def visit(batch, item: Item) -> None:
@@ -298,11 +292,17 @@ class LLMPipeline:
                 for follow in self.follow_ups(item):
                     await visit(batch, follow)
 
-        while wave := self.wave(asked):
-            async with client.batch(on_result, progress=self.label if self.cfg.progress else False) as batch:
-                for item in wave:
-                    asked.add(item.key)
-                    await visit(batch, item)
+        # The output tokenizer counts replies against max_tokens: a longer reply is cut.
+        async with LLMClient(settings, ledger_path=ledger, seed=self.cfg.seed, tokenizer=self.tokenizer) as client:
+            try:
+                while wave := self.wave(asked):
+                    async with client.batch(on_result, progress=self.label if self.cfg.progress else False) as batch:
+                        for item in wave:
+                            asked.add(item.key)
+                            await visit(batch, item)
+            except BudgetExceeded:
+                return client.summary(), True
+            return client.summary(), False
 
     def _outputs(self, chosen: list[Item]) -> Iterator[SyntheticDoc]:
         for item in sorted(chosen, key=self.order):

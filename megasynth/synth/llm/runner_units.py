@@ -4,20 +4,16 @@ issue 21): the tools' --worker I/N, --publish and --no-publish.
     out = EntiGraph(cfg).run(WorkerRun(Worker.parse("1/3")))              # make units; publish if the last
     out = EntiGraph(cfg).run(WorkerRun(Worker(), publish="only"))          # publish, or name the missing units
 
-A unit is a slice of `unit_docs` source documents in input order (known from the input and that setting alone).
-Making one is a run of the method over its documents with the unit's own record logs and ledger, kept in the
-unit's scratch directory, so a worker killed mid-unit loses no finished request: the next worker to take the unit
-resumes it and asks only for what has no record. The unit is published (its logs and ledger copied into it, the
-ledger's summary in its record) under the rule a single run publishes by: every item has a record and none failed,
-or `allow_partial`. Otherwise (a budget stop, failed items) it stays unpublished with its scratch, and the worker
-goes on with other units. Budgets are split evenly over the units: each unit's ledger may spend budget / units.
-Publishing loads every unit's records as one run's and writes the output exactly as a single run does, from the
-records, in the method's order (docs/synth.md, "Workers").
+A unit is a slice of `unit_docs` source documents in input order. Making one is a run of the method over them with
+the unit's own record logs and ledger in its scratch directory, so a worker killed mid-unit loses no finished
+request. It is published under a single run's rule (every item has a record and none failed, or `allow_partial`);
+otherwise (a budget stop, failed items) it stays unpublished with its scratch, and the worker goes on. Each unit
+may spend budget / units. Publishing loads every unit's records as one run's and writes the output exactly as a
+single run does (docs/synth.md, "Workers").
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import dataclasses
 import shutil
@@ -30,7 +26,6 @@ from megasynth.data.indexed import check_output_free
 from megasynth.data.prefix import idx_path
 from megasynth.data.readers import InputError
 from megasynth.synth.llm.runner import LEDGER, LLMPipeline
-from megasynth.synth.llm.settings import LLMSettings
 from megasynth.synth.workdir import RecordLog, WorkDir, refuse_overlapping_paths
 from megasynth.work_units import UnitDeferred, Worker, WorkUnits, WorkUnitsError, publisher_lock, run_worker
 
@@ -62,17 +57,19 @@ class WorkerRun:
 class UnitNotFinished(UnitDeferred):
     """A unit this worker could not finish (its records stay in its scratch directory, for a later worker)."""
 
-    def __init__(self, unit: int, why: str, llm: dict, missing: dict | None = None):
+    def __init__(self, unit: int, why: str, missing: dict | None = None):
         super().__init__(unit, why)
-        self.llm, self.missing = llm, missing or {}
+        self.missing = missing or {}
 
 
-def unit_llm_settings(llm: LLMSettings, num_units: int) -> LLMSettings:
-    """The LLM settings of one unit: the budget split evenly over the units, each counted over the unit's own ledger
-    (which survives kills), so that the whole run stays within the flags whatever the workers, restarts or helpers."""
-    return dataclasses.replace(
-        llm, budget_tokens=None if llm.budget_tokens is None else llm.budget_tokens // num_units,
-        budget_usd=None if llm.budget_usd is None else llm.budget_usd / num_units)
+def add_counts(total: dict, more: dict) -> dict:
+    """`more`'s counts added into `total`, nested dicts key by key (ledger summaries, missing items)."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def merge_summaries(summaries: list[dict]) -> dict:
@@ -80,13 +77,7 @@ def merge_summaries(summaries: list[dict]) -> dict:
     added, failure reasons merged, the cost summed and rounded as one ledger's."""
     total: dict = {}
     for summary in summaries:
-        for key, value in summary.items():
-            if isinstance(value, dict):
-                reasons = total.setdefault(key, {})
-                for reason, n in value.items():
-                    reasons[reason] = reasons.get(reason, 0) + n
-            else:
-                total[key] = total.get(key, 0) + value
+        add_counts(total, summary)
     return {k: dict(sorted(v.items())) if isinstance(v, dict) else round(v, 6) if isinstance(v, float) else v
             for k, v in total.items()}
 
@@ -143,7 +134,8 @@ def run_units(pipeline: LLMPipeline, run: WorkerRun) -> dict:
         if run.publish == "never" or units.missing():
             return out
     units.refuse_missing()
-    lock = publisher_lock(cfg.output_prefix, tool=f"tools/{pipeline.name}.py", flag="--output-prefix", publish=run.publish)
+    lock = publisher_lock(cfg.output_prefix, tool=f"tools/{pipeline.name}.py", flag="--output-prefix",
+                          publish=run.publish)
     if lock is None:  # another worker is publishing
         return out
     try:
@@ -167,8 +159,12 @@ def _published(units: WorkUnits, output_prefix: str) -> bool:
 
 def _make_units(pipeline: LLMPipeline, units: WorkUnits, manifest: dict, bounds: list[tuple[int, int]],
                 run: WorkerRun, out: dict) -> None:
-    docs, cfg = pipeline.docs, pipeline.cfg
-    llm = unit_llm_settings(cfg.llm, units.num_units)
+    docs, cfg, n = pipeline.docs, pipeline.cfg, units.num_units
+    # The budget split evenly over the units, each share counted over the unit's own ledger (which survives kills),
+    # so that the whole run stays within the flags whatever the workers, restarts or helpers.
+    tokens, usd = cfg.llm.budget_tokens, cfg.llm.budget_usd
+    llm = dataclasses.replace(cfg.llm, budget_tokens=None if tokens is None else tokens // n,
+                              budget_usd=None if usd is None else usd / n)
     budget = {"tokens": llm.budget_tokens, "usd": llm.budget_usd}
 
     def make_unit(k: int, tmp: Path) -> dict:
@@ -176,17 +172,15 @@ def _make_units(pipeline: LLMPipeline, units: WorkUnits, manifest: dict, bounds:
         scratch = units.scratch_dir(k)
         pipeline.docs, pipeline.label = docs[first:stop], f"{pipeline.name} unit {k}"
         with WorkDir.open(scratch, pipeline=pipeline.name, settings=manifest) as wd:
-            pipeline.load({name: wd.log(name) for name in pipeline.log_names()})
-            pipeline.items = pipeline.plan()
-            summary, budget_stopped = asyncio.run(pipeline.generate(llm, scratch / LEDGER))
+            summary, budget_stopped = pipeline.generate(wd, llm)
             chosen = pipeline.chosen()
             missing = pipeline.missing(chosen) if chosen is not None else {}
         if budget_stopped:
-            raise UnitNotFinished(k, "budget", summary)
+            raise UnitNotFinished(k, "budget")
         if chosen is None:
-            raise UnitNotFinished(k, "incomplete", summary)
+            raise UnitNotFinished(k, "incomplete")
         if any(missing.values()) and not cfg.allow_partial:
-            raise UnitNotFinished(k, "failed", summary, missing)
+            raise UnitNotFinished(k, "failed", missing)
         for name in [*pipeline.log_names(), LEDGER]:  # every unit holds every file (a log may have no record)
             if (scratch / name).exists():
                 shutil.copyfile(scratch / name, tmp / name)
@@ -202,15 +196,10 @@ def _make_units(pipeline: LLMPipeline, units: WorkUnits, manifest: dict, bounds:
         for e in passed.values():
             run.log(f"unit {e.unit} left unpublished ({e.why}); its records are kept for the next worker")
     out["busy"], out["budget"] = report.busy, budget
-    missing: dict = {}
+    out["passed_missing"] = {}
     for k, e in sorted(passed.items()):
         out["passed"].setdefault(e.why, []).append(k)
-        for kind, steps in e.missing.items():
-            for step, reasons in steps.items():
-                into = missing.setdefault(kind, {}).setdefault(step, {})
-                for reason, n in reasons.items():
-                    into[reason] = into.get(reason, 0) + n
-    out["passed_missing"] = missing
+        add_counts(out["passed_missing"], {kind: steps for kind, steps in e.missing.items() if steps})
 
 
 def _publish(pipeline: LLMPipeline, units: WorkUnits, manifest: dict) -> dict:
@@ -220,7 +209,6 @@ def _publish(pipeline: LLMPipeline, units: WorkUnits, manifest: dict) -> dict:
     logs = {name: ConcatLog([units.unit_dir(k) / name for k in range(n)]) for name in pipeline.log_names()}
     try:
         pipeline.load(logs)
-        pipeline.items = pipeline.plan()
         if pipeline.chosen() is None:
             raise WorkUnitsError(f"{units.path}: the units' records do not cover the plan (an item has none); "
                                  "remove the work dir's units/ and run the workers again")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -207,18 +208,14 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "", **overrides) 
                          "estimated from them)")
     if get("base_url") not in (None, _OMITTED):
         split_base_urls(get("base_url"), f"--{prefix}base-url")  # the error names the flag, not the field
-    fields = {"base_url": get("base_url"), "model": get("model"), "api_key_env": get("api_key_env"),
-              "concurrency": get("concurrency"), "requests_per_minute": get("rpm"), "tokens_per_minute": get("tpm"),
-              "max_attempts": get("max_attempts"), "transient_budget_s": get("transient_budget_s"),
-              "backoff_base_s": get("backoff_base_s"), "backoff_max_s": get("backoff_max_s"),
-              "timeout_s": get("timeout"), "temperature": get("temperature"), "max_tokens": get("max_tokens"),
-              "price_in_per_m": get("price_in"), "price_out_per_m": get("price_out"),
-              "budget_tokens": get("budget_tokens"), "budget_usd": get("budget_usd"),
-              "max_reply_bytes": get("max_reply_bytes"), "structured_output": get("structured_output"),
-              "server_cooldown_s": get("server_cooldown_s")}
-    fields = {k: v for k, v in fields.items() if v is not _OMITTED}  # add_llm_arguments(omit=...): the defaults
+    fields = {f.name: get(_FLAGS.get(f.name, f.name)) for f in dataclasses.fields(LLMSettings)}
+    # Fields without a flag (json_repair_attempts), and flags the tool omits, keep their defaults.
+    fields = {k: v for k, v in fields.items() if v is not _OMITTED}
     fields.update(overrides)
     return LLMSettings(**fields)
 
 
 _OMITTED = object()
+# The fields whose flag is not named after them.
+_FLAGS = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "timeout_s": "timeout", "price_in_per_m": "price_in",
+          "price_out_per_m": "price_out"}

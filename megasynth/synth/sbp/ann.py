@@ -7,6 +7,7 @@ The kinds and how recall picks nprobe / efSearch: docs/sbp.md, "How each stage w
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -121,17 +122,11 @@ def build_index(emb: np.ndarray, options: IndexOptions, progress=None):
     return index, info
 
 
-def search_rows(index, emb: np.ndarray, rows: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """faiss search for the given query rows: (similarities [q, k] float32, ids [q, k] int64, -1 = none)."""
-    sims, ids = [], []
-    for start in range(0, rows.size, chunk):
-        q = np.ascontiguousarray(emb[rows[start:start + chunk]], dtype=np.float32)
-        s, i = index.search(q, k)
-        sims.append(s)
-        ids.append(i)
-    if not sims:
-        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-    return np.concatenate(sims), np.concatenate(ids)
+def search_ids(index, emb: np.ndarray, rows: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """faiss's k nearest ids [q, k] (int64, -1 = none) of the given query rows."""
+    ids = [index.search(np.ascontiguousarray(emb[rows[start:start + chunk]], dtype=np.float32), k)[1]
+           for start in range(0, rows.size, chunk)]
+    return np.concatenate(ids) if ids else np.empty((0, k), np.int64)
 
 
 def search_chunks(index, emb: np.ndarray, k: int, chunk: int):
@@ -187,18 +182,18 @@ def measure_recall(index, info: dict, emb: np.ndarray, k: int, options: IndexOpt
     param = {"ivf": ("nprobe", options.nprobe, info.get("nlist", 1)),
              "hnsw": ("ef_search", options.ef_search, max(k, 1 << 14))}.get(kind)
     if param is None:
-        _, ids = search_rows(index, emb, rows, k, options.chunk)
-        recall = recall_at_k(ids, exact_ids)
+        recall = recall_at_k(search_ids(index, emb, rows, k, options.chunk), exact_ids)
     else:
         name, fixed, ceiling = param
-        candidates = [fixed] if fixed else _powers_from(8 if kind == "ivf" else max(16, k), ceiling)
+        start = 8 if kind == "ivf" else max(16, k)  # then doubled while below the ceiling, then the ceiling
+        candidates = [fixed] if fixed else [*itertools.takewhile(lambda v: v < ceiling,
+                                                                 (start << i for i in itertools.count())), ceiling]
         for value in candidates:
             if kind == "ivf":
                 index.nprobe = value  # CPU IVF indexes and the GPU ones index_cpu_to_gpu returns both have it
             else:
                 index.hnsw.efSearch = value
-            _, ids = search_rows(index, emb, rows, k, options.chunk)
-            recall = recall_at_k(ids, exact_ids)
+            recall = recall_at_k(search_ids(index, emb, rows, k, options.chunk), exact_ids)
             if progress:
                 progress(f"{name}={value}: recall@{k} {recall:.4f}")
             if recall >= options.target_recall:
@@ -207,12 +202,3 @@ def measure_recall(index, info: dict, emb: np.ndarray, k: int, options: IndexOpt
         info[f"{name}_tuned"] = not fixed
     return {"k": k, "queries": int(rows.size), "recall": round(float(recall), 6), "seed": options.seed,
             "reference": "exact inner product over all rows (numpy float32)"}
-
-
-def _powers_from(start: int, ceiling: int) -> list[int]:
-    values, v = [], start
-    while v < ceiling:
-        values.append(v)
-        v *= 2
-    values.append(ceiling)
-    return values

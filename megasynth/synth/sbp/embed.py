@@ -172,11 +172,9 @@ def _shard_path(wdir: Path, s: int) -> Path:
 
 def _shard_done(path: Path, rows: int, dim: int) -> bool:
     """A saved shard of the right shape (written atomically, so a present file is complete unless tampered)."""
-    if not path.is_file():
-        return False
     try:
         arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError):
+    except (ValueError, OSError):  # not there (or a directory), or not an .npy file
         return False
     return arr.shape == (rows, dim) and arr.dtype == np.float16
 
@@ -224,8 +222,6 @@ def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, mo
                     remove_dir(wdir)
                 refusal = e
         share_refusal(refusal, distributed=world > 1, error_type=EmbedError)
-        if rank != 0:
-            WorkDir.check(wdir, pipeline=PIPELINE, settings=settings)
         if model is None:
             model = load_model(name, device)
         settings["model"] = {"name": name, "dim": embedding_dim(model), "max_seq_length": int(model.max_seq_length),

@@ -71,13 +71,6 @@ class NearCopyTest:
             self.have = np.zeros(n, dtype=bool)
         self._sets: dict[int, np.ndarray] = {}
 
-    def _ensure_signatures(self, docs: np.ndarray) -> None:
-        missing = np.unique(docs[~self.have[docs]])
-        if missing.size:
-            self.sig[missing] = minhash_signatures((self.ds[int(i)] for i in missing), n=self.options.ngram,
-                                                   num_perm=self.options.num_perm)
-            self.have[missing] = True
-
     def _set(self, i: int) -> np.ndarray:
         s = self._sets.get(i)
         if s is None:
@@ -85,11 +78,14 @@ class NearCopyTest:
         return s
 
     def scores(self, seeds: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Jaccard (estimated or exact) of each pair's n-gram sets."""
-        if seeds.size == 0:
-            return np.zeros(0)
+        """Jaccard (estimated or exact) of each pair's n-gram sets (select_pairs asks for at least one)."""
         if self.method == "minhash":
-            self._ensure_signatures(np.concatenate([seeds, targets]))
+            docs = np.concatenate([seeds, targets])
+            missing = np.unique(docs[~self.have[docs]])
+            if missing.size:
+                self.sig[missing] = minhash_signatures((self.ds[int(i)] for i in missing), n=self.options.ngram,
+                                                       num_perm=self.options.num_perm)
+                self.have[missing] = True
             return minhash_jaccard(self.sig[seeds], self.sig[targets])
         out = np.array([jaccard(self._set(int(a)), self._set(int(b))) for a, b in zip(seeds, targets)])
         if len(self._sets) > 200_000:  # bounded memory; exact is meant for small corpora anyway
@@ -164,18 +160,18 @@ def build_pairs(embeddings: str | os.PathLike, output: str | os.PathLike, option
     if found and not overwrite:
         raise PairsError(f"{os.fspath(output)}: the output exists ({', '.join(found)}); pass --overwrite to replace it")
     emb, meta = load_embeddings(embeddings)
-    npy_path = emb_paths(embeddings)[0]
+    npy_path, side_path = emb_paths(embeddings)
     n = emb.shape[0]
     if n < 2:
         raise PairsError(f"{npy_path}: {n} embedding row(s); pairing needs at least 2 documents")
     ds = None
     if corpus is None and options.near_copy != "off":
         if meta.get("input", {}).get("type") != "prefix":
-            raise PairsError(f"{emb_paths(embeddings)[1]}: made from JSONL, so the near-copy filter has no tokens; "
+            raise PairsError(f"{side_path}: made from JSONL, so the near-copy filter has no tokens; "
                              "pass --corpus PREFIX or --near-copy off")
         corpus = meta["input"]["prefix"]
     if corpus is not None:
-        ds = check_against_prefix(meta, corpus, n_rows=n, source=str(emb_paths(embeddings)[1]))
+        ds = check_against_prefix(meta, corpus, n_rows=n, source=str(side_path))
     check_unit_rows(emb, source=str(npy_path))
 
     log = (lambda msg: tqdm.write(f"build_pairs: {msg}")) if progress else None
@@ -189,8 +185,7 @@ def build_pairs(embeddings: str | os.PathLike, output: str | os.PathLike, option
     sim_sum, sim_min, sim_max = 0.0, np.inf, -np.inf
     schema = pa.schema([("seed", pa.int64()), ("target", pa.int64()), ("similarity", pa.float32())])
     bar = tqdm(total=n, unit="seeds", desc="pairs", disable=not progress, dynamic_ncols=True)
-    with bar, atomic_open(paths["parquet"], "wb") as f:
-        writer = pq.ParquetWriter(f, schema)
+    with bar, atomic_open(paths["parquet"], "wb") as f, pq.ParquetWriter(f, schema) as writer:
         groups = _RowGroups(writer, schema, ROW_GROUP)
         for start, _, ids in search_chunks(index, emb, min(options.k + 1, n), options.index.chunk):
             seeds = np.repeat(np.arange(start, start + ids.shape[0], dtype=np.int64), ids.shape[1])
@@ -211,11 +206,9 @@ def build_pairs(embeddings: str | os.PathLike, output: str | os.PathLike, option
             bar.update(ids.shape[0])
         groups.flush(final=True)
         if kept == 0 and not allow_empty:
-            writer.close()
             raise PairsError(f"{os.fspath(output)}: no pair survived ({candidates} candidates, dropped "
                              + ", ".join(f"{v} {k}" for k, v in dropped.items())
                              + "); widen --min-sim/--max-sim or pass --allow-empty")
-        writer.close()
         if overwrite:  # the old commit point goes before the old parquet is replaced: no stale PAIRS.json
             paths["json"].unlink(missing_ok=True)
 

@@ -8,6 +8,7 @@ The tests, their thresholds (QualitySettings' defaults), the judge and the refer
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -180,12 +181,6 @@ def read_provenance(synthetic: IndexedDataset, corpus: IndexedDataset) -> np.nda
     return seeds
 
 
-def synthetic_sample(synthetic: IndexedDataset, corpus: IndexedDataset, settings: QualitySettings) -> PairSample:
-    seeds = read_provenance(synthetic, corpus)
-    docs = sample_indices(len(synthetic), settings.sample, np.random.default_rng([settings.seed, 1]))
-    return PairSample("synthetic", docs, seeds[docs], synthetic, corpus)
-
-
 def pairs_reference(pairs_path: str, corpus: IndexedDataset, settings: QualitySettings) -> PairSample:
     """N pairs of PAIRS.parquet with distinct targets (a target in several pairs would duplicate itself)."""
     seed, target = read_pair_table(pairs_path, corpus)
@@ -221,13 +216,10 @@ class Texts:
     each prefix's tokenizer loaded on first use."""
 
     def __init__(self, tokenizer: str | None = None):
-        self.tokenizer = tokenizer
-        self._corpora: dict[str, PrefixCorpus] = {}
+        self.corpus = functools.cache(lambda prefix: PrefixCorpus(prefix, tokenizer))
 
     def __call__(self, prefix: str, indices, max_tokens: int) -> list[str]:
-        if prefix not in self._corpora:
-            self._corpora[prefix] = PrefixCorpus(prefix, self.tokenizer)
-        return [self._corpora[prefix].text(int(i), max_tokens) for i in indices]
+        return [self.corpus(prefix).text(int(i), max_tokens) for i in indices]
 
 
 # -- one row of the table -------------------------------------------------------------------------------------------
@@ -274,8 +266,7 @@ def score_sample(sample: PairSample, settings: QualitySettings, embedder: Embedd
         keys = [f"{sample.name}/{int(sample.docs[i])}" for i in chosen]
         answers = judge_texts(dict(zip(keys, texts(sample.doc_set.prefix, sample.docs[chosen],
                                                    settings.judge_doc_tokens))), settings.judge, judge_ledger)
-        verdicts[chosen] = [answers[k] for k in keys]
-        got = [answers[k] for k in keys]
+        got = verdicts[chosen] = [answers[k] for k in keys]
         unanswered = got.count(UNANSWERED)
         judged = len(got) - got.count(FAILED) - unanswered
         bad = got.count("non_factual")
@@ -339,9 +330,9 @@ def measure_quality(synthetic: str, corpus: str, out: str | os.PathLike, setting
     eod = (cor.metadata or {}).get("eod_id", (syn.metadata or {}).get("eod_id"))
     texts = Texts(tokenizer)
     embedder = Embedder(settings.embed_model, settings.embed_batch_size)
-    samples = [synthetic_sample(syn, cor, settings)]
-    samples.append(pairs_reference(pairs, cor, settings) if pairs else
-                   neighbour_reference(cor, settings, texts, embedder))
+    docs = sample_indices(len(syn), settings.sample, np.random.default_rng([settings.seed, 1]))
+    samples = [PairSample("synthetic", docs, read_provenance(syn, cor)[docs], syn, cor),
+               pairs_reference(pairs, cor, settings) if pairs else neighbour_reference(cor, settings, texts, embedder)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, columns = {}, {}
@@ -372,15 +363,13 @@ def measure_quality(synthetic: str, corpus: str, out: str | os.PathLike, setting
     return results
 
 
+_DOCUMENT_COLUMNS = {"doc": pa.int64(), "seed": pa.int64(), "repetition": pa.float32(), "duplicate": pa.bool_(),
+                     "copy": pa.float32(), "cosine": pa.float32(), "verdict": pa.string()}
+
+
 def _write_documents(path: Path, columns: dict[str, dict]) -> None:
-    tables = []
-    for name, cols in columns.items():
-        n = len(cols["doc"])
-        tables.append(pa.table({
-            "row": pa.array([name] * n, pa.string()), "doc": pa.array(cols["doc"], pa.int64()),
-            "seed": pa.array(cols["seed"], pa.int64()), "repetition": pa.array(cols["repetition"], pa.float32()),
-            "duplicate": pa.array(cols["duplicate"], pa.bool_()), "copy": pa.array(cols["copy"], pa.float32()),
-            "cosine": pa.array(cols["cosine"], pa.float32()), "verdict": pa.array(list(cols["verdict"]), pa.string()),
-        }))
+    tables = [pa.table({"row": pa.array([name] * len(cols["doc"]), pa.string()),
+                        **{k: pa.array(list(cols[k]) if k == "verdict" else cols[k], t)
+                           for k, t in _DOCUMENT_COLUMNS.items()}}) for name, cols in columns.items()]
     with atomic_open(path, "wb") as f:
         pq.write_table(pa.concat_tables(tables), f)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -184,7 +185,7 @@ class _Run:
 
     def __init__(self, corpus: IndexedDataset, synth: Synthesizer, settings: SynthSettings, sampler, sep_id: int,
                  store: ShardStore, progress: bool):
-        self.corpus, self.synth, self.settings, self.sampler = corpus, synth, settings, sampler
+        self.corpus, self.settings, self.sampler = corpus, settings, sampler
         self.sep_id, self.store = sep_id, store
         self.eod_id = synth.tokenizer.eod_id
         self.vocab = synth.tokenizer.vocab_size
@@ -201,11 +202,6 @@ class _Run:
                             dynamic_ncols=True, total=settings.num_docs)
         self.t0, self.produced = time.perf_counter(), 0
 
-    def shard_range(self, k: int) -> tuple[int, int]:
-        d = self.settings.shard_docs
-        hi = (k + 1) * d if self.settings.num_docs is None else min((k + 1) * d, self.settings.num_docs)
-        return k * d, hi
-
     def shard(self, k: int) -> Shard:
         """Shard k from the work directory, or sampled now and written there."""
         if self.store.has(k):
@@ -221,9 +217,9 @@ class _Run:
 
     def sample(self, k: int) -> Shard:
         """Shard k, sampled now: a function of the settings and k alone."""
-        lo, hi = self.shard_range(k)
-        seeds = shard_seed_documents(self.settings.seed, k, self.settings.shard_docs, self.candidates)[:hi - lo]
-        samples = np.arange(lo, hi, dtype=np.int64)
+        d, num_docs = self.settings.shard_docs, self.settings.num_docs
+        samples = np.arange(k * d, (k + 1) * d if num_docs is None else min((k + 1) * d, num_docs), dtype=np.int64)
+        seeds = shard_seed_documents(self.settings.seed, k, d, self.candidates)[:samples.size]
         lengths = np.minimum(self.bodies[seeds], self.settings.max_seed_tokens)
         prompts = [np.append(self.corpus.tokens[s:s + n], self.sep_id).astype(np.int64)
                    for s, n in zip(self.starts[seeds], lengths)]
@@ -363,63 +359,37 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
         raise SynthError("--backend vllm runs one engine in one process: not with an endpoint, and not under "
                          "torchrun (vLLM sets up its own process group); use --vllm-tensor-parallel-size for a "
                          "model larger than one GPU, or one run per GPU with its own --seed and --output-prefix")
-    lock, refusal = None, None
-    if rank == 0:
-        try:
-            lock = acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix")
-        except (RunDirBusy, OSError) as e:
-            refusal = e
-    share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
-    try:
-        return _synthesize(checkpoint, corpus_prefix, output_prefix, settings, tokenizer=tokenizer, work_dir=work_dir,
-                           overwrite=overwrite, keep_work=keep_work, device=device, dtype=dtype, endpoint=endpoint,
-                           prompt_format=prompt_format, progress=progress, separator=separator, vllm=vllm)
-    finally:
-        if lock is not None:
-            lock.release(remove=True)
-
-
-def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSettings, *, tokenizer, work_dir,
-                overwrite: bool, keep_work: bool, device, dtype, endpoint, prompt_format: str, progress: bool,
-                separator, vllm) -> dict:
-    """synthesize() with the output prefix locked (on rank 0)."""
     corpus_prefix, output_prefix = os.fspath(corpus_prefix), os.fspath(output_prefix)
     work_path = Path(work_dir) if work_dir is not None else Path(f"{output_prefix}.work")
-    corpus, synth, settings, sep_id, record = prepare(checkpoint, corpus_prefix, settings, tokenizer=tokenizer,
-                                                      device=device, dtype=dtype, endpoint=endpoint, vllm=vllm,
-                                                      prompt_format=prompt_format, separator=separator)
-    dist, rank, _ = _dist()
-    own = _own_output(output_prefix, record) if work_path.is_dir() else None
-    if dist is not None:
-        dist.barrier()  # every rank has looked at OUT and the work directory before rank 0 changes either
-    if own is not None and idx_path(output_prefix).is_file() and not overwrite:
-        if rank == 0:  # killed after publishing, before the work directory was removed: finish the cleanup
-            with WorkDir.open(work_path, pipeline="synthesize", settings=record):
-                if not keep_work:
-                    remove_dir(work_path)  # still locked (so present): no run that starts now can be inside it
-        return {**own["synthesis"]["counts"], "already_complete": True}
-    # Killed while publishing (its .bin/.json in place, no .idx yet): the files are this run's to replace. A
-    # provenance table without its prefix (killed before publishing) is replaced in any case.
-    check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)},
-                        overwrite=overwrite or own is not None, error=SynthError)
-    wd, refusal = None, None
-    if rank == 0:
-        try:
-            wd = WorkDir.open(work_path, pipeline="synthesize", settings=record)  # locks it; checks the manifest
-        except (WorkDirMismatch, RunDirBusy, OSError) as e:
-            refusal = e
-    share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
+    lock = _on_rank0(dist, rank, lambda: acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix"))
+    wd = None
     try:
-        if rank != 0:  # after share_refusal, a barrier: rank 0 has written or checked the manifest
+        corpus, synth, settings, sep_id, record = prepare(
+            checkpoint, corpus_prefix, settings, tokenizer=tokenizer, device=device, dtype=dtype, endpoint=endpoint,
+            vllm=vllm, prompt_format=prompt_format, separator=separator)
+        own = _own_output(output_prefix, record) if work_path.is_dir() else None
+        if dist is not None:
+            dist.barrier()  # every rank has looked at OUT and the work directory before rank 0 changes either
+        if own is not None and idx_path(output_prefix).is_file() and not overwrite:
+            if rank == 0:  # killed after publishing, before the work directory was removed: finish the cleanup
+                with WorkDir.open(work_path, pipeline="synthesize", settings=record):
+                    if not keep_work:
+                        remove_dir(work_path)  # still locked (so present): no run that starts now can be inside it
+            return {**own["synthesis"]["counts"], "already_complete": True}
+        # Killed while publishing (its .bin/.json in place, no .idx yet): the files are this run's to replace. A
+        # provenance table without its prefix (killed before publishing) is replaced in any case.
+        overwrite = overwrite or own is not None
+        check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)}, overwrite=overwrite,
+                            error=SynthError)
+        # Rank 0 locks the work directory and writes or checks its manifest; the others check it after that.
+        wd = _on_rank0(dist, rank, lambda: WorkDir.open(work_path, pipeline="synthesize", settings=record))
+        if rank != 0:
             WorkDir.check(work_path, pipeline="synthesize", settings=record)
         sampler = make_sampler(synth, settings, endpoint=endpoint, vllm=vllm, prompt_format=prompt_format,
                                dtype=dtype, work_path=work_path, ledger=work_path / f"ledger.rank{rank}.jsonl")
         try:
-            run = _Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)
-            try:
+            with closing(_Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)) as run:
                 num_shards = run.run()
-            finally:
-                run.close()
         finally:
             if isinstance(sampler, VLLMSampler):
                 sampler.close()
@@ -429,20 +399,35 @@ def _synthesize(checkpoint, corpus_prefix, output_prefix, settings: SynthSetting
             return {"rank": rank}
         # Still free (checked again by the writer)? No other synthesize run can have written it (the prefix lock),
         # another tool can have.
-        served_by = {} if endpoint is None else {"served_by": endpoint.base_url}  # informative: not a setting
         counts = publish_shards(output_prefix, ShardStore(work_path).read, num_shards, synth.tokenizer, record,
-                                served_by, overwrite or own is not None)
+                                endpoint, overwrite)
         if not keep_work:
             remove_dir(work_path)  # still locked (so present): no run that starts now can be inside it
+        return counts
     finally:
         if wd is not None:
             wd.close()
-    return counts
+        if lock is not None:
+            lock.release(remove=True)
 
 
-def publish_shards(output_prefix: str, read_shard, num_shards: int, tok, record: dict, extra: dict,
+def _on_rank0(dist, rank: int, make):
+    """make() on rank 0 (None on the others); its refusal (RunDirBusy, WorkDirMismatch, OSError) is raised on every
+    rank, as SynthError on the others (megasynth.distributed.share_refusal)."""
+    made, refusal = None, None
+    if rank == 0:
+        try:
+            made = make()
+        except (WorkDirMismatch, RunDirBusy, OSError) as e:
+            refusal = e
+    share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
+    return made
+
+
+def publish_shards(output_prefix: str, read_shard, num_shards: int, tok, record: dict, endpoint: LLMSettings | None,
                    overwrite: bool) -> dict:
     """Shards read_shard(0..num_shards-1) in order -> OUT.provenance.parquet, then the prefix (its .idx last)."""
+    served_by = {} if endpoint is None else {"served_by": endpoint.base_url}  # informative: not a setting
     counts = {"requested": 0, "generated": 0, "empty_dropped": 0, "truncated": 0, "out_of_vocab_dropped": 0,
               "tokens": 0, "shards": num_shards}
 
@@ -462,7 +447,7 @@ def publish_shards(output_prefix: str, read_shard, num_shards: int, tok, record:
         if counts["generated"] == 0:
             raise SynthError(f"{output_prefix}: all {counts['requested']:,} samples were empty or dropped "
                              f"({counts['empty_dropped']:,} empty): no document to write")
-        return {"synthesis": {"settings": record, **extra, "counts": counts}}
+        return {"synthesis": {"settings": record, **served_by, "counts": counts}}
 
     write_synthetic_prefix(output_prefix, tok, (), columns={"seed": pa.int64(), "sample": pa.int64()},
                            generator="synthesize", late_metadata=synthesis, overwrite=overwrite, allow_empty=True,

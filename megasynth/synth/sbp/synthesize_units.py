@@ -71,7 +71,7 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
         if settings.num_docs is not None:
             if not make_then_check(first, worker, make_shard, publish, out, log=log):
                 return out
-            lists, num_shards = [(first, 0)], first.num_units
+            lists, num_shards = [first], first.num_units
         else:
             lists, num_shards = _token_rounds(first, work_dir, record, settings.tokens, worker, make_shard, publish,
                                               out, log)
@@ -82,9 +82,8 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
         if isinstance(sampler, VLLMSampler):
             sampler.close()
 
-    def place(k: int) -> tuple[WorkUnits, int]:  # shard k -> (its unit list, its unit there)
-        units, start = lists[k // lists[0][0].num_units] if len(lists) > 1 else lists[0]
-        return units, k - start
+    # Shard k -> (its unit list, its unit there): the one list of a --num-docs run, or round k // ROUND_SHARDS.
+    places = [(lists[k // lists[0].num_units], k % lists[0].num_units) for k in range(num_shards)]
 
     lock = publisher_lock(output_prefix, tool=TOOL, flag="--output-prefix", publish=publish)
     if lock is None:  # another worker is publishing
@@ -93,14 +92,12 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
         done = first.published()
         if done is not None and publish != "only":  # another worker published while we looked
             return {**out, **done["summary"], "already_published": True}
-        for k in range(num_shards):
-            units, j = place(k)
+        for units, j in places:
             units.record(j)  # settings, sizes, sha256
         check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)}, overwrite=overwrite,
                             error=SynthError)
-        served_by = {} if endpoint is None else {"served_by": endpoint.base_url}
-        counts = publish_shards(output_prefix, lambda k: ShardStore(place(k)[0].unit_dir(place(k)[1])).read(k),
-                                num_shards, synth.tokenizer, record, served_by, overwrite)
+        counts = publish_shards(output_prefix, lambda k: ShardStore(places[k][0].unit_dir(places[k][1])).read(k),
+                                num_shards, synth.tokenizer, record, endpoint, overwrite)
         first.mark_published(output_prefix, counts)
     finally:
         lock.release(remove=True)
@@ -114,15 +111,15 @@ def _round(work_dir, record: dict, r: int, create: bool) -> WorkUnits:
 
 
 def _token_rounds(first: WorkUnits, work_dir, record: dict, tokens: int, worker: Worker, make_shard, publish: str,
-                  out: dict, log) -> tuple[list[tuple[WorkUnits, int]], int]:
-    """Finish round after round until the shards' tokens reach `tokens`; ([(round's units, its first shard)],
-    number of shards of the output). A round another live worker still works on is waited for; publish="only"
+                  out: dict, log) -> tuple[list[WorkUnits], int]:
+    """Finish round after round until the shards' tokens reach `tokens`; (every round's units, the number of shards
+    of the output). A round another live worker still works on is waited for; publish="only"
     makes nothing and refuses an unfinished round, naming its missing shards."""
     lists, total, empty_rounds, r = [], 0, 0, 0
     while True:
         units = first if r == 0 else _round(work_dir, record, r, publish != "only")
         start = r * ROUND_SHARDS
-        lists.append((units, start))
+        lists.append(units)
         while publish != "only" and units.missing():
             report = run_worker(units, worker, lambda j, tmp, start=start: make_shard(start + j, tmp), progress=log)
             out["made"] += [start + j for j in report.made]

@@ -15,29 +15,20 @@ from pathlib import Path
 
 PROMPT_DIR = Path(__file__).resolve().parent
 
-# The version of each template the pipelines use now. Bump it when adding NAME.v(N+1).txt.
-CURRENT = {
-    "entigraph_entities": 1,
-    "entigraph_pair": 1,
-    "entigraph_triple": 1,
-    "entigraph_entity": 1,
-    "rephrase_plain": 1,
-    "rephrase_encyclopedic": 1,
-    "rephrase_qa": 1,
-    "quality_judge": 1,
+# Each template: the version the pipelines use now (bump it when adding NAME.v(N+1).txt), and the placeholders it
+# must use, exactly these, so that a typo in a template fails at load, not mid-run.
+TEMPLATES = {
+    "entigraph_entities": (1, {"title", "text"}),
+    "entigraph_pair": (1, {"title", "text", "entity_a", "entity_b"}),
+    "entigraph_triple": (1, {"title", "text", "entity_a", "entity_b", "entity_c"}),
+    "entigraph_entity": (1, {"title", "text", "entity"}),
+    "rephrase_plain": (1, {"title", "text"}),
+    "rephrase_encyclopedic": (1, {"title", "text"}),
+    "rephrase_qa": (1, {"title", "text"}),
+    "quality_judge": (1, {"text"}),
 }
-
-# The placeholders each template must use: exactly these, so a typo in a template fails at load, not mid-run.
-PLACEHOLDERS = {
-    "entigraph_entities": {"title", "text"},
-    "entigraph_pair": {"title", "text", "entity_a", "entity_b"},
-    "entigraph_triple": {"title", "text", "entity_a", "entity_b", "entity_c"},
-    "entigraph_entity": {"title", "text", "entity"},
-    "rephrase_plain": {"title", "text"},
-    "rephrase_encyclopedic": {"title", "text"},
-    "rephrase_qa": {"title", "text"},
-    "quality_judge": {"text"},
-}
+CURRENT = {name: version for name, (version, _) in TEMPLATES.items()}
+PLACEHOLDERS = {name: names for name, (_, names) in TEMPLATES.items()}
 
 _SECTIONS = ("system", "user")
 
@@ -77,14 +68,14 @@ def load_prompt(name: str, version: int | None = None) -> Prompt:
     except OSError as e:
         raise PromptError(f"{path}: cannot read the prompt template ({e.strerror or e})") from None
     sections = _parse(path, raw.decode("utf-8"))
+    used: dict[str, set[str]] = {}
     for section in _SECTIONS:
-        used = _placeholders(path, section, sections[section])
-        unknown = used - PLACEHOLDERS[name]
+        used[section] = _placeholders(path, section, sections[section])
+        unknown = used[section] - PLACEHOLDERS[name]
         if unknown:
             raise PromptError(f"{path}: the {section} section uses unknown placeholders {sorted(unknown)}; "
                               f"allowed: {sorted(PLACEHOLDERS[name])}")
-    missing = PLACEHOLDERS[name] - _placeholders(path, "user", sections["user"]) - \
-        _placeholders(path, "system", sections["system"])
+    missing = PLACEHOLDERS[name] - used["user"] - used["system"]
     if missing:
         raise PromptError(f"{path}: the template never uses {sorted(missing)}")
     return Prompt(name, version, sections["system"], sections["user"], hashlib.sha256(raw).hexdigest())
