@@ -10,7 +10,7 @@ Every step runs the same command-line tool a user would run, and prints the comm
     python examples/demo.py [--out demo_out] [--steps N] [--quick | --tiny]
 
 --quick trains 20 steps of 4 sequences (the pipeline end to end in well under a minute); --tiny is the test suite's
-variant: --quick's steps with a smaller model, every tool forked from this process (preload() below).
+variant: --quick's steps with a smaller model, every tool forked from this process, which imported torch once.
 """
 
 from __future__ import annotations

@@ -1,20 +1,19 @@
 """The training loop end to end on a tiny model (megasynth/train.py): learning, accumulation, non-finite steps,
 exit codes, metrics, and bit-identical resumption after SIGKILL.
 
-Most runs call `main()` in-process (a single process needs no launcher); the kill test runs real subprocesses.
+Most runs call `main()` in-process (a single process needs no launcher); the kill test runs each run in a process
+of its own (tests/dist.py's start_process), the one it kills included.
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from dist import start_process
 from helpers import TINY_VOCAB, tiny_config, write_pattern_corpus
 
 from megasynth import checkpoint
@@ -27,7 +26,6 @@ from megasynth.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megasynth.train import main, train_step
 from megasynth.train_setup import copy_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None, dp_rank=0, dp_size=1,
                tp_rank=0, tp_size=1)
 
@@ -254,39 +252,38 @@ def test_the_tokenizer_named_by_the_sidecar_is_copied(tmp_path, capsys):
 def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
     steps = 20
     common = {"train.steps": steps, "train.eval_every": 5, "train.log_every": 1}
-    # One torch thread: the model is tiny, and the two runs below share the machine's cores.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def launch(name, **overrides):
+        """main() on NAME.toml in a process of its own (tests/dist.py: a fork of a server that has imported
+        megasynth and trained nothing; one torch thread), its console output in NAME.out / NAME.err."""
         cfg = tiny_config(tmp_path / name, corpus[0], valid_prefix=corpus[1], **common, **overrides)
         save_config(cfg, tmp_path / f"{name}.toml")
-        return [sys.executable, "-m", "megasynth.train", "--config", str(tmp_path / f"{name}.toml")]
+        return start_process(main, ["--config", str(tmp_path / f"{name}.toml")], stdout=tmp_path / f"{name}.out",
+                             stderr=tmp_path / f"{name}.err")
 
-    # The uninterrupted run goes on beside the killed one (they share nothing but the corpus, read only). Its
-    # stderr goes to a file: nobody reads it until the end, and a full pipe would stall the run.
-    whole_err = tmp_path / "whole.err"
-    with open(whole_err, "w") as err:
-        whole = subprocess.Popen(launch("whole"), env=env, stdout=subprocess.DEVNULL, stderr=err)
+    def finished(proc, name) -> str:
+        proc.join(timeout=300)
+        assert proc.exitcode == 0, (proc.exitcode, (tmp_path / f"{name}.err").read_text())
+        return (tmp_path / f"{name}.out").read_text()
+
+    whole = launch("whole")  # the uninterrupted run goes on beside the killed one (they share only the corpus)
     # The killed run saves after every 2nd step (saving must not change the numbers) and is killed as soon as
     # its first checkpoint is visible: ~18 steps and 9 saves before it would finish, and possibly mid-save.
-    cmd = launch("killed", **{"train.checkpoint_every": 2, "train.keep_last": 3})
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_run = {"train.checkpoint_every": 2, "train.keep_last": 3}
+    proc = launch("killed", **killed_run)
     deadline = time.monotonic() + 240
     while checkpoint.find_latest(tmp_path / "killed" / "checkpoints") is None:
-        assert proc.poll() is None, proc.stderr.read().decode()
+        assert proc.is_alive(), (tmp_path / "killed.err").read_text()
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    proc.kill()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     killed_at = checkpoint.find_latest(tmp_path / "killed" / "checkpoints")
     assert int(killed_at.name[5:]) < steps
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    assert whole.wait(timeout=300) == 0, whole_err.read_text()
+    assert "resumed from" in finished(launch("killed", **killed_run), "killed")  # the same run again
+    finished(whole, "whole")
     records = read_metrics(tmp_path / "killed" / "metrics.jsonl")
     expected = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     # Every step exactly once (lines past the checkpoint were dropped on resume) and, on the CPU in fp32,
