@@ -7,11 +7,12 @@ in-process synthesis runs of test_vllm_synthesize.py (synth_runs.py).
 
 Everything is made once per test session, the first time a test asks for any of it, and as early as it can start:
 each engine computes on one thread and a start is mostly imports, so what runs at once shares the 2 cores instead
-of waiting in turn. Once the base model is exported, its server and the synthesis runs start (those that the
-session's tests use: the collected tests' fixtures say which) while the SFT model trains; then the SFT model's
-server starts. A test waits only for what it uses; all of it is stopped at the end of the session whatever
-happens. Without the vLLM venv the tests skip, saying so; MEGASYNTH_REQUIRE_VLLM=1 (for CI on Linux x86-64, where
-`make vllm-venv` must have run) turns that skip into a failure.
+of waiting in turn. The servers' processes import vLLM while the models train (one thread); once the base model is
+exported, its server and the synthesis runs start while the SFT model trains; then the SFT model's server starts.
+Only what the session's tests use is started (the collected tests' fixtures say which); a test waits only for what
+it uses; all of it is stopped at the end of the session whatever happens. Without the vLLM venv the tests skip,
+saying so; MEGASYNTH_REQUIRE_VLLM=1 (for CI on Linux x86-64, where `make vllm-venv` must have run) turns that skip
+into a failure.
 
 The folder is not called tests/vllm: tests/ is on sys.path in the suite, so such a folder would make `import vllm`
 find it as a namespace package instead of raising ImportError.
@@ -73,26 +74,30 @@ class Shared:
 
 @pytest.fixture(scope="session")
 def _vllm_shared(vllm_python, tmp_path_factory, request):
+    # What the session's tests use (each item's fixture closure): only that is started.
     wanted = {name for item in request.session.items for name in item.fixturenames}
     root = tmp_path_factory.mktemp("vllm")
     logs = root / "logs"
     servers, synth_runs = {}, None
     try:
+        # The servers import vLLM while the models train, and start once their export is complete.
+        if "vllm_base_server" in wanted:
+            servers["base"] = VLLMServer(vllm_python, root / "hf_base", log=logs / "base.log")
+        if "vllm_sft_server" in wanted:
+            servers["sft"] = VLLMServer(vllm_python, root / "hf_sft", log=logs / "sft.log",
+                                        max_model_len=LLM_TOOLS_CONTEXT, extra_args=LLM_TOOLS_ARGS)
+        for name, server in servers.items():
+            server.launch(after=root / f"hf_{name}.done")
         with one_torch_thread():
             base = build_base(root / "models")
         hf_base = export(base, root / "hf_base")
-        if "vllm_base_server" in wanted:
-            servers["base"] = VLLMServer(vllm_python, hf_base, log=logs / "base.log")
-            servers["base"].launch()
+        (root / "hf_base.done").touch()
         if "vllm_synth_runs" in wanted:
             synth_runs = SynthRuns(vllm_python, base, root / "models" / "data" / "text", root / "synth").start()
         with one_torch_thread():
             sft = build_sft(root / "models", base)
         hf_sft = export(sft, root / "hf_sft")
-        if "vllm_sft_server" in wanted:
-            servers["sft"] = VLLMServer(vllm_python, hf_sft, log=logs / "sft.log", max_model_len=LLM_TOOLS_CONTEXT,
-                                        extra_args=LLM_TOOLS_ARGS)
-            servers["sft"].launch()
+        (root / "hf_sft.done").touch()
         yield Shared(Models(base, sft, hf_base, hf_sft, logs), servers, synth_runs)
     finally:
         for server in servers.values():

@@ -1,7 +1,7 @@
 """The in-process vLLM runs that test_vllm_synthesize.py checks: tools/synthesize.py --backend vllm, run by
 .venv-vllm's python. conftest.py starts them as soon as the base model exists, so that they run while the servers
-start and the other tests use them (the engine computes on one thread: the box's second core is free then);
-test_vllm_synthesize.py waits for them.
+start and while the other tests wait for the servers (each engine computes on one thread); test_vllm_synthesize.py
+waits for them.
 
     runs = SynthRuns(vllm_python, base_run, corpus, out).start()
     result = runs.wait()         # Result: exit codes, logs, what the killed run left
@@ -99,8 +99,9 @@ class SynthRuns:
 
     def _launch(self, argvs: list, log: Path, **env) -> subprocess.Popen:
         """DRIVER over argvs in a fresh vLLM-venv interpreter (a process group of its own), output to log."""
-        env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+        # One OpenMP thread: a second only spins on this model (vllm_server.py's docstring has the numbers).
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
         env.pop("TRITON_INTERPRET", None)  # tests/conftest.py's, for our kernels; not vLLM's business
         with open(log, "wb") as f:
             proc = subprocess.Popen([str(self.python), "-c", DRIVER, str(REPO / "tools" / "synthesize.py"),

