@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; installed before the project so `torch>=2.6` does not pull a CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make test` runs on two pytest-xdist workers: a test file (and tests/vllm_engine/ as a whole) stays on one
+# (tests/conftest.py). Two keep 2 cores busy; `make test TEST_WORKERS=0` runs everything in this one process.
+TEST_WORKERS ?= 2
 # vLLM's CPU build in a venv of its own (it pins its own transformers): tests/vllm_engine/ starts its OpenAI server from
 # here as a subprocess. Its torch pin is the same CPU build as TORCH_SPEC. The wheels it pulls for
 # torchvision/torchaudio/torchcodec are not built for the CPU torch and fail to import: removed (text models
@@ -56,7 +59,7 @@ demo: venv
 VLLM_TESTS ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),vllm-venv,)
 
 test: venv $(VLLM_TESTS)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo_out sft_out entigraph_out runs/sbp .pytest_cache
