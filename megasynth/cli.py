@@ -273,7 +273,7 @@ LLM_UNIT_DOCS = 256  # megasynth.synth.llm.runner_units.DEFAULT_UNIT_DOCS, here 
 
 def add_llm_worker_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """add_worker_arguments' flags for an LLM pipeline (its --work-dir is add_source_arguments'), and --unit-docs:
-    a unit is a slice of documents. Read them back with llm_workers_from_args."""
+    a unit is a slice of documents. Read them back with parse_llm_pipeline_args."""
     g = add_worker_arguments(parser, default_work_dir=None)
     g.add_argument("--unit-docs", type=int, default=LLM_UNIT_DOCS, metavar="N", help="with --worker/--publish: a "
                    f"work unit is a slice of N source documents in input order (default {LLM_UNIT_DOCS}); part of "
@@ -282,21 +282,29 @@ def add_llm_worker_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
     return g
 
 
-def llm_workers_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
-    """The megasynth.synth.llm.runner_units.WorkerRun of add_llm_worker_arguments' flags, or None for the
-    single-process run; a bad flag is a command-line error (exit 2)."""
+def parse_llm_pipeline_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                            *more_inputs: str) -> tuple[argparse.Namespace, Any]:
+    """An LLM pipeline tool's arguments and the megasynth.synth.llm.runner_units.WorkerRun of its
+    add_llm_worker_arguments' flags (None: the single-process run), with its paths checked before the work dir is
+    touched: --output-prefix and --work-dir are outputs, add_source_arguments' inputs and `more_inputs` (more input
+    flags, e.g. "--target-tokens-of") inputs. A bad flag is a command-line error (exit 2)."""
+    args = parser.parse_args(argv)
+    inputs = {flag: getattr(args, flag[2:].replace("-", "_"))
+              for flag in ("--input", "--input-tokenizer", "--tokenizer", *more_inputs)}
     try:
         mode = worker_mode(args)
     except ValueError as e:
         parser.error(str(e))
-    if mode is None:
-        return None
-    if args.unit_docs < 1:
+    if mode is not None and args.unit_docs < 1:
         parser.error(f"--unit-docs must be >= 1, got {args.unit_docs}")
+    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix), "--work-dir": directory(args.work_dir)},
+                  inputs)
+    if mode is None:
+        return args, None
     from megasynth.synth.llm.runner_units import WorkerRun  # noqa: PLC0415 - the library is not loaded for --help
 
-    return WorkerRun(*mode, unit_docs=args.unit_docs,
-                     log=None if args.no_progress else lambda line: print(line, file=sys.stderr))
+    return args, WorkerRun(*mode, unit_docs=args.unit_docs,
+                           log=None if args.no_progress else lambda line: print(line, file=sys.stderr))
 
 
 def _missing_total(missing: dict) -> int:

@@ -50,8 +50,8 @@ import argparse
 import sys
 
 from megasynth.cli import (
-    ToolParser, add_llm_worker_arguments, add_outcome_arguments, add_source_arguments, check_outputs, directory,
-    llm_workers_from_args, prefix, run_llm_pipeline,
+    ToolParser, add_llm_worker_arguments, add_outcome_arguments, add_source_arguments, parse_llm_pipeline_args,
+    run_llm_pipeline,
 )
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
 
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from megasynth.synth.entigraph import EntiGraphConfig, run_entigraph
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    workers = llm_workers_from_args(parser, args)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),  # before the work dir is touched
-                           "--work-dir": directory(args.work_dir)},
-                  {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer})
+    args, workers = parse_llm_pipeline_args(parser, argv)
     if args.max_pairs_per_doc is not None and args.max_pairs_per_doc < 0 or args.max_triples_per_doc < 0:
         parser.error("--max-pairs-per-doc and --max-triples-per-doc must be >= 0")
     if args.max_entities is not None and args.max_entities < 1:

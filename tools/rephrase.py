@@ -36,8 +36,8 @@ import json
 import sys
 
 from megasynth.cli import (
-    ToolParser, add_llm_worker_arguments, add_outcome_arguments, add_source_arguments, check_outputs, directory,
-    llm_workers_from_args, prefix, run_llm_pipeline,
+    ToolParser, add_llm_worker_arguments, add_outcome_arguments, add_source_arguments, parse_llm_pipeline_args,
+    run_llm_pipeline,
 )
 from megasynth.data.prefix import sidecar_path
 from megasynth.synth.llm import add_llm_arguments, settings_from_args
@@ -80,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from megasynth.synth.rephrase import RephraseConfig, run_rephrase
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    workers = llm_workers_from_args(parser, args)
-    check_outputs(parser, {"--output-prefix": prefix(args.output_prefix),  # before the work dir is touched
-                           "--work-dir": directory(args.work_dir)},
-                  {"--input": args.input, "--input-tokenizer": args.input_tokenizer, "--tokenizer": args.tokenizer,
-                   "--target-tokens-of": args.target_tokens_of})
+    args, workers = parse_llm_pipeline_args(parser, argv, "--target-tokens-of")
     styles = [s.strip() for s in args.styles.split(",") if s.strip()]
     try:
         llm = settings_from_args(args)
