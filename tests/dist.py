@@ -28,6 +28,7 @@ makes its process the same way.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -80,6 +81,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, init_group:
     import torch.distributed as dist  # noqa: PLC0415
 
     torch.set_num_threads(1)
+    succeeded = False
     try:
         if init_group:
             # A collective waiting on a dead peer gives up after the run's own timeout (the parent stops it anyway).
@@ -88,10 +90,17 @@ def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, init_group:
         # Pickled here, by value: torch would otherwise share tensors through file descriptors that die with
         # this process before the parent reads them.
         results.put((rank, "ok", pickle.dumps(fn(*args, **kwargs))))
+        succeeded = True
     except BaseException:  # noqa: BLE001 (anything, including SystemExit, is reported to the parent)
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            if succeeded:
+                # Leave together: rank 0 hosts the rendezvous store and each rank holds gloo connections, so a rank
+                # that returns at once (a refusal made before any collective) and exits could cut off a peer still
+                # setting up ("Connection closed by peer", seen once under load). Its report is already sent.
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             dist.destroy_process_group()
 
 
