@@ -27,7 +27,11 @@ _SKIP_PARTS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if not _SKIP_PARTS.intersection(p.relative_to(root).parts))
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _SKIP_PARTS]  # not entered: site-packages can be huge
+        found += (Path(folder) / name for name in names if name.endswith(".py"))
+    return sorted(found)
 
 
 def iter_stdlib_documents(min_chars: int = 200) -> Iterator[tuple[str, str]]:
