@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_server import REPO, START_TIMEOUT
+from vllm_server import REPO, START_TIMEOUT, kill_session
 
 from megasynth.synth.sbp.shards import FAULT_ENV
 
@@ -143,22 +142,14 @@ class SynthRuns:
         try:
             return proc.wait(timeout=max(0.0, started + limit - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            kill_session(proc)
             return f"timed out: killed {limit:.0f} s after its start"
 
     def stop(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
-                _kill(proc)
+                kill_session(proc)
         self._seen.touch()  # the watcher's wait has ended: nothing else waits for it
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def _read(log: Path) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from synth.openai_server import Fault, OpenAIServer
 from vllm_models import TEXTS
-from vllm_server import MODEL_NAME, REPO
+from vllm_server import MODEL_NAME, REPO, kill_session
 
 from megasynth.io import read_jsonl
 
@@ -67,17 +66,9 @@ class ToolRun:
         try:
             code = self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill(self.proc)
+            kill_session(self.proc)
             code = f"killed after {TOOL_TIMEOUT} s"
         return code, (self.dir / "stderr.txt").read_text(errors="replace")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def start_tool(name: str, argv: list, work: Path) -> ToolRun:
@@ -137,7 +128,7 @@ def tool_runs(api, vllm_models, tmp_path_factory):
         finally:
             for run in runs.values():
                 if run.proc.poll() is None:
-                    _kill(run.proc)
+                    kill_session(run.proc)
 
 
 def provenance(prefix: Path) -> list[dict]:

@@ -66,6 +66,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in its own session, with everything it started, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server --model HF_DIR` on 127.0.0.1 and a free port."""
 
