@@ -1,8 +1,11 @@
-"""Corpus access for every synthetic-data stage: source documents (JSONL or a prefix), a prefix with its
-tokenizer, document bodies without their EOD, the pair separator id and Parquet tables of document indices.
+"""Corpus access for every synthetic-data stage: source documents, a prefix with its tokenizer, document bodies,
+the pair separator id and Parquet tables of document indices.
 
     docs = read_source_documents("quality/articles.jsonl")   # or a prefix; [SourceDoc(index, id, title, text)]
-    PrefixCorpus("data/real").text(i, max_tokens=512)        # document i decoded with its sidecar's tokenizer
+    corpus = PrefixCorpus("data/real")                        # the prefix and the tokenizer its sidecar names
+    corpus.text(i, max_tokens=512)                            # document i decoded, without a leading BOS and its EOD
+    starts, bodies = document_bodies(ds, eod_id)              # where each document starts, its length without EOD
+    cols = read_index_columns("PAIRS.parquet", {"seed": (n, "data/real"), "target": (n, "data/real")})
 
 Input formats and the tokenizer check: docs/synth.md, "Source documents"."""
 

@@ -1,7 +1,11 @@
 """Write generated texts as a synthetic prefix: PREFIX.bin/.idx/.json plus PREFIX.provenance.parquet.
 
-    sidecar = write_synthetic_prefix("data/eg", tokenizer, (SyntheticDoc(text, {"step": "pair"}) for ...),
-                                     columns={"step": pa.string()}, generator="entigraph", late_metadata=...)
+    docs = (SyntheticDoc(text, {"source_id": "b1", "step": "pair", "entities": ["A", "B"]}) for ...)
+    sidecar = write_synthetic_prefix("data/entigraph", tokenizer, docs,
+                                     columns={"source_id": pa.string(), "step": pa.string(),
+                                              "entities": pa.list_(pa.string())},
+                                     generator="entigraph", late_metadata=lambda: {"synthetic": {...}},
+                                     overwrite=False)
 
 Order, the table, the sidecar and the commit point: docs/synth.md, "The synthetic prefix"."""
 

@@ -1,8 +1,11 @@
-"""The work directory of a resumable pipeline (EntiGraph, rephrase, embedding, synthesis): a locked directory
-with a manifest of the settings that decide its records, and durable record logs (RecordLog).
+"""The work directory of a resumable pipeline (EntiGraph, rephrase, embedding, synthesis): a manifest and logs.
 
     with WorkDir.open(path, pipeline="entigraph", settings={...}) as wd:   # locks it; checks the manifest
-        done = load_finished(wd.log("relations.jsonl"))                    # {key: Finished} of earlier runs
+        log = wd.log("relations.jsonl")
+        for offset, record in log.load(): ...        # every finished request of earlier runs, torn tail dropped
+        log.append({"key": ..., "ok": True, ...})    # one line, flushed and fsynced before it returns
+        done = load_finished(log)                    # {key: Finished}; done[key].pending(retry_failed)
+        log.read_at(offset)                          # one record back, by the offset load() gave
 
 Guarantees (durable records, torn lines, the manifest, the lock, request keys): docs/synth.md, "The work directory"."""
 

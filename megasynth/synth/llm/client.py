@@ -5,7 +5,8 @@ bounded repairs, an append-only ledger, and a budget.
     settings = LLMSettings(base_url="http://localhost:8000/v1", model="Qwen/Qwen3-8B", concurrency=32)
     # a fleet: base_url="http://gpu1:8000/v1,http://gpu2:8000/v1" (concurrency per server)
     async with LLMClient(settings, ledger_path="W/ledger.jsonl") as client:
-        r = await client.chat("doc7/entities", [{"role": "user", "content": prompt}], schema=ENTITIES)  # never raises
+        r = await client.chat("doc7/entities", [{"role": "user", "content": prompt}], schema=ENTITIES)
+        r.ok, r.text, r.parsed, r.usage, r.attempts, r.error      # never raises for a failed request
         r = await client.complete("seed12", "Once upon a time", max_tokens=256)   # base models (/v1/completions)
         async with client.batch(on_result, progress="label") as batch: await batch.submit(LLMRequest(...))
 

@@ -1,5 +1,10 @@
-"""JSON replies from an LLM: the JSON found in a reply's text (extract_json), checked against a small schema
-(check_schema) or a callable (check_reply), and the request for schema-constrained JSON (response_format).
+"""JSON replies from an LLM: find the JSON in the text, check it against a small schema or a callable.
+
+    value = extract_json('Sure! ```json\n{"entities": ["a", "b"]}\n``` Hope that helps.')   # {"entities": [...]}
+    check_schema(value, {"type": "object", "required": ["entities"],
+                         "properties": {"entities": {"type": "array", "items": {"type": "string"}, "minItems": 1}}})
+    parsed, error = check_reply(text, schema=..., validate=...)   # error: None, or what a repair request says
+    response_format(schema)   # {"type": "json_schema", ...}: asks a server for schema-constrained JSON
 
 The schema language (a subset of JSON Schema; unknown keywords are an error): docs/synth.md, "JSON replies";
 structured output: "Structured output"."""

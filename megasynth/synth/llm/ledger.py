@@ -1,9 +1,11 @@
-"""The LLM ledger: one JSONL line per finished request (written durably by a thread of its own), and the running
-totals (requests, tokens, cost) over the whole file, earlier runs included.
+"""The LLM ledger: one JSONL line per finished request, and the running totals (requests, tokens, cost).
 
     ledger = Ledger("W/ledger.jsonl", price_in_per_m=2.5, price_out_per_m=10.0)
-    await ledger.record_durable({"key": "doc1/entities", "outcome": "ok", "prompt_tokens": 812, ...})
-    ledger.summary(); ledger.progress_text(); ledger.close()
+    await ledger.record_durable({"key": "doc1/entities", "model": "m", "outcome": "ok", "attempts": 1,
+                                 "prompt_tokens": 812, "completion_tokens": 95, "latency_s": 1.2, "error": None})
+    ledger.summary()        # {"requests": 1, "ok": 1, "failed": {}, "prompt_tokens": 812, ..., "cost_usd": ...}
+    ledger.progress_text()  # "1 requests (1 ok, 0 failed), 812 in / 95 out tokens, $0.0030"
+    ledger.close()          # writes what is queued, fsyncs, stops the writer thread
 
 Durability, resumption and each line's fields: docs/synth.md, "The ledger"."""
 

@@ -1,5 +1,12 @@
-"""Rate limits and retry timing for the LLM client: token buckets, Retry-After, backoff with full jitter, and
-which failures are transient."""
+"""Rate limits and retry timing for the LLM client: token buckets, Retry-After, backoff with full jitter.
+
+    bucket = TokenBucket(per_minute=600)        # requests/min (or tokens/min with n = estimated tokens)
+    await bucket.acquire(1)                     # waits until the bucket allows it
+    bucket.adjust(+120)                         # give back what an estimate overcounted (or charge more)
+    parse_retry_after("2")  -> 2.0;  parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") -> seconds from now
+    backoff_delay(attempt=3, base=1.0, cap=60.0, rng=random.Random())   # uniform in [0, min(cap, 1 * 2**2)]
+    is_transient("http_503") -> True; is_transient("invalid_json") -> False   # a failure worth asking again
+"""
 
 from __future__ import annotations
 

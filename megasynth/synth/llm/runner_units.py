@@ -4,12 +4,15 @@ issue 21): the tools' --worker I/N, --publish and --no-publish.
     out = EntiGraph(cfg).run(WorkerRun(Worker.parse("1/3")))              # make units; publish if the last
     out = EntiGraph(cfg).run(WorkerRun(Worker(), publish="only"))          # publish, or name the missing units
 
-A unit is a slice of `unit_docs` source documents in input order. Making one is a run of the method over them with
-the unit's own record logs and ledger in its scratch directory, so a worker killed mid-unit loses no finished
-request. It is published under a single run's rule (every item has a record and none failed, or `allow_partial`);
-otherwise (a budget stop, failed items) it stays unpublished with its scratch, and the worker goes on. Each unit
-may spend budget / units. Publishing loads every unit's records as one run's and writes the output exactly as a
-single run does (docs/synth.md, "Workers").
+A unit is a slice of `unit_docs` source documents in input order (known from the input and that setting alone).
+Making one is a run of the method over its documents with the unit's own record logs and ledger, kept in the
+unit's scratch directory, so a worker killed mid-unit loses no finished request: the next worker to take the unit
+resumes it and asks only for what has no record. The unit is published (its logs and ledger copied into it, the
+ledger's summary in its record) under the rule a single run publishes by: every item has a record and none failed,
+or `allow_partial`. Otherwise (a budget stop, failed items) it stays unpublished with its scratch, and the worker
+goes on with other units. Budgets are split evenly over the units: each unit's ledger may spend budget / units.
+Publishing loads every unit's records as one run's and writes the output exactly as a single run does, from the
+records, in the method's order (docs/synth.md, "Workers").
 """
 
 from __future__ import annotations

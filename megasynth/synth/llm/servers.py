@@ -1,6 +1,12 @@
 """The servers an LLMClient sends to: one API root, or a fleet of them (several `vllm serve` processes of the same
 model, no load balancer). Each request takes a slot on the healthy server with the fewest in flight; a server
 that fails transiently SERVER_FAILURES_IN_ROW times in a row is out of rotation for a cool-down, then probed.
+
+    pool = ServerPool(urls, concurrency=16, cooldown_s=30.0, make_apis=lambda url: [...], scrub=client.scrub)
+    server = await pool.acquire(avoid=last_failed)      # waits for a slot; prefers healthy, unpaused servers
+    try: ... server.api() ... pool.succeeded(server) / pool.failed(server, attempt_failed)
+    finally: pool.release(server)
+
 The policy (what is retried where, what survives what): docs/synth.md, "Several servers"."""
 
 from __future__ import annotations

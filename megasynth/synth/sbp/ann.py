@@ -7,7 +7,6 @@ The kinds and how recall picks nprobe / efSearch: docs/sbp.md, "How each stage w
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -185,9 +184,7 @@ def measure_recall(index, info: dict, emb: np.ndarray, k: int, options: IndexOpt
         recall = recall_at_k(search_ids(index, emb, rows, k, options.chunk), exact_ids)
     else:
         name, fixed, ceiling = param
-        start = 8 if kind == "ivf" else max(16, k)  # then doubled while below the ceiling, then the ceiling
-        candidates = [fixed] if fixed else [*itertools.takewhile(lambda v: v < ceiling,
-                                                                 (start << i for i in itertools.count())), ceiling]
+        candidates = [fixed] if fixed else _powers_from(8 if kind == "ivf" else max(16, k), ceiling)
         for value in candidates:
             if kind == "ivf":
                 index.nprobe = value  # CPU IVF indexes and the GPU ones index_cpu_to_gpu returns both have it
@@ -202,3 +199,13 @@ def measure_recall(index, info: dict, emb: np.ndarray, k: int, options: IndexOpt
         info[f"{name}_tuned"] = not fixed
     return {"k": k, "queries": int(rows.size), "recall": round(float(recall), 6), "seed": options.seed,
             "reference": "exact inner product over all rows (numpy float32)"}
+
+
+def _powers_from(start: int, ceiling: int) -> list[int]:
+    """start, 2 * start, 4 * start, ... while below `ceiling`, then `ceiling`."""
+    values, v = [], start
+    while v < ceiling:
+        values.append(v)
+        v *= 2
+    values.append(ceiling)
+    return values

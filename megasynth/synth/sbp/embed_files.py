@@ -1,6 +1,10 @@
-"""The embeddings files of SBP stage 1: EMB.npy (float16 [documents, dim], unit rows, row i = document i) and its
-sidecar EMB.json. load_embeddings() maps EMB.npy read-only after checking the pair; check_against_prefix() ties the
-rows to a prefix. The format: docs/sbp.md, "File formats"."""
+"""The embeddings files of SBP stage 1: EMB.npy (float16 [documents, dim], unit rows) and its sidecar EMB.json.
+
+    emb, meta = load_embeddings("runs/emb")      # emb: read-only np.memmap, meta: the EMB.json dict
+    emb[i]                                       # document i's unit vector (float16)
+    check_against_prefix(meta, "data/train", n_rows=emb.shape[0])   # the prefix the rows belong to
+
+The format: docs/sbp.md, "File formats"."""
 
 from __future__ import annotations
 

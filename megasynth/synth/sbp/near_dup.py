@@ -1,5 +1,10 @@
-"""Near-duplicate tests on token sequences: hashed token n-grams, exact Jaccard, MinHash signatures (datasketch's
-affine32 scheme, computed in bulk) and their LSH.
+"""Near-duplicate tests on token sequences: hashed token n-grams, exact Jaccard, MinHash signatures, LSH.
+
+    a, b = ngram_hashes(tokens_a, n=5), ngram_hashes(tokens_b, n=5)
+    jaccard(a, b)                                   # exact Jaccard of the two n-gram sets
+    sig = minhash_signatures([tokens_a, tokens_b])  # [2, 128] uint32, datasketch's affine32 MinHash
+    minhash_jaccard(sig[0], sig[1])                 # its estimate of the same Jaccard
+    near_duplicate_pairs(sig, threshold=0.8)        # [(i, j), ...] i < j, found with datasketch's MinHashLSH
 
 The hashing and MinHash scheme: docs/sbp.md, "How each stage works"."""
 

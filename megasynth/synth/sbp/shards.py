@@ -1,6 +1,10 @@
-"""Shard files of a synthesis run (megasynth.synth.sbp.synthesize): one .npz per shard in the run's work directory
-(ShardStore: has, write, read). What a shard holds, atomicity and the fault points: docs/sbp.md, "How each stage
-works"."""
+"""Shard files of a synthesis run (megasynth.synth.sbp.synthesize): one .npz per shard in the run's work directory.
+
+    store = ShardStore(work_dir)
+    if not store.has(k): store.write(k, shard)
+    shard = store.read(k)
+
+What a shard holds, atomicity and the fault points: docs/sbp.md, "How each stage works"."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
-"""The vLLM backend of megasynth.synth.sbp.synthesize: a `vllm.LLM` engine in this process samples each shard
-(VLLMSampler, called as LocalSampler is) over the checkpoint exported into the work directory (export_for_vllm).
+"""The vLLM backend of megasynth.synth.sbp.synthesize: a `vllm.LLM` engine in this process samples each shard.
+
+    export_dir = export_for_vllm(step_dir, meta_sha256, tokenizer, work_dir, torch.bfloat16)   # once, reused
+    sampler = VLLMSampler(export_dir, eod_id, sampling, VLLMSettings(), dtype=torch.bfloat16, max_model_len=2048)
+    sampled = sampler(prompts, samples)       # as LocalSampler: per prompt (ids without EOD, stopped at EOD)
+    sampler.close()
 
 vLLM is imported only here and only when this backend is asked for (it is a large optional dependency; its CPU
 build lives in a venv of its own, `make vllm-venv`). What it promises and what it does not (per-request seeds,
