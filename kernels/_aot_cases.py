@@ -13,9 +13,6 @@ from .attention_core import max_seqlen_of
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_ARCHS = (80, 89, 90)
 QUICK_ARCHS = (80, 90)
-# The attention kernels' config tables have their own sm_86/89 entries (99 KB of shared memory), so the quick
-# matrix checks sm_89 for them too; the other kernels' configs do not depend on the architecture's limits.
-QUICK_ATTENTION_ARCHS = (80, 89, 90)
 
 
 def _backward(outputs) -> None:
@@ -91,13 +88,6 @@ def _flash_attention(dtype: str, head_dim: int, varlen: bool, causal: bool, dete
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
-def _attention_points(quick: bool):
-    """(dtype, head_dim, varlen, causal) points of the matrix."""
-    if quick:
-        return [(d, hd, v, c) for hd in (64, 128, 256) for d, v, c in (("bf16", True, True), ("fp16", False, False))]
-    return [(d, hd, v, c) for d in DTYPES for hd in (64, 128, 256) for v in (False, True) for c in (True, False)]
-
-
 def cases(quick: bool = False) -> list[Case]:
     archs = QUICK_ARCHS if quick else FULL_ARCHS
     out: list[Case] = []
@@ -107,8 +97,13 @@ def cases(quick: bool = False) -> list[Case]:
     out += [Case("swiglu", (("dtype", d),), partial(_swiglu, d), archs) for d in DTYPES]
     vocabs = [("bf16", 32768), ("fp16", 1000)] if quick else [(d, v) for d in DTYPES for v in (1000, 32768, 128256)]
     out += [Case("linear_cross_entropy", (("dtype", d), ("vocab", v)), partial(_linear_ce, d, v), archs) for d, v in vocabs]
-    points = _attention_points(quick)
-    archs = QUICK_ATTENTION_ARCHS if quick else FULL_ARCHS
+    if quick:  # the attention matrix: (dtype, head_dim, varlen, causal) points
+        points = [(d, hd, v, c) for hd in (64, 128, 256) for d, v, c in (("bf16", True, True), ("fp16", False, False))]
+    else:
+        points = [(d, hd, v, c) for d in DTYPES for hd in (64, 128, 256) for v in (False, True) for c in (True, False)]
+    # The attention kernels' config tables have their own sm_86/89 entries (99 KB of shared memory), so even the
+    # quick matrix checks sm_89 for them; the other kernels' configs do not depend on the architecture's limits.
+    archs = FULL_ARCHS
     # The pre-pass has no causal axis: one case per (dtype, head_dim, layout).
     for d, hd, v in dict.fromkeys((d, hd, v) for d, hd, v, _ in points):
         params = (("dtype", d), ("head_dim", hd), ("layout", "varlen" if v else "batched"))

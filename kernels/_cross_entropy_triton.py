@@ -86,8 +86,8 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
     """hidden [N, H], weight [V, H], targets [N] -> fp32 mean CE over targets != ignore_index (0 if none).
 
     A target outside [0, V) that is not ignore_index makes the loss NaN (checking on the host would cost a sync).
-    chunk_rows defaults to chunk_rows_for(N, V, chunk_budget(device)); tests pass small values. Under autocast:
-    docs/kernels.md."""
+    chunk_rows defaults to chunk_rows_for(N, V, CUDA_CHUNK_ELEMENTS, or CPU_CHUNK_ELEMENTS under the interpreter);
+    tests pass small values. Under autocast: docs/kernels.md."""
     check_linear_ce_inputs(hidden, weight, targets)
     # contiguous: the kernel reads one id per row at unit stride
     return fused_linear_cross_entropy(_loss_and_grads, hidden, weight, targets.contiguous(), ignore_index, chunk_rows)

@@ -39,5 +39,4 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         if not triton_available():
             raise RuntimeError("MEGASYNTH_KERNELS=triton but triton is not importable")
         return True
-    present = [t for t in tensors if t is not None]
-    return triton_available() and all(t.is_cuda and not _is_dtensor(t) for t in present)
+    return triton_available() and all(t.is_cuda and not _is_dtensor(t) for t in tensors if t is not None)

@@ -9,9 +9,7 @@ import triton.language as tl
 
 from ._launch import launch, target_arch
 from ._layout import TokenLayout
-from .qknorm_rope import check_inputs
-
-_NAME = "qknorm_rope"
+from .qknorm_rope import _NAME, check_inputs
 
 # (tokens per program, elements per head-chunk step, num_warps), forward then backward, on every architecture;
 # under the interpreter 4 tokens and at most 2 heads per step. Why these: docs/kernels.md.

@@ -28,21 +28,24 @@ from ._launch import Launch
 
 
 # -- the stub driver ------------------------------------------------------------------------------------------------
-def _stub_driver_class():
-    from triton.backends.driver import DriverBase  # noqa: PLC0415 - triton only when compiling
+@contextlib.contextmanager
+def stub_driver(arch: int) -> Iterator[None]:
+    """Make Triton compile for `GPUTarget("cuda", arch, 32)` inside the block; restores the previous driver."""
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415 - triton only when compiling
+    from triton.backends.driver import DriverBase  # noqa: PLC0415
+    from triton.runtime import driver  # noqa: PLC0415
+
+    target = GPUTarget("cuda", arch, 32)
 
     class StubDriver(DriverBase):
         """Answers the few questions Triton's JIT asks before compiling; launching is impossible."""
-
-        def __init__(self, target):
-            self.target = target
 
         @classmethod
         def is_active(cls):
             return True
 
         def get_current_target(self):
-            return self.target
+            return target
 
         def get_active_torch_device(self):
             return torch.device("cpu")
@@ -50,7 +53,7 @@ def _stub_driver_class():
         def get_current_device(self):
             # JITFunction caches its binder (which holds the target) per device id: one id per architecture keeps
             # sm_80 and sm_90 compiles apart in one process.
-            return self.target.arch
+            return target.arch
 
         def get_current_stream(self, device=None):
             return 0
@@ -61,17 +64,8 @@ def _stub_driver_class():
         def map_python_to_cpp_type(self, ty):
             return ty
 
-    return StubDriver
-
-
-@contextlib.contextmanager
-def stub_driver(arch: int) -> Iterator[None]:
-    """Make Triton compile for `GPUTarget("cuda", arch, 32)` inside the block; restores the previous driver."""
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.runtime import driver  # noqa: PLC0415
-
     previous = driver._active  # None until first use; reading .active would try to open a real GPU
-    driver.set_active(_stub_driver_class()(GPUTarget("cuda", arch, 32)))
+    driver.set_active(StubDriver())
     try:
         yield
     finally:

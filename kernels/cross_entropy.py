@@ -27,11 +27,6 @@ def chunk_rows_for(n_rows: int, vocab: int, max_elements: int) -> int:
     return max(1, min(n_rows, max_elements // max(vocab, 1)))
 
 
-def chunk_budget(device: torch.device) -> int:
-    """Logits elements per chunk: the GPU budget on CUDA (or when planning launches for a GPU), the CPU one else."""
-    return CUDA_CHUNK_ELEMENTS if target_arch(device) is not None else CPU_CHUNK_ELEMENTS
-
-
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -108,10 +103,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(loss_and_grads, hidden, weight, targets, ignore_index: int, chunk_rows: int | None):
-    """The chunked implementations' common entry: chunk_rows defaults to chunk_rows_for(N, V, chunk_budget(device));
+    """The chunked implementations' common entry: chunk_rows defaults to chunk_rows_for(N, V, the device's budget);
     with gradients enabled both gradients are computed in this call and kept (N x H + V x H) until backward."""
     if chunk_rows is None:
-        chunk_rows = chunk_rows_for(hidden.shape[0], weight.shape[0], chunk_budget(hidden.device))
+        # The GPU budget on CUDA (or when planning launches for a GPU), the CPU one else.
+        budget = CUDA_CHUNK_ELEMENTS if target_arch(hidden.device) is not None else CPU_CHUNK_ELEMENTS
+        chunk_rows = chunk_rows_for(hidden.shape[0], weight.shape[0], budget)
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     if not torch.is_grad_enabled():

@@ -118,13 +118,10 @@ class ChatTemplate:
         except (TypeError, KeyError, AttributeError) as e:
             raise ConversationError(f"the chat template failed on this conversation ({type(e).__name__}: {e})") from e
 
-    def prompt(self, messages: list[dict]) -> str:
-        """The text a model continues to answer `messages` (the generation prompt included)."""
-        return self.render(messages, add_generation_prompt=True)
-
     def user_prompt(self, text: str) -> str:
-        """prompt() of a conversation of one user message: how generate.py --chat and eval.py --chat ask."""
-        return self.prompt([{"role": "user", "content": text}])
+        """The text a model continues to answer one user message (the generation prompt included): how
+        generate.py --chat and eval.py --chat ask."""
+        return self.render([{"role": "user", "content": text}], add_generation_prompt=True)
 
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """Alternating (text, is_target) pieces whose concatenation is render(messages); the targets are the

@@ -202,12 +202,11 @@ def _dcp_load(state: dict, path: Path, into: str) -> None:
 # ----------------------------------------------------------------------------------------------- saving
 
 
-def _write_run_files(tmp: Path, cfg: Config | None, meta: dict, files: dict) -> None:
+def _write_run_files(tmp: Path, cfg: Config, meta: dict, files: dict) -> None:
     """config.toml, then meta.json (with every file's checksum, marked complete) into the temp directory."""
-    if cfg is not None:
-        save_config(cfg, tmp / "config.toml")
-        size, digest = file_checksum(tmp / "config.toml")  # rank 0 alone: not checksum_files, a collective
-        files = {**files, "config.toml": {"bytes": size, ALGORITHM: digest}}
+    save_config(cfg, tmp / "config.toml")
+    size, digest = file_checksum(tmp / "config.toml")  # rank 0 alone: not checksum_files, a collective
+    files = {**files, "config.toml": {"bytes": size, ALGORITHM: digest}}
     record = {**meta, "checksum": ALGORITHM, "files": dict(sorted(files.items())), "complete": True}
     atomic_write_text(tmp / "meta.json", json.dumps(record, indent=2) + "\n")
 
@@ -262,7 +261,7 @@ def _describe_failure(final: Path, error: BaseException, needed: int) -> str:
     return f"cannot save checkpoint {final}: {cause.strerror or cause}{where}{space}; its temp directory was removed"
 
 
-def _publish(state: dict, final: Path, cfg: Config | None, meta: dict) -> Path:
+def _publish(state: dict, final: Path, cfg: Config, meta: dict) -> Path:
     """DCP-save `state` into a temp directory beside `final`, checksum its files, then (rank 0) add the run
     files and rename it to `final`. Every rank calls this; when the save fails (an OSError such as ENOSPC or
     EFBIG anywhere) every rank raises CheckpointSaveError with rank 0's one-line description, after rank 0
@@ -333,20 +332,15 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, step: int, *, model: tor
     state = {"model": model_sd, "optim": optim_sd, **{name: json.dumps(parts.get(name)) for name in JSON_PARTS}}
     final = _publish(state, Path(checkpoints_dir) / step_dir_name(step), cfg, {**meta, "step": step})
     if _rank() == 0:
-        prune_checkpoints(checkpoints_dir, keep_last, keep=final)
+        # Prune: keep the newest `keep_last` complete checkpoints (0 keeps all) and the one just saved (so the
+        # newest verified one survives even when newer-numbered damaged ones exist); remove stale temp dirs.
+        older = list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []
+        for _, path in older:
+            if path != final:
+                remove_dir(path)
+        remove_stale_saves(checkpoints_dir)
     barrier()
     return final
-
-
-def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep_last: int, keep: Path | None = None) -> list[Path]:
-    """Keep the newest `keep_last` complete checkpoints (0 keeps all) and `keep` (the checkpoint just saved, so
-    the newest verified one survives even when newer-numbered damaged ones exist); remove stale temp dirs."""
-    root = Path(checkpoints_dir)
-    older = list_checkpoints(root)[:-keep_last] if keep_last > 0 else []
-    removed = [path for _, path in older if keep is None or path != Path(keep)]
-    for path in removed:
-        remove_dir(path)
-    return removed + remove_stale_saves(root)
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -43,7 +43,7 @@ _FLOAT_TYPES: set[Callable[[str], float]] = set()
 
 
 def float_range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-                high_open: bool = False, name: str | None = None) -> Callable[[str], float]:
+                high_open: bool = False) -> Callable[[str], float]:
     """An argparse `type=` that accepts finite numbers within the bounds (None: unbounded on that side; `*_open`
     excludes the bound itself) and refuses anything else, nan and inf included, naming what was expected."""
     if low is None and high is None:
@@ -65,16 +65,14 @@ def float_range(low: float | None = None, high: float | None = None, *, low_open
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
-    parse.__name__ = name or "float_range"
-    parse.expected = expected
     _FLOAT_TYPES.add(parse)
     return parse
 
 
-finite_float = float_range(name="finite_float")
-positive_float = float_range(0.0, low_open=True, name="positive_float")
-nonnegative_float = float_range(0.0, name="nonnegative_float")
-unit_float = float_range(0.0, 1.0, name="unit_float")
+finite_float = float_range()
+positive_float = float_range(0.0, low_open=True)
+nonnegative_float = float_range(0.0)
+unit_float = float_range(0.0, 1.0)
 
 
 def is_float_type(fn: Any) -> bool:
@@ -197,8 +195,8 @@ def existing_outputs(spec: PathSpec) -> list[str]:
     return [os.path.basename(shown) for shown, _, _ in _entries(spec, output=True) if os.path.lexists(shown)]
 
 
-def output_refusal(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *, overwrite: bool | None = None,
-                   overwrite_flag: str = "--overwrite") -> str | None:
+def output_refusal(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *,
+                   overwrite: bool | None = None) -> str | None:
     """overlap_refusal, then (unless `overwrite` is None: the tool checks existence itself, e.g. to resume)
     an existing output without `overwrite`."""
     refusal = overlap_refusal(outputs, inputs)
@@ -208,8 +206,7 @@ def output_refusal(outputs: Mapping[str, Any], inputs: Mapping[str, Any], *, ove
         for spec in _specs(value):
             found = existing_outputs(spec)
             if found:
-                return (f"{_label(flag, spec.path)}: already exists ({', '.join(found)}); pass {overwrite_flag} "
-                        "to replace it")
+                return f"{_label(flag, spec.path)}: already exists ({', '.join(found)}); pass --overwrite to replace it"
     return None
 
 
@@ -268,7 +265,7 @@ def add_outcome_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
 
 
-LLM_UNIT_DOCS = 256  # megasynth.synth.llm.runner_units.DEFAULT_UNIT_DOCS, here so that --help loads no library
+LLM_UNIT_DOCS = 256  # default of megasynth.synth.llm.runner_units.WorkerRun.unit_docs; here so --help loads no library
 
 
 def add_llm_worker_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -225,7 +225,7 @@ def describe_config(cfg: Config | None = None) -> str:
 
 def config_from_dict(table: dict, source: str = "") -> Config:
     try:
-        cfg = build(Config, table, renamed=RENAMED_VALUES)
+        cfg = build(Config, table, "", RENAMED_VALUES)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}" if source else str(e)) from None
     # Range and cross-field checks that a type check cannot make: the first problem, naming the key.

@@ -141,10 +141,9 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown key '{key}'{hint}; known keys here: {', '.join(known)}")
 
 
-def build(cls: type, table: dict, prefix: str = "", renamed: dict | None = None) -> Any:
+def build(cls: type, table: dict, prefix: str, renamed: dict) -> Any:
     """The dataclass `cls` from a TOML table, every value type-checked; ConfigError names the first bad key.
     renamed: {dotted key: {old value: new value}} for values read under an old name (one warning each)."""
-    renamed = renamed or {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in table:

@@ -37,10 +37,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -139,13 +135,22 @@ def rank0_first(info: DistInfo, fn):
     return fn() if info.rank != 0 else result
 
 
-def share_refusal(refusal: BaseException | None, *, distributed: bool, error_type: type[Exception]) -> None:
-    """Rank 0's refusal (or None) to every rank, so that all stop together with its one line instead of waiting
-    for rank 0 in a collective: rank 0 raises `refusal` itself, the others `error_type(its message)`. With
+def on_rank0(make, *, main: bool, distributed: bool, error_type: type[Exception],
+             catch: tuple[type[Exception], ...], convert: bool = False):
+    """make() on rank 0 (`main`; None on the other ranks). Its refusal (an exception of a `catch` type) reaches
+    every rank, so that all stop together with its one line instead of waiting for rank 0 in a collective: rank 0
+    raises the refusal itself (`convert`: error_type(its message)), the others error_type(its message). With
     `distributed` it is also a barrier (every rank must call it)."""
+    made, refusal = None, None
+    if main:
+        try:
+            made = make()
+        except catch as e:
+            refusal = error_type(str(e)) if convert else e
     if distributed:
         message = broadcast_object(None if refusal is None else str(refusal))
         if refusal is None and message is not None:
             refusal = error_type(message)
     if refusal is not None:
         raise refusal
+    return made

@@ -19,6 +19,7 @@ from megasynth.chat import ChatTemplateError, load_chat_template
 from megasynth.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from megasynth.io import atomic_files, atomic_write_json, owned_names
 from megasynth.model import Transformer, build_model, resolved_dims
+from megasynth.tokenizer import HF_FILE, SP_FILE, TOKENIZER_FILES, load_tokenizer
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -30,8 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # such as a chat_template.jinja, would shadow what the export wrote). Anything else (a README, a model card) is
 # left alone.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-                SAFETENSORS_INDEX, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "tokenizer.vocab", "chat_template.jinja")
+                SAFETENSORS_INDEX, *TOKENIZER_FILES)
 # What import_hf_checkpoint owns: a weights-only checkpoint (megasynth.checkpoint: DCP shards and .metadata,
 # config.toml, meta.json with every file's checksum, published last) and its tokenizer/ directory.
 IMPORT_FILES = ("meta.json", "config.toml", ".metadata", "*.distcp", "tokenizer")
@@ -309,7 +309,7 @@ def export_hf(model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, to
         atomic_write_json(tmp / "generation_config.json", generation)
         if tokenizer is not None:
             tokenizer.save(tmp)
-            _clear_length_limits(tmp / "tokenizer.json")
+            _clear_length_limits(tmp / HF_FILE)
     return out
 
 
@@ -366,13 +366,12 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     prefix (megasynth.io.atomic_files, meta.json last); existing IMPORT_FILES there are refused (FileExistsError)
     unless `overwrite`, which replaces them all and leaves every other file alone."""
     from megasynth.checkpoint import save_model_checkpoint  # noqa: PLC0415
-    from megasynth.tokenizer import load_tokenizer  # noqa: PLC0415
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     _refuse_existing(out, IMPORT_FILES, overwrite)
     model, cfg = import_hf(hf_dir, dtype)
     tokenizer, warning = None, None
-    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():
+    if (hf_dir / HF_FILE).is_file() or (hf_dir / SP_FILE).is_file():
         try:
             tokenizer = load_tokenizer(hf_dir)
         except ValueError as e:

@@ -80,9 +80,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
-    """JSON (UTF-8, not ASCII-escaped) with a trailing newline."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (UTF-8, not ASCII-escaped, indented by 2) with a trailing newline."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -90,11 +90,11 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(inp, out, 1 << 20)
 
 
-def file_sha256(path: str | os.PathLike, block_size: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in blocks (the one helper every sidecar and manifest checksum uses)."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks (the one helper every sidecar and manifest checksum uses)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(block_size):
+        while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
 
@@ -116,13 +116,13 @@ def _fsync_tree(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, token: str | None = None, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temp directory beside `final`; on a clean exit fsync its files and rename it to `final`
     (an existing `final` is an error unless `replace`, which removes it just before the rename). On an
-    exception the temp directory is removed. `token` names the temp directory deterministically."""
+    exception the temp directory is removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(final, token)
+    tmp = temp_path_beside(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -248,10 +248,10 @@ def truncate_torn_tail(path: str | os.PathLike) -> int:
     return size - keep
 
 
-def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_object: bool = True,
+def read_jsonl(path: str | os.PathLike, *, require_object: bool = True,
                text: str | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line number, parsed value) for each line of a JSONL file. A line that is not JSON (or
-    not an object, with `require_object`) raises JsonlError naming FILE:LINE and what was expected. `text`
+    """Yield (1-based line number, parsed value) for each non-blank line of a JSONL file. A line that is not JSON
+    (or not an object, with `require_object`) raises JsonlError naming FILE:LINE and what was expected. `text`
     parses that string instead of reading `path` (which then only names the source in errors)."""
     source = str(path)
     if text is not None:
@@ -260,14 +260,14 @@ def read_jsonl(path: str | os.PathLike, *, skip_blank: bool = True, require_obje
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        yield from _parse_lines(source, enumerate(lines, 1), skip_blank, require_object)
+        yield from _parse_lines(source, enumerate(lines, 1), require_object)
         return
     try:
         f = open(path, "rb")  # bytes, decoded per line, so a bad byte is reported on its own line
     except OSError as e:
         raise JsonlError(f"{source}: cannot read ({e.strerror or e})") from None
     with f:
-        yield from _parse_lines(source, _decoded_lines(source, f), skip_blank, require_object)
+        yield from _parse_lines(source, _decoded_lines(source, f), require_object)
 
 
 def _decoded_lines(source: str, f) -> Iterator[tuple[int, str]]:
@@ -278,9 +278,9 @@ def _decoded_lines(source: str, f) -> Iterator[tuple[int, str]]:
             raise JsonlError(f"{source}:{line_no}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _parse_lines(source: str, numbered_lines, skip_blank: bool, require_object: bool) -> Iterator[tuple[int, Any]]:
+def _parse_lines(source: str, numbered_lines, require_object: bool) -> Iterator[tuple[int, Any]]:
     for line_no, line in numbered_lines:
-        if skip_blank and not line.strip():
+        if not line.strip():
             continue
         try:
             obj = json.loads(line)

@@ -75,9 +75,8 @@ class RepetitionRow:
     """How many times the source is read: horizon_tokens / unique_tokens."""
 
 
-def normalise_weights(weights: Sequence[float], names: Sequence[str] | None = None) -> list[float]:
+def normalise_weights(weights: Sequence[float], names: Sequence[str]) -> list[float]:
     """Weights / their sum; every weight must be finite and >= 0 and at least one > 0 (errors name the source)."""
-    names = list(names) if names is not None else [f"source {i}" for i in range(len(weights))]
     if not weights:
         raise MixtureError("a mixture needs at least one source")
     for name, w in zip(names, weights):
@@ -89,17 +88,9 @@ def normalise_weights(weights: Sequence[float], names: Sequence[str] | None = No
     return [w / total for w in weights]
 
 
-def repetition_epochs(horizon_tokens: float, share: float, unique_tokens: float) -> float:
-    """epochs = horizon x share / unique tokens (0 when the source is not drawn from)."""
-    if share == 0:
-        return 0.0
-    if unique_tokens <= 0:
-        raise MixtureError("a source drawn from must hold at least one token")
-    return horizon_tokens * share / unique_tokens
-
-
 def repetition_rows(sources: Sequence[MixtureSource], horizon_tokens: float) -> list[RepetitionRow]:
-    """One row per source: share, tokens contributed over the horizon, epochs."""
+    """One row per source: share, tokens contributed over the horizon, epochs = horizon x share / unique tokens
+    (0 when the source is not drawn from)."""
     if horizon_tokens < 0 or not math.isfinite(horizon_tokens):
         raise MixtureError(f"the horizon must be a finite number of tokens >= 0, got {horizon_tokens!r}")
     shares = normalise_weights([s.weight for s in sources], [s.name for s in sources])
@@ -108,8 +99,8 @@ def repetition_rows(sources: Sequence[MixtureSource], horizon_tokens: float) -> 
         if s.unique_tokens <= 0 and share > 0:
             raise MixtureError(f"{s.name}: holds {s.unique_tokens} tokens but has weight {s.weight}; "
                                "it cannot be drawn from")
-        rows.append(RepetitionRow(s.name, int(s.unique_tokens), share, horizon_tokens * share,
-                                  repetition_epochs(horizon_tokens, share, s.unique_tokens)))
+        epochs = horizon_tokens * share / s.unique_tokens if share > 0 else 0.0
+        rows.append(RepetitionRow(s.name, int(s.unique_tokens), share, horizon_tokens * share, epochs))
     return rows
 
 

@@ -89,7 +89,6 @@ class Attention(nn.Module):
         # QK-norm: one weight of size head_dim shared by all heads (Qwen3), applied before RoPE.
         self.q_norm = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.eps = cfg.norm_eps
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -105,7 +104,7 @@ class Attention(nn.Module):
         bsz, seq, packed = q.shape[0], q.shape[1], inputs.cu_seqlens is not None
         q, k, v, cos, sin = (t.flatten(0, 1) if packed else t for t in (q, k, v, inputs.cos, inputs.sin))
         out = qknorm_rope_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, cos, sin,
-                                    cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen, eps=self.eps,
+                                    cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen, eps=self.q_norm.eps,
                                     core=self.core)
         return out.view(bsz, seq, *out.shape[1:]) if packed else out
 
@@ -192,11 +191,8 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, std, generator=gen)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.embed_tokens.weight.numel()
-        return n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -330,19 +326,18 @@ def _compiled(fn):
 _compile_once = functools.cache(torch.compile)
 
 
-def document_block_mask(doc_ids: torch.Tensor, *, compiled: bool | None = None) -> BlockMask:
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     """[B, S] segment ids -> FlexAttention BlockMask: query i sees key j iff j <= i and both lie in the same
     document (torchtitan's document mask). Block-sparse: whole blocks across documents are skipped.
 
-    compiled (default: on CUDA) builds it with the compiled create_block_mask, which never materialises the dense
-    mask; eager (CPU tests) does, transiently, inside create_block_mask."""
+    On CUDA it is built with the compiled create_block_mask, which never materialises the dense mask; eager (CPU
+    tests) does, transiently, inside create_block_mask."""
     bsz, seq = doc_ids.shape
 
     def document_causal(b, h, q_idx, kv_idx):
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
-    compiled = doc_ids.is_cuda if compiled is None else compiled
-    make = _compiled(create_block_mask) if compiled else create_block_mask
+    make = _compiled(create_block_mask) if doc_ids.is_cuda else create_block_mask
     return make(document_causal, bsz, None, seq, seq, device=doc_ids.device)
 
 

@@ -183,10 +183,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
     try:
         log = MetricsLogger(run_dir, rank=info.rank, log_cfg=cfg.log, total_steps=t.steps,
                             config=config_to_dict(cfg))
-        try:
-            accumulation_steps(t.global_batch_size, t.micro_batch_size, info.dp_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        accumulation_steps(t.global_batch_size, t.micro_batch_size, info.dp_size)  # its ValueError names the keys
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "index_cache"
         rank0_first(info, lambda: check_vocabulary(cfg, cache_dir))  # rank 0 first: it may cache largest ids
         if info.is_main:  # the run directory is locked: no save of ours is in flight
@@ -241,8 +238,7 @@ def _train(cfg: Config, info: DistInfo) -> int:
         log.info(line)
     if dataset.max_repetition(horizon) > cfg.data.max_repetition:
         log.info(f"warning: a source repeats more than data.max_repetition={cfg.data.max_repetition} times")
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"model: {n_params / 1e6:.2f}M parameters | dp={info.dp_size} tp={info.tp_size} | "
+    log.info(f"model: {model.num_params() / 1e6:.2f}M parameters | dp={info.dp_size} tp={info.tp_size} | "
              f"{loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step | {device}")
 
     tokens_per_step = t.global_batch_size * cfg.data.seq_len

@@ -15,7 +15,7 @@ from pathlib import Path
 from megasynth import checkpoint
 from megasynth.config import Config, load_config
 from megasynth.data.loader import data_sources
-from megasynth.distributed import DistInfo, share_refusal
+from megasynth.distributed import DistInfo, on_rank0
 from megasynth.io import atomic_dir, fsync_dir
 from megasynth.run_lock import RunDirBusy, RunLock, acquire_run_lock
 from megasynth.tokenizer import load_tokenizer
@@ -49,14 +49,8 @@ def lock_run_dir(run_dir: Path, info: DistInfo) -> RunLock | None:
     """Rank 0 takes the run directory's lock (see megasynth/run_lock.py) and tells every rank whether it got
     it, so that all ranks stop together (SetupError, the same message) instead of waiting for rank 0 in a
     collective. Returns the lock on rank 0, None elsewhere."""
-    lock, refusal = None, None
-    if info.is_main:
-        try:
-            lock = acquire_run_lock(run_dir)
-        except (RunDirBusy, OSError) as e:
-            refusal = SetupError(str(e))
-    share_refusal(refusal, distributed=info.distributed, error_type=SetupError)
-    return lock
+    return on_rank0(lambda: acquire_run_lock(run_dir), main=info.is_main, distributed=info.world_size > 1,
+                    error_type=SetupError, catch=(RunDirBusy, OSError), convert=True)
 
 
 def check_vocabulary(cfg: Config, cache_dir: Path) -> None:

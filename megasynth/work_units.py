@@ -27,7 +27,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,10 +115,6 @@ class WorkUnits:
         self._write_or_check_manifest()
 
     # -- manifest ------------------------------------------------------------------------------------------------
-    def _manifest(self) -> dict:
-        return {"stage": self.stage, "num_units": self.num_units, "settings_sha256": self.settings_sha256,
-                "settings": self.settings}
-
     def _write_or_check_manifest(self) -> None:
         """The first worker writes it, by link() so that of two writers one wins whole; the others compare."""
         for sub in ("units", "locks", "events"):
@@ -125,7 +122,8 @@ class WorkUnits:
         mpath = self.path / MANIFEST
         if not mpath.exists():
             tmp = temp_path_beside(mpath)
-            atomic_write_json(tmp, self._manifest())
+            atomic_write_json(tmp, {"stage": self.stage, "num_units": self.num_units,
+                                    "settings_sha256": self.settings_sha256, "settings": self.settings})
             try:
                 os.link(tmp, mpath)
                 fsync_dir(self.path)
@@ -196,8 +194,11 @@ class WorkUnits:
             raise WorkUnitsError(f"{self.path}: {len(missing)} of {self.num_units} units not done yet (units {shown}); "
                                  "run workers until they are (any number, any order), then publish")
 
-    def published(self) -> dict | None:
-        """What the publish step recorded (its output and counts), or None before it ran."""
+    def published(self, output_file: str | os.PathLike | None = None) -> dict | None:
+        """What the publish step recorded (its output and counts), or None before it ran, or once `output_file` (a
+        file it wrote) is gone: then the output is to be published again."""
+        if output_file is not None and not Path(output_file).is_file():
+            return None
         try:
             return json.loads((self.path / PUBLISHED).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -229,27 +230,21 @@ class UnitDeferred(Exception):
 class WorkerReport:
     made: list[int] = field(default_factory=list)
     """Units this worker made and published."""
-    already_done: int = 0
     busy: list[int] = field(default_factory=list)
     """Units another live worker held when we came to them (not done when we looked)."""
     deferred: dict[int, UnitDeferred] = field(default_factory=dict)
     """Units make_unit deferred, with why."""
-    seconds: float = 0.0
 
 
 def run_worker(units: WorkUnits, worker: Worker, make_unit: Callable[[int, Path], dict], *,
-               help_others: bool = True, progress: Callable[[str], None] | None = None) -> WorkerReport:
-    """Make and publish every unit not yet done that no live worker holds: own units first, then (with
-    `help_others`) the rest. `make_unit(k, tmp)` writes the unit's files into the empty directory `tmp` and
-    returns its counts (JSON), kept in the unit's record."""
-    report, started = WorkerReport(), time.monotonic()
+               progress: Callable[[str], None] | None = None) -> WorkerReport:
+    """Make and publish every unit not yet done that no live worker holds: own units first, then the rest.
+    `make_unit(k, tmp)` writes the unit's files into the empty directory `tmp` and returns its counts (JSON), kept
+    in the unit's record."""
+    report = WorkerReport()
     events = units.path / "events" / f"{socket.gethostname()}.{os.getpid()}.jsonl"
-    order = worker.order(units.num_units)
-    if not help_others:
-        order = [k for k in order if k % worker.count == worker.index]
-    for k in order:
+    for k in worker.order(units.num_units):
         if units.done(k):
-            report.already_done += 1
             continue
         try:
             lock = acquire_path_lock(units.path / "locks" / f"u{k:06d}", tool=f"a {units.stage} worker",
@@ -259,7 +254,6 @@ def run_worker(units: WorkUnits, worker: Worker, make_unit: Callable[[int, Path]
             continue
         try:
             if units.done(k):  # published between our look and our lock
-                report.already_done += 1
                 continue
             units._remove_temps(k)
             t0 = time.monotonic()
@@ -284,7 +278,6 @@ def run_worker(units: WorkUnits, worker: Worker, make_unit: Callable[[int, Path]
                 progress(f"unit {k} published ({len(report.made)} by this worker)")
         finally:
             lock.release(remove=False)  # the lock file stays: removing it could let two workers hold "the" lock
-    report.seconds = time.monotonic() - started
     return report
 
 
@@ -303,15 +296,27 @@ def make_then_check(units: WorkUnits, worker: Worker, make_unit, publish: str, o
     return True
 
 
-def publisher_lock(output: str | os.PathLike, *, tool: str, flag: str, publish: str):
-    """The output's lock for its one publisher (the last workers may all find every unit done at once), or None
-    when another process holds it and this call may leave publishing to it; for publish="only", RunDirBusy."""
+@contextmanager
+def publishing(units: WorkUnits, output: str | os.PathLike, output_file: str | os.PathLike, *, tool: str, flag: str,
+               publish: str) -> Iterator[str]:
+    """The publish step of a worker that found every unit done (make_then_check). Yields "publish" while this call
+    holds the output's lock for its one publisher (the last workers may all find every unit done at once; released
+    after): publish, then mark_published; "busy" when another process holds it and this call may leave publishing
+    to it (for publish="only", RunDirBusy); "done" when another worker published while we looked
+    (units.published(output_file); not for publish="only", which publishes again)."""
     try:
-        return acquire_path_lock(output, tool=tool, flag=flag)
+        lock = acquire_path_lock(output, tool=tool, flag=flag)
     except RunDirBusy:
         if publish == "only":
             raise
-        return None
+        lock = None
+    if lock is None:  # not inside the except: the caller's errors must not chain to RunDirBusy
+        yield "busy"
+        return
+    try:
+        yield "done" if publish != "only" and units.published(output_file) is not None else "publish"
+    finally:
+        lock.release(remove=True)
 
 
 def published_counts(events_dir: str | os.PathLike) -> dict[int, int]:

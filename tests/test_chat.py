@@ -80,7 +80,7 @@ def test_builtin_template_without_one_in_the_tokenizer(tok_dir):
     template = load_chat_template(load_tokenizer(tok_dir))
     assert template.name == BUILTIN_NAME and template.builtin
     assert template.end_of_turn == IM_END and template.end_of_turn_id == load_tokenizer(tok_dir).encode(IM_END)[0]
-    assert template.prompt([{"role": "user", "content": "Hi"}]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert template.user_prompt("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)

@@ -280,7 +280,7 @@ def test_flex_document_block_mask_matches_the_dense_mask():
     FlexAttention): the BlockMask's mask_mod is exactly the dense document-causal mask, and flex attention under
     it (GQA through enable_gqa) equals float64 dense-mask attention."""
     bsz, seq = DOCS.shape
-    block_mask = document_block_mask(DOCS, compiled=False)
+    block_mask = document_block_mask(DOCS)
     assert isinstance(block_mask, BlockMask) and block_mask.shape == (bsz, 1, seq, seq)
     dense = create_mask(block_mask.mask_mod, bsz, 1, seq, seq, device="cpu")
     assert torch.equal(dense, _document_causal_mask_ref(DOCS))

@@ -150,10 +150,9 @@ def source_identity(indexed: IndexedDataset) -> dict:
 
 
 def blend_fingerprint(identities: Sequence[dict], weights: Sequence[float], *, seq_len: int, seed: int,
-                      packings: Sequence[str] | None = None) -> str:
+                      packings: Sequence[str]) -> str:
     """sha256 over the sources' identities (in order), normalised weights, packing modes, seq_len and seed; no
     paths, so a moved dataset keeps its fingerprint."""
-    packings = packings or ["concat"] * len(identities)
     # 12 significant digits: "0.3 a 0.7 b" and "3 a 7 b" normalise to the same blend. The packing mode enters
     # only when it is not the default, so the fingerprints of concatenated blends (and their checkpoints) stay.
     sources = [{**ident, "weight": f"{w:.12g}", **({"packing": p} if p != "concat" else {})}

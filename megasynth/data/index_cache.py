@@ -27,12 +27,6 @@ def index_key(header: str, documents: np.ndarray, lengths: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez through megasynth.io.atomic_open: readers see the old file or the whole new one."""
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def load_npz(path: Path, keys: Sequence[str], what: str) -> dict[str, np.ndarray] | None:
     """The named arrays of a cache file, or None (with a warning naming the file) when it is absent or
     unreadable. `what` names the cache in the warning ("sample-index", "pack-index", ...)."""
@@ -49,8 +43,9 @@ def load_npz(path: Path, keys: Sequence[str], what: str) -> dict[str, np.ndarray
 def cached_index(path: Path | None, keys: Sequence[str], what: str, fits, build, describe, *,
                  mismatch: str = "wrong shapes") -> tuple[dict[str, np.ndarray], bool]:
     """(the index arrays, whether they came from the cache): the file at `path` when it is readable and
-    fits(arrays), else build() (then saved at `path` with describe() as its "description"). No cache when path is
-    None. `mismatch` words the warning about a file that does not fit."""
+    fits(arrays), else build() (then saved at `path` with describe() as its "description", through
+    megasynth.io.atomic_open: readers see the old file or the whole new one). No cache when path is None.
+    `mismatch` words the warning about a file that does not fit."""
     index = load_npz(path, keys, what) if path is not None else None
     if index is not None and not fits(index):
         warnings.warn(f"{path}: {what} cache has {mismatch}; rebuilding it", stacklevel=3)
@@ -59,7 +54,8 @@ def cached_index(path: Path | None, keys: Sequence[str], what: str, fits, build,
         return index, True
     index = build()
     if path is not None:
-        save_npz(path, {**index, "description": np.array(describe())})
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **index, description=np.array(describe()))
     return index, False
 
 

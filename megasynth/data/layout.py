@@ -34,7 +34,7 @@ CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
 def smallest_token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id in [0, vocab_size) fits (vocab_size <= 65536), else int32 (Megatron's choice)."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+    if not is_count(vocab_size) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     if vocab_size > 2**31:
         raise ValueError(f"vocab_size {vocab_size} does not fit the format's largest id type int32")

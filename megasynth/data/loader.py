@@ -84,16 +84,15 @@ class _RankBatchSampler(torch.utils.data.Sampler):
                  dp_rank: int, dp_size: int):
         self.num_samples, self.consumed, self.g = num_samples, consumed, global_batch_size
         self.mb, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.accum = accumulation_steps(global_batch_size, micro_batch_size, dp_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        accum = accumulation_steps(self.g, self.mb, self.dp_size)
         for start in range(self.consumed, self.num_samples - self.g + 1, self.g):
-            for m in range(accum):
+            for m in range(self.accum):
                 yield list(sample_range(start, m, micro_batch_size=self.mb, dp_rank=self.dp_rank, dp_size=self.dp_size))
 
     def __len__(self) -> int:
-        accum = accumulation_steps(self.g, self.mb, self.dp_size)
-        return max(0, (self.num_samples - self.consumed) // self.g) * accum
+        return max(0, (self.num_samples - self.consumed) // self.g) * self.accum
 
 
 class DistributedBatchLoader:
@@ -113,11 +112,6 @@ class DistributedBatchLoader:
         self.num_workers = num_workers
         self.consumed = 0  # samples of the global batches already handed out (all ranks together)
         self._worker_iter = None
-
-    @property
-    def steps_available(self) -> int:
-        """Whole global batches left in the dataset from the current position."""
-        return max(0, (len(self.dataset) - self.consumed) // self.global_batch_size)
 
     def next_step(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch, on the loader's device; advances the position."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megasynth.data.layout import is_count
 from megasynth.data.prefix import max_id_cache_path
 from megasynth.io import atomic_write_json
 
@@ -43,8 +44,7 @@ def cached_max_token_id(prefix: str | os.PathLike, tokens: np.ndarray, *, idx_sh
         cached = None
     if isinstance(cached, dict) and {k: cached.get(k) for k in key} == key:
         value = cached.get("max_token_id")
-        if (isinstance(value, int) and not isinstance(value, bool) and -1 <= value <= np.iinfo(tokens.dtype).max
-                and (value == -1) == (tokens.size == 0)):
+        if is_count(value) and -1 <= value <= np.iinfo(tokens.dtype).max and (value == -1) == (tokens.size == 0):
             return value, True
     value = max_of_tokens(tokens)
     try:

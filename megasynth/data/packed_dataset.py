@@ -106,23 +106,18 @@ class PackedDataset:
     """num_samples packed windows of seq_len + 1 tokens over `dataset`'s examples, seeded and cached."""
 
     def __init__(self, dataset: IndexedDataset, *, seq_len: int, num_samples: int, seed: int,
-                 cache_dir: str | os.PathLike | None = None, documents: np.ndarray | None = None, name: str = "",
-                 pad_id: int | None = None):
+                 cache_dir: str | os.PathLike | None = None, name: str = ""):
         check_sample_args(f"PackedDataset {name!r}", seq_len, num_samples, seed)
         self.dataset, self.name = dataset, name
         self.seq_len, self.num_samples, self.seed = int(seq_len), int(num_samples), int(seed)
         capacity = self.seq_len + 1
-        docs = np.arange(len(dataset), dtype=np.int64) if documents is None else np.asarray(documents, np.int64)
-        if docs.size and (docs.min() < 0 or docs.max() >= len(dataset)):
-            raise ValueError(f"PackedDataset {name!r}: document ids must be in [0, {len(dataset)}) for {dataset.prefix}")
-        lengths = dataset.sequence_lengths[docs].astype(np.int64)
-        self.documents = docs[lengths > 0]  # empty examples hold nothing to pack
+        lengths = dataset.sequence_lengths.astype(np.int64)
+        self.documents = np.flatnonzero(lengths > 0).astype(np.int64)  # empty examples hold nothing to pack
         lengths = lengths[lengths > 0]
         if self.documents.size == 0:
             raise ValueError(f"PackedDataset {name!r}: the selected examples of {dataset.prefix} hold no tokens")
         self.has_loss_mask = dataset.has_loss_mask
-        meta = dataset.metadata or {}
-        self.pad_id = int(pad_id if pad_id is not None else meta.get("eod_id", 0) or 0)
+        self.pad_id = int((dataset.metadata or {}).get("eod_id", 0) or 0)
         # Per epoch: examples cut to the window, and the share of window tokens that are real.
         self.truncated = int((lengths > capacity).sum())
         self.truncated_tokens = int((lengths - capacity).clip(min=0).sum())

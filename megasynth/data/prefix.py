@@ -9,6 +9,8 @@ import os
 import uuid
 from pathlib import Path
 
+from megasynth.cli import overlap_refusal
+from megasynth.cli import prefix as prefix_spec
 from megasynth.faults import fault_point
 from megasynth.io import fsync_dir, temp_path_beside
 
@@ -59,20 +61,32 @@ def prefix_exists(prefix: str | os.PathLike) -> bool:
     return bin_path(prefix).is_file() and idx_path(prefix).is_file()
 
 
-def check_output_free(prefix: str | os.PathLike, *, overwrite: bool, flag: str = "--overwrite") -> None:
+def check_output_free(prefix: str | os.PathLike, *, overwrite: bool) -> None:
     """Raise OutputExistsError when any file of the prefix exists and `overwrite` is false."""
     found = [p for p in (bin_path(prefix), idx_path(prefix), sidecar_path(prefix), mask_path(prefix)) if p.exists()]
     if found and not overwrite:
         names = ", ".join(p.name for p in found)
-        raise OutputExistsError(f"{os.fspath(prefix)}: the output prefix exists ({names}); pass {flag} to replace it")
+        raise OutputExistsError(f"{os.fspath(prefix)}: the output prefix exists ({names}); pass --overwrite to "
+                                "replace it")
 
 
-def check_not_empty(prefix: str | os.PathLike, num_documents: int, *, allow_empty: bool,
-                    flag: str = "--allow-empty") -> None:
+def check_output_prefix(prefix: str | os.PathLike, inputs: dict, *, overwrite: bool, error: type[Exception]) -> None:
+    """`error` unless the output prefix is no directory and does not overlap `inputs` (megasynth.cli's one overlap
+    rule: {flag: path spec}); then check_output_free."""
+    prefix = os.fspath(prefix)
+    if Path(prefix).is_dir():
+        raise error(f"{prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
+    refusal = overlap_refusal({"": prefix_spec(prefix)}, inputs)
+    if refusal:
+        raise error(refusal)
+    check_output_free(prefix, overwrite=overwrite)
+
+
+def check_not_empty(prefix: str | os.PathLike, num_documents: int, *, allow_empty: bool) -> None:
     """Raise EmptyOutputError when the output would hold no documents and `allow_empty` is false."""
     if num_documents == 0 and not allow_empty:
-        raise EmptyOutputError(f"{os.fspath(prefix)}: the output would hold no documents; pass {flag} to write an "
-                               "empty prefix")
+        raise EmptyOutputError(f"{os.fspath(prefix)}: the output would hold no documents; pass --allow-empty to "
+                               "write an empty prefix")
 
 
 def temp_paths(prefix: str | os.PathLike, kinds) -> dict[str, Path]:

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megasynth.cli import check_outputs, file, overlap_refusal, refuse_without_output
+from megasynth.cli import check_outputs, file, refuse_without_output
 from megasynth.cli import prefix as prefix_spec
+from megasynth.data import prefix as prefix_files
 from megasynth.data.indexed import (IndexedDatasetError, IndexedDatasetWriter, PrefixOutputError, bin_path,
-    check_not_empty, check_output_free, idx_path, mask_path, sidecar_path, smallest_token_dtype)
+    check_not_empty, idx_path, mask_path, sidecar_path, smallest_token_dtype)
 from megasynth.data.readers import BadInputError, Chunk, InputError, InputReader, Parsed, ReaderOptions, parse_chunk
 from megasynth.procs import die_with_parent
 from megasynth.tokenizer import Tokenizer, TokenizerError, limit_tokenizer_threads, load_tokenizer
@@ -63,13 +64,13 @@ class ChunkEncoder:
     def worker_spec(self, tokenizer_path: str | os.PathLike) -> tuple:
         """(build, args), both picklable: a worker process rebuilds this encoder as build(*args). Other
         encoders (megasynth.data.sft) define their own, so encoded_chunks runs any of them."""
-        return _build_chunk_encoder, (os.fspath(tokenizer_path), self.options, self.add_bos, self.append_eod,
-                                      self.dtype.name)
+        return build_encoder, (ChunkEncoder, os.fspath(tokenizer_path), self.options, self.add_bos, self.append_eod,
+                               self.dtype.name)
 
 
-def _build_chunk_encoder(tokenizer_path: str, options: ReaderOptions, add_bos: bool, append_eod: bool,
-                         dtype: str) -> ChunkEncoder:
-    return ChunkEncoder(load_tokenizer(tokenizer_path), options, add_bos, append_eod, dtype)
+def build_encoder(cls, tokenizer_path: str, *args):
+    """cls(the tokenizer at tokenizer_path, *args): how a worker process rebuilds an encoder (its worker_spec)."""
+    return cls(load_tokenizer(tokenizer_path), *args)
 
 
 _worker_encoder = None  # the encoder of this worker process (a ChunkEncoder or another worker_spec's)
@@ -134,12 +135,8 @@ def check_output_prefix(prefix: str | os.PathLike, reader: InputReader, *, overw
         if existing == parent:
             raise InputError(f"{prefix}: the output directory {parent} is not a directory")
         raise InputError(f"{prefix}: cannot create the output directory {parent}: {existing} is not a directory")
-    if Path(prefix).is_dir():
-        raise InputError(f"{prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    refusal = overlap_refusal({"": prefix_spec(prefix)}, {"": [file(f.path) for f in reader.files]})
-    if refusal:  # megasynth.cli: the one overlap rule
-        raise InputError(refusal)
-    check_output_free(prefix, overwrite=overwrite)
+    prefix_files.check_output_prefix(prefix, {"": [file(f.path) for f in reader.files]}, overwrite=overwrite,
+                                     error=InputError)
     return missing
 
 
@@ -154,11 +151,12 @@ def remove_created_dirs(dirs: list[Path]) -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
-def prefix_metadata(tokenizer: Tokenizer, *, add_bos: bool, append_eod: bool) -> dict:
-    """The sidecar entries of a preprocessed prefix that the writer does not add (one home: the single-process run
-    and the publish step of workers, megasynth.data.preprocess_units, write the same sidecar)."""
+def prefix_metadata(tokenizer: Tokenizer, *, add_bos: bool, append_eod: bool,
+                    created_by: str = "preprocess_data") -> dict:
+    """The sidecar entries of a preprocessed prefix that the writer does not add (one home: the single-process run,
+    the publish step of workers, megasynth.data.preprocess_units, and preprocess_sft write the same keys)."""
     return {"tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
-            "append_eod": append_eod, "add_bos": add_bos, "created_by": "preprocess_data"}
+            "append_eod": append_eod, "add_bos": add_bos, "created_by": created_by}
 
 
 def open_run(inputs, output_prefix: str, tokenizer_path, options: ReaderOptions, *, add_bos: bool,
@@ -207,10 +205,9 @@ def preprocess(
     totals = write_encoded(output_prefix, reader, encoded_chunks(reader, encoder, tokenizer_path, workers), dtype=dtype,
                            metadata=metadata, missing_dirs=missing_dirs, progress=progress, desc="preprocess",
                            unit="docs", started=started, allow_empty=allow_empty)
-    stats = reader.stats
-    return {"documents": stats.documents, "tokens": totals["tokens"], "skipped_empty": stats.skipped_empty,
-            "skipped_bad": stats.skipped_bad, "bad_examples": stats.bad_examples, "input_bytes": reader.total_bytes,
-            "output_bytes": totals["output_bytes"], "seconds": time.perf_counter() - started}
+    return {**read_stats(reader.stats, totals["tokens"]), "bad_examples": reader.stats.bad_examples,
+            "input_bytes": reader.total_bytes, "output_bytes": totals["output_bytes"],
+            "seconds": time.perf_counter() - started}
 
 
 def write_encoded(output_prefix: str, reader: InputReader, results, *, dtype, metadata: dict, missing_dirs: list[Path],

@@ -24,7 +24,7 @@ from megasynth.data.merge import append_dataset
 from megasynth.data.preprocess import (check_output_prefix, open_run, prefix_metadata, preprocess, read_stats,
     remove_created_dirs)
 from megasynth.data.readers import InputReader, ReaderOptions
-from megasynth.work_units import Worker, WorkUnits, make_then_check, publisher_lock
+from megasynth.work_units import Worker, WorkUnits, make_then_check, publishing
 
 DEFAULT_UNIT_BYTES = 1 << 30
 PART = "part"  # the part prefix inside a unit directory
@@ -66,8 +66,8 @@ def preprocess_units(inputs: Sequence[str | os.PathLike], output_prefix: str | o
     units = WorkUnits(work_dir, stage="preprocess_data", settings=settings, num_units=len(groups),
                       create=publish != "only")
     out: dict = {"units": units.num_units, "made": [], "published": False}
-    done = units.published()
-    if done is not None and Path(f"{output_prefix}.idx").is_file() and not (publish == "only" and overwrite):
+    done = units.published(f"{output_prefix}.idx")
+    if done is not None and not (publish == "only" and overwrite):
         return {**out, **done["summary"], "already_published": True}
 
     def make_unit(k: int, tmp: Path) -> dict:
@@ -77,18 +77,13 @@ def preprocess_units(inputs: Sequence[str | os.PathLike], output_prefix: str | o
 
     if not make_then_check(units, worker, make_unit, publish, out, log=log):
         return out
-    lock = publisher_lock(output_prefix, tool="a preprocess_data publisher", flag="--output-prefix", publish=publish)
-    if lock is None:  # another worker is publishing
-        return out
-    try:
-        done = units.published()
-        if done is not None and publish != "only":  # another worker published while we looked
-            return {**out, **done["summary"], "already_published": True}
+    with publishing(units, output_prefix, f"{output_prefix}.idx", tool="a preprocess_data publisher",
+                    flag="--output-prefix", publish=publish) as turn:
+        if turn != "publish":  # another worker is publishing, or published while we looked
+            return out if turn == "busy" else {**out, **units.published()["summary"], "already_published": True}
         out.update(_publish(units, output_prefix, tokenizer, add_bos=add_bos, append_eod=append_eod, options=options,
                             reader=reader, overwrite=overwrite, allow_empty=allow_empty))
-    finally:
-        lock.release(remove=True)
-    units.mark_published(output_prefix, {k: v for k, v in out.items() if k not in ("made", "busy", "units")})
+        units.mark_published(output_prefix, {k: v for k, v in out.items() if k not in ("made", "busy", "units")})
     out["published"], out["seconds"] = True, time.perf_counter() - started
     return out
 
@@ -118,6 +113,5 @@ def _publish(units: WorkUnits, output_prefix: str, tokenizer, *, add_bos: bool, 
         raise
     output_bytes = sum(Path(f"{output_prefix}{suffix}").stat().st_size for suffix in (".bin", ".idx", ".json"))
     bad = [m for r in records for m in r["counts"]["bad_examples"]][:options.max_bad_shown]
-    return {"documents": stats.documents, "tokens": tokens, "skipped_empty": stats.skipped_empty,
-            "skipped_bad": stats.skipped_bad, "bad_examples": bad, "input_bytes": reader.total_bytes,
+    return {**read_stats(stats, tokens), "bad_examples": bad, "input_bytes": reader.total_bytes,
             "output_bytes": output_bytes}

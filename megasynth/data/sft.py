@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from megasynth.data.indexed import smallest_token_dtype
-from megasynth.data.preprocess import EncodedChunk, check_output_prefix, encoded_chunks, write_encoded
+from megasynth.data.preprocess import EncodedChunk, check_output_prefix, encoded_chunks, prefix_metadata, write_encoded
 from megasynth.data.readers import BadInputError, InputError, InputReader, ReaderOptions, parse_json_chunk
 from megasynth.data.sft_encode import ALPACA_JOIN, FORMAT_KEYS, FORMATS, SftEncoder, SftOptions, detect_format
 from megasynth.tokenizer import load_tokenizer
@@ -90,8 +90,7 @@ def preprocess_sft(
         sft["alpaca_join"] = ALPACA_JOIN
     if fmt == "pair":
         sft["pair_separator"] = {"text": encoder.separator, "id": encoder.sep_id}
-    metadata = {"tokenizer": tokenizer.identity(), "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
-                "append_eod": True, "add_bos": False, "created_by": "preprocess_sft", "sft": sft}
+    metadata = {**prefix_metadata(tokenizer, add_bos=False, append_eod=True, created_by="preprocess_sft"), "sft": sft}
     results = encoded_chunks(reader, encoder, tokenizer_path, workers)
     totals = write_encoded(output_prefix, reader, results, dtype=dtype, metadata=metadata, missing_dirs=missing_dirs,
                            progress=progress, desc="preprocess_sft", unit="records", started=started, loss_mask=True)

@@ -16,9 +16,9 @@ import numpy as np
 
 from megasynth.chat import (IM_END, IM_START, PAIR_SEPARATOR, ConversationError, check_messages, load_chat_template,
     special_token_id, text_start_ids)
-from megasynth.data.preprocess import EncodedChunk
+from megasynth.data.preprocess import EncodedChunk, build_encoder
 from megasynth.data.readers import BadInputError, Chunk, Parsed, RecordProblem, lone_surrogate, parse_json_chunk
-from megasynth.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from megasynth.tokenizer import Tokenizer, TokenizerError
 
 FORMATS = ("prompt_response", "alpaca", "chat", "pair")
 # The keys that identify each format (format "auto" looks for them in the first record, in this order).
@@ -145,7 +145,7 @@ class SftEncoder:
         self._boundary: dict[tuple, bool] = {}  # (left ids, right ids) -> the joint tokenization agrees
 
     def worker_spec(self, tokenizer_path: str | os.PathLike) -> tuple:
-        return _build_sft_encoder, (os.fspath(tokenizer_path), self.options, self.dtype.name)
+        return build_encoder, (SftEncoder, os.fspath(tokenizer_path), self.options, self.dtype.name)
 
     # -- records ------------------------------------------------------------------------------------------------
     def convert(self, obj: dict, line: str):
@@ -354,7 +354,3 @@ def separator_problem(tokenizer: Tokenizer, separator: str) -> str:
         return (f"{tokenizer.path}: the pair separator {separator!r} is this tokenizer's end-of-document token; "
                 "pass --separator TOKEN naming another single-id token (an existing special or reserved token)")
     return f"{tokenizer.path}: the pair separator {separator!r} is not one token of this tokenizer; {how}"
-
-
-def _build_sft_encoder(tokenizer_path: str, options: SftOptions, dtype: str) -> SftEncoder:
-    return SftEncoder(load_tokenizer(tokenizer_path), options, dtype)

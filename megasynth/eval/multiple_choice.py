@@ -52,17 +52,13 @@ def draw_fewshot(pool: Sequence, k: int, seed: int, index: int) -> list:
     return [pool[int(j)] for j in rng.choice(len(pool), size=k, replace=False)]
 
 
-def fewshot_prefix(shots: Sequence, options: PromptOptions) -> str:
-    rendered = (render(shot, options) for shot in shots)
-    return "".join(prompt + TARGET_DELIMITER + choices[gold] + FEWSHOT_DELIMITER for prompt, choices, gold in rendered)
-
-
 def context_text(example, options: PromptOptions, *, fewshot_pool=(), num_fewshot: int = 0, seed: int = 1234,
                  index: int = 0, template=None) -> tuple[str, list[str], int, str]:
     """(context text, choices, gold index, delimiter before a choice) of examples[index]; with a chat template
     (megasynth.chat.ChatTemplate) the context is the plain one as a user turn plus the generation prompt."""
     prompt, choices, gold = render(example, options)
-    text = fewshot_prefix(draw_fewshot(fewshot_pool, num_fewshot, seed, index), options) + prompt
+    shots = (render(shot, options) for shot in draw_fewshot(fewshot_pool, num_fewshot, seed, index))
+    text = "".join(p + TARGET_DELIMITER + c[g] + FEWSHOT_DELIMITER for p, c, g in shots) + prompt
     if template is None:
         return text, choices, gold, TARGET_DELIMITER
     return template.user_prompt(text), choices, gold, ""

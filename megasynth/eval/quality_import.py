@@ -122,13 +122,12 @@ def _json_short(value) -> str:
     return json.dumps(value, ensure_ascii=False)[:60]
 
 
-def _string(obj: dict, name: str, where: str = "", *, nonempty: bool = True) -> str:
+def _string(obj: dict, name: str, where: str = "") -> str:
     if name not in obj:
         raise RecordProblem(f"{where}{name}: missing (expected a string)")
     value = obj[name]
-    if not isinstance(value, str) or (nonempty and not value.strip()):
-        raise RecordProblem(f"{where}{name}: expected a {'non-empty ' if nonempty else ''}string, "
-                            f"got {_json_short(value)}")
+    if not isinstance(value, str) or not value.strip():
+        raise RecordProblem(f"{where}{name}: expected a non-empty string, got {_json_short(value)}")
     return value
 
 

@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from megasynth.chat import PAIR_SEPARATOR, special_token_id
-from megasynth.cli import overlap_refusal
-from megasynth.cli import prefix as cli_prefix
 from megasynth.data.indexed import IndexedDataset, idx_path
-from megasynth.data.prefix import check_output_free, sidecar_path
+from megasynth.data.prefix import sidecar_path
 from megasynth.data.readers import InputError
 from megasynth.data.sft_encode import separator_problem
 from megasynth.io import read_jsonl
@@ -111,17 +109,6 @@ def pair_separator_id(tokenizer: Tokenizer, separator: str | None = None) -> int
     if sep_id is None or sep_id == tokenizer.eod_id:
         raise TokenizerError(separator_problem(tokenizer, separator))
     return sep_id
-
-
-def check_output_prefix(output_prefix: str, inputs: dict, *, overwrite: bool, error: type[Exception]) -> None:
-    """`error` unless the output prefix is no directory, does not overlap `inputs` (megasynth.cli's one overlap
-    rule: {flag: path spec}) and is free (megasynth.data.prefix.check_output_free)."""
-    if Path(output_prefix).is_dir():
-        raise error(f"{output_prefix}: is a directory; --output-prefix names files PREFIX.bin/.idx/.json")
-    refusal = overlap_refusal({"": cli_prefix(output_prefix)}, inputs)
-    if refusal:
-        raise error(refusal)
-    check_output_free(output_prefix, overwrite=overwrite)
 
 
 # -- Parquet tables of document indices --------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from synth.openai_server import TEST_API_KEY_ENV
 from synth.quality_data import REPEATED_SENTENCE, build_corpus, encode, write_pairs, write_synthetic
 
 from megasynth.synth.corpus import CorpusError
+from megasynth.synth.sbp.ann import sample_indices
 from megasynth.synth.sbp.embed import default_model, load_model
-from megasynth.synth.sbp.quality import JUDGE_DEFAULTS, QualityError, QualitySettings, measure_quality, sample_indices
+from megasynth.synth.sbp.quality import JUDGE_DEFAULTS, QualityError, QualitySettings, measure_quality
 from megasynth.synth.sbp.quality_metrics import copy_score, near_duplicate_flags, repetition_score
 
 # Short texts keep the embedding cheap; the tests' documents are ~130-320 tokens.

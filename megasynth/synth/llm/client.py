@@ -16,7 +16,6 @@ docs/synth.md, "The LLM client"."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import random
@@ -132,12 +131,9 @@ class LLMClient:
         """Run every request; returns {key: result} (docs/synth.md, "Batches")."""
         results: dict[str, LLMResult] = {}
 
-        async def collect(request, result):
+        def collect(request, result):
             results[request.key] = result
-            if on_result is not None:
-                out = on_result(request, result)
-                if inspect.isawaitable(out):
-                    await out
+            return None if on_result is None else on_result(request, result)  # the batch awaits an awaitable
 
         async with self.batch(collect, progress=progress) as b:
             for request in requests:
@@ -176,9 +172,8 @@ class LLMClient:
         max_attempts = self.settings.max_attempts
         first_transient: float | None = None  # when the item's first transient failure came back
         avoid: Server | None = None  # the server of a transient failure, while another one can take the retry
-        while True:
-            if result.attempts - result.transient_failures - result.structured_rejected >= max_attempts:
-                break  # result.error / detail hold the last failure
+        # Past max_attempts requests that got a reply, result.error / detail hold the last failure.
+        while result.attempts - result.transient_failures - result.structured_rejected < max_attempts:
             try:
                 text, usage, finish = await self._attempt(kind, payload, sampling, schema, result, avoid)
             except BudgetExceeded:

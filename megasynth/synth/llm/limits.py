@@ -81,8 +81,6 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def retry_after_from_headers(headers) -> float | None:
     """Retry-After from a response's headers; OpenAI also sends retry-after-ms, which is more precise."""
-    if headers is None:
-        return None
     ms = headers.get("retry-after-ms")
     if ms is not None:
         try:

@@ -30,9 +30,8 @@ from megasynth.data.prefix import idx_path
 from megasynth.data.readers import InputError
 from megasynth.synth.llm.runner import LEDGER, LLMPipeline
 from megasynth.synth.workdir import RecordLog, WorkDir, refuse_overlapping_paths
-from megasynth.work_units import UnitDeferred, Worker, WorkUnits, WorkUnitsError, publisher_lock, run_worker
+from megasynth.work_units import UnitDeferred, Worker, WorkUnits, WorkUnitsError, publishing, run_worker
 
-DEFAULT_UNIT_DOCS = LLM_UNIT_DOCS
 PUBLISH_MODES = ("auto", "never", "only")
 
 
@@ -45,7 +44,7 @@ class WorkerRun:
     publish: str = "auto"
     """auto: publish once this worker finds every unit done; never: only make units; only: make none, publish or
     refuse naming the missing units."""
-    unit_docs: int = DEFAULT_UNIT_DOCS
+    unit_docs: int = LLM_UNIT_DOCS
     """Source documents per unit, in input order; part of the work directory's settings."""
     log: Callable[[str], None] | None = None
     """Where a line goes as each unit is published or left unpublished (None: nowhere)."""
@@ -129,7 +128,7 @@ def run_units(pipeline: LLMPipeline, run: WorkerRun) -> dict:
                       num_units=len(bounds), create=run.publish != "only")
     out: dict = {"units": units.num_units, "worker": str(run.worker), "publish": run.publish, "made": [], "busy": [],
                  "passed": {}}
-    if _published(units, cfg.output_prefix) and not (run.publish == "only" and cfg.overwrite):
+    if units.published(idx_path(cfg.output_prefix)) is not None and not (run.publish == "only" and cfg.overwrite):
         return {**out, "already_published": True}
     if run.publish != "only":
         check_output_free(cfg.output_prefix, overwrite=cfg.overwrite)  # before any request, as a single run
@@ -137,27 +136,19 @@ def run_units(pipeline: LLMPipeline, run: WorkerRun) -> dict:
         if run.publish == "never" or units.missing():
             return out
     units.refuse_missing()
-    lock = publisher_lock(cfg.output_prefix, tool=f"tools/{pipeline.name}.py", flag="--output-prefix",
-                          publish=run.publish)
-    if lock is None:  # another worker is publishing
-        return out
-    try:
-        if _published(units, cfg.output_prefix) and run.publish != "only":  # another worker published meanwhile
-            return {**out, "already_published": True}
+    with publishing(units, cfg.output_prefix, idx_path(cfg.output_prefix), tool=f"tools/{pipeline.name}.py",
+                    flag="--output-prefix", publish=run.publish) as turn:
+        if turn != "publish":  # another worker is publishing, or published while we looked
+            return out if turn == "busy" else {**out, "already_published": True}
         check_output_free(cfg.output_prefix, overwrite=cfg.overwrite)
         pipeline.docs, pipeline.label = docs, pipeline.name
         out.update(_publish(pipeline, units, manifest))
-    finally:
-        lock.release(remove=True)
-    out["published"] = out["sidecar"] is not None
-    if out["published"]:
-        units.mark_published(cfg.output_prefix, {"num_documents": out["sidecar"]["num_documents"],
-                                                 "num_tokens": out["sidecar"]["num_tokens"], "counts": out["counts"]})
+        out["published"] = out["sidecar"] is not None
+        if out["published"]:
+            units.mark_published(cfg.output_prefix, {"num_documents": out["sidecar"]["num_documents"],
+                                                     "num_tokens": out["sidecar"]["num_tokens"],
+                                                     "counts": out["counts"]})
     return out
-
-
-def _published(units: WorkUnits, output_prefix: str) -> bool:
-    return units.published() is not None and idx_path(output_prefix).is_file()
 
 
 def _make_units(pipeline: LLMPipeline, units: WorkUnits, manifest: dict, bounds: list[tuple[int, int]],
@@ -189,7 +180,6 @@ def _make_units(pipeline: LLMPipeline, units: WorkUnits, manifest: dict, bounds:
                 shutil.copyfile(scratch / name, tmp / name)
             else:
                 (tmp / name).touch()
-        out["made"].append(k)
         return {"documents": [first, stop], "items": len(chosen), "missing": missing, "llm": summary,
                 "budget": budget}
 
@@ -198,7 +188,7 @@ def _make_units(pipeline: LLMPipeline, units: WorkUnits, manifest: dict, bounds:
     if run.log is not None:
         for e in passed.values():
             run.log(f"unit {e.unit} left unpublished ({e.why}); its records are kept for the next worker")
-    out["busy"], out["budget"] = report.busy, budget
+    out["made"], out["busy"], out["budget"] = report.made, report.busy, budget
     out["passed_missing"] = {}
     for k, e in sorted(passed.items()):
         out["passed"].setdefault(e.why, []).append(k)

@@ -38,7 +38,6 @@ class Server:
     probing: bool = False  # its one probe request after the cool-down is in flight
     paused_until: float = 0.0  # a 429's Retry-After: no request starts here before then (monotonic)
     structured: bool = True  # False once it rejected response_format (structured_output "auto")
-    requests: int = 0  # requests sent here by this client
 
     def __post_init__(self):
         self.busy = [0] * len(self.apis)
@@ -120,7 +119,6 @@ class ServerPool:
                     self._waiters.remove(waiter)
                 raise
         server.in_flight += 1
-        server.requests += 1
         if server.out_until is not None:
             server.probing = True
         if self._waiters:

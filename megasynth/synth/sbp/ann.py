@@ -67,11 +67,16 @@ def _rows_f32(emb: np.ndarray, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(emb[start:stop], dtype=np.float32)
 
 
+def sample_indices(total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted int64 indices: all of range(total) when total <= n, else n drawn uniformly without replacement."""
+    if total <= n:
+        return np.arange(total, dtype=np.int64)
+    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
+
+
 def sample_rows(n: int, size: int, seed: int, salt: int) -> np.ndarray:
     """A sorted seeded sample of `size` distinct row numbers in [0, n) (salt separates the samples' streams)."""
-    rng = np.random.default_rng([seed, salt])
-    size = min(size, n)
-    return np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    return sample_indices(n, size, np.random.default_rng([seed, salt]))
 
 
 def build_index(emb: np.ndarray, options: IndexOptions, progress=None):

@@ -207,31 +207,30 @@ def embed_corpus(source, output: str | os.PathLike, options: EmbedOptions, *, mo
         settings = {"input": source.identity(), "num_documents": n, "batch_size": options.batch_size,
                     "shard_size": options.shard_size, "device_type": device.split(":")[0]}
         wdir = work_dir(output)
-        from megasynth.distributed import share_refusal  # noqa: PLC0415 - torch only past the argument checks
+        from megasynth.distributed import on_rank0  # noqa: PLC0415 - torch only past the argument checks
+
+        def open_work_dir() -> WorkDir:
+            opened = WorkDir.open(wdir, pipeline=PIPELINE, settings=settings, tool=TOOL)
+            try:
+                # Again under the lock: a run that published this output may have removed its work dir just now.
+                check_output(output, overwrite=overwrite)
+            except (EmbedError, OSError):
+                with opened:  # unlocked once a directory this open created is gone
+                    if opened.created:
+                        remove_dir(wdir)
+                raise
+            return opened
 
         # Rank 0 locks the work directory and writes or checks its manifest before anything else (refusing a
         # mismatched resume before paying for the model); the other ranks only read the manifest, after it.
-        refusal = None
-        if rank == 0:
-            try:
-                wd = WorkDir.open(wdir, pipeline=PIPELINE, settings=settings, tool=TOOL)
-                # Again under the lock: a run that published this output may have removed its work dir just now.
-                check_output(output, overwrite=overwrite)
-            except (EmbedError, WorkDirMismatch, RunDirBusy, OSError) as e:
-                if wd is not None and wd.created:
-                    remove_dir(wdir)
-                refusal = e
-        share_refusal(refusal, distributed=world > 1, error_type=EmbedError)
+        wd = on_rank0(open_work_dir, main=rank == 0, distributed=world > 1, error_type=EmbedError,
+                      catch=(EmbedError, WorkDirMismatch, RunDirBusy, OSError))
         if model is None:
             model = load_model(name, device)
         settings["model"] = {"name": name, "dim": embedding_dim(model), "max_seq_length": int(model.max_seq_length),
                              "similarity": "cosine (inner product of unit rows)"}
-        if wd is not None:
-            try:
-                wd.add_settings({"model": settings["model"]})  # before any shard
-            except WorkDirMismatch as e:
-                refusal = e
-        share_refusal(refusal, distributed=world > 1, error_type=EmbedError)
+        on_rank0(lambda: wd.add_settings({"model": settings["model"]}), main=wd is not None,  # before any shard
+                 distributed=world > 1, error_type=EmbedError, catch=(WorkDirMismatch,))
         if rank != 0:
             WorkDir.check(wdir, pipeline=PIPELINE, settings={k: v for k, v in settings.items() if k != "model"},
                           later={"model": settings["model"]})
@@ -332,7 +331,7 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
                 publish: str = "auto", overwrite: bool = False, allow_empty: bool = False, log=None) -> dict:
     """Worker `worker` of embed_corpus: units are its shards; the last worker to find every unit done (or
     publish="only") assembles EMB.npy/EMB.json, the bytes of a one-process run on the same device type."""
-    from megasynth.work_units import WorkUnits, make_then_check, publisher_lock  # noqa: PLC0415
+    from megasynth.work_units import WorkUnits, make_then_check, publishing  # noqa: PLC0415
 
     if options.batch_size < 1 or options.shard_size < 1:
         raise EmbedError("--batch-size and --shard-size must be >= 1")
@@ -354,7 +353,7 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
     bounds = [(s * size, min(n, (s + 1) * size)) for s in range(max(1, -(-n // size)))]
     units = WorkUnits(work_dir, stage=PIPELINE, settings=settings, num_units=len(bounds), create=publish != "only")
     out = {"units": units.num_units, "made": [], "published": False, "documents": n, "dim": dim}
-    if units.published() is not None and emb_paths(output)[1].is_file():
+    if units.published(emb_paths(output)[1]) is not None:
         return {**out, "already_published": True}
 
     def make_unit(k: int, tmp: Path) -> dict:
@@ -365,19 +364,15 @@ def embed_units(source, output: str | os.PathLike, options: EmbedOptions, *, wor
 
     if not make_then_check(units, worker, make_unit, publish, out, log=log):
         return out
-    lock = publisher_lock(emb_stem(output), tool="an embed_corpus publisher", flag="--output", publish=publish)
-    if lock is None:  # another worker is publishing
-        return out
-    try:
-        if units.published() is not None and publish != "only":
-            return {**out, "already_published": True}
+    with publishing(units, emb_stem(output), emb_paths(output)[1], tool="an embed_corpus publisher", flag="--output",
+                    publish=publish) as turn:
+        if turn != "publish":  # another worker is publishing, or published while we looked
+            return out if turn == "busy" else {**out, "already_published": True}
         check_output(output, overwrite=overwrite)
         for k in range(units.num_units):
             units.record(k)  # settings, sizes, sha256
         out["files"] = _assemble(output, settings, options, [units.unit_dir(k) / "emb.npy" for k in
                                                              range(units.num_units)], bounds, dim, overwrite)
         units.mark_published(output, {"documents": n, "dim": dim})
-    finally:
-        lock.release(remove=True)
     out["published"] = True
     return out

@@ -24,10 +24,10 @@ from megasynth.data.indexed import (
     check_not_empty,
     smallest_token_dtype,
 )
+from megasynth.data.prefix import check_output_prefix
 from megasynth.io import file_sha256
 from megasynth.synth.corpus import (
     CorpusError,
-    check_output_prefix,
     check_table_exists,
     document_bodies,
     pair_separator_id,

@@ -27,6 +27,7 @@ from megasynth.synth.corpus import PrefixCorpus, document_bodies, read_index_col
 from megasynth.synth.llm import LLMClient, LLMRequest
 from megasynth.synth.llm.prompts import load_prompt
 from megasynth.synth.llm.settings import LLMSettings
+from megasynth.synth.sbp.ann import sample_indices
 from megasynth.synth.sbp.pair_dataset import read_pair_table
 from megasynth.synth.sbp.quality_metrics import Embedder, copy_score, near_duplicate_flags, repetition_score
 from megasynth.synth.sbp.quality_report import PAPER_ROW, render_markdown
@@ -156,13 +157,6 @@ class PairSample:
     corpus: IndexedDataset
     cosines: np.ndarray | None = None  # known up front for in-sample nearest neighbours
     notes: list[str] = field(default_factory=list)
-
-
-def sample_indices(total: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted int64 indices: all of range(total) when total <= n, else n drawn uniformly without replacement."""
-    if total <= n:
-        return np.arange(total, dtype=np.int64)
-    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
 
 
 def read_provenance(synthetic: IndexedDataset, corpus: IndexedDataset) -> np.ndarray:

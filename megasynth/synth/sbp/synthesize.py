@@ -23,13 +23,13 @@ from megasynth.checkpoint import resolve_checkpoint, verify_checkpoint
 from megasynth.cli import prefix as prefix_spec
 from megasynth.config import load_config
 from megasynth.data.indexed import IndexedDataset, smallest_token_dtype
-from megasynth.data.prefix import idx_path, sidecar_path
-from megasynth.distributed import is_distributed, rank_and_world, share_refusal
+from megasynth.data.prefix import check_output_prefix, idx_path, sidecar_path
+from megasynth.distributed import is_distributed, on_rank0, rank_and_world
 from megasynth.faults import fault_point
 from megasynth.generate import find_tokenizer_dir, load_model_and_tokenizer
 from megasynth.io import file_sha256, remove_dir
 from megasynth.run_lock import RunDirBusy, acquire_path_lock
-from megasynth.synth.corpus import check_output_prefix, check_tokenizer, document_bodies, pair_separator_id
+from megasynth.synth.corpus import check_tokenizer, document_bodies, pair_separator_id
 from megasynth.synth.llm.settings import LLMSettings
 from megasynth.synth.sbp.samplers import EndpointSampler, LocalSampler, Sampled, Sampling
 from megasynth.synth.sbp.shards import FAULT_ENV, Shard, ShardStore
@@ -210,7 +210,7 @@ class _Run:
         self.store.write(k, shard)
         if self.bar is not None:
             self.produced += shard.num_tokens
-            self.bar.update(shard.requested * (1 if self.world == 1 else self.world))
+            self.bar.update(shard.requested * self.world)
             self.bar.set_postfix_str(f"{self.produced / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s "
                                      "(rank 0)", refresh=False)
         return shard
@@ -272,6 +272,8 @@ class _Run:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if isinstance(self.sampler, VLLMSampler):
+            self.sampler.close()
 
 
 def _backend_record(endpoint: LLMSettings | None, vllm: VLLMSettings | None, prompt_format: str,
@@ -319,7 +321,7 @@ def prepare(checkpoint, corpus_prefix, settings: SynthSettings, *, tokenizer, de
 
 def make_sampler(synth: Synthesizer, settings: SynthSettings, *, endpoint, vllm, prompt_format: str, dtype,
                  work_path: Path, ledger: Path):
-    """The backend's sampler (close() it when it is a VLLMSampler); a vLLM export goes to work_path."""
+    """The backend's sampler (a _Run closes it when it is a VLLMSampler); a vLLM export goes to work_path."""
     sampling = Sampling(settings.seed, settings.temperature, settings.top_k, settings.top_p, settings.max_new_tokens)
     if endpoint is not None:
         return EndpointSampler(endpoint, synth.tokenizer, sampling, ledger, prompt_format)
@@ -361,7 +363,8 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
                          "model larger than one GPU, or one run per GPU with its own --seed and --output-prefix")
     corpus_prefix, output_prefix = os.fspath(corpus_prefix), os.fspath(output_prefix)
     work_path = Path(work_dir) if work_dir is not None else Path(f"{output_prefix}.work")
-    lock = _on_rank0(dist, rank, lambda: acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix"))
+    lock = on_rank0(lambda: acquire_path_lock(output_prefix, tool=TOOL, flag="--output-prefix"), main=rank == 0,
+                    distributed=dist is not None, error_type=SynthError, catch=(WorkDirMismatch, RunDirBusy, OSError))
     wd = None
     try:
         corpus, synth, settings, sep_id, record = prepare(
@@ -382,17 +385,14 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
         check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)}, overwrite=overwrite,
                             error=SynthError)
         # Rank 0 locks the work directory and writes or checks its manifest; the others check it after that.
-        wd = _on_rank0(dist, rank, lambda: WorkDir.open(work_path, pipeline="synthesize", settings=record))
+        wd = on_rank0(lambda: WorkDir.open(work_path, pipeline="synthesize", settings=record), main=rank == 0,
+                      distributed=dist is not None, error_type=SynthError, catch=(WorkDirMismatch, RunDirBusy, OSError))
         if rank != 0:
             WorkDir.check(work_path, pipeline="synthesize", settings=record)
         sampler = make_sampler(synth, settings, endpoint=endpoint, vllm=vllm, prompt_format=prompt_format,
                                dtype=dtype, work_path=work_path, ledger=work_path / f"ledger.rank{rank}.jsonl")
-        try:
-            with closing(_Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)) as run:
-                num_shards = run.run()
-        finally:
-            if isinstance(sampler, VLLMSampler):
-                sampler.close()
+        with closing(_Run(corpus, synth, settings, sampler, sep_id, ShardStore(work_path), progress)) as run:
+            num_shards = run.run()
         if dist is not None:
             dist.barrier()  # every shard is on disk
         if rank != 0:
@@ -409,19 +409,6 @@ def synthesize(checkpoint: str | os.PathLike, corpus_prefix: str | os.PathLike, 
             wd.close()
         if lock is not None:
             lock.release(remove=True)
-
-
-def _on_rank0(dist, rank: int, make):
-    """make() on rank 0 (None on the others); its refusal (RunDirBusy, WorkDirMismatch, OSError) is raised on every
-    rank, as SynthError on the others (megasynth.distributed.share_refusal)."""
-    made, refusal = None, None
-    if rank == 0:
-        try:
-            made = make()
-        except (WorkDirMismatch, RunDirBusy, OSError) as e:
-            refusal = e
-    share_refusal(refusal, distributed=dist is not None, error_type=SynthError)
-    return made
 
 
 def publish_shards(output_prefix: str, read_shard, num_shards: int, tok, record: dict, endpoint: LLMSettings | None,

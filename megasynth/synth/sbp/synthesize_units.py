@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 
 from megasynth.cli import prefix as prefix_spec
-from megasynth.data.prefix import idx_path
-from megasynth.synth.corpus import check_output_prefix
+from megasynth.data.prefix import check_output_prefix, idx_path
 from megasynth.synth.sbp.shards import ShardStore
 from megasynth.synth.sbp.synthesize import (_ZERO_ROUNDS, TOOL, SynthError, SynthSettings, _Run, make_sampler,
                                             prepare, publish_shards)
-from megasynth.synth.sbp.vllm_sampler import VLLMSampler
-from megasynth.work_units import Worker, WorkUnits, make_then_check, publisher_lock, run_worker
+from megasynth.work_units import Worker, WorkUnits, make_then_check, publishing, run_worker
 
 ROUND_SHARDS = 8  # --tokens: shards per round (a constant: the rounds, so the output, do not depend on the workers)
 WAIT_S = 2.0  # --tokens: how often a worker looks whether the shards other live workers hold are done
@@ -52,10 +50,10 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
     else:
         first = _round(work_dir, record, 0, create)
     out: dict = {"units": first.num_units, "made": [], "published": False}
-    done = first.published()  # the publisher marks the first (or only) unit list
-    if done is not None and idx_path(output_prefix).is_file():
+    done = first.published(idx_path(output_prefix))  # the publisher marks the first (or only) unit list
+    if done is not None:
         return {**out, **done["summary"], "already_published": True}
-    sampler = run = None
+    run = None
     if publish != "only":
         ledger = Path(work_dir) / f"ledger.{socket.gethostname()}.{os.getpid()}.jsonl"
         sampler = make_sampler(synth, settings, endpoint=endpoint, vllm=vllm, prompt_format=prompt_format,
@@ -79,19 +77,16 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
             if publish == "never":
                 return out
     finally:
-        if isinstance(sampler, VLLMSampler):
-            sampler.close()
+        if run is not None:
+            run.close()
 
     # Shard k -> (its unit list, its unit there): the one list of a --num-docs run, or round k // ROUND_SHARDS.
     places = [(lists[k // lists[0].num_units], k % lists[0].num_units) for k in range(num_shards)]
 
-    lock = publisher_lock(output_prefix, tool=TOOL, flag="--output-prefix", publish=publish)
-    if lock is None:  # another worker is publishing
-        return out
-    try:
-        done = first.published()
-        if done is not None and publish != "only":  # another worker published while we looked
-            return {**out, **done["summary"], "already_published": True}
+    with publishing(first, output_prefix, idx_path(output_prefix), tool=TOOL, flag="--output-prefix",
+                    publish=publish) as turn:
+        if turn != "publish":  # another worker is publishing, or published while we looked
+            return out if turn == "busy" else {**out, **first.published()["summary"], "already_published": True}
         for units, j in places:
             units.record(j)  # settings, sizes, sha256
         check_output_prefix(output_prefix, {"--corpus": prefix_spec(corpus_prefix)}, overwrite=overwrite,
@@ -99,8 +94,6 @@ def synthesize_units(checkpoint, corpus_prefix, output_prefix, settings: SynthSe
         counts = publish_shards(output_prefix, lambda k: ShardStore(places[k][0].unit_dir(places[k][1])).read(k),
                                 num_shards, synth.tokenizer, record, endpoint, overwrite)
         first.mark_published(output_prefix, counts)
-    finally:
-        lock.release(remove=True)
     return {**out, **counts, "published": True}
 
 
