@@ -98,6 +98,24 @@ def settings_sha256(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def setting_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) for every setting that differs; nested dicts are compared key by key, so a refusal
+    names e.g. input.max_tokens rather than the whole input record."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        x, y = old.get(k), new.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += setting_differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
+
+
+def describe_differences(differ: list[tuple[str, object, object]], most: int = 4) -> str:
+    """How a refusal of a work directory names what changed: `input.max_tokens: 128 then, 16 now; ...`."""
+    return "; ".join(f"{k}: {x!r} then, {y!r} now" for k, x, y in differ[:most])
+
+
 class WorkUnits:
     """The work directory of one stage's units: manifest.json, units/uNNNNNN/ (published), locks/, events/."""
 
@@ -139,11 +157,11 @@ class WorkUnits:
             raise WorkUnitsError(f"{mpath}: the work dir belongs to {old.get('stage') if isinstance(old, dict) else '?'!r}, "
                                  f"not the {self.stage!r} stage; use another --work-dir")
         if old.get("settings_sha256") != self.settings_sha256 or old.get("num_units") != self.num_units:
-            differ = sorted(k for k in set(old.get("settings", {})) | set(self.settings)
-                            if old.get("settings", {}).get(k) != self.settings.get(k))
-            raise WorkUnitsError(f"{mpath}: the work dir was made with other settings (differ: "
-                                 f"{', '.join(differ[:6]) or 'the number of units'}); its units would not belong to "
-                                 "this run. Use the original settings, or another --work-dir")
+            differ = (setting_differences(old.get("settings", {}), self.settings)
+                      or [("number of units", old.get("num_units"), self.num_units)])
+            raise WorkUnitsError(f"{mpath}: the work dir was made with other settings ({describe_differences(differ)});"
+                                 " its units would not belong to this run. Use the original settings, or another "
+                                 "--work-dir")
 
     # -- units ---------------------------------------------------------------------------------------------------
     def unit_dir(self, k: int) -> Path:

@@ -1,12 +1,13 @@
-"""work_units.publishing: the one publish step of the workers of preprocess, embed, synthesize and the LLM tools.
-Which turn a worker that found every unit done gets, against a real work directory and a real lock file."""
+"""work_units against a real work directory and a real lock file: which turn a worker that found every unit
+done gets (the one publish step of preprocess, embed, synthesize and the LLM tools), and how a work directory of
+other settings is refused."""
 
 from __future__ import annotations
 
 import pytest
 
 from megasynth.run_lock import RunDirBusy, acquire_path_lock
-from megasynth.work_units import WorkUnits, publishing
+from megasynth.work_units import WorkUnits, WorkUnitsError, publishing
 
 
 def _turn(units: WorkUnits, out, publish: str = "auto") -> str:
@@ -45,3 +46,15 @@ def test_a_held_lock_leaves_publishing_to_its_holder_unless_publish_only(tmp_pat
     finally:
         held.release(remove=True)
     assert _turn(units, out, publish="only") == "publish"
+
+
+def test_a_work_dir_of_other_settings_is_refused_naming_what_changed(tmp_path):
+    WorkUnits(tmp_path / "work", stage="test", settings={"input": {"max_tokens": 128}, "seed": 1}, num_units=3)
+    with pytest.raises(WorkUnitsError, match=r"other settings \(input.max_tokens: 128 then, 16 now\)"):
+        WorkUnits(tmp_path / "work", stage="test", settings={"input": {"max_tokens": 16}, "seed": 1}, num_units=3)
+    with pytest.raises(WorkUnitsError, match=r"other settings \(number of units: 3 then, 4 now\)"):
+        WorkUnits(tmp_path / "work", stage="test", settings={"input": {"max_tokens": 128}, "seed": 1}, num_units=4)
+    with pytest.raises(WorkUnitsError, match=r"belongs to 'test', not the 'other' stage"):
+        WorkUnits(tmp_path / "work", stage="other", settings={}, num_units=3)
+    # The original settings open it again.
+    WorkUnits(tmp_path / "work", stage="test", settings={"seed": 1, "input": {"max_tokens": 128}}, num_units=3)

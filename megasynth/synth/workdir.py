@@ -24,6 +24,7 @@ from megasynth.cli import prefix as prefix_spec
 from megasynth.data.readers import InputError
 from megasynth.io import JsonlError, atomic_write_json, fsync_dir, remove_stale_temps, truncate_torn_tail
 from megasynth.run_lock import LOCK_NAME, acquire_path_lock, acquire_run_lock
+from megasynth.work_units import describe_differences, setting_differences
 
 MANIFEST = "manifest.json"
 
@@ -274,25 +275,11 @@ def _read_manifest(mpath: Path) -> dict:
     return old
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every setting that differs; nested dicts are compared key by key, so a
-    refusal names e.g. input.max_tokens rather than the whole input record."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append((f"{prefix}{k}", x, y))
-    return out
-
-
 def _check_same(mpath: Path, old: dict, new: dict) -> None:
     if old.get("pipeline") != new["pipeline"]:
         raise WorkDirMismatch(f"{mpath}: this work dir belongs to the {old.get('pipeline')!r} pipeline, not "
                               f"{new['pipeline']!r}; use another --work-dir")
-    differ = _differences(old.get("settings", {}), new["settings"])
+    differ = setting_differences(old.get("settings", {}), new["settings"])
     if differ:
-        shown = "; ".join(f"{k}: {x!r} then, {y!r} now" for k, x, y in differ[:4])
-        raise WorkDirMismatch(f"{mpath}: the work dir was made with other settings ({shown}); its records would "
-                              "not match this run. Use a new --work-dir, or the original settings")
+        raise WorkDirMismatch(f"{mpath}: the work dir was made with other settings ({describe_differences(differ)}); "
+                              "its records would not match this run. Use a new --work-dir, or the original settings")

@@ -194,7 +194,7 @@ def test_budget_is_split_over_units_and_publish_names_what_is_missing(tmp_path, 
     code, _, err = run("--publish")
     assert code == 2 and "3 of 3 units not done yet (units 0, 1, 2)" in err, err
     code, _, err = run("--worker", "1/2", "--unit-docs", "2")
-    assert code == 2 and "other settings (differ: unit_docs)" in err.splitlines()[0], err
+    assert code == 2 and "other settings (unit_docs: 3 then, 2 now)" in err.splitlines()[0], err
     code, _, err = run("--worker", "1/2", "--budget-tokens", "1000000", "--no-publish")  # resumes all three
     assert code == 0 and sent(openai_server) == asked, err
     assert not Path(f"{out}.idx").exists()

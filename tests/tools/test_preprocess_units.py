@@ -82,7 +82,7 @@ def test_other_settings_in_the_same_work_dir_are_refused_and_bad_flags_are_one_l
     code, stdout, _ = run("--worker", "0/2", "--no-publish", "--workers", "0")
     assert code == 0 and "made 9 of 9 units" in stdout  # a worker helps with the others' units too
     code, _, err = run("--worker", "1/2", "--unit-bytes", "3000")
-    assert code == 2 and "other settings (differ: unit_bytes)" in err, err
+    assert code == 2 and "other settings (unit_bytes: 1500 then, 3000 now)" in err, err
     for flags, message in ((["--worker", "3/3"], "0 <= I < N"), (["--worker", "x"], "expected I/N"),
                            (["--publish", "--no-publish"], "contradict"), (["--no-publish"], "needs --worker")):
         code, _, err = run(*flags)
