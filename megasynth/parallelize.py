@@ -88,9 +88,11 @@ def _check_tp_inputs(module, args, kwargs, *, tp: int):
 
 
 def check_parallel_shape(cfg, dist_info: DistInfo) -> None:
-    """Raise ConfigError, naming the keys, when the model cannot be split over tp ranks (init_distributed has
-    refused a tp that does not divide the world size)."""
+    """Raise ConfigError, naming the keys, when the model cannot be split over tp ranks."""
     tp = dist_info.tp_size
+    # init_distributed refuses this too; here for a DistInfo built another way (parallelize_model is public).
+    if dist_info.world_size % tp != 0:
+        raise ConfigError(f"parallel.tp={tp} does not divide the world size {dist_info.world_size}")
     if tp == 1:
         return
     n_kv, _, ffn = resolved_dims(cfg)

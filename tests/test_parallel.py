@@ -315,6 +315,8 @@ def test_models_that_tp_cannot_split_are_clear_errors(tmp_path, corpus):
     with pytest.raises(ConfigError, match=r"model.attention='fused_qknorm_rope' does not run with parallel.tp=2"):
         check_parallel_shape(cfg.model, fake_info(4, 2))
     check_parallel_shape(layout_config(tmp_path, corpus, 2).model, fake_info(4, 2))  # 4 / 2 heads split fine
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 does not divide the world size 3"):
+        check_parallel_shape(layout_config(tmp_path, corpus, 2).model, fake_info(3, 2))
 
 
 def test_world_size_not_divisible_by_tp_is_a_clear_error(monkeypatch):
